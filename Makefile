@@ -1,0 +1,35 @@
+# Two commands set everything up from a fresh clone: `make demo` and `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+# CPU build of torch by default; on a GPU machine: make install TORCH_SPEC="torch==2.13.0 --index-url <your CUDA wheel index>"
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install test lint typecheck pytest demo clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install $(TORCH_SPEC)
+	$(PY) -m pip install -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+lint: install
+	$(VENV)/bin/ruff check orchestrator jobs bench tests
+	$(VENV)/bin/ruff format --check orchestrator jobs bench tests
+
+typecheck: install
+	$(VENV)/bin/mypy
+
+pytest: install
+	$(PY) -m pytest
+
+test: lint typecheck pytest
+
+demo: install
+	$(PY) -m jobs.demo
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

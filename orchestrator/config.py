@@ -1,0 +1,398 @@
+"""Typed experiment configuration.
+
+One frozen dataclass per concern, nested in :class:`ExperimentConfig`. YAML files in
+``configs/`` are plain data loaded into it; ``--set section.key=value`` overrides go through
+the same type checks. Every error names the key and the file it came from::
+
+    configs/demo.yaml: loss.margn: unknown key in LossConfig (did you mean 'margin'?)
+
+Validation of single values and of combinations lives in each dataclass's
+``__post_init__`` so that a config built in Python is checked exactly like one from YAML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import math
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is unknown, mistyped or contradicts another value."""
+
+
+class Method(enum.StrEnum):
+    """How the student is trained (DESIGN.md section 3)."""
+
+    PROXYLESS = "proxyless"  # inherited frozen teacher classifier (ProxylessKD)
+    SCRATCH = "scratch"  # the student's own trainable margin classifier
+    L2 = "l2"  # own classifier + squared L2 to the teacher's embeddings
+    LOGIT = "logit"  # own classifier + Hinton KD on the teacher's logits
+    PROXYLESS_L2 = "proxyless+l2"  # inherited classifier + squared L2 to the teacher
+
+
+class MarginType(enum.StrEnum):
+    ARCFACE = "arcface"  # s*cos(theta + m)
+    COSFACE = "cosface"  # s*(cos(theta) - m)
+    COMBINED = "combined"  # s*(cos(m1*theta + m2) - m3)
+
+
+class Arch(enum.StrEnum):
+    MOBILEFACENET = "mobilefacenet"
+    IRESNET18 = "iresnet18"
+    IRESNET34 = "iresnet34"
+    IRESNET50 = "iresnet50"
+    IRESNET100 = "iresnet100"
+    TINY_MOBILEFACENET = "tiny_mobilefacenet"  # CPU tests and demos
+    TINY_IRESNET = "tiny_iresnet"  # CPU tests and demos
+
+
+class OnCorrupt(enum.StrEnum):
+    ERROR = "error"  # stop at the first undecodable image, naming it
+    SKIP = "skip"  # leave it out, count it, and report the count
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the faces come from.
+
+    ``train`` and ``eval`` are dataset directories or object-store prefixes in the format of
+    DESIGN.md section 4; ``eval`` holds held-out identities and its ``pairs.parquet``.
+    """
+
+    train: str = "runs/data/synthetic/train"
+    eval: str = "runs/data/synthetic/eval"
+    image_size: int = 112
+    on_corrupt: OnCorrupt = OnCorrupt.ERROR
+
+    def __post_init__(self) -> None:
+        _require(self.image_size >= 16, "image_size", f"must be >= 16, found {self.image_size}")
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """The synthetic-identity generator (``python -m jobs.synthesize``)."""
+
+    out: str = "runs/data/synthetic"
+    num_identities: int = 200  # training identities
+    eval_identities: int = 50  # held-out identities, disjoint from training
+    images_per_identity: int = 12
+    pairs_per_fold: int = 60  # half positive, half negative
+    seed: int = 0
+    image_size: int = 112
+    jpeg_quality: int = 90
+    shard_bytes: int = 256 * 2**20
+
+    def __post_init__(self) -> None:
+        _require(self.num_identities >= 2, "num_identities", "must be >= 2")
+        _require(self.eval_identities >= 2, "eval_identities", "must be >= 2")
+        _require(self.images_per_identity >= 2, "images_per_identity", "must be >= 2")
+        _require(self.pairs_per_fold >= 2, "pairs_per_fold", "must be >= 2")
+        _require(1 <= self.jpeg_quality <= 100, "jpeg_quality", "must be in [1, 100]")
+        _require(self.shard_bytes > 0, "shard_bytes", "must be > 0")
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    arch: Arch = Arch.MOBILEFACENET
+    emb_dim: int = 512
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(self.emb_dim > 0, "emb_dim", f"must be > 0, found {self.emb_dim}")
+        _require(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), found {self.dropout}")
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """The teacher: its backbone and its classifier (DESIGN.md section 4 format)."""
+
+    arch: Arch = Arch.IRESNET50
+    emb_dim: int = 512
+    classifier: str = "runs/teacher/classifier"
+    backbone: str = "runs/teacher/backbone.pt"
+
+    def __post_init__(self) -> None:
+        _require(self.emb_dim > 0, "emb_dim", f"must be > 0, found {self.emb_dim}")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The training objective.
+
+    Margins act on the target cosine only: ArcFace ``s*cos(theta+margin)``, CosFace
+    ``s*(cos(theta)-margin)``, combined ``s*(cos(m1*theta+m2)-m3)``.
+    """
+
+    method: Method = Method.PROXYLESS
+    margin_type: MarginType = MarginType.ARCFACE
+    scale: float = 64.0
+    margin: float = 0.5  # arcface / cosface
+    m1: float = 1.0  # combined only
+    m2: float = 0.3  # combined only
+    m3: float = 0.2  # combined only
+    l2_weight: float = 1.0  # l2 and proxyless+l2
+    kd_temperature: float = 4.0  # logit
+    kd_weight: float = 1.0  # logit
+
+    def __post_init__(self) -> None:
+        _require(self.scale > 0, "scale", f"must be > 0, found {self.scale}")
+        _require(
+            0.0 <= self.margin < math.pi / 2, "margin", f"must be in [0, pi/2), found {self.margin}"
+        )
+        if self.margin_type is MarginType.COMBINED:
+            _require(self.m1 > 0, "m1", f"must be > 0, found {self.m1}")
+            _require(0.0 <= self.m2 < math.pi / 2, "m2", f"must be in [0, pi/2), found {self.m2}")
+            _require(0.0 <= self.m3 < 1.0, "m3", f"must be in [0, 1), found {self.m3}")
+        uses_l2 = self.method in (Method.L2, Method.PROXYLESS_L2)
+        _require(
+            not uses_l2 or self.l2_weight > 0,
+            "l2_weight",
+            f"method {self.method.value} needs l2_weight > 0, found {self.l2_weight}",
+        )
+        if self.method is Method.LOGIT:
+            _require(self.kd_temperature > 0, "kd_temperature", "must be > 0 for method logit")
+            _require(self.kd_weight > 0, "kd_weight", "must be > 0 for method logit")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    epochs: int = 10
+    batch_size: int = 128  # global batch, split across workers
+    warmup_epochs: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "lr", f"must be > 0, found {self.lr}")
+        _require(self.epochs >= 1, "epochs", f"must be >= 1, found {self.epochs}")
+        _require(self.batch_size >= 1, "batch_size", f"must be >= 1, found {self.batch_size}")
+        _require(
+            0 <= self.warmup_epochs <= self.epochs,
+            "warmup_epochs",
+            f"must be in [0, epochs={self.epochs}], found {self.warmup_epochs}",
+        )
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    num_workers: int = 2
+    cpus_per_worker: float = 0.5  # leave CPUs for Ray Data (DESIGN.md section 5)
+    use_gpu: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.num_workers >= 1, "num_workers", f"must be >= 1, found {self.num_workers}")
+        _require(self.cpus_per_worker > 0, "cpus_per_worker", "must be > 0")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = "experiment"
+    seed: int = 0
+    storage_path: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name.strip()), "name", "must not be empty")
+        inherits = self.loss.method in (Method.PROXYLESS, Method.PROXYLESS_L2, Method.L2)
+        # The inherited classifier (and the L2 target) live in the teacher's embedding space.
+        _require(
+            not inherits or self.student.emb_dim == self.teacher.emb_dim,
+            "student.emb_dim",
+            f"method {self.loss.method.value} needs student.emb_dim == teacher.emb_dim, "
+            f"found {self.student.emb_dim} and {self.teacher.emb_dim}",
+        )
+        _require(
+            self.data.image_size == self.synthetic.image_size,
+            "data.image_size",
+            f"must equal synthetic.image_size, found {self.data.image_size} and "
+            f"{self.synthetic.image_size}",
+        )
+
+
+class _FieldError(ValueError):
+    """Raised by ``__post_init__``; ``key`` is relative to the dataclass that raised it."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+        self.message = message
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise _FieldError(key, message)
+
+
+T = TypeVar("T")
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], source: str = "<dict>", prefix: str = "") -> T:
+    """Build dataclass ``cls`` from plain data, checking keys and types recursively.
+
+    ``source`` (a file name or ``--set``) and the dotted key path appear in every error.
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError(
+            f"{source}: {prefix.rstrip('.') or '<top level>'}: expected a mapping for "
+            f"{cls.__name__}, found {type(data).__name__}"
+        )
+    assert dataclasses.is_dataclass(cls)
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = (
+                f" (did you mean '{close[0]}'?)" if close else f"; known keys: {', '.join(names)}"
+            )
+            raise ConfigError(f"{source}: {prefix}{key}: unknown key in {cls.__name__}{hint}")
+        kwargs[key] = _coerce(hints[key], value, source, f"{prefix}{key}")
+    try:
+        return cls(**kwargs)
+    except _FieldError as err:
+        raise ConfigError(f"{source}: {prefix}{err.key}: {err.message}") from None
+
+
+def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(
+            f"{source}: {key}: expected {expected}, found {value!r} ({type(value).__name__})"
+        )
+
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+        return from_dict(hint, value, source, f"{key}.")
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        allowed = [m.value for m in hint]
+        if value not in allowed:
+            raise bad("one of " + ", ".join(repr(a) for a in allowed))
+        return hint(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise bad("a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        (item, _ellipsis) = typing.get_args(hint)
+        if not isinstance(value, Sequence) or isinstance(value, str):
+            raise bad("a list")
+        return tuple(_coerce(item, v, source, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, source, key)
+    raise TypeError(f"unsupported config field type {hint!r} at {key}")  # a bug in this module
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain data (enums as their values) that :func:`from_dict` accepts back."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, enum.Enum):
+            return value.value
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        return value
+
+    assert dataclasses.is_dataclass(config) and not isinstance(config, type)
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        out[f.name] = to_dict(value) if dataclasses.is_dataclass(value) else plain(value)
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``'loss.margin=0.45'`` -> (['loss', 'margin'], 0.45); the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML: {err}") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with each ``section.key=value`` applied."""
+    merged = _deep_copy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = merged
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text!r}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return merged
+
+
+def _deep_copy(data: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Load ``path`` (YAML) into an :class:`ExperimentConfig` and apply ``--set`` overrides.
+
+    With no path, the defaults plus overrides. Errors name the file, or ``--set`` when the
+    offending key came from an override.
+    """
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as err:
+            raise ConfigError(f"{source}: cannot read config: {err.strerror}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{source}: not valid YAML: {err}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{source}: expected a mapping at the top level")
+        data = loaded
+    # Check the file alone first, so an error in it is blamed on the file, not on --set.
+    config = from_dict(ExperimentConfig, data, source)
+    if not overrides:
+        return config
+    return from_dict(ExperimentConfig, apply_overrides(data, overrides), f"{source} with --set")
+
+
+def dump_yaml(config: Any) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)

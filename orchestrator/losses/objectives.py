@@ -1,0 +1,164 @@
+"""The training objectives: ProxylessKD and the baselines it is compared against.
+
+Every loss takes the student's raw embeddings (B, d), the labels (B,) and, where the
+method needs them, the teacher's embeddings of the same images (B, d), and returns a
+:class:`LossOutput` whose ``loss`` is what the optimizer minimises.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from orchestrator.losses.heads import FrozenClassifier, MarginClassifier, check_labels
+from orchestrator.losses.margins import Margin, at_least_fp32, margin_logits
+
+
+@dataclass(frozen=True)
+class LossOutput:
+    loss: torch.Tensor  # scalar, differentiable
+    terms: dict[str, float] = field(default_factory=dict)  # detached parts, for logging
+
+
+def margin_cross_entropy(cos: torch.Tensor, labels: torch.Tensor, margin: Margin) -> torch.Tensor:
+    """Mean cross-entropy of margin logits. cos: (B, C) cosines, labels: (B,) in [0, C)."""
+    logits = margin_logits(cos, labels, margin)
+    return F.cross_entropy(at_least_fp32(logits), labels)
+
+
+def embedding_l2(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of ||s/|s| - t/|t|||^2 (a proxy loss in the teacher's space)."""
+    diff = F.normalize(student, dim=1) - F.normalize(teacher.detach(), dim=1)
+    return diff.pow(2).sum(dim=1).mean()
+
+
+def hinton_kd(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """T^2 * KL(softmax(teacher/T) || softmax(student/T)), mean over the batch.
+
+    Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network", 2015; the T^2
+    factor keeps gradient magnitudes comparable across temperatures.
+    """
+    log_p_student = F.log_softmax(at_least_fp32(student_logits) / temperature, dim=1)
+    log_p_teacher = F.log_softmax(at_least_fp32(teacher_logits.detach()) / temperature, dim=1)
+    kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+    return temperature**2 * kl
+
+
+def _need_teacher(teacher: torch.Tensor | None, method: str) -> torch.Tensor:
+    if teacher is None:
+        raise ValueError(f"method {method} needs the teacher's embeddings of the batch")
+    return teacher
+
+
+class ProxylessLoss(nn.Module):
+    """ProxylessKD: margin softmax against the teacher's frozen, inherited classifier.
+
+        L = -1/B sum_i log( e^{f(cos_{i,y_i})} / (e^{f(cos_{i,y_i})} + sum_{j!=y_i} e^{s cos_ij}) )
+
+    with cos_ij = <x_i/|x_i|, w_j/|w_j|>, W the teacher's classifier (frozen) and f the
+    margin of :mod:`orchestrator.losses.margins`. Shi, Ren, Chen, Yan, "ProxylessKD: Direct
+    Knowledge Distillation with Inherited Classifier for Face Recognition", arXiv:2011.00265.
+    """
+
+    def __init__(self, teacher_classifier: torch.Tensor, margin: Margin) -> None:
+        super().__init__()
+        self.classifier = FrozenClassifier(teacher_classifier)
+        self.margin = margin
+
+    def forward(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None = None
+    ) -> LossOutput:
+        check_labels(labels, self.classifier.num_classes)
+        ce = margin_cross_entropy(self.classifier.cosine(embeddings), labels, self.margin)
+        return LossOutput(ce, {"ce": float(ce.detach())})
+
+
+class ScratchLoss(nn.Module):
+    """Baseline: the student's own trainable margin classifier, no teacher at all."""
+
+    def __init__(self, num_classes: int, emb_dim: int, margin: Margin) -> None:
+        super().__init__()
+        self.classifier = MarginClassifier(num_classes, emb_dim)
+        self.margin = margin
+
+    def forward(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None = None
+    ) -> LossOutput:
+        check_labels(labels, self.classifier.num_classes)
+        ce = margin_cross_entropy(self.classifier.cosine(embeddings), labels, self.margin)
+        return LossOutput(ce, {"ce": float(ce.detach())})
+
+
+class L2Loss(nn.Module):
+    """Baseline proxy KD: own margin classifier + w * ||s/|s| - t/|t|||^2.
+
+    The embedding-regression proxy that ProxylessKD argues against (Shi et al. 2020, sec. 3).
+    """
+
+    def __init__(self, num_classes: int, emb_dim: int, margin: Margin, l2_weight: float) -> None:
+        super().__init__()
+        self.scratch = ScratchLoss(num_classes, emb_dim, margin)
+        self.l2_weight = l2_weight
+
+    def forward(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None = None
+    ) -> LossOutput:
+        ce = self.scratch(embeddings, labels).loss
+        l2 = embedding_l2(embeddings, _need_teacher(teacher, "l2"))
+        loss = ce + self.l2_weight * l2
+        return LossOutput(loss, {"ce": float(ce.detach()), "l2": float(l2.detach())})
+
+
+class LogitLoss(nn.Module):
+    """Baseline logit KD: own margin classifier + w * Hinton KD against the teacher's logits.
+
+    Teacher logits are s * cos(teacher embedding, teacher classifier); student logits are
+    s * cos(student embedding, student classifier), both without margin.
+    """
+
+    def __init__(
+        self,
+        teacher_classifier: torch.Tensor,
+        emb_dim: int,
+        margin: Margin,
+        temperature: float,
+        kd_weight: float,
+    ) -> None:
+        super().__init__()
+        self.teacher = FrozenClassifier(teacher_classifier)
+        self.scratch = ScratchLoss(self.teacher.num_classes, emb_dim, margin)
+        self.temperature = temperature
+        self.kd_weight = kd_weight
+
+    def forward(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None = None
+    ) -> LossOutput:
+        ce = self.scratch(embeddings, labels).loss
+        scale = self.scratch.margin.scale
+        student_logits = scale * self.scratch.classifier.cosine(embeddings)
+        teacher_logits = scale * self.teacher.cosine(_need_teacher(teacher, "logit"))
+        kd = hinton_kd(student_logits, teacher_logits, self.temperature)
+        loss = ce + self.kd_weight * kd
+        return LossOutput(loss, {"ce": float(ce.detach()), "kd": float(kd.detach())})
+
+
+class ProxylessL2Loss(nn.Module):
+    """ProxylessKD plus the embedding proxy: inherited frozen classifier + w * L2."""
+
+    def __init__(self, teacher_classifier: torch.Tensor, margin: Margin, l2_weight: float) -> None:
+        super().__init__()
+        self.proxyless = ProxylessLoss(teacher_classifier, margin)
+        self.l2_weight = l2_weight
+
+    def forward(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None = None
+    ) -> LossOutput:
+        ce = self.proxyless(embeddings, labels).loss
+        l2 = embedding_l2(embeddings, _need_teacher(teacher, "proxyless+l2"))
+        loss = ce + self.l2_weight * l2
+        return LossOutput(loss, {"ce": float(ce.detach()), "l2": float(l2.detach())})

@@ -1,0 +1,92 @@
+"""MobileFaceNet (Chen et al., "MobileFaceNets", CCBR 2018), in the wider form of the
+insightface model zoo ("mbf": 2x channel width, stage depths 1-4-6-2, 512-d output).
+
+Depthwise-separable inverted residual blocks, a global depthwise conv (GDC) instead of
+global pooling, and a linear 1x1 projection to the embedding followed by BatchNorm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+def conv_bn(
+    in_channels: int,
+    out_channels: int,
+    kernel: int = 1,
+    stride: int = 1,
+    groups: int = 1,
+    act: bool = True,
+    padding: int | None = None,
+) -> nn.Sequential:
+    """Conv-BN, followed by PReLU unless ``act`` is False (a linear bottleneck)."""
+    layers: list[nn.Module] = [
+        nn.Conv2d(
+            in_channels,
+            out_channels,
+            kernel,
+            stride,
+            kernel // 2 if padding is None else padding,
+            groups=groups,
+            bias=False,
+        ),
+        nn.BatchNorm2d(out_channels),
+    ]
+    if act:
+        layers.append(nn.PReLU(out_channels))
+    return nn.Sequential(*layers)
+
+
+class DepthWise(nn.Module):
+    """1x1 expand -> 3x3 depthwise (stride) -> 1x1 linear project, residual when shapes allow."""
+
+    def __init__(self, in_channels: int, out_channels: int, hidden: int, stride: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            conv_bn(in_channels, hidden),
+            conv_bn(hidden, hidden, kernel=3, stride=stride, groups=hidden),
+            conv_bn(hidden, out_channels, act=False),
+        )
+        self.residual = stride == 1 and in_channels == out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.body(x)
+        return x + y if self.residual else y
+
+
+class MobileFaceNet(nn.Module):
+    def __init__(
+        self,
+        emb_dim: int = 512,
+        width: int = 2,
+        depths: Sequence[int] = (1, 4, 6, 2),
+        dropout: float = 0.0,
+        input_size: int = 112,
+    ) -> None:
+        super().__init__()
+        c64, c128 = 64 * width, 128 * width
+        layers: list[nn.Module] = [
+            conv_bn(3, c64, kernel=3, stride=2),
+            conv_bn(c64, c64, kernel=3, groups=c64 // width),  # 56x56
+            DepthWise(c64, c64, hidden=c64, stride=2),  # 28x28
+            *[DepthWise(c64, c64, hidden=c64, stride=1) for _ in range(depths[1])],
+            DepthWise(c64, c128, hidden=c128, stride=2),  # 14x14
+            *[DepthWise(c128, c128, hidden=c128, stride=1) for _ in range(depths[2])],
+            DepthWise(c128, c128, hidden=2 * c128, stride=2),  # 7x7
+            *[DepthWise(c128, c128, hidden=c128, stride=1) for _ in range(depths[3])],
+            conv_bn(c128, 512),
+        ]
+        self.body = nn.Sequential(*layers)
+        spatial = input_size // 16
+        # Global depthwise conv: a learned spatial weighting instead of average pooling.
+        self.gdc = conv_bn(512, 512, kernel=spatial, groups=512, act=False, padding=0)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(512, emb_dim, bias=False)
+        self.features = nn.BatchNorm1d(emb_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.flatten(self.gdc(self.body(x)), 1)
+        return self.features(self.fc(self.dropout(x)))

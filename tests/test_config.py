@@ -1,0 +1,102 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import (
+    ConfigError,
+    ExperimentConfig,
+    LossConfig,
+    MarginType,
+    Method,
+    dump_yaml,
+    from_dict,
+    load_config,
+)
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+def test_there_are_shipped_configs() -> None:
+    assert len(CONFIGS) >= 2
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_round_trips(path: Path, tmp_path: Path) -> None:
+    config = load_config(path)
+    assert isinstance(config, ExperimentConfig)
+    copy = tmp_path / "copy.yaml"
+    copy.write_text(dump_yaml(config))
+    assert load_config(copy) == config
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_unknown_key_names_key_file_and_suggestion(tmp_path: Path) -> None:
+    path = write(tmp_path, "loss:\n  margn: 0.4\n")
+    with pytest.raises(ConfigError, match=rf"{path}: loss.margn: unknown key in LossConfig \(did you mean 'margin'\?\)"):
+        load_config(path)
+
+
+def test_wrong_type_names_key_and_value(tmp_path: Path) -> None:
+    path = write(tmp_path, "optim:\n  epochs: ten\n")
+    with pytest.raises(ConfigError, match=r"exp.yaml: optim.epochs: expected an integer, found 'ten'"):
+        load_config(path)
+    path = write(tmp_path, "scaling:\n  use_gpu: 1\n")
+    with pytest.raises(ConfigError, match=r"scaling.use_gpu: expected true or false"):
+        load_config(path)
+
+
+def test_bad_enum_lists_choices(tmp_path: Path) -> None:
+    path = write(tmp_path, "loss:\n  method: proxyles\n")
+    with pytest.raises(ConfigError, match=r"loss.method: expected one of 'proxyless', 'scratch'"):
+        load_config(path)
+
+
+def test_contradictory_values_fail(tmp_path: Path) -> None:
+    path = write(tmp_path, "student:\n  emb_dim: 128\nteacher:\n  emb_dim: 512\n")
+    with pytest.raises(ConfigError, match=r"student.emb_dim: method proxyless needs student.emb_dim == teacher.emb_dim, found 128 and 512"):
+        load_config(path)
+    # Fine for scratch: no teacher space involved.
+    path = write(tmp_path, "student:\n  emb_dim: 128\nloss:\n  method: scratch\n")
+    assert load_config(path).student.emb_dim == 128
+    path = write(tmp_path, "optim:\n  epochs: 2\n  warmup_epochs: 3\n")
+    with pytest.raises(ConfigError, match=r"optim.warmup_epochs: must be in \[0, epochs=2\], found 3"):
+        load_config(path)
+
+
+def test_overrides_are_type_checked_and_applied(tmp_path: Path) -> None:
+    path = write(tmp_path, "loss:\n  margin: 0.5\n")
+    config = load_config(path, ["loss.margin=0.45", "loss.margin_type=cosface", "optim.epochs=3"])
+    assert config.loss.margin == 0.45
+    assert config.loss.margin_type is MarginType.COSFACE
+    assert config.optim.epochs == 3
+    with pytest.raises(ConfigError, match=r"with --set: loss.margin: expected a number, found 'big'"):
+        load_config(path, ["loss.margin=big"])
+    with pytest.raises(ConfigError, match=r"with --set: loss.nope: unknown key"):
+        load_config(path, ["loss.nope=1"])
+    with pytest.raises(ConfigError, match=r"expected section.key=value"):
+        load_config(path, ["loss.margin"])
+
+
+def test_python_construction_is_validated_too() -> None:
+    with pytest.raises(ValueError, match="scale: must be > 0"):
+        LossConfig(scale=0.0)
+    cfg = from_dict(LossConfig, {"method": "proxyless+l2", "l2_weight": 2})
+    assert cfg.method is Method.PROXYLESS_L2 and cfg.l2_weight == 2.0
+    with pytest.raises(ConfigError, match=r"l2_weight: method proxyless\+l2 needs l2_weight > 0"):
+        from_dict(LossConfig, {"method": "proxyless+l2", "l2_weight": 0})
+
+
+def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "absent.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "loss: [unclosed\n"))
+    with pytest.raises(ConfigError, match="expected a mapping for LossConfig"):
+        load_config(write(tmp_path, "loss: 3\n"))
