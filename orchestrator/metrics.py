@@ -142,7 +142,9 @@ def best_threshold(scores: FloatArray, same: BoolArray) -> tuple[float, float]:
     return float(candidates[best]), float(correct[best] / s.size)
 
 
-def kfold_accuracy(scores: npt.ArrayLike, same: npt.ArrayLike, folds: npt.ArrayLike) -> KFoldAccuracy:
+def kfold_accuracy(
+    scores: npt.ArrayLike, same: npt.ArrayLike, folds: npt.ArrayLike
+) -> KFoldAccuracy:
     """LFW protocol: for each fold, pick the threshold on the other folds, test on this one."""
     s, y = _check_pairs(scores, same)
     f = np.asarray(folds).ravel()

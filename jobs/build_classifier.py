@@ -1,0 +1,69 @@
+"""Build the teacher classifier the student inherits (format: DESIGN.md section 4).
+
+Three sources:
+    python -m jobs.build_classifier checkpoint --teacher runs/teacher/teacher.pt --dataset runs/data/synthetic/train --out runs/teacher/classifier
+    python -m jobs.build_classifier arcface-torch --run-dir /path/to/arcface_torch/output --dataset DATA --out OUT
+    python -m jobs.build_classifier mean-embedding --teacher backbone.pt --dataset DATA --out OUT
+On a cluster:
+    ray job submit --working-dir . -- python -m jobs.build_classifier checkpoint --teacher ... --dataset s3://... --out s3://...
+
+mean-embedding is an approximation (class centres of the teacher's features instead of its
+trained classifier) for teachers whose head is lost; meta.json records it as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from orchestrator import cli
+from orchestrator.data import format as fmt
+from orchestrator.teacher import (
+    classifier_from_arcface_torch,
+    classifier_from_checkpoint,
+    classifier_from_mean_embeddings,
+    load_teacher_backbone,
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.build_classifier", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("source", choices=["checkpoint", "arcface-torch", "mean-embedding"])
+    parser.add_argument(
+        "--dataset", required=True, help="the dataset the classifier's labels refer to"
+    )
+    parser.add_argument("--out", required=True)
+    parser.add_argument(
+        "--teacher", help="teacher checkpoint (checkpoint) or backbone/TorchScript (mean-embedding)"
+    )
+    parser.add_argument("--run-dir", help="arcface_torch output directory (arcface-torch)")
+    parser.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    args = parser.parse_args(argv)
+    meta = fmt.read_meta(args.dataset)
+    if args.source == "arcface-torch":
+        if not args.run_dir:
+            parser.error("arcface-torch needs --run-dir")
+        built = classifier_from_arcface_torch(
+            args.run_dir, args.out, meta.num_classes, meta.label_map_fingerprint, args.dtype
+        )
+    else:
+        if not args.teacher:
+            parser.error(f"{args.source} needs --teacher")
+        if args.source == "checkpoint":
+            built = classifier_from_checkpoint(
+                args.teacher, args.out, meta.label_map_fingerprint, args.dtype
+            )
+        else:
+            backbone = load_teacher_backbone(args.teacher)
+            built = classifier_from_mean_embeddings(
+                backbone, args.dataset, args.out, dtype=args.dtype
+            )
+    print(f"classifier {built.num_classes} x {built.emb_dim} ({built.dtype}) -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))

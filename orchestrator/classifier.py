@@ -1,0 +1,277 @@
+"""The teacher classifier format (DESIGN.md section 4, a contract).
+
+A directory or object-store prefix holding row chunks ``rows-NNNNN.bin`` (raw little-endian,
+row-major, ``chunk_rows`` rows of ``emb_dim`` values each, the last one shorter) and a
+``meta.json`` published last::
+
+    {"format_version": 1, "num_classes": C, "emb_dim": d, "dtype": "float16",
+     "normalized": true, "chunk_rows": 65536,
+     "chunks": [{"file": "rows-00000.bin", "rows": 65536, "sha256": "..."}, ...],
+     "label_map_fingerprint": "sha256:...", "source": {...}}
+
+A rank reads only the chunks overlapping its rows ``[start, start + size)`` and checks their
+checksums; nothing here ever materialises the whole of W unless asked to (and then only
+below a size limit).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from orchestrator import storage
+
+FORMAT_VERSION = 1
+META_FILE = "meta.json"
+DTYPES: dict[str, np.dtype[Any]] = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
+CHUNK_BYTES = 64 * 2**20
+DENSE_LIMIT_BYTES = 2 * 2**30  # load_full refuses W larger than this (use the sharded path)
+
+
+class ClassifierError(ValueError):
+    """A classifier that is missing, incomplete, corrupt, or does not match its dataset."""
+
+
+@dataclass(frozen=True)
+class ChunkInfo:
+    file: str
+    rows: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ClassifierMeta:
+    num_classes: int
+    emb_dim: int
+    dtype: str
+    normalized: bool
+    chunk_rows: int
+    chunks: tuple[ChunkInfo, ...]
+    label_map_fingerprint: str
+    source: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def nbytes(self) -> int:
+        return self.num_classes * self.emb_dim * DTYPES[self.dtype].itemsize
+
+
+def shard_range(num_classes: int, world_size: int, rank: int) -> tuple[int, int]:
+    """(start, size) of the rows rank ``rank`` owns: the first C % N ranks get one extra."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside [0, world_size={world_size})")
+    base, extra = divmod(num_classes, world_size)
+    return base * rank + min(rank, extra), base + int(rank < extra)
+
+
+def default_chunk_rows(emb_dim: int, dtype: str) -> int:
+    return max(1, CHUNK_BYTES // (emb_dim * DTYPES[dtype].itemsize))
+
+
+class ClassifierWriter:
+    """Streams rows (normalised here, in float64) into chunks; :meth:`publish` writes
+    meta.json last. Writing over an existing classifier first removes its meta.json, so
+    during the rewrite it is simply not loadable."""
+
+    def __init__(
+        self,
+        out: str,
+        emb_dim: int,
+        label_map_fingerprint: str,
+        source: dict[str, Any],
+        dtype: str = "float16",
+        chunk_rows: int | None = None,
+    ) -> None:
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, found {dtype!r}")
+        self.out, self.emb_dim, self.dtype = out, emb_dim, dtype
+        self.fingerprint, self.source = label_map_fingerprint, source
+        self.chunk_rows = chunk_rows or default_chunk_rows(emb_dim, dtype)
+        self._pending: list[npt.NDArray[Any]] = []
+        self._pending_rows = 0
+        self._chunks: list[ChunkInfo] = []
+        self._rows = 0
+        storage.makedirs(out)
+        meta_uri = storage.join(out, META_FILE)
+        if storage.exists(meta_uri):
+            fs, path = storage.filesystem(meta_uri)
+            fs.rm_file(path)
+
+    def append(self, rows: npt.ArrayLike) -> None:
+        block = np.asarray(rows, dtype=np.float64)
+        if block.ndim != 2 or block.shape[1] != self.emb_dim:
+            raise ClassifierError(f"rows must be (n, emb_dim={self.emb_dim}), found {block.shape}")
+        norms = np.linalg.norm(block, axis=1, keepdims=True)
+        if not np.all(np.isfinite(block)) or np.any(norms == 0):
+            bad = int(np.flatnonzero(~np.isfinite(block).all(1) | (norms[:, 0] == 0))[0])
+            raise ClassifierError(
+                f"row {self._rows + bad} is zero or not finite: cannot normalise it"
+            )
+        self._pending.append((block / norms).astype(DTYPES[self.dtype]))
+        self._pending_rows += block.shape[0]
+        self._rows += block.shape[0]
+        while self._pending_rows >= self.chunk_rows:
+            self._write_chunk(self.chunk_rows)
+
+    def _write_chunk(self, rows: int) -> None:
+        merged = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
+        chunk, rest = merged[:rows], merged[rows:]
+        self._pending = [rest] if rest.shape[0] else []
+        self._pending_rows = rest.shape[0]
+        data = np.ascontiguousarray(chunk).tobytes()
+        name = f"rows-{len(self._chunks):05d}.bin"
+        storage.write_bytes_atomic(storage.join(self.out, name), data)
+        self._chunks.append(ChunkInfo(name, int(chunk.shape[0]), hashlib.sha256(data).hexdigest()))
+
+    def publish(self) -> ClassifierMeta:
+        if self._pending_rows:
+            self._write_chunk(self._pending_rows)
+        if self._rows == 0:
+            raise ClassifierError(f"{self.out}: no rows were written; nothing to publish")
+        meta = ClassifierMeta(
+            num_classes=self._rows,
+            emb_dim=self.emb_dim,
+            dtype=self.dtype,
+            normalized=True,
+            chunk_rows=self.chunk_rows,
+            chunks=tuple(self._chunks),
+            label_map_fingerprint=self.fingerprint,
+            source=self.source,
+        )
+        text = json.dumps(asdict(meta), indent=2, sort_keys=True) + "\n"
+        storage.write_text_atomic(storage.join(self.out, META_FILE), text)
+        return meta
+
+
+def write_classifier(
+    out: str,
+    weight: npt.ArrayLike,
+    label_map_fingerprint: str,
+    source: dict[str, Any],
+    dtype: str = "float16",
+    chunk_rows: int | None = None,
+) -> ClassifierMeta:
+    """Write a whole (C, d) matrix that is already in memory."""
+    w = np.asarray(weight)
+    writer = ClassifierWriter(
+        out, int(w.shape[1]), label_map_fingerprint, source, dtype, chunk_rows
+    )
+    writer.append(w)
+    return writer.publish()
+
+
+def read_meta(uri: str) -> ClassifierMeta:
+    meta_uri = storage.join(uri, META_FILE)
+    if not storage.exists(meta_uri):
+        raise ClassifierError(
+            f"{meta_uri} not found: {uri} is not a teacher classifier, or it is still being "
+            "written (meta.json is published last)"
+        )
+    try:
+        data = json.loads(storage.read_text(meta_uri))
+        data["chunks"] = tuple(ChunkInfo(**c) for c in data["chunks"])
+        meta = ClassifierMeta(**data)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ClassifierError(
+            f"{meta_uri}: malformed meta.json ({type(err).__name__}: {err})"
+        ) from None
+    if meta.format_version != FORMAT_VERSION:
+        raise ClassifierError(
+            f"{meta_uri}: format_version {meta.format_version}, expected {FORMAT_VERSION}"
+        )
+    if meta.dtype not in DTYPES:
+        raise ClassifierError(f"{meta_uri}: dtype {meta.dtype!r}, expected one of {sorted(DTYPES)}")
+    if sum(c.rows for c in meta.chunks) != meta.num_classes:
+        raise ClassifierError(
+            f"{meta_uri}: chunks hold {sum(c.rows for c in meta.chunks)} rows, num_classes is {meta.num_classes}"
+        )
+    return meta
+
+
+def validate(
+    meta: ClassifierMeta,
+    where: str,
+    *,
+    num_classes: int,
+    emb_dim: int,
+    label_map_fingerprint: str,
+    dataset: str = "the dataset",
+) -> None:
+    """Fail, naming both values, when the classifier does not fit the dataset or student."""
+    if meta.num_classes != num_classes:
+        raise ClassifierError(
+            f"{where} has num_classes={meta.num_classes} but {dataset} has num_classes={num_classes}"
+        )
+    if meta.emb_dim != emb_dim:
+        raise ClassifierError(
+            f"{where} has emb_dim={meta.emb_dim} but the student has emb_dim={emb_dim}"
+        )
+    if meta.label_map_fingerprint != label_map_fingerprint:
+        raise ClassifierError(
+            f"{where} has label_map_fingerprint={meta.label_map_fingerprint} but {dataset} has "
+            f"{label_map_fingerprint}: the identity-to-label maps differ"
+        )
+
+
+def read_rows(uri: str, meta: ClassifierMeta, start: int, size: int) -> npt.NDArray[np.float32]:
+    """Rows [start, start + size) as float32, reading and verifying only overlapping chunks."""
+    if start < 0 or size < 0 or start + size > meta.num_classes:
+        raise ClassifierError(
+            f"{uri}: rows [{start}, {start + size}) outside [0, {meta.num_classes})"
+        )
+    out = np.empty((size, meta.emb_dim), dtype=np.float32)
+    chunk_start = 0
+    for chunk in meta.chunks:
+        chunk_end = chunk_start + chunk.rows
+        lo, hi = max(start, chunk_start), min(start + size, chunk_end)
+        if lo < hi:
+            rows = _read_chunk(uri, meta, chunk)
+            out[lo - start : hi - start] = rows[lo - chunk_start : hi - chunk_start]
+        chunk_start = chunk_end
+    return out
+
+
+def _read_chunk(uri: str, meta: ClassifierMeta, chunk: ChunkInfo) -> npt.NDArray[Any]:
+    chunk_uri = storage.join(uri, chunk.file)
+    data = storage.read_bytes(chunk_uri)
+    if hashlib.sha256(data).hexdigest() != chunk.sha256:
+        raise ClassifierError(
+            f"{chunk_uri}: sha256 does not match meta.json (corrupt or partly rewritten)"
+        )
+    expected = chunk.rows * meta.emb_dim * DTYPES[meta.dtype].itemsize
+    if len(data) != expected:
+        raise ClassifierError(f"{chunk_uri}: {len(data)} bytes, expected {expected}")
+    return np.frombuffer(data, dtype=DTYPES[meta.dtype]).reshape(chunk.rows, meta.emb_dim)
+
+
+def read_shard(
+    uri: str, meta: ClassifierMeta, world_size: int, rank: int
+) -> npt.NDArray[np.float32]:
+    start, size = shard_range(meta.num_classes, world_size, rank)
+    return read_rows(uri, meta, start, size)
+
+
+def load_full(
+    uri: str, meta: ClassifierMeta, limit_bytes: int = DENSE_LIMIT_BYTES
+) -> npt.NDArray[np.float32]:
+    """All of W, for the dense single-process form; refuses W above ``limit_bytes``."""
+    if meta.num_classes * meta.emb_dim * 4 > limit_bytes:
+        raise ClassifierError(
+            f"{uri}: W is {meta.num_classes} x {meta.emb_dim} ({meta.num_classes * meta.emb_dim * 4 / 2**30:.1f} GiB "
+            f"as float32), above the dense limit of {limit_bytes / 2**30:.1f} GiB: use the sharded loss"
+        )
+    return read_rows(uri, meta, 0, meta.num_classes)
+
+
+def checksum(meta: ClassifierMeta) -> str:
+    """One digest for the whole classifier (what a student checkpoint records)."""
+    digest = hashlib.sha256()
+    for chunk in meta.chunks:
+        digest.update(chunk.sha256.encode())
+    digest.update(f"{meta.num_classes}x{meta.emb_dim}:{meta.dtype}".encode())
+    return "sha256:" + digest.hexdigest()

@@ -1,0 +1,48 @@
+"""Shared command-line plumbing: --config/--set, and errors a user can act on."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from orchestrator.classifier import ClassifierError
+from orchestrator.config import ConfigError, ExperimentConfig, load_config
+from orchestrator.data.format import DatasetError
+from orchestrator.data.images import CorruptImageError
+from orchestrator.losses import LabelRangeError
+
+# Errors caused by input, reported as one line without a traceback (exit code 2).
+USER_ERRORS: tuple[type[Exception], ...] = (
+    ConfigError,
+    DatasetError,
+    ClassifierError,
+    CorruptImageError,
+    LabelRangeError,
+    FileNotFoundError,
+)
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="experiment YAML (configs/*.yaml); defaults if omitted")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value, type-checked (repeatable), e.g. --set loss.margin=0.45",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
+    return load_config(args.config, args.overrides)
+
+
+def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
+    """Call ``main``; a user error prints ``error: ...`` and returns 2 instead of a traceback."""
+    try:
+        return main(argv)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
