@@ -94,7 +94,11 @@ class SyntheticConfig:
 
     def __post_init__(self) -> None:
         _require(self.num_identities >= 2, "num_identities", "must be >= 2")
-        _require(self.eval_identities >= 2, "eval_identities", "must be >= 2")
+        _require(
+            self.eval_identities >= 20,
+            "eval_identities",
+            f"must be >= 20 (10 identity-disjoint folds of 2+ identities), found {self.eval_identities}",
+        )
         _require(self.images_per_identity >= 2, "images_per_identity", "must be >= 2")
         _require(self.pairs_per_fold >= 2, "pairs_per_fold", "must be >= 2")
         _require(1 <= self.jpeg_quality <= 100, "jpeg_quality", "must be in [1, 100]")

@@ -39,13 +39,18 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_unknown_key_names_key_file_and_suggestion(tmp_path: Path) -> None:
     path = write(tmp_path, "loss:\n  margn: 0.4\n")
-    with pytest.raises(ConfigError, match=rf"{path}: loss.margn: unknown key in LossConfig \(did you mean 'margin'\?\)"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"{path}: loss.margn: unknown key in LossConfig \(did you mean 'margin'\?\)",
+    ):
         load_config(path)
 
 
 def test_wrong_type_names_key_and_value(tmp_path: Path) -> None:
     path = write(tmp_path, "optim:\n  epochs: ten\n")
-    with pytest.raises(ConfigError, match=r"exp.yaml: optim.epochs: expected an integer, found 'ten'"):
+    with pytest.raises(
+        ConfigError, match=r"exp.yaml: optim.epochs: expected an integer, found 'ten'"
+    ):
         load_config(path)
     path = write(tmp_path, "scaling:\n  use_gpu: 1\n")
     with pytest.raises(ConfigError, match=r"scaling.use_gpu: expected true or false"):
@@ -60,13 +65,18 @@ def test_bad_enum_lists_choices(tmp_path: Path) -> None:
 
 def test_contradictory_values_fail(tmp_path: Path) -> None:
     path = write(tmp_path, "student:\n  emb_dim: 128\nteacher:\n  emb_dim: 512\n")
-    with pytest.raises(ConfigError, match=r"student.emb_dim: method proxyless needs student.emb_dim == teacher.emb_dim, found 128 and 512"):
+    with pytest.raises(
+        ConfigError,
+        match=r"student.emb_dim: method proxyless needs student.emb_dim == teacher.emb_dim, found 128 and 512",
+    ):
         load_config(path)
     # Fine for scratch: no teacher space involved.
     path = write(tmp_path, "student:\n  emb_dim: 128\nloss:\n  method: scratch\n")
     assert load_config(path).student.emb_dim == 128
     path = write(tmp_path, "optim:\n  epochs: 2\n  warmup_epochs: 3\n")
-    with pytest.raises(ConfigError, match=r"optim.warmup_epochs: must be in \[0, epochs=2\], found 3"):
+    with pytest.raises(
+        ConfigError, match=r"optim.warmup_epochs: must be in \[0, epochs=2\], found 3"
+    ):
         load_config(path)
 
 
@@ -76,7 +86,9 @@ def test_overrides_are_type_checked_and_applied(tmp_path: Path) -> None:
     assert config.loss.margin == 0.45
     assert config.loss.margin_type is MarginType.COSFACE
     assert config.optim.epochs == 3
-    with pytest.raises(ConfigError, match=r"with --set: loss.margin: expected a number, found 'big'"):
+    with pytest.raises(
+        ConfigError, match=r"with --set: loss.margin: expected a number, found 'big'"
+    ):
         load_config(path, ["loss.margin=big"])
     with pytest.raises(ConfigError, match=r"with --set: loss.nope: unknown key"):
         load_config(path, ["loss.nope=1"])

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from orchestrator.config import Arch, LossConfig, MarginType, Method
 from orchestrator.losses import LabelRangeError, Margin, build_loss
-from orchestrator.losses.objectives import embedding_l2, hinton_kd
+from orchestrator.losses.objectives import ProxylessLoss, embedding_l2, hinton_kd
 from orchestrator.models import build_backbone
 
 NUM_CLASSES, EMB_DIM, BATCH = 11, 8, 6
@@ -87,7 +87,8 @@ def test_frozen_classifier_is_never_trained() -> None:
     student = build_backbone(Arch.TINY_IRESNET, EMB_DIM, input_size=32)
     weight = torch.randn(NUM_CLASSES, EMB_DIM)
     loss_fn = build_loss(LossConfig(method=Method.PROXYLESS), NUM_CLASSES, EMB_DIM, weight)
-    frozen = loss_fn.classifier.weight  # type: ignore[union-attr]
+    assert isinstance(loss_fn, ProxylessLoss)
+    frozen = loss_fn.classifier.weight
     before = frozen.clone()
     student_before = [p.detach().clone() for p in student.parameters()]
     assert list(loss_fn.parameters()) == [], "the inherited classifier is not a parameter"
@@ -104,7 +105,9 @@ def test_frozen_classifier_is_never_trained() -> None:
     assert frozen.grad is None and not frozen.requires_grad
     assert torch.equal(frozen, before), "classifier bytes changed"
     assert torch.allclose(frozen.norm(dim=1), torch.ones(NUM_CLASSES)), "rows normalised once"
-    moved = [not torch.equal(a, p) for a, p in zip(student_before, student.parameters(), strict=True)]
+    moved = [
+        not torch.equal(a, p) for a, p in zip(student_before, student.parameters(), strict=True)
+    ]
     assert any(moved), "the student itself did train"
 
 

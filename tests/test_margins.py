@@ -33,7 +33,9 @@ def reference(c: np.ndarray, m: Margin) -> tuple[np.ndarray, np.ndarray]:
         clamp_grad = 1.0 if -1 + COS_EPS <= x <= 1 - COS_EPS else 0.0
         if theta <= theta_max or theta_max >= math.pi:
             values.append(m.scale * (math.cos(m.m1 * theta + m.m2) - m.m3))
-            grads.append(clamp_grad * m.scale * m.m1 * math.sin(m.m1 * theta + m.m2) / math.sin(theta))
+            grads.append(
+                clamp_grad * m.scale * m.m1 * math.sin(m.m1 * theta + m.m2) / math.sin(theta)
+            )
         else:
             values.append(m.scale * (x - 1 - math.cos(theta_max) - m.m3))
             grads.append(m.scale)

@@ -38,7 +38,9 @@ def test_profile_counts_a_hand_computed_model() -> None:
     assert p.params == 4 * 27 + 5 * 4 * 112 * 112 + 5
 
 
-@pytest.mark.parametrize("arch", [Arch.TINY_IRESNET, Arch.TINY_MOBILEFACENET], ids=lambda a: a.value)
+@pytest.mark.parametrize(
+    "arch", [Arch.TINY_IRESNET, Arch.TINY_MOBILEFACENET], ids=lambda a: a.value
+)
 @pytest.mark.parametrize("emb_dim", [64, 128])
 def test_tiny_variants_run_and_embedding_size_is_configurable(arch: Arch, emb_dim: int) -> None:
     model = build_backbone(arch, emb_dim)
