@@ -1,73 +1,109 @@
-"""The demo: synthetic identities end to end on a laptop (`make demo`).
+"""The demo (`make demo`): ProxylessKD end to end on synthetic identities, on a laptop.
 
     python -m jobs.demo [--config configs/demo.yaml] [--set ...]
     ray job submit --working-dir . -- python -m jobs.demo --config configs/demo.yaml
 
-Current stage (core library): generates the synthetic dataset (skipped when it is already
-there) and evaluates a randomly initialised student on the held-out identities, writing
-runs/<name>/report.json. Training through Ray Train joins it with the end-to-end issue.
+Phases: generate the synthetic dataset (reused when present), train the teacher on Ray
+Train and export its classifier, distil three students at equal budget (`proxyless`,
+`l2`, `scratch`), evaluate them all on held-out identities, print the table and write
+report.json, report.md and roc.png to <storage_path> (runs/demo). Each run starts fresh.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Sequence
-
-import torch
+from dataclasses import replace
+from typing import Any
 
 from orchestrator import cli, storage
+from orchestrator.config import Method
 from orchestrator.data.prepare import write_synthetic
-from orchestrator.evaluation import evaluate_model, load_eval_set
-from orchestrator.models import build_backbone, profile_model
-from orchestrator.report import markdown_table
+from orchestrator.evaluation import evaluate_students, write_report
+from orchestrator.progress import format_seconds
+from orchestrator.teacher import load_teacher_backbone
+from orchestrator.train.launch import distill, ensure_ray, student_uri, train_teacher
+
+METHODS = (Method.PROXYLESS, Method.L2, Method.SCRATCH)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__.split("\n")[0])
     cli.add_config_args(parser)
     parser.set_defaults(config="configs/demo.yaml")
+    parser.add_argument(
+        "--methods",
+        default=",".join(m.value for m in METHODS),
+        help="students to distil, comma-separated",
+    )
     args = parser.parse_args(argv)
     config = cli.config_from_args(args)
+    methods = [Method(m) for m in args.methods.split(",")]
+    started = time.monotonic()
+
+    def phase(title: str) -> None:
+        print(
+            f"\n=== {title}  (elapsed {format_seconds(time.monotonic() - started)}) ===", flush=True
+        )
+
+    phase("1/4 synthetic dataset")
     if storage.exists(storage.join(config.data.eval, "dataset.json")):
-        print(f"dataset already at {config.synthetic.out}, reusing it")
+        print(f"reusing {config.synthetic.out}")
     else:
         write_synthetic(config.synthetic)
-    torch.manual_seed(config.seed)
-    eval_set = load_eval_set(config.data.eval)
-    student = build_backbone(
-        config.student.arch, config.student.emb_dim, input_size=config.data.image_size
+    if storage.is_local(config.storage_path) and os.path.isdir(config.storage_path):
+        shutil.rmtree(config.storage_path)  # a fresh demo every time (runs resume by name)
+    ensure_ray()
+
+    phase(f"2/4 teacher ({config.teacher.arch.value}, {config.teacher_optim.epochs} epochs)")
+    train_teacher(config, "teacher")
+
+    students = {}
+    for i, method in enumerate(methods, 1):
+        phase(
+            f"3/4 student {i}/{len(methods)}: {method.value} ({config.student.arch.value}, {config.optim.epochs} epochs)"
+        )
+        run = replace(config, loss=replace(config.loss, method=method))
+        distill(run, method.value)
+        students[method.value] = student_uri(run, method.value)
+
+    phase("4/4 evaluation on held-out identities")
+    result = evaluate_students(
+        config.data.eval, load_teacher_backbone(os.path.abspath(config.teacher.backbone)), students
     )
-    start = time.monotonic()
-    metrics = evaluate_model(student, eval_set)
-    rows = {f"random-init {config.student.arch.value}": metrics}
-    report = {
-        "dataset": {
-            "eval": config.data.eval,
-            "num_identities": eval_set.num_classes,
-            "num_pairs": int(eval_set.same.size),
-        },
-        "students": {
-            "random_init": {
-                **metrics,
-                "params": profile_model(student).params,
-                "eval_seconds": time.monotonic() - start,
-            }
-        },
-    }
-    out_dir = os.path.join(config.storage_path, config.name)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "report.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    table = markdown_table(rows)
-    with open(os.path.join(out_dir, "report.md"), "w") as f:
-        f.write(table)
+    table = write_report(result, config.storage_path)
     print(table)
-    print(f"report: {out_dir}/report.json")
+    print(verdict(result.report))
+    print(
+        f"report: {config.storage_path}/report.json, report.md, roc.png  (total {format_seconds(time.monotonic() - started)})"
+    )
     return 0
+
+
+def verdict(report: dict[str, Any]) -> str:
+    """One honest sentence per comparison, from the numbers in the report."""
+    s = report["students"]
+    if "proxyless" not in s:
+        return ""
+    own = s["proxyless"]["acc_10fold"]
+    lines = []
+    for other in ("l2", "scratch"):
+        if other in s:
+            diff = own - s[other]["acc_10fold"]
+            word = "beats" if diff > 0 else "does not beat"
+            lines.append(
+                f"proxyless {word} {other}: {own:.4f} vs {s[other]['acc_10fold']:.4f} ({diff:+.4f}) 10-fold accuracy"
+            )
+    cross = s["proxyless"].get("cross_model")
+    if cross:
+        lines.append(
+            f"proxyless cross-model (teacher gallery, student probes): {cross['acc_10fold']:.4f} vs its own {own:.4f}"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,11 @@ class Arch(enum.StrEnum):
     TINY_IRESNET = "tiny_iresnet"  # CPU tests and demos
 
 
+class Precision(enum.StrEnum):
+    FP32 = "fp32"
+    BF16 = "bf16"  # autocast of the forward pass; on CUDA always worth it, on CPU optional
+
+
 class OnCorrupt(enum.StrEnum):
     ERROR = "error"  # stop at the first undecodable image, naming it
     SKIP = "skip"  # leave it out, count it, and report the count
@@ -200,6 +205,26 @@ class ScalingConfig:
 
 
 @dataclass(frozen=True)
+class RunConfig:
+    """How a training run executes: fault tolerance, checkpoints, evaluation, devices."""
+
+    max_failures: int = 0  # worker-group restarts from the last checkpoint before giving up
+    checkpoint_every_epochs: int = 1
+    eval_every_epochs: int = 1  # 0: evaluate only after the last epoch
+    precision: Precision = Precision.FP32
+    channels_last: bool = False
+    log_every_s: float = 10.0
+    shuffle_buffer: int = 1000  # rows in each worker's local shuffle buffer
+
+    def __post_init__(self) -> None:
+        _require(self.max_failures >= -1, "max_failures", "must be >= 0, or -1 for unlimited")
+        _require(self.checkpoint_every_epochs >= 1, "checkpoint_every_epochs", "must be >= 1")
+        _require(self.eval_every_epochs >= 0, "eval_every_epochs", "must be >= 0")
+        _require(self.log_every_s > 0, "log_every_s", "must be > 0")
+        _require(self.shuffle_buffer >= 0, "shuffle_buffer", "must be >= 0")
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     name: str = "experiment"
     seed: int = 0
@@ -210,7 +235,9 @@ class ExperimentConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    teacher_optim: OptimConfig = field(default_factory=OptimConfig)  # jobs.train_teacher
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:
         _require(bool(self.name.strip()), "name", "must not be empty")
@@ -221,6 +248,18 @@ class ExperimentConfig:
             "student.emb_dim",
             f"method {self.loss.method.value} needs student.emb_dim == teacher.emb_dim, "
             f"found {self.student.emb_dim} and {self.teacher.emb_dim}",
+        )
+        _require(
+            self.optim.batch_size % self.scaling.num_workers == 0,
+            "optim.batch_size",
+            f"the global batch {self.optim.batch_size} must split evenly over "
+            f"scaling.num_workers={self.scaling.num_workers}",
+        )
+        _require(
+            self.teacher_optim.batch_size % self.scaling.num_workers == 0,
+            "teacher_optim.batch_size",
+            f"the global batch {self.teacher_optim.batch_size} must split evenly over "
+            f"scaling.num_workers={self.scaling.num_workers}",
         )
         _require(
             self.data.image_size == self.synthetic.image_size,

@@ -130,3 +130,100 @@ def evaluate_model(
     if teacher_embeddings is not None:
         report["cross_model"] = embedding_metrics(eval_set, emb, gallery=teacher_embeddings)
     return report
+
+
+def load_student(uri: str) -> tuple[nn.Module, dict[str, Any]]:
+    """A student exported by jobs.distill (student.pt), in eval mode, and its metadata."""
+    from orchestrator.config import Arch
+    from orchestrator.models import build_backbone
+    from orchestrator.train.checkpoint import load_student_export
+
+    data = load_student_export(uri)
+    model = build_backbone(
+        Arch(data["arch"]), int(data["emb_dim"]), input_size=int(data["image_size"])
+    )
+    model.load_state_dict(data["student"])
+    return model.eval(), data
+
+
+@dataclass(frozen=True)
+class EvaluationReport:
+    report: dict[str, Any]  # the report.json content
+    curves: dict[str, tuple[np.ndarray, np.ndarray]]  # label -> (fpr, tpr)
+
+
+def evaluate_students(
+    eval_uri: str, teacher: nn.Module | None, students: dict[str, str], flip: bool = False
+) -> EvaluationReport:
+    """The teacher, each student, and each student's cross-model numbers on one eval set."""
+    from orchestrator.metrics import roc_curve
+    from orchestrator.models import profile_model
+
+    eval_set = load_eval_set(eval_uri)
+    report: dict[str, Any] = {
+        "dataset": {
+            "eval": eval_uri,
+            "num_identities": eval_set.num_classes,
+            "num_images": int(eval_set.labels.size),
+            "num_pairs": int(eval_set.same.size),
+            "flip_test": flip,
+        },
+        "teacher": None,
+        "students": {},
+    }
+    curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def curve(label: str, gallery: np.ndarray, probe: np.ndarray) -> None:
+        roc = roc_curve(
+            pair_scores(gallery[eval_set.index_a], probe[eval_set.index_b]), eval_set.same
+        )
+        curves[label] = (roc.fpr, roc.tpr)
+
+    teacher_emb = None
+    if teacher is not None:
+        teacher_emb = embed_images(teacher, eval_set.images, flip=flip, label="embed teacher")
+        report["teacher"] = {
+            **embedding_metrics(eval_set, teacher_emb),
+            "params": profile_model(teacher).params,
+        }
+        curve("teacher", teacher_emb, teacher_emb)
+    for name, uri in students.items():
+        model, meta = load_student(uri)
+        emb = embed_images(model, eval_set.images, flip=flip, label=f"embed {name}")
+        entry: dict[str, Any] = embedding_metrics(eval_set, emb)
+        entry["cross_model"] = None
+        if teacher_emb is not None and teacher_emb.shape[1] == emb.shape[1]:
+            entry["cross_model"] = embedding_metrics(eval_set, emb, gallery=teacher_emb)
+            curve(f"{name} cross (teacher gallery)", teacher_emb, emb)
+        entry.update(
+            params=profile_model(model).params,
+            train_seconds=float(meta.get("train_seconds", 0.0)),
+            epochs=len(meta.get("epochs_done", [])),
+            checkpoint=uri,
+        )
+        report["students"][name] = entry
+        curve(name, emb, emb)
+    return EvaluationReport(report, curves)
+
+
+def write_report(result: EvaluationReport, out_dir: str) -> str:
+    """report.json, report.md (table) and roc.png into ``out_dir``; returns the table."""
+    import json
+    import os
+
+    from orchestrator.report import markdown_table, roc_plot
+
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "report.json"), "w") as f:
+        json.dump(result.report, f, indent=2)
+    rows: dict[str, dict[str, Any]] = {}
+    if result.report["teacher"] is not None:
+        rows["teacher"] = result.report["teacher"]
+    rows.update(result.report["students"])
+    table = markdown_table(rows)
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write(f"# Evaluation on {result.report['dataset']['eval']}\n\n{table}")
+    roc_plot(
+        result.curves, os.path.join(out_dir, "roc.png"), "verification ROC, held-out identities"
+    )
+    return table

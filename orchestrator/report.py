@@ -47,3 +47,26 @@ def markdown_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def roc_plot(curves: Mapping[str, tuple[Any, Any]], path: str, title: str) -> None:
+    """ROC curves (log-scale FAR) to a PNG; ``curves`` maps a label to (fpr, tpr)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=100)
+    for label, (fpr, tpr) in curves.items():
+        keep = fpr > 0
+        ax.plot(fpr[keep], tpr[keep], label=label, linestyle="--" if "cross" in label else "-")
+    ax.set_xscale("log")
+    ax.set_xlabel("false accept rate")
+    ax.set_ylabel("true accept rate")
+    ax.set_ylim(0, 1.01)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -80,6 +80,10 @@ def load_teacher(path: str) -> TeacherCheckpoint:
 def load_teacher_backbone(path: str) -> nn.Module:
     """A teacher backbone in eval mode: this project's checkpoint, or any TorchScript file
     mapping (B, 3, H, W) in [-1, 1] to (B, d)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"teacher backbone {path} does not exist (train one with jobs.train_teacher)"
+        )
     try:
         teacher = load_teacher(path)
     except ValueError:

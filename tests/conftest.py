@@ -1,10 +1,14 @@
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from orchestrator.config import SyntheticConfig
+from orchestrator.config import ExperimentConfig, SyntheticConfig
 from orchestrator.data.prepare import SyntheticDatasets, write_synthetic
 
 REPO = Path(__file__).resolve().parent.parent
@@ -26,3 +30,83 @@ def tiny_synthetic_config(out: Path, seed: int = 0) -> SyntheticConfig:
 @pytest.fixture(scope="session")
 def tiny_synthetic(tmp_path_factory: pytest.TempPathFactory) -> SyntheticDatasets:
     return write_synthetic(tiny_synthetic_config(tmp_path_factory.mktemp("synthetic")))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[None]:
+    """One local Ray cluster for the whole session (2 CPUs, like the CI machine)."""
+    import ray
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.init(address="local", num_cpus=2, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@dataclass(frozen=True)
+class TrainSetup:
+    base: ExperimentConfig
+    classifier_weight: np.ndarray
+
+
+def make_train_setup(root: Path, data: SyntheticDatasets, emb_dim: int = 16) -> TrainSetup:
+    """A random teacher (backbone + classifier) for ``data``, and a config around them."""
+    import torch
+
+    from orchestrator.classifier import write_classifier
+    from orchestrator.config import (
+        Arch,
+        DataConfig,
+        ExperimentConfig,
+        OptimConfig,
+        RunConfig,
+        ScalingConfig,
+        StudentConfig,
+        TeacherConfig,
+    )
+    from orchestrator.data import format as fmt
+    from orchestrator.models import build_backbone
+    from orchestrator.teacher import TeacherCheckpoint, save_teacher
+
+    meta = fmt.read_meta(data.train_uri)
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(meta.num_classes, emb_dim))
+    write_classifier(str(root / "classifier"), weight, meta.label_map_fingerprint, {"kind": "test"})
+    torch.manual_seed(0)
+    backbone = build_backbone(Arch.TINY_IRESNET, emb_dim).state_dict()
+    save_teacher(
+        str(root / "teacher.pt"),
+        TeacherCheckpoint(
+            Arch.TINY_IRESNET,
+            emb_dim,
+            112,
+            backbone,
+            torch.from_numpy(weight).float(),
+            meta.label_map_fingerprint,
+        ),
+    )
+    base = ExperimentConfig(
+        name="t",
+        storage_path=str(root / "runs"),
+        data=DataConfig(train=data.train_uri, eval=data.eval_uri),
+        student=StudentConfig(arch=Arch.TINY_MOBILEFACENET, emb_dim=emb_dim),
+        teacher=TeacherConfig(
+            arch=Arch.TINY_IRESNET,
+            emb_dim=emb_dim,
+            classifier=str(root / "classifier"),
+            backbone=str(root / "teacher.pt"),
+        ),
+        optim=OptimConfig(lr=0.05, epochs=2, batch_size=4),
+        teacher_optim=OptimConfig(lr=0.05, epochs=1, batch_size=4),
+        scaling=ScalingConfig(num_workers=2, cpus_per_worker=0.5),
+        run=RunConfig(eval_every_epochs=0, log_every_s=5.0, shuffle_buffer=0),
+    )
+    return TrainSetup(base, weight)
+
+
+@pytest.fixture(scope="session")
+def train_setup(
+    tmp_path_factory: pytest.TempPathFactory, tiny_synthetic: SyntheticDatasets
+) -> TrainSetup:
+    return make_train_setup(tmp_path_factory.mktemp("teacher"), tiny_synthetic)

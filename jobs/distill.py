@@ -1,0 +1,42 @@
+"""Distil a student on Ray Train: `proxyless` (inherit the teacher's frozen classifier) or a
+baseline (`scratch`, `l2`, `logit`, `proxyless+l2`), chosen by loss.method.
+
+Locally (starts a private local Ray cluster unless RAY_ADDRESS is set):
+    python -m jobs.distill --config configs/demo.yaml --set loss.method=proxyless
+On a cluster:
+    ray job submit --working-dir . -- python -m jobs.distill --config configs/demo.yaml
+
+The classifier reaches the workers through Ray's object store (one copy per node) and is
+never trained, never in DDP and never saved in checkpoints (they name it by URI and
+checksum). Outputs: the run under <storage_path>/<name> and <storage_path>/<name>/student.pt.
+Rerunning with the same name resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from orchestrator import cli
+from orchestrator.train.launch import distill, student_uri, summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.distill", description=__doc__.split("\n")[0]
+    )
+    cli.add_config_args(parser)
+    parser.add_argument("--name", help="run name (default: the config's name); reuse it to resume")
+    args = parser.parse_args(argv)
+    config = cli.config_from_args(args)
+    name = args.name or config.name
+    outcome = distill(config, name)
+    print(f"student -> {student_uri(config, name)}")
+    print(json.dumps(summary(outcome)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))

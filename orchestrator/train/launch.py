@@ -1,0 +1,254 @@
+"""The driver side of a training run: check inputs, place the classifier in the object
+store once, build and fit the TorchTrainer, export the result.
+
+Every input problem is found here, before any worker starts or any step is taken: a label
+outside [0, C), a classifier whose size, embedding width or label map does not match.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from orchestrator import classifier as clf
+from orchestrator import storage
+from orchestrator.config import Arch, ExperimentConfig, Method, to_dict
+from orchestrator.data import format as fmt
+from orchestrator.data.ray_input import training_dataset
+from orchestrator.teacher import TeacherCheckpoint, classifier_from_checkpoint, save_teacher
+from orchestrator.train.checkpoint import ClassifierRef, TrainingState, export_student, load_state
+from orchestrator.train.worker import WorkerPlan, train_loop_per_worker
+
+INHERITS = (Method.PROXYLESS, Method.PROXYLESS_L2, Method.LOGIT)
+
+
+def ensure_ray() -> None:
+    """Connect to ``RAY_ADDRESS`` (set inside ``ray job submit``), else start a local cluster."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        # A private local cluster: nothing else can connect to it, so no token is needed.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(address="local", logging_level=logging.WARNING)
+    quiet_data_logs()
+
+
+def quiet_data_logs() -> None:
+    """No per-epoch execution plans and progress bars from Ray Data in our output."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+
+
+def storage_root(config: ExperimentConfig) -> str:
+    """Ray wants an absolute local path or a URI."""
+    return (
+        os.path.abspath(config.storage_path)
+        if storage.is_local(config.storage_path)
+        else config.storage_path
+    )
+
+
+def absolute_paths(config: ExperimentConfig) -> ExperimentConfig:
+    """Local paths made absolute on the driver: Ray workers run in another directory."""
+
+    def fix(path: str) -> str:
+        return os.path.abspath(path) if path and storage.is_local(path) else path
+
+    return replace(
+        config,
+        storage_path=fix(config.storage_path),
+        data=replace(config.data, train=fix(config.data.train), eval=fix(config.data.eval)),
+        teacher=replace(
+            config.teacher,
+            classifier=fix(config.teacher.classifier),
+            backbone=fix(config.teacher.backbone),
+        ),
+    )
+
+
+def check_inputs(config: ExperimentConfig) -> fmt.DatasetMeta:
+    """The training set (labels scanned) and the evaluation set (pairs present), before any
+    worker starts."""
+    meta = fmt.read_meta(config.data.train)
+    check_labels(config.data.train, meta)
+    fmt.read_pairs(config.data.eval, fmt.read_meta(config.data.eval))
+    return meta
+
+
+def check_labels(uri: str, meta: fmt.DatasetMeta) -> None:
+    """Scan the label column of every shard (cheap: one int64 column) before training."""
+    for _ in fmt.iter_shards(uri, meta, columns=["label"]):
+        pass
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    name: str
+    checkpoint_path: str
+    state: TrainingState
+    metrics: dict[str, Any]
+    wall_seconds: float
+
+
+def fit(config: ExperimentConfig, plan: WorkerPlan, name: str) -> RunOutcome:
+    """Run ``train_loop_per_worker`` on ``config.scaling.num_workers`` workers.
+
+    Reusing ``name`` under the same storage path resumes from its latest checkpoint.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    ensure_ray()
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": to_dict(config), "plan": plan},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.scaling.num_workers,
+            use_gpu=config.scaling.use_gpu,
+            resources_per_worker={"CPU": config.scaling.cpus_per_worker},
+        ),
+        datasets={"train": training_dataset(config.data.train)},
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_root(config),
+            failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
+        ),
+    )
+    started = time.monotonic()
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"run {name} finished without a checkpoint")
+    with result.checkpoint.as_directory() as directory:
+        state = load_state(directory)
+    return RunOutcome(
+        name, result.checkpoint.path, state, dict(result.metrics or {}), time.monotonic() - started
+    )
+
+
+def distill(config: ExperimentConfig, name: str | None = None) -> RunOutcome:
+    """Train the student with ``config.loss.method``; export it to ``<storage>/<name>/student.pt``."""
+    name = name or config.name
+    config = absolute_paths(config)
+    meta = check_inputs(config)
+    plan = WorkerPlan(
+        role="student",
+        arch=config.student.arch,
+        emb_dim=config.student.emb_dim,
+        loss=config.loss,
+        optim=config.optim,
+        num_classes=meta.num_classes,
+        num_images=meta.num_images,
+        teacher_backbone=config.teacher.backbone
+        if config.loss.method in (Method.L2, Method.LOGIT, Method.PROXYLESS_L2)
+        else None,
+        eval_uri=config.data.eval,
+        extra={"method": config.loss.method.value},
+    )
+    if config.loss.method in INHERITS:
+        plan = place_classifier(config, meta, plan)
+    outcome = fit(config, plan, name)
+    export_student(
+        student_uri(config, name),
+        outcome.state,
+        config.student.arch.value,
+        config.student.emb_dim,
+        config.data.image_size,
+    )
+    return outcome
+
+
+def place_classifier(
+    config: ExperimentConfig, meta: fmt.DatasetMeta, plan: WorkerPlan
+) -> WorkerPlan:
+    """Validate the teacher classifier against the dataset and student, then ``ray.put`` it
+    once: each node holds one shared copy and workers get read-only views."""
+    import ray
+
+    uri = config.teacher.classifier
+    cmeta = clf.read_meta(uri)
+    clf.validate(
+        cmeta,
+        f"teacher classifier {uri}",
+        num_classes=meta.num_classes,
+        emb_dim=config.student.emb_dim,
+        label_map_fingerprint=meta.label_map_fingerprint,
+        dataset=f"dataset {config.data.train}",
+    )
+    weight = clf.load_full(uri, cmeta)
+    return replace(
+        plan, classifier=ray.put(weight), classifier_ref=ClassifierRef(uri, clf.checksum(cmeta))
+    )
+
+
+def student_uri(config: ExperimentConfig, name: str) -> str:
+    return storage.join(storage_root(config), name, "student.pt")
+
+
+def train_teacher(config: ExperimentConfig, name: str | None = None) -> RunOutcome:
+    """Train the teacher with its own margin classifier, then export its backbone and head
+    to ``teacher.backbone`` and its classifier (contract format) to ``teacher.classifier``."""
+    name = name or f"{config.name}-teacher"
+    config = absolute_paths(config)
+    meta = check_inputs(config)
+    plan = WorkerPlan(
+        role="teacher",
+        arch=config.teacher.arch,
+        emb_dim=config.teacher.emb_dim,
+        loss=replace(config.loss, method=Method.SCRATCH),
+        optim=config.teacher_optim,
+        num_classes=meta.num_classes,
+        num_images=meta.num_images,
+        eval_uri=config.data.eval,
+    )
+    outcome = fit(config, plan, name)
+    export_teacher(config, outcome.state, meta)
+    return outcome
+
+
+def export_teacher(config: ExperimentConfig, state: TrainingState, meta: fmt.DatasetMeta) -> None:
+    head = state.loss["classifier.weight"]
+    teacher = TeacherCheckpoint(
+        arch=Arch(config.teacher.arch),
+        emb_dim=config.teacher.emb_dim,
+        image_size=config.data.image_size,
+        backbone=state.student,
+        classifier=head,
+        label_map_fingerprint=meta.label_map_fingerprint,
+    )
+    save_teacher(config.teacher.backbone, teacher)
+    classifier_from_checkpoint(
+        config.teacher.backbone, config.teacher.classifier, meta.label_map_fingerprint
+    )
+    print(
+        f"teacher -> {config.teacher.backbone}; classifier {head.shape[0]} x {head.shape[1]} -> {config.teacher.classifier}"
+    )
+
+
+def summary(outcome: RunOutcome) -> dict[str, Any]:
+    keep = ("loss", "samples_per_s", "val_acc_10fold", "val_auc", "val_rank1")
+    return {
+        "name": outcome.name,
+        "checkpoint": outcome.checkpoint_path,
+        "epochs_done": list(outcome.state.epochs_done),
+        "train_seconds": round(outcome.state.train_seconds, 1),
+        **{
+            k: (round(v, 4) if isinstance(v, float) and np.isfinite(v) else v)
+            for k, v in outcome.metrics.items()
+            if k in keep
+        },
+    }

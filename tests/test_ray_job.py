@@ -1,0 +1,116 @@
+"""`ray job submit` against a real `ray start --head`, exactly as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import to_dict
+from tests.conftest import REPO, TrainSetup
+
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def head_node() -> Iterator[str]:
+    """A separate Ray head node on free ports; yields the job-server address."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    temp_dir = tempfile.mkdtemp(prefix="rayhead", dir="/tmp")  # short: unix socket paths
+    dashboard = free_port()
+    args = [
+        RAY, "start", "--head", "--block", "--num-cpus=2", "--node-ip-address=127.0.0.1",
+        f"--port={free_port()}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
+        f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
+        f"--temp-dir={temp_dir}", "--include-dashboard=true",
+    ]  # fmt: skip
+    head = subprocess.Popen(
+        args, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+    )
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{address}/api/version", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert head.poll() is None, "ray start --head exited"
+            assert time.monotonic() < deadline, "the job server did not come up"
+            time.sleep(1)
+        yield address
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_ray_job_submit_distill(head_node: str, train_setup: TrainSetup, tmp_path: Path) -> None:
+    base = to_dict(train_setup.base)
+    storage = tmp_path / "runs"
+    overrides = {
+        "name": "submitted",
+        "storage_path": str(storage),
+        "data.train": base["data"]["train"],
+        "data.eval": base["data"]["eval"],
+        "student.arch": "tiny_mobilefacenet",
+        "student.emb_dim": 16,
+        "teacher.emb_dim": 16,
+        "teacher.classifier": base["teacher"]["classifier"],
+        "teacher.backbone": base["teacher"]["backbone"],
+        "optim.epochs": 1,
+        "optim.batch_size": 4,
+        "run.eval_every_epochs": 0,
+    }
+    sets = [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    submit = subprocess.run(
+        [RAY, "job", "submit", "--address", head_node, "--submission-id", "distill-test", "--working-dir", ".",
+         "--", "python", "-m", "jobs.distill", "--config", "configs/demo.yaml", *sets],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    status = subprocess.run(
+        [RAY, "job", "status", "--address", head_node, "distill-test"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "SUCCEEDED" in status.stdout, submit.stdout[-3000:] + submit.stderr[-3000:]
+    logs = subprocess.run(
+        [RAY, "job", "logs", "--address", head_node, "distill-test"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    summary = json.loads(
+        [line for line in logs.splitlines() if line.startswith('{"name": "submitted"')][-1]
+    )
+    assert summary["epochs_done"] == [0]
+    assert 0.0 <= summary["val_acc_10fold"] <= 1.0 and 0.0 <= summary["val_auc"] <= 1.0
+    assert (storage / "submitted" / "student.pt").is_file()

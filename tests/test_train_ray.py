@@ -1,0 +1,206 @@
+"""Training through Ray Train on a real local cluster: runs, resume, faults."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from orchestrator import classifier as clf
+from orchestrator.config import Method, OptimConfig, RunConfig, ScalingConfig, SyntheticConfig
+from orchestrator.data import format as fmt
+from orchestrator.data.prepare import write_synthetic
+from orchestrator.evaluation import load_student
+from orchestrator.train.checkpoint import load_student_export
+from orchestrator.train.launch import RunOutcome, distill, student_uri, train_teacher
+from tests.conftest import TrainSetup, make_train_setup
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+def test_proxyless_run_keeps_the_classifier_out_of_everything_it_saves(
+    train_setup: TrainSetup,
+) -> None:
+    config = replace(train_setup.base, name="proxyless")
+    outcome = distill(config)
+    state = outcome.state
+    assert state.epochs_done == (0, 1) and state.world_sizes == (2,) and state.resumed_at == ()
+    # Never saved: no tensor of the classifier's shape anywhere in the checkpoint.
+    shape = train_setup.classifier_weight.shape
+    saved = [*state.student.values(), *state.loss.values()]
+    assert state.loss == {}, "proxyless has no trainable loss parameters"
+    assert all(tuple(t.shape) != shape for t in saved)
+    # Never in the optimizer: its parameter list is exactly the student's.
+    student_params = sum(
+        1 for k, v in state.student.items() if "running" not in k and "num_batches" not in k
+    )
+    assert len(state.optimizer["param_groups"][0]["params"]) == student_params
+    # Referred to by URI and checksum instead.
+    cmeta = clf.read_meta(config.teacher.classifier)
+    assert state.classifier is not None and state.classifier.checksum == clf.checksum(cmeta)
+    export = load_student_export(student_uri(config, "proxyless"))
+    assert export["classifier"]["checksum"] == clf.checksum(cmeta) and export["epochs_done"] == [
+        0,
+        1,
+    ]
+    model, _ = load_student(student_uri(config, "proxyless"))
+    assert model(torch.zeros(1, 3, 112, 112)).shape == (1, 16)
+    assert np.isfinite(outcome.metrics["loss"])
+
+
+def test_resume_by_name_and_with_fewer_workers(train_setup: TrainSetup) -> None:
+    config = replace(
+        train_setup.base, name="resume", optim=replace(train_setup.base.optim, epochs=1)
+    )
+    first = distill(config)
+    assert first.state.epochs_done == (0,)
+    # Same name, one more epoch, one worker instead of two: continues after epoch 0.
+    longer = replace(
+        config,
+        optim=replace(config.optim, epochs=2),
+        scaling=ScalingConfig(num_workers=1, cpus_per_worker=0.5),
+    )
+    second = distill(longer)
+    assert second.state.epochs_done == (0, 1)
+    assert second.state.resumed_at == (1,)
+    assert second.state.world_sizes == (2, 1)
+    # Rerunning a finished run trains nothing and hands back its final checkpoint.
+    third = distill(longer)
+    assert third.state.epochs_done == (0, 1)
+
+
+def test_resume_refuses_a_different_classifier(train_setup: TrainSetup, tmp_path: Path) -> None:
+    config = replace(train_setup.base, name="swap", optim=replace(train_setup.base.optim, epochs=1))
+    distill(config)
+    other = tmp_path / "other"
+    meta = fmt.read_meta(config.data.train)
+    clf.write_classifier(
+        str(other), train_setup.classifier_weight[::-1].copy(), meta.label_map_fingerprint, {}
+    )
+    swapped = replace(
+        config,
+        teacher=replace(config.teacher, classifier=str(other)),
+        optim=replace(config.optim, epochs=2),
+    )
+    with pytest.raises(Exception, match="refusing to resume with a different inherited classifier"):
+        distill(swapped)
+
+
+def test_classifier_that_does_not_match_the_dataset_fails_before_training(
+    train_setup: TrainSetup, tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad"
+    clf.write_classifier(str(bad), np.ones((5, 16)), "sha256:x", {})
+    config = replace(
+        train_setup.base, name="bad", teacher=replace(train_setup.base.teacher, classifier=str(bad))
+    )
+    with pytest.raises(
+        clf.ClassifierError, match=r"has num_classes=5 but dataset .* has num_classes=6"
+    ):
+        distill(config)
+    assert not (Path(config.storage_path) / "bad").exists(), "no run was started"
+
+
+@pytest.mark.parametrize("method", [Method.L2, Method.SCRATCH])
+def test_baselines_train(train_setup: TrainSetup, method: Method) -> None:
+    config = replace(
+        train_setup.base,
+        name=f"m-{method.value}",
+        loss=replace(train_setup.base.loss, method=method),
+        optim=replace(train_setup.base.optim, epochs=1),
+    )
+    outcome = distill(config)
+    assert "classifier.weight" in str(list(outcome.state.loss)), (
+        "baselines train their own classifier"
+    )
+    assert outcome.state.classifier is None
+
+
+def test_teacher_training_exports_backbone_and_classifier(
+    train_setup: TrainSetup, tmp_path: Path
+) -> None:
+    teacher = replace(
+        train_setup.base.teacher,
+        classifier=str(tmp_path / "cls"),
+        backbone=str(tmp_path / "teacher.pt"),
+    )
+    config = replace(train_setup.base, name="teacher", teacher=teacher)
+    outcome = train_teacher(config)
+    meta = fmt.read_meta(config.data.train)
+    cmeta = clf.read_meta(teacher.classifier)
+    clf.validate(
+        cmeta,
+        "exported",
+        num_classes=meta.num_classes,
+        emb_dim=16,
+        label_map_fingerprint=meta.label_map_fingerprint,
+    )
+    head = outcome.state.loss["classifier.weight"].numpy()
+    expected = head / np.linalg.norm(head, axis=1, keepdims=True)
+    np.testing.assert_allclose(
+        clf.load_full(teacher.classifier, cmeta), expected, atol=2e-3
+    )  # stored as fp16
+
+
+@pytest.fixture(scope="module")
+def longer_setup(tmp_path_factory: pytest.TempPathFactory) -> TrainSetup:
+    root = tmp_path_factory.mktemp("kill")
+    data = write_synthetic(
+        SyntheticConfig(
+            out=str(root / "data"),
+            num_identities=24,
+            eval_identities=20,
+            images_per_identity=8,
+            pairs_per_fold=4,
+        )
+    )
+    return make_train_setup(root, data)
+
+
+def test_killed_worker_resumes_from_last_checkpoint(longer_setup: TrainSetup) -> None:
+    from ray.util.state import list_actors
+
+    epochs = 6
+    config = replace(
+        longer_setup.base,
+        name="killed",
+        optim=OptimConfig(lr=0.05, epochs=epochs, batch_size=8),
+        run=RunConfig(max_failures=1, eval_every_epochs=0, shuffle_buffer=0),
+    )
+    outcome: dict[str, RunOutcome] = {}
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            outcome["result"] = distill(config)
+        except BaseException as err:  # surfaced by the assertions below
+            errors.append(err)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    run_dir = Path(config.storage_path) / "killed"
+    deadline = time.monotonic() + 240
+    while (
+        not list(run_dir.glob("checkpoint_*")) and time.monotonic() < deadline and thread.is_alive()
+    ):
+        time.sleep(0.1)
+    assert list(run_dir.glob("checkpoint_*")), f"no checkpoint appeared ({errors})"
+    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    pids = [a.pid for a in workers if a.pid is not None]
+    assert len(pids) == 2
+    os.kill(pids[1], signal.SIGKILL)
+    thread.join(timeout=400)
+    assert not errors, errors
+    state = outcome["result"].state
+    # Resumed once, after the last checkpoint; every epoch trained exactly once in the
+    # checkpointed history, ending at the configured count.
+    assert len(state.resumed_at) == 1 and 1 <= state.resumed_at[0] < epochs
+    assert state.epochs_done == tuple(range(epochs))
+    assert state.world_sizes == (2, 2)
