@@ -52,6 +52,7 @@ class Arch(enum.StrEnum):
     IRESNET34 = "iresnet34"
     IRESNET50 = "iresnet50"
     IRESNET100 = "iresnet100"
+    SMALL_MOBILEFACENET = "small_mobilefacenet"  # half width, full depth: the demo's teacher
     TINY_MOBILEFACENET = "tiny_mobilefacenet"  # CPU tests and demos
     TINY_IRESNET = "tiny_iresnet"  # CPU tests and demos
 
@@ -127,11 +128,13 @@ class TeacherConfig:
 
     arch: Arch = Arch.IRESNET50
     emb_dim: int = 512
+    dropout: float = 0.0  # in the embedding head while jobs.train_teacher trains it
     classifier: str = "runs/teacher/classifier"
     backbone: str = "runs/teacher/backbone.pt"
 
     def __post_init__(self) -> None:
         _require(self.emb_dim > 0, "emb_dim", f"must be > 0, found {self.emb_dim}")
+        _require(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), found {self.dropout}")
 
 
 @dataclass(frozen=True)

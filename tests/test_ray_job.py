@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from ray.job_submission import JobStatus, JobSubmissionClient
 
 from orchestrator.config import to_dict
 from tests.conftest import REPO, TrainSetup
@@ -29,11 +30,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def cluster_env() -> dict[str, str]:
+    """Like a cluster node: this environment's `python` (with the project installed) first
+    on PATH, token auth off (a throwaway local cluster), no inherited RAY_ADDRESS."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
 @pytest.fixture
 def head_node() -> Iterator[str]:
     """A separate Ray head node on free ports; yields the job-server address."""
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
+    env = cluster_env()
     temp_dir = tempfile.mkdtemp(prefix="rayhead", dir="/tmp")  # short: unix socket paths
     dashboard = free_port()
     args = [
@@ -62,9 +71,12 @@ def head_node() -> Iterator[str]:
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
-            head.wait(timeout=30)
+            head.wait(timeout=15)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=15)
+        # Ray daemons that left the process group still name this head's private temp dir.
+        subprocess.run(["pkill", "-9", "-f", temp_dir], check=False)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -86,21 +98,14 @@ def test_ray_job_submit_distill(head_node: str, train_setup: TrainSetup, tmp_pat
         "run.eval_every_epochs": 0,
     }
     sets = [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
+    env = cluster_env()
     submit = subprocess.run(
         [RAY, "job", "submit", "--address", head_node, "--submission-id", "distill-test", "--working-dir", ".",
          "--", "python", "-m", "jobs.distill", "--config", "configs/demo.yaml", *sets],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
-    status = subprocess.run(
-        [RAY, "job", "status", "--address", head_node, "distill-test"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert "SUCCEEDED" in status.stdout, submit.stdout[-3000:] + submit.stderr[-3000:]
+    status = JobSubmissionClient(head_node).get_job_status("distill-test")
+    assert status == JobStatus.SUCCEEDED, submit.stdout[-3000:] + submit.stderr[-3000:]
     logs = subprocess.run(
         [RAY, "job", "logs", "--address", head_node, "distill-test"],
         env=env,

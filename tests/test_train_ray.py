@@ -187,11 +187,15 @@ def test_killed_worker_resumes_from_last_checkpoint(longer_setup: TrainSetup) ->
     thread.start()
     run_dir = Path(config.storage_path) / "killed"
     deadline = time.monotonic() + 240
-    while (
-        not list(run_dir.glob("checkpoint_*")) and time.monotonic() < deadline and thread.is_alive()
-    ):
+
+    # A checkpoint directory exists on disk slightly before the controller registers it;
+    # once the second one is there, the first is certainly registered.
+    def checkpoints() -> int:
+        return len(list(run_dir.glob("checkpoint_*")))
+
+    while checkpoints() < 2 and time.monotonic() < deadline and thread.is_alive():
         time.sleep(0.1)
-    assert list(run_dir.glob("checkpoint_*")), f"no checkpoint appeared ({errors})"
+    assert checkpoints() >= 2, f"no checkpoints appeared ({errors})"
     workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
     pids = [a.pid for a in workers if a.pid is not None]
     assert len(pids) == 2

@@ -21,5 +21,5 @@ def training_dataset(uri: str) -> Any:
     import ray.data
 
     path = uri if not storage.is_local(uri) else storage.filesystem(uri)[1]
-    ds = ray.data.read_parquet(path, columns=["image", "label"], file_extensions=["parquet"])
+    ds = ray.data.read_parquet(path, file_extensions=["parquet"]).select_columns(["image", "label"])
     return ds.map_batches(decode_batch, batch_size=256, batch_format="numpy")

@@ -19,6 +19,8 @@ def build_backbone(
     match arch:
         case Arch.MOBILEFACENET:
             return MobileFaceNet(emb_dim=emb_dim, dropout=dropout, input_size=input_size)
+        case Arch.SMALL_MOBILEFACENET:
+            return MobileFaceNet(emb_dim=emb_dim, width=1, dropout=dropout, input_size=input_size)
         case Arch.TINY_MOBILEFACENET:
             return MobileFaceNet(
                 emb_dim=emb_dim,

@@ -48,6 +48,7 @@ class WorkerPlan:
     role: str  # "teacher" or "student"
     arch: Arch
     emb_dim: int
+    dropout: float
     loss: LossConfig
     optim: OptimConfig
     num_classes: int
@@ -194,7 +195,7 @@ def quiet_worker_logs() -> None:
 
 
 def build_student(plan: WorkerPlan, config: ExperimentConfig, device: torch.device) -> nn.Module:
-    model = build_backbone(plan.arch, plan.emb_dim, input_size=config.data.image_size).to(device)
+    model = build_backbone(plan.arch, plan.emb_dim, plan.dropout, config.data.image_size).to(device)
     if config.run.channels_last:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     return model
