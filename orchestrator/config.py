@@ -81,7 +81,11 @@ class DataConfig:
     on_corrupt: OnCorrupt = OnCorrupt.ERROR
 
     def __post_init__(self) -> None:
-        _require(self.image_size >= 16, "image_size", f"must be >= 16, found {self.image_size}")
+        _require(
+            self.image_size >= 16 and self.image_size % 16 == 0,
+            "image_size",
+            f"must be a positive multiple of 16 (the backbones halve it four times), found {self.image_size}",
+        )
 
 
 @dataclass(frozen=True)

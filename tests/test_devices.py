@@ -23,11 +23,11 @@ def setup(
     device: str, channels_last: bool
 ) -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
-    student = build_backbone(Arch.TINY_IRESNET, 32, input_size=56).to(device)
+    student = build_backbone(Arch.TINY_IRESNET, 32, input_size=64).to(device)
     if channels_last:
         student = student.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     loss_fn = build_loss(LossConfig(scale=16.0, margin=0.3), 10, 32, torch.randn(10, 32)).to(device)
-    images = torch.randn(8, 3, 56, 56, device=device)
+    images = torch.randn(8, 3, 64, 64, device=device)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return student, loss_fn, images, torch.arange(8, device=device) % 10

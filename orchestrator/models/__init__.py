@@ -16,6 +16,10 @@ def build_backbone(
     arch: Arch, emb_dim: int, dropout: float = 0.0, input_size: int = 112
 ) -> nn.Module:
     """The backbone for ``arch``: (B, 3, input_size, input_size) -> (B, emb_dim)."""
+    if input_size % 16 != 0:
+        raise ValueError(
+            f"input_size must be a multiple of 16 (four stride-2 stages), found {input_size}"
+        )
     match arch:
         case Arch.MOBILEFACENET:
             return MobileFaceNet(emb_dim=emb_dim, dropout=dropout, input_size=input_size)
