@@ -11,7 +11,9 @@ build the inherited classifier (DESIGN.md section 4):
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ import torch
 from torch import nn
 
 from orchestrator import classifier as clf
+from orchestrator import storage
 from orchestrator.config import Arch
 from orchestrator.data import format as fmt
 from orchestrator.data.images import decode_jpeg, to_model_input
@@ -41,9 +44,9 @@ class TeacherCheckpoint:
     label_map_fingerprint: str
 
 
-def save_teacher(path: str, teacher: TeacherCheckpoint) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
+def save_teacher(uri: str, teacher: TeacherCheckpoint) -> None:
+    """Write atomically to a local path or an object-store URI."""
+    buffer = io.BytesIO()
     torch.save(
         {
             "kind": CHECKPOINT_KIND,
@@ -55,47 +58,57 @@ def save_teacher(path: str, teacher: TeacherCheckpoint) -> None:
             "classifier": teacher.classifier,
             "label_map_fingerprint": teacher.label_map_fingerprint,
         },
-        tmp,
+        buffer,
     )
-    os.replace(tmp, path)
+    storage.write_bytes_atomic(uri, buffer.getvalue())
 
 
-def load_teacher(path: str) -> TeacherCheckpoint:
+def _read(uri: str) -> bytes:
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"teacher {uri} does not exist (train one with jobs.train_teacher)")
+    return storage.read_bytes(uri)
+
+
+def load_teacher(uri: str, data: bytes | None = None) -> TeacherCheckpoint:
+    """This project's teacher checkpoint from a local path or an object-store URI."""
+    raw = _read(uri) if data is None else data
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError) as err:
-        raise ValueError(f"{path}: cannot load teacher checkpoint: {err}") from None
-    if not isinstance(data, dict) or data.get("kind") != CHECKPOINT_KIND:
-        raise ValueError(f"{path}: not a {CHECKPOINT_KIND} checkpoint")
+        saved = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError) as err:
+        raise ValueError(f"{uri}: cannot load teacher checkpoint: {err}") from None
+    if not isinstance(saved, dict) or saved.get("kind") != CHECKPOINT_KIND:
+        raise ValueError(f"{uri}: not a {CHECKPOINT_KIND} checkpoint")
     return TeacherCheckpoint(
-        arch=Arch(data["arch"]),
-        emb_dim=int(data["emb_dim"]),
-        image_size=int(data["image_size"]),
-        backbone=data["backbone"],
-        classifier=data["classifier"],
-        label_map_fingerprint=str(data["label_map_fingerprint"]),
+        arch=Arch(saved["arch"]),
+        emb_dim=int(saved["emb_dim"]),
+        image_size=int(saved["image_size"]),
+        backbone=saved["backbone"],
+        classifier=saved["classifier"],
+        label_map_fingerprint=str(saved["label_map_fingerprint"]),
     )
 
 
-def load_teacher_backbone(path: str) -> nn.Module:
-    """A teacher backbone in eval mode: this project's checkpoint, or any TorchScript file
-    mapping (B, 3, H, W) in [-1, 1] to (B, d)."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"teacher backbone {path} does not exist (train one with jobs.train_teacher)"
-        )
+def load_teacher_backbone(uri: str) -> nn.Module:
+    """A teacher backbone in eval mode from a local path or URI: this project's checkpoint,
+    or any TorchScript module mapping (B, 3, H, W) in [-1, 1] to (B, d)."""
+    raw = _read(uri)
     try:
-        teacher = load_teacher(path)
+        teacher = load_teacher(uri, raw)
     except ValueError:
         try:
-            return torch.jit.load(path, map_location="cpu").eval()
+            return torch.jit.load(io.BytesIO(raw), map_location="cpu").eval()
         except (RuntimeError, ValueError) as err:
             raise ValueError(
-                f"{path}: neither a {CHECKPOINT_KIND} checkpoint nor a TorchScript module ({err})"
+                f"{uri}: neither a {CHECKPOINT_KIND} checkpoint nor a TorchScript module ({err})"
             ) from None
     model = build_backbone(teacher.arch, teacher.emb_dim, input_size=teacher.image_size)
     model.load_state_dict(teacher.backbone)
     return model.eval()
+
+
+def _where(uri: str) -> str:
+    """A stable name for the source: absolute for local paths, the URI otherwise."""
+    return os.path.abspath(uri) if storage.is_local(uri) else uri
 
 
 def classifier_from_checkpoint(
@@ -110,7 +123,7 @@ def classifier_from_checkpoint(
         )
     source = {
         "kind": "teacher_checkpoint",
-        "path": os.path.abspath(checkpoint),
+        "path": _where(checkpoint),
         "arch": teacher.arch.value,
     }
     return clf.write_classifier(

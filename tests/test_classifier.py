@@ -216,3 +216,23 @@ def test_builder_from_mean_embeddings(tmp_path: Path, tiny_synthetic: SyntheticD
     expected = normalised(np.stack([emb[y == c].mean(0) for c in range(data_meta.num_classes)]))
     np.testing.assert_allclose(clf.load_full(str(tmp_path / "w"), meta), expected, atol=1e-6)
     assert meta.label_map_fingerprint == data_meta.label_map_fingerprint
+
+
+def test_torchscript_teacher_backbone_is_accepted(tmp_path: Path) -> None:
+    model = _tiny_teacher().eval()
+    path = str(tmp_path / "scripted.pt")
+    torch.jit.trace(model, torch.zeros(1, 3, 112, 112)).save(path)
+    loaded = load_teacher_backbone(path)
+    x = torch.randn(2, 3, 112, 112)
+    torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_teacher_backbone_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"missing\.pt does not exist"):
+        load_teacher_backbone(str(tmp_path / "missing.pt"))
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a model")
+    with pytest.raises(
+        ValueError, match="neither a proxylesskd-teacher checkpoint nor a TorchScript module"
+    ):
+        load_teacher_backbone(str(junk))

@@ -54,7 +54,7 @@ def test_tiny_variants_run_and_embedding_size_is_configurable(arch: Arch, emb_di
 def test_input_size_other_than_112() -> None:
     model = build_backbone(Arch.TINY_IRESNET, 32, input_size=64).eval()
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 32)
-    with pytest.raises(ValueError, match="multiple of 16.*found 56"):
+    with pytest.raises(ValueError, match=r"multiple of 16.*found 56"):
         build_backbone(Arch.TINY_IRESNET, 32, input_size=56)
 
 
