@@ -211,6 +211,32 @@ class ScalingConfig:
         _require(self.cpus_per_worker > 0, "cpus_per_worker", "must be > 0")
 
 
+class ClassifierMode(enum.StrEnum):
+    AUTO = "auto"  # sharded when num_workers > 1 and W (fp32) is at least auto_min_bytes
+    DENSE = "dense"  # every worker holds all of W (one shared copy per node)
+    SHARDED = "sharded"  # each worker holds C/N rows; the softmax is combined by collectives
+
+
+@dataclass(frozen=True)
+class ShardingConfig:
+    """How the inherited classifier is laid out over the workers (method proxyless).
+
+    The rule for ``auto``: shard when there is more than one worker and W, as float32, is at
+    least ``auto_min_bytes``; otherwise replicate it. Sharded, each worker reads only its rows
+    [start, start + C/N) from storage and the loss is computed in class chunks of
+    ``chunk_size`` rows (memory W_r + O(global batch x chunk_size)).
+    """
+
+    mode: ClassifierMode = ClassifierMode.AUTO
+    auto_min_bytes: int = 256 * 2**20
+    chunk_size: int = 65536
+    matmul_precision: Precision = Precision.FP32  # bf16: the two chunk GEMMs; stats stay fp32
+
+    def __post_init__(self) -> None:
+        _require(self.auto_min_bytes >= 0, "auto_min_bytes", "must be >= 0")
+        _require(self.chunk_size >= 1, "chunk_size", f"must be >= 1, found {self.chunk_size}")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """How a training run executes: fault tolerance, checkpoints, evaluation, devices."""
@@ -245,6 +271,7 @@ class ExperimentConfig:
     teacher_optim: OptimConfig = field(default_factory=OptimConfig)  # jobs.train_teacher
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
 
     def __post_init__(self) -> None:
         _require(bool(self.name.strip()), "name", "must not be empty")
@@ -255,6 +282,12 @@ class ExperimentConfig:
             "student.emb_dim",
             f"method {self.loss.method.value} needs student.emb_dim == teacher.emb_dim, "
             f"found {self.student.emb_dim} and {self.teacher.emb_dim}",
+        )
+        _require(
+            self.sharding.mode is not ClassifierMode.SHARDED
+            or self.loss.method is Method.PROXYLESS,
+            "sharding.mode",
+            f"sharded is implemented for loss.method proxyless, found {self.loss.method.value}",
         )
         _require(
             self.optim.batch_size % self.scaling.num_workers == 0,

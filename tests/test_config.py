@@ -112,3 +112,12 @@ def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
         load_config(write(tmp_path, "loss: [unclosed\n"))
     with pytest.raises(ConfigError, match="expected a mapping for LossConfig"):
         load_config(write(tmp_path, "loss: 3\n"))
+
+
+def test_sharded_mode_needs_proxyless(tmp_path: Path) -> None:
+    path = write(tmp_path, "sharding:\n  mode: sharded\nloss:\n  method: l2\n")
+    with pytest.raises(
+        ConfigError,
+        match=r"sharding.mode: sharded is implemented for loss.method proxyless, found l2",
+    ):
+        load_config(path)

@@ -10,7 +10,6 @@ averaging optimises. Everything runs in float64 so the tolerance can be tight.
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -25,12 +24,6 @@ from orchestrator.models import build_backbone
 from orchestrator.train.step import lr_at, train_step
 
 NUM_CLASSES, EMB_DIM, LOCAL_BATCH, STEPS, WORLD = 7, 16, 3, 3, 2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def make_setup(
@@ -60,10 +53,8 @@ def optimizer_for(student: torch.nn.Module, loss_fn: torch.nn.Module) -> torch.o
     )
 
 
-def worker(rank: int, method: Method, port: int, out: str) -> None:
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
-    )
+def worker(rank: int, method: Method, rendezvous: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
     student, loss_fn, images, labels, teacher_emb = make_setup(method)
     ddp = DDP(student)
@@ -105,7 +96,7 @@ def reference(method: Method) -> dict[str, dict[str, torch.Tensor]]:
 def test_two_worker_ddp_equals_single_process(method: Method, tmp_path: Path) -> None:
     out = str(tmp_path / "ddp.pt")
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(worker, args=(method, free_port(), out), nprocs=WORLD, join=True)
+    mp.spawn(worker, args=(method, str(tmp_path / "rendezvous"), out), nprocs=WORLD, join=True)
     ddp = torch.load(out, weights_only=True)
     ref = reference(method)
     initial_model = make_setup(method)[0]

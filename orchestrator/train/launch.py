@@ -17,7 +17,7 @@ import numpy as np
 
 from orchestrator import classifier as clf
 from orchestrator import storage
-from orchestrator.config import Arch, ExperimentConfig, Method, to_dict
+from orchestrator.config import Arch, ClassifierMode, ExperimentConfig, Method, to_dict
 from orchestrator.data import format as fmt
 from orchestrator.data.ray_input import training_dataset
 from orchestrator.teacher import TeacherCheckpoint, classifier_from_checkpoint, save_teacher
@@ -190,10 +190,40 @@ def place_classifier(
         label_map_fingerprint=meta.label_map_fingerprint,
         dataset=f"dataset {config.data.train}",
     )
+    ref = ClassifierRef(uri, clf.checksum(cmeta))
+    if use_sharded(config, cmeta):
+        print(
+            f"classifier {cmeta.num_classes} x {cmeta.emb_dim}: sharded over {config.scaling.num_workers} workers"
+        )
+        return replace(
+            plan,
+            classifier_ref=ref,
+            sharded=True,
+            extra={**plan.extra, "classifier_layout": "sharded"},
+        )
     weight = clf.load_full(uri, cmeta)
     return replace(
-        plan, classifier=ray.put(weight), classifier_ref=ClassifierRef(uri, clf.checksum(cmeta))
+        plan,
+        classifier=ray.put(weight),
+        classifier_ref=ref,
+        extra={**plan.extra, "classifier_layout": "dense"},
     )
+
+
+def use_sharded(config: ExperimentConfig, meta: clf.ClassifierMeta) -> bool:
+    """The rule of ShardingConfig: explicit mode, or auto by worker count and W's size."""
+    match config.sharding.mode:
+        case ClassifierMode.SHARDED:
+            return True
+        case ClassifierMode.DENSE:
+            return False
+        case ClassifierMode.AUTO:
+            fp32_bytes = meta.num_classes * meta.emb_dim * 4
+            return (
+                config.loss.method is Method.PROXYLESS
+                and config.scaling.num_workers > 1
+                and fp32_bytes >= config.sharding.auto_min_bytes
+            )
 
 
 def student_uri(config: ExperimentConfig, name: str) -> str:

@@ -17,6 +17,7 @@ import ray.train.torch
 import torch
 from torch import nn
 
+from orchestrator import classifier as clf
 from orchestrator.config import (
     Arch,
     ExperimentConfig,
@@ -27,7 +28,8 @@ from orchestrator.config import (
     to_dict,
 )
 from orchestrator.evaluation import EvalSet, evaluate_model, load_eval_set
-from orchestrator.losses import build_loss, needs_teacher_embeddings
+from orchestrator.losses import Margin, build_loss, needs_teacher_embeddings
+from orchestrator.losses.sharded import Shard, ShardedProxylessLoss
 from orchestrator.models import build_backbone
 from orchestrator.progress import format_seconds
 from orchestrator.teacher import load_teacher_backbone
@@ -53,8 +55,9 @@ class WorkerPlan:
     optim: OptimConfig
     num_classes: int
     num_images: int
-    classifier: Any = None  # ray.ObjectRef of the (C, d) array: one copy per node
+    classifier: Any = None  # ray.ObjectRef of the (C, d) array: one copy per node (dense)
     classifier_ref: ClassifierRef | None = None
+    sharded: bool = False  # each worker reads its own rows from classifier_ref.uri
     teacher_backbone: str | None = None  # for l2 / logit
     eval_uri: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -70,9 +73,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(config.seed)  # identical initial student on every rank
 
     student = build_student(plan, config, device)
-    loss_fn = build_loss(plan.loss, plan.num_classes, plan.emb_dim, inherited_classifier(plan)).to(
-        device
-    )
+    loss_fn = build_worker_loss(plan, config, rank, world_size).to(device)
     teacher = load_teacher(plan, device)
     params = list(student.parameters()) + list(loss_fn.parameters())
     optimizer = torch.optim.SGD(
@@ -199,6 +200,23 @@ def build_student(plan: WorkerPlan, config: ExperimentConfig, device: torch.devi
     if config.run.channels_last:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     return model
+
+
+def build_worker_loss(
+    plan: WorkerPlan, config: ExperimentConfig, rank: int, world_size: int
+) -> nn.Module:
+    """The dense loss (W from the object store), or the sharded one (this rank's rows only)."""
+    if not plan.sharded:
+        return build_loss(plan.loss, plan.num_classes, plan.emb_dim, inherited_classifier(plan))
+    assert plan.classifier_ref is not None
+    meta = clf.read_meta(plan.classifier_ref.uri)
+    shard = Shard.for_rank(meta.num_classes, world_size, rank)
+    rows = clf.read_rows(plan.classifier_ref.uri, meta, shard.class_start, shard.local_classes)
+    bf16 = config.sharding.matmul_precision is Precision.BF16
+    return ShardedProxylessLoss(
+        torch.from_numpy(rows), shard, Margin.from_config(plan.loss), config.sharding.chunk_size,
+        torch.bfloat16 if bf16 else None,
+    )  # fmt: skip
 
 
 def inherited_classifier(plan: WorkerPlan) -> torch.Tensor | None:
