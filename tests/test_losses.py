@@ -165,3 +165,16 @@ def test_methods_needing_the_teacher_say_so() -> None:
         loss_fn(torch.randn(2, EMB_DIM), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="needs the teacher classifier"):
         build_loss(LossConfig(method=Method.PROXYLESS), NUM_CLASSES, EMB_DIM)
+
+
+def test_normalized_fp32_classifier_is_used_without_a_copy() -> None:
+    w = torch.nn.functional.normalize(torch.randn(NUM_CLASSES, EMB_DIM), dim=1)
+    shared = build_loss(LossConfig(), NUM_CLASSES, EMB_DIM, w, normalized=True)
+    copied = build_loss(LossConfig(), NUM_CLASSES, EMB_DIM, w)
+    assert isinstance(shared, ProxylessLoss) and isinstance(copied, ProxylessLoss)
+    assert shared.classifier.weight.data_ptr() == w.data_ptr()
+    assert copied.classifier.weight.data_ptr() != w.data_ptr()
+    emb, labels = torch.randn(4, EMB_DIM), torch.tensor([0, 1, 2, 3])
+    assert float(shared(emb, labels).loss) == pytest.approx(
+        float(copied(emb, labels).loss), rel=1e-6
+    )

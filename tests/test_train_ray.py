@@ -227,3 +227,37 @@ def test_sharded_classifier_layout_in_a_real_run(train_setup: TrainSetup) -> Non
     # The first-epoch loss starts from the same student and W: the two layouts agree closely
     # (batches differ only in order, so not exactly).
     assert sharded.metrics["loss"] == pytest.approx(dense.metrics["loss"], rel=0.2)
+
+
+def test_dense_classifier_is_a_view_of_the_object_store_copy() -> None:
+    """Workers on one node share one copy of W: the loss's buffer is the read-only object
+    store memory itself, not a per-worker copy."""
+    import ray
+
+    weight = np.random.default_rng(0).normal(size=(300, 16)).astype(np.float32)
+    weight /= np.linalg.norm(weight, axis=1, keepdims=True)
+    ref = ray.put(weight)
+
+    @ray.remote(num_cpus=0.5)
+    def probe(handle: list[ray.ObjectRef]) -> tuple[bool, bool, int]:
+        import warnings
+
+        from orchestrator.config import LossConfig
+        from orchestrator.losses import build_loss
+
+        array = ray.get(handle[0])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            loss = build_loss(LossConfig(), 300, 16, torch.from_numpy(array), normalized=True)
+        from orchestrator.losses.objectives import ProxylessLoss
+
+        assert isinstance(loss, ProxylessLoss)
+        buffer = loss.classifier.weight
+        return (
+            array.flags.writeable,
+            buffer.data_ptr() == array.ctypes.data,
+            len(list(loss.parameters())),
+        )
+
+    writeable, same_memory, params = ray.get(probe.remote([ref]))
+    assert not writeable and same_memory and params == 0

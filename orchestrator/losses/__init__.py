@@ -45,8 +45,13 @@ def build_loss(
     num_classes: int,
     emb_dim: int,
     teacher_classifier: torch.Tensor | None = None,
+    normalized: bool = False,
 ) -> nn.Module:
-    """The loss module for ``config.method``; its parameters (if any) join the optimizer."""
+    """The loss module for ``config.method``; its parameters (if any) join the optimizer.
+
+    ``normalized``: the teacher classifier's rows are unit-length fp32 already, so the
+    proxyless loss can use it without a copy (the shared object-store view stays shared).
+    """
     margin = Margin.from_config(config)
 
     def classifier() -> torch.Tensor:
@@ -61,7 +66,7 @@ def build_loss(
 
     match config.method:
         case Method.PROXYLESS:
-            return ProxylessLoss(classifier(), margin)
+            return ProxylessLoss(classifier(), margin, normalized)
         case Method.SCRATCH:
             return ScratchLoss(num_classes, emb_dim, margin)
         case Method.L2:

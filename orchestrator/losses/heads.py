@@ -34,10 +34,13 @@ class FrozenClassifier(nn.Module):
 
     weight: torch.Tensor
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, normalized: bool = False) -> None:
         super().__init__()
-        normalised = F.normalize(at_least_fp32(weight.detach()), dim=1)
-        self.register_buffer("weight", normalised, persistent=False)
+        # Rows already unit-length in fp32/fp64 (e.g. a read-only view of the node's shared
+        # object-store copy) are used as they are; anything else is normalised into a copy.
+        use_as_is = normalized and weight.dtype in (torch.float32, torch.float64)
+        w = weight.detach() if use_as_is else F.normalize(at_least_fp32(weight.detach()), dim=1)
+        self.register_buffer("weight", w, persistent=False)
 
     @property
     def num_classes(self) -> int:

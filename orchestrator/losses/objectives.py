@@ -65,9 +65,11 @@ class ProxylessLoss(nn.Module):
     Knowledge Distillation with Inherited Classifier for Face Recognition", arXiv:2011.00265.
     """
 
-    def __init__(self, teacher_classifier: torch.Tensor, margin: Margin) -> None:
+    def __init__(
+        self, teacher_classifier: torch.Tensor, margin: Margin, normalized: bool = False
+    ) -> None:
         super().__init__()
-        self.classifier = FrozenClassifier(teacher_classifier)
+        self.classifier = FrozenClassifier(teacher_classifier, normalized)
         self.margin = margin
 
     def forward(

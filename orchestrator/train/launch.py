@@ -201,7 +201,9 @@ def place_classifier(
             sharded=True,
             extra={**plan.extra, "classifier_layout": "sharded"},
         )
+    # Normalised fp32 once here, so workers use the node's shared copy without copying it.
     weight = clf.load_full(uri, cmeta)
+    weight /= np.linalg.norm(weight, axis=1, keepdims=True)
     return replace(
         plan,
         classifier=ray.put(weight),

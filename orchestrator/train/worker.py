@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
 import warnings
@@ -151,6 +152,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "loss": float(np.mean(losses)) if losses else float("nan"),
             "samples_per_s": len(losses) * local_batch * world_size / max(elapsed, 1e-9),
             "lr": lr_at(step, total_steps, warmup_steps, plan.optim.lr),
+            **memory_mb(),
             **{k: v for k, v in metrics.items() if k.startswith("val_")},
         }
         last = epoch == plan.optim.epochs - 1
@@ -207,7 +209,9 @@ def build_worker_loss(
 ) -> nn.Module:
     """The dense loss (W from the object store), or the sharded one (this rank's rows only)."""
     if not plan.sharded:
-        return build_loss(plan.loss, plan.num_classes, plan.emb_dim, inherited_classifier(plan))
+        return build_loss(
+            plan.loss, plan.num_classes, plan.emb_dim, inherited_classifier(plan), normalized=True
+        )
     assert plan.classifier_ref is not None
     meta = clf.read_meta(plan.classifier_ref.uri)
     shard = Shard.for_rank(meta.num_classes, world_size, rank)
@@ -258,6 +262,18 @@ def resume(
             flush=True,
         )
     return state
+
+
+def memory_mb() -> dict[str, float]:
+    """This worker's resident memory and the part of it shared with other processes (the
+    object store's copy of W shows up there), from /proc/self/statm; empty elsewhere."""
+    try:
+        with open("/proc/self/statm") as f:
+            _, resident, shared, *_ = (int(v) for v in f.read().split())
+    except OSError:
+        return {}
+    page_mb = os.sysconf("SC_PAGE_SIZE") / 2**20
+    return {"rss_mb": resident * page_mb, "shared_mb": shared * page_mb}
 
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
