@@ -231,9 +231,17 @@ class ShardingConfig:
     auto_min_bytes: int = 256 * 2**20
     chunk_size: int = 65536
     matmul_precision: Precision = Precision.FP32  # bf16: the two chunk GEMMs; stats stay fp32
+    # Partial FC-style negative sampling, sharded layout only. Below 1.0 the softmax is an
+    # APPROXIMATION (all positives of the batch kept, this fraction of each shard's rows).
+    sample_rate: float = 1.0
 
     def __post_init__(self) -> None:
         _require(self.auto_min_bytes >= 0, "auto_min_bytes", "must be >= 0")
+        _require(
+            0.0 < self.sample_rate <= 1.0,
+            "sample_rate",
+            f"must be in (0, 1], found {self.sample_rate}",
+        )
         _require(self.chunk_size >= 1, "chunk_size", f"must be >= 1, found {self.chunk_size}")
 
 

@@ -121,3 +121,8 @@ def test_sharded_mode_needs_proxyless(tmp_path: Path) -> None:
         match=r"sharding.mode: sharded is implemented for loss.method proxyless, found l2",
     ):
         load_config(path)
+
+
+def test_sample_rate_range(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"sharding.sample_rate: must be in \(0, 1\], found 1.5"):
+        load_config(write(tmp_path, "sharding:\n  sample_rate: 1.5\n"))

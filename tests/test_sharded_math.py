@@ -170,3 +170,51 @@ def test_bf16_matmuls_stay_close_to_fp32() -> None:
     assert float(loss16) == pytest.approx(float(loss32), rel=2e-2)
     assert float((grad16 - grad32).norm() / grad32.norm()) < 2e-2
     assert fast.sum_exp.dtype == torch.float32, "statistics stay in fp32"
+
+
+def test_negative_sampling_is_the_exact_loss_over_the_sampled_classes() -> None:
+    from orchestrator.losses.sharded import sample_classes
+
+    g = torch.Generator().manual_seed(0)
+    num_classes, dim = 200, 8
+    weight = F.normalize(torch.randn(num_classes, dim, generator=g, dtype=torch.float64), dim=1)
+    emb = torch.randn(12, dim, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, num_classes, (12,), generator=g)
+    shard = Shard.for_rank(num_classes, 1, 0)
+    m = MARGINS["arcface"]
+
+    def sampled_loss(rate: float) -> tuple[torch.Tensor, torch.Tensor]:
+        x = emb.clone().requires_grad_(True)
+        loss = sharded_margin_loss(
+            x,
+            labels,
+            weight,
+            shard,
+            m,
+            16,
+            sync=GradientSync.SUM,
+            sampling=(rate, torch.Generator().manual_seed(5)),
+        )
+        (grad,) = torch.autograd.grad(loss, x)
+        return loss.detach(), grad
+
+    full_x = emb.clone().requires_grad_(True)
+    full = sharded_margin_loss(full_x, labels, weight, shard, m, 16, sync=GradientSync.SUM)
+    (full_grad,) = torch.autograd.grad(full, full_x)
+    at_one, grad_one = sampled_loss(1.0)
+    assert float(at_one) == pytest.approx(float(full), rel=1e-12)
+    torch.testing.assert_close(grad_one, full_grad)
+
+    sample = sample_classes(labels, weight, shard, 0.3, torch.Generator().manual_seed(5))
+    assert sample.index.numel() == 60 and set(labels.tolist()) <= set(sample.index.tolist()), (
+        "all positives kept"
+    )
+    # Reference: the dense loss over exactly the sampled rows, labels renumbered.
+    sub = build_loss(margin_config(m), 60, dim, weight[sample.index]).double()
+    x = emb.clone().requires_grad_(True)
+    ref = sub(x, sample.labels).loss
+    (ref_grad,) = torch.autograd.grad(ref, x)
+    loss, grad = sampled_loss(0.3)
+    assert float(loss) == pytest.approx(float(ref), rel=1e-10)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-12)
+    assert float(loss) < float(full), "fewer negatives: a smaller log-sum-exp (the approximation)"

@@ -145,6 +145,40 @@ def shard_stats(
     return ShardStats(row_max, sum_exp, weighted, target, slope, target_row, owned)
 
 
+@dataclass(frozen=True)
+class Sampled:
+    """A subset of a shard's rows: the positives of the batch plus sampled negatives."""
+
+    index: torch.Tensor  # (K,) sorted local row indices
+    weight: torch.Tensor  # (K, d) those rows
+    labels: torch.Tensor  # (B,) position of each owned label in ``index``; -1 elsewhere
+    shard: Shard  # a shard of K rows starting at 0, for shard_stats
+
+
+def sample_classes(
+    labels: torch.Tensor,
+    weight: torch.Tensor,
+    shard: Shard,
+    rate: float,
+    generator: torch.Generator,
+) -> Sampled:
+    """Partial FC-style sampling (An et al., "Partial FC", CVPR 2021 / arXiv:2010.05222):
+    every class of the global batch that this shard owns is kept, and negatives are drawn
+    uniformly until ``rate`` of the shard's rows are in. The softmax over the sample is an
+    approximation of the full one (exact at rate 1)."""
+    owned = (labels >= shard.class_start) & (labels < shard.class_start + shard.local_classes)
+    positives = torch.unique(labels[owned] - shard.class_start)
+    count = min(shard.local_classes, max(round(rate * shard.local_classes), positives.numel()))
+    scores = torch.rand(shard.local_classes, generator=generator)
+    scores[positives] = 2.0  # above any random score: always kept
+    index = torch.topk(scores, count).indices.sort().values
+    position = torch.searchsorted(
+        index, (labels - shard.class_start).clamp(0, max(shard.local_classes - 1, 0))
+    )
+    remapped = torch.where(owned, position, torch.full_like(labels, -1))
+    return Sampled(index, weight[index], remapped, Shard(count, 0, count))
+
+
 def embedding_gradient(
     stats: ShardStats, global_max: torch.Tensor, global_sum: torch.Tensor, scale: float
 ) -> torch.Tensor:
@@ -193,12 +227,17 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
         matmul_dtype: torch.dtype | None,
         sync: GradientSync,
         group: dist.ProcessGroup | None,
+        sampling: tuple[float, torch.Generator] | None,
     ) -> torch.Tensor:
         world_size = dist.get_world_size(group) if dist.is_initialized() else 1
         global_e = _all_gather(embeddings.detach(), world_size, group)  # (B_global, d)
         global_y = _all_gather(labels, world_size, group)  # (B_global,)
         check_global_labels(global_y, shard.num_classes)
         with_grad = bool(ctx.needs_input_grad[0])
+        if sampling is not None:
+            rate, generator = sampling
+            sampled = sample_classes(global_y, weight, shard, rate, generator)
+            weight, global_y, shard = sampled.weight, sampled.labels, sampled.shard
         stats = shard_stats(
             global_e, global_y, weight, shard, margin, chunk_size, with_grad, matmul_dtype
         )
@@ -219,7 +258,7 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (grad,) = ctx.saved_tensors
-        return (grad * grad_output, None, None, None, None, None, None, None, None)
+        return (grad * grad_output, None, None, None, None, None, None, None, None, None)
 
 
 def _all_gather(t: torch.Tensor, world_size: int, group: dist.ProcessGroup | None) -> torch.Tensor:
@@ -259,8 +298,12 @@ def sharded_margin_loss(
     matmul_dtype: torch.dtype | None = None,
     sync: GradientSync = GradientSync.DDP_MEAN,
     group: dist.ProcessGroup | None = None,
+    sampling: tuple[float, torch.Generator] | None = None,
 ) -> torch.Tensor:
     """Mean margin softmax cross-entropy of the global batch against the sharded W.
+
+    ``sampling=(rate, generator)`` switches on negative sampling (:func:`sample_classes`):
+    an approximation, exact for the sampled classes.
 
     embeddings: this rank's raw (B_local, d) embeddings, equal B_local on every rank.
     labels: this rank's (B_local,) global class ids. weight: this rank's (C_r, d) rows,
@@ -268,7 +311,7 @@ def sharded_margin_loss(
     """
     normalised = F.normalize(embeddings, dim=1)
     return _ShardedMarginSoftmax.apply(
-        normalised, labels, weight, shard, margin, chunk_size, matmul_dtype, sync, group
+        normalised, labels, weight, shard, margin, chunk_size, matmul_dtype, sync, group, sampling
     )
 
 
@@ -289,8 +332,12 @@ class ShardedProxylessLoss(nn.Module):
         chunk_size: int = DEFAULT_CHUNK,
         matmul_dtype: torch.dtype | None = None,
         group: dist.ProcessGroup | None = None,
+        sample_rate: float = 1.0,
+        seed: int = 0,
     ) -> None:
         super().__init__()
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1], found {sample_rate}")
         if local_weight.shape[0] != shard.local_classes:
             raise ValueError(
                 f"shard holds {local_weight.shape[0]} rows, expected {shard.local_classes} for {shard}"
@@ -299,6 +346,9 @@ class ShardedProxylessLoss(nn.Module):
         self.register_buffer("weight", normalised, persistent=False)
         self.shard, self.margin, self.chunk_size = shard, margin, chunk_size
         self.matmul_dtype, self.group = matmul_dtype, group
+        self.sample_rate = sample_rate
+        # Each shard draws its own negatives: seed by the shard's first class.
+        self.generator = torch.Generator().manual_seed(seed * 1_000_003 + shard.class_start)
 
     def forward(
         self, embeddings: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None = None
@@ -313,5 +363,6 @@ class ShardedProxylessLoss(nn.Module):
             self.matmul_dtype,
             GradientSync.DDP_MEAN,
             self.group,
+            (self.sample_rate, self.generator) if self.sample_rate < 1.0 else None,
         )
         return LossOutput(loss, {"ce": float(loss.detach())})

@@ -199,7 +199,12 @@ def place_classifier(
             plan,
             classifier_ref=ref,
             sharded=True,
-            extra={**plan.extra, "classifier_layout": "sharded"},
+            extra={
+                **plan.extra,
+                "classifier_layout": "sharded",
+                "approximate_softmax": config.sharding.sample_rate < 1.0,
+                "sample_rate": config.sharding.sample_rate,
+            },
         )
     # Normalised fp32 once here, so workers use the node's shared copy without copying it.
     weight = clf.load_full(uri, cmeta)

@@ -219,7 +219,7 @@ def build_worker_loss(
     bf16 = config.sharding.matmul_precision is Precision.BF16
     return ShardedProxylessLoss(
         torch.from_numpy(rows), shard, Margin.from_config(plan.loss), config.sharding.chunk_size,
-        torch.bfloat16 if bf16 else None,
+        torch.bfloat16 if bf16 else None, sample_rate=config.sharding.sample_rate, seed=config.seed,
     )  # fmt: skip
 
 
