@@ -108,23 +108,29 @@ def fit(config: ExperimentConfig, plan: WorkerPlan, name: str) -> RunOutcome:
 
     Reusing ``name`` under the same storage path resumes from its latest checkpoint.
     """
-    import ray.train
-    from ray.train.torch import TorchTrainer
+    from ray.train.v2.torch.torch_trainer import TorchTrainer
+
+    # Train V2's classes (what ray.train.* resolves to at run time), named so types agree.
+    from ray.train.v2.api.config import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 
     ensure_ray()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": to_dict(config), "plan": plan},
-        scaling_config=ray.train.ScalingConfig(
+        scaling_config=ScalingConfig(
             num_workers=config.scaling.num_workers,
             use_gpu=config.scaling.use_gpu,
             resources_per_worker={"CPU": config.scaling.cpus_per_worker},
         ),
         datasets={"train": training_dataset(config.data.train)},
-        run_config=ray.train.RunConfig(
+        run_config=RunConfig(
             name=name,
             storage_path=storage_root(config),
-            failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
+            failure_config=FailureConfig(max_failures=config.run.max_failures),
+            # Our per-epoch lines are the progress a person reads: Train's own INFO lines
+            # repeat them, and its print patch would print each of ours twice.
+            logging_config=LoggingConfig(log_level="WARNING"),
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
     )
     started = time.monotonic()

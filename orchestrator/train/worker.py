@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import tempfile
 import time
@@ -113,7 +112,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         student.train()
         step = epoch * steps_per_epoch
         losses: list[float] = []
-        started = last_log = time.monotonic()
+        started = last_log = warm = time.monotonic()
         batches = shard.iter_torch_batches(
             batch_size=local_batch,
             drop_last=True,
@@ -134,8 +133,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             losses.append(float(out.loss.detach()))
             step += 1
             now = time.monotonic()
-            if rank == 0 and now - last_log >= config.run.log_every_s:
+            if len(losses) == 1:
+                warm = now  # the first step carries start-up costs: measure the rate after it
+            elif rank == 0 and now - last_log >= config.run.log_every_s:
                 last_log = now
+                rate = (len(losses) - 1) * local_batch * world_size / max(now - warm, 1e-9)
                 log_progress(
                     plan,
                     config,
@@ -143,8 +145,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     step - epoch * steps_per_epoch,
                     steps_per_epoch,
                     losses,
-                    now - started,
-                    local_batch * world_size,
+                    rate,
                 )
         elapsed = time.monotonic() - started
         metrics = {
@@ -190,10 +191,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 
 def quiet_worker_logs() -> None:
-    """Our own progress lines are the ones a person reads; Ray Train's per-report INFO
-    lines repeat them. DDP's "grad strides" notice concerns depthwise-conv gradient layout
-    (a possible slowdown, not an error) and would otherwise print once per worker per run."""
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    """DDP's "grad strides" notice concerns depthwise-conv gradient layout (a possible
+    slowdown, not an error) and would otherwise print once per worker per run."""
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
 
 
@@ -367,10 +366,10 @@ def log_progress(
     step: int,
     steps: int,
     losses: list[float],
-    elapsed: float,
-    global_batch: int,
+    rate: float,
 ) -> None:
-    rate = step * global_batch / max(elapsed, 1e-9)
+    """``rate`` in samples/s; the ETA assumes it holds for the remaining steps."""
+    global_batch = plan.optim.batch_size
     remaining = (steps - step) + steps * (plan.optim.epochs - epoch - 1)
     eta = remaining * global_batch / max(rate, 1e-9)
     recent = float(np.mean(losses[-20:]))
