@@ -51,13 +51,21 @@ from orchestrator.losses.sharded import Shard, sharded_margin_loss
 
 GLOBAL_BATCH = 512
 MARGIN = Margin.arcface(64.0, 0.5)
-METHODS = ("ours", "dense", "pfc@1.0", "pfc@0.1", "bound")
+METHODS = ("ours", "ours@0.1", "dense", "pfc@1.0", "pfc@0.1", "bound")
 
 
 def rss_reset() -> None:
     """Reset the peak-RSS high-water mark of this process (Linux /proc/self/clear_refs)."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
+
+
+def rss_now_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def rss_peak_mb() -> float:
@@ -75,6 +83,7 @@ def estimate_gb(method: str, c: int, d: int, world: int) -> float:
     b = GLOBAL_BATCH
     per_rank = {
         "ours": w_r + b * 65536 * 4 * 3,
+        "ours@0.1": w_r + b * 65536 * 4 * 3,
         "dense": c * d * 4 + (b // world) * c * 4 * 4,
         "pfc@1.0": 3 * w_r + b * c_r * 4 * 4,
         "pfc@0.1": 3 * w_r + b * (c_r // 10) * 4 * 4 + (c_r // 10) * d * 4 * 3,
@@ -93,15 +102,33 @@ def time_steps(step: Callable[[], None], repeats: int) -> float:
     return statistics.median(times)
 
 
+def unit_rows(rows: int, d: int) -> torch.Tensor:
+    """Random unit-length rows, normalised in place (no second copy of W_r)."""
+    w = torch.randn(rows, d)
+    return w.div_(w.norm(dim=1, keepdim=True))
+
+
 def run_ours(
-    c: int, d: int, world: int, rank: int, e: torch.Tensor, y: torch.Tensor, chunk: int, bf16: bool
+    c: int,
+    d: int,
+    world: int,
+    rank: int,
+    e: torch.Tensor,
+    y: torch.Tensor,
+    chunk: int,
+    bf16: bool,
+    rate: float = 1.0,
 ) -> Callable[[], None]:
     shard = Shard.for_rank(c, world, rank)
-    w = F.normalize(torch.randn(shard.local_classes, d), dim=1)
+    w = unit_rows(shard.local_classes, d)
+    generator = torch.Generator().manual_seed(rank)
 
     def step() -> None:
         x = e.clone().requires_grad_(True)
-        loss = sharded_margin_loss(x, y, w, shard, MARGIN, chunk, torch.bfloat16 if bf16 else None)
+        sampling = (rate, generator) if rate < 1.0 else None
+        loss = sharded_margin_loss(
+            x, y, w, shard, MARGIN, chunk, torch.bfloat16 if bf16 else None, sampling=sampling
+        )
         loss.backward()
 
     return step
@@ -194,14 +221,14 @@ def worker(rank: int, world: int, rendezvous: str, plan: dict[str, Any], out: st
     torch.manual_seed(rank)
     e = torch.randn(GLOBAL_BATCH // world, d)
     y = torch.randint(0, c, (GLOBAL_BATCH // world,))
-    rss_reset()
-    base = rss_peak_mb()
+    base = rss_now_mb()  # the process before this method's state (W_r, optimizer, ...)
     result: dict[str, Any]
     if method == "train(ours)":
         result = train_steps(c, d, world, rank, plan)
     else:
-        if method == "ours":
-            step = run_ours(c, d, world, rank, e, y, plan["chunk"], plan["bf16"])
+        if method.startswith("ours"):
+            rate = float(method[5:]) if "@" in method else 1.0
+            step = run_ours(c, d, world, rank, e, y, plan["chunk"], plan["bf16"], rate)
         elif method == "dense":
             step = run_dense(c, d, world, rank, e, y)
         elif method.startswith("pfc@"):
@@ -209,6 +236,9 @@ def worker(rank: int, world: int, rendezvous: str, plan: dict[str, Any], out: st
         else:
             step = run_bound(c, d, world, rank, e, plan["chunk"], plan["bf16"])
         dist.barrier()
+        # Peak from here on: the method's resident state plus its working memory during the
+        # steps, not set-up transients (e.g. generating random W_r).
+        rss_reset()
         result = {"seconds": time_steps(step, plan["repeats"])}
     result["peak_mb"] = rss_peak_mb() - base
     torch.save(result, f"{out}.{rank}")
@@ -220,7 +250,8 @@ def train_steps(c: int, d: int, world: int, rank: int, plan: dict[str, Any]) -> 
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     shard = Shard.for_rank(c, world, rank)
-    w = F.normalize(torch.randn(shard.local_classes, d), dim=1)
+    w = unit_rows(shard.local_classes, d)
+    rss_reset()
     torch.manual_seed(0)
     student = torch.nn.Linear(256, d)
     model = DDP(student)
@@ -355,9 +386,12 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
             else None,
             "loss_memory_over_w_r_mb": round(r["peak_mb_per_rank"] - r["w_r_mb"], 1),
         }
-        for pfc in ("pfc@1.0", "pfc@0.1"):
-            entry[f"{pfc}_over_ours"] = (
-                round(same[pfc]["seconds"] / r["seconds"], 3) if "seconds" in same[pfc] else None
+        for rate in ("1.0", "0.1"):
+            ours = same["ours" if rate == "1.0" else "ours@0.1"]
+            pfc = same[f"pfc@{rate}"]
+            both = "seconds" in pfc and "seconds" in ours
+            entry[f"pfc_over_ours@{rate}"] = (
+                round(pfc["seconds"] / ours["seconds"], 3) if both else None
             )
         out[key] = entry
     return out
@@ -369,7 +403,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         if r["method"] == "train(ours)":
             print(
-                f"| {r['C']} | {r['d']} | {r['world']} | train(ours) | {r['seconds']:.2f} | {r['peak_rss_mb']:.0f} (process) | | losses {', '.join(f'{v:.2f}' for v in r['losses'])} |"
+                f"| {r['C']} | {r['d']} | {r['world']} | train(ours) | {r['seconds']:.2f} | {r['peak_mb_per_rank']:.0f} | | {len(r['losses'])} steps, losses {', '.join(f'{v:.2f}' for v in r['losses'])} |"
             )
         elif "seconds" in r:
             print(
