@@ -108,10 +108,9 @@ def fit(config: ExperimentConfig, plan: WorkerPlan, name: str) -> RunOutcome:
 
     Reusing ``name`` under the same storage path resumes from its latest checkpoint.
     """
-    from ray.train.v2.torch.torch_trainer import TorchTrainer
-
     # Train V2's classes (what ray.train.* resolves to at run time), named so types agree.
     from ray.train.v2.api.config import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.v2.torch.torch_trainer import TorchTrainer
 
     ensure_ray()
     trainer = TorchTrainer(
