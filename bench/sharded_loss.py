@@ -242,7 +242,12 @@ def worker(rank: int, world: int, rendezvous: str, plan: dict[str, Any], out: st
         result = {"seconds": time_steps(step, plan["repeats"])}
     result["peak_mb"] = rss_peak_mb() - base
     torch.save(result, f"{out}.{rank}")
+    dist.barrier()  # no rank tears gloo down while a peer is still exchanging
     dist.destroy_process_group()
+    # The results are on disk. Skip interpreter teardown: gloo's threads occasionally meet
+    # C++ static destructors there ("terminate called without an active exception",
+    # SIGABRT after all work is done), which would fail an otherwise finished run.
+    os._exit(0)
 
 
 def train_steps(c: int, d: int, world: int, rank: int, plan: dict[str, Any]) -> dict[str, Any]:
