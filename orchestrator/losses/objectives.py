@@ -29,6 +29,18 @@ def margin_cross_entropy(cos: torch.Tensor, labels: torch.Tensor, margin: Margin
     return F.cross_entropy(at_least_fp32(logits), labels)
 
 
+def classifier_loss(
+    classifier: FrozenClassifier | MarginClassifier,
+    margin: Margin,
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+) -> LossOutput:
+    """Margin cross-entropy of raw embeddings against a normalised classifier (labels checked)."""
+    check_labels(labels, classifier.num_classes)
+    ce = margin_cross_entropy(classifier.cosine(embeddings), labels, margin)
+    return LossOutput(ce, {"ce": float(ce.detach())})
+
+
 def embedding_l2(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Mean over the batch of ||s/|s| - t/|t|||^2 (a proxy loss in the teacher's space)."""
     diff = F.normalize(student, dim=1) - F.normalize(teacher.detach(), dim=1)
@@ -75,9 +87,7 @@ class ProxylessLoss(nn.Module):
     def forward(
         self, embeddings: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None = None
     ) -> LossOutput:
-        check_labels(labels, self.classifier.num_classes)
-        ce = margin_cross_entropy(self.classifier.cosine(embeddings), labels, self.margin)
-        return LossOutput(ce, {"ce": float(ce.detach())})
+        return classifier_loss(self.classifier, self.margin, embeddings, labels)
 
 
 class ScratchLoss(nn.Module):
@@ -91,9 +101,7 @@ class ScratchLoss(nn.Module):
     def forward(
         self, embeddings: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None = None
     ) -> LossOutput:
-        check_labels(labels, self.classifier.num_classes)
-        ce = margin_cross_entropy(self.classifier.cosine(embeddings), labels, self.margin)
-        return LossOutput(ce, {"ce": float(ce.detach())})
+        return classifier_loss(self.classifier, self.margin, embeddings, labels)
 
 
 class L2Loss(nn.Module):

@@ -36,7 +36,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from orchestrator.losses.heads import LabelRangeError
+from orchestrator.losses.heads import check_labels
 from orchestrator.losses.margins import Margin, target_logit
 from orchestrator.losses.objectives import LossOutput
 
@@ -75,18 +75,6 @@ class ShardStats:
     target_slope: torch.Tensor  # (B,) f'(cos_iy) where owned, else 0
     target_row: torch.Tensor  # (B, d) w_y where owned, else 0
     owned: torch.Tensor  # (B,) bool
-
-
-def check_global_labels(labels: torch.Tensor, num_classes: int) -> None:
-    """Every rank sees the same gathered labels, so every rank raises the same error and
-    none is left waiting in a collective."""
-    bad = (labels < 0) | (labels >= num_classes)
-    if bool(bad.any()):
-        index = int(bad.nonzero()[0, 0])
-        raise LabelRangeError(
-            f"global batch: label {int(labels[index])} at position {index} is outside "
-            f"[0, num_classes={num_classes})"
-        )
 
 
 @torch.no_grad()
@@ -232,7 +220,9 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
         world_size = dist.get_world_size(group) if dist.is_initialized() else 1
         global_e = _all_gather(embeddings.detach(), world_size, group)  # (B_global, d)
         global_y = _all_gather(labels, world_size, group)  # (B_global,)
-        check_global_labels(global_y, shard.num_classes)
+        # Every rank checks the same gathered labels, so every rank raises the same error
+        # and none is left waiting in a collective.
+        check_labels(global_y, shard.num_classes, "global batch")
         with_grad = bool(ctx.needs_input_grad[0])
         if sampling is not None:
             rate, generator = sampling
