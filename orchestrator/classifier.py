@@ -167,13 +167,8 @@ def write_classifier(
 
 def read_meta(uri: str) -> ClassifierMeta:
     meta_uri = storage.join(uri, META_FILE)
-    if not storage.exists(meta_uri):
-        raise ClassifierError(
-            f"{meta_uri} not found: {uri} is not a teacher classifier, or it is still being "
-            "written (meta.json is published last)"
-        )
+    data = storage.read_published_json(uri, META_FILE, "a teacher classifier", ClassifierError)
     try:
-        data = json.loads(storage.read_text(meta_uri))
         data["chunks"] = tuple(ChunkInfo(**c) for c in data["chunks"])
         meta = ClassifierMeta(**data)
     except (KeyError, TypeError, ValueError) as err:

@@ -7,9 +7,11 @@ part of a URI we print.
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 import uuid
+from typing import Any
 
 import fsspec
 from fsspec import AbstractFileSystem
@@ -46,6 +48,21 @@ def read_bytes(uri: str, start: int | None = None, end: int | None = None) -> by
 
 def read_text(uri: str) -> str:
     return read_bytes(uri).decode("utf-8")
+
+
+def read_published_json(uri: str, name: str, what: str, error: type[Exception]) -> Any:
+    """``name`` under ``uri``, the file its writer publishes last: missing means ``uri`` is
+    not ``what``, or is still being written. Raises ``error`` naming the file."""
+    meta_uri = join(uri, name)
+    if not exists(meta_uri):
+        raise error(
+            f"{meta_uri} not found: {uri} is not {what}, or it is still being written "
+            f"({name} is published last)"
+        )
+    try:
+        return json.loads(read_text(meta_uri))
+    except ValueError as err:
+        raise error(f"{meta_uri}: not valid JSON ({err})") from None
 
 
 def write_bytes_atomic(uri: str, data: bytes) -> None:

@@ -198,13 +198,8 @@ class DatasetWriter:
 def read_meta(uri: str) -> DatasetMeta:
     """Open a published dataset's ``dataset.json``, checking that it is complete."""
     meta_uri = storage.join(uri, META_FILE)
-    if not storage.exists(meta_uri):
-        raise DatasetError(
-            f"{meta_uri} not found: {uri} is not a dataset, or it is still being written "
-            "(dataset.json is published last)"
-        )
+    data = storage.read_published_json(uri, META_FILE, "a dataset", DatasetError)
     try:
-        data = json.loads(storage.read_text(meta_uri))
         meta = DatasetMeta(
             num_classes=int(data["num_classes"]),
             num_images=int(data["num_images"]),
