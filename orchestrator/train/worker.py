@@ -131,6 +131,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 lr=lr_at(step, total_steps, warmup_steps, plan.optim.lr), bf16=bf16,
             )  # fmt: skip
             losses.append(float(out.loss.detach()))
+            if not np.isfinite(losses[-1]):
+                raise FloatingPointError(
+                    f"[{plan.role} {config.name}] loss is {losses[-1]} at epoch {epoch + 1} step "
+                    f"{len(losses)}: training diverged; lower optim.lr (now {plan.optim.lr}) or add "
+                    "optim.warmup_epochs"
+                )
             step += 1
             now = time.monotonic()
             if len(losses) == 1:
