@@ -60,20 +60,21 @@ def rss_reset() -> None:
         f.write("5")
 
 
-def rss_now_mb() -> float:
+def status_mb(field: str) -> float:
+    """A memory field of /proc/self/status (reported in kB) in MB."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def rss_now_mb() -> float:
+    return status_mb("VmRSS")
 
 
 def rss_peak_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    return status_mb("VmHWM")  # the high-water mark that rss_reset() clears
 
 
 def estimate_gb(method: str, c: int, d: int, world: int) -> float:
