@@ -1,13 +1,21 @@
-"""Import a folder of face images (one sub-folder per identity) into the dataset format.
+"""Import faces into the dataset format: Parquet shards + dataset.json, local or on object storage.
 
-Locally:
+Locally, from an image folder (one sub-folder per identity) or an insightface RecordIO pair:
     python -m jobs.prepare_dataset --input ../shared/datasets/orl_faces --out runs/data/orl --pairs-per-fold 60
+    python -m jobs.prepare_dataset --recordio /data/faces_emore/train.rec --out s3://bucket/emore
 On a cluster:
-    ray job submit --working-dir . -- python -m jobs.prepare_dataset --input /mnt/faces --out s3://bucket/faces
+    ray job submit --working-dir . -- python -m jobs.prepare_dataset --recordio s3://bucket/raw/train.rec --out s3://bucket/faces
 
-JPEG/PNG/PGM (anything Pillow reads); grey images become 3-channel; each image is scaled to
-fit --image-size and centred on a black square. An undecodable file stops the import with
-its path, unless --on-corrupt skip (then it is counted and listed in dataset.json).
+Shards are about --shard-mb each (256 by default). Rerunning with the same input and output
+skips the shards already written (after a crash or an interruption); dataset.json is written
+last, so a half-written dataset is never readable as complete. Object-store credentials and
+endpoint come from the standard AWS_* environment (or the instance role) and are never printed.
+
+Folder mode: JPEG/PNG/PGM (anything Pillow reads); grey images become 3-channel; each image
+is scaled to fit --image-size and centred on a black square. RecordIO mode (no MXNet needed):
+train.idx is read from beside train.rec unless --idx is given; labels are kept as stored;
+JPEGs already at --image-size are kept byte for byte. An undecodable image stops the import
+naming it, unless --on-corrupt skip (then it is counted and listed in dataset.json).
 """
 
 from __future__ import annotations
@@ -18,14 +26,23 @@ from collections.abc import Sequence
 
 from orchestrator import cli
 from orchestrator.config import OnCorrupt
-from orchestrator.data.prepare import FolderImport, write_image_folder
+from orchestrator.data.format import DatasetMeta
+from orchestrator.data.prepare import (
+    FolderImport,
+    RecordIOImport,
+    write_image_folder,
+    write_recordio,
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m jobs.prepare_dataset", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--input", required=True, help="folder with one sub-folder per identity")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", help="folder with one sub-folder per identity")
+    source.add_argument("--recordio", help="insightface train.rec (local path or URI)")
+    parser.add_argument("--idx", default="", help="the .idx of --recordio (default: beside it)")
     parser.add_argument("--out", required=True, help="output directory or object-store URI")
     parser.add_argument("--image-size", type=int, default=112)
     parser.add_argument(
@@ -34,19 +51,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--pairs-per-fold", type=int, default=0, help="also write 10-fold verification pairs"
     )
+    parser.add_argument("--shard-mb", type=float, default=256.0, help="target shard size in MB")
+    parser.add_argument("--jpeg-quality", type=int, default=95, help="when images are re-encoded")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    options = FolderImport(
-        input=args.input,
-        out=args.out,
-        image_size=args.image_size,
-        on_corrupt=OnCorrupt(args.on_corrupt),
-        pairs_per_fold=args.pairs_per_fold,
-        seed=args.seed,
-    )
-    meta = write_image_folder(options)
+    common = {
+        "out": args.out,
+        "image_size": args.image_size,
+        "on_corrupt": OnCorrupt(args.on_corrupt),
+        "pairs_per_fold": args.pairs_per_fold,
+        "seed": args.seed,
+        "jpeg_quality": args.jpeg_quality,
+        "shard_bytes": max(1, int(args.shard_mb * 2**20)),
+    }
+    meta: DatasetMeta
+    if args.input:
+        meta = write_image_folder(FolderImport(input=args.input, **common))
+    else:
+        meta = write_recordio(RecordIOImport(rec=args.recordio, idx=args.idx, **common))
     print(
-        f"{meta.num_classes} identities, {meta.num_images} images, {len(meta.skipped)} skipped -> {args.out}"
+        f"{meta.num_classes} identities, {meta.num_images} images in {len(meta.files)} shards, "
+        f"{len(meta.skipped)} skipped -> {args.out}"
     )
     for reason in meta.skipped:
         print(f"  skipped: {reason}")

@@ -98,9 +98,7 @@ class ClassifierWriter:
         self._rows = 0
         storage.makedirs(out)
         meta_uri = storage.join(out, META_FILE)
-        if storage.exists(meta_uri):
-            fs, path = storage.filesystem(meta_uri)
-            fs.rm_file(path)
+        storage.delete(meta_uri)
 
     def append(self, rows: npt.ArrayLike) -> None:
         block = np.asarray(rows, dtype=np.float64)

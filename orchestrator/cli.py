@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 
 from orchestrator.classifier import ClassifierError
@@ -11,6 +12,7 @@ from orchestrator.config import ConfigError, ExperimentConfig, load_config
 from orchestrator.data.format import DatasetError
 from orchestrator.data.images import CorruptImageError
 from orchestrator.losses import LabelRangeError
+from orchestrator.storage import StorageError, redact
 
 # Errors caused by input, reported as one line without a traceback (exit code 2).
 USER_ERRORS: tuple[type[Exception], ...] = (
@@ -20,6 +22,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     CorruptImageError,
     LabelRangeError,
     FileNotFoundError,
+    StorageError,
 )
 
 
@@ -40,9 +43,16 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
 
 
 def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
-    """Call ``main``; a user error prints ``error: ...`` and returns 2 instead of a traceback."""
+    """Call ``main``; a user error prints ``error: ...`` and returns 2 instead of a traceback.
+
+    Anything else prints its traceback and returns 1. Both pass through :func:`redact`, so
+    a secret that some library put in a message is never printed.
+    """
     try:
         return main(argv)
     except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(redact(f"error: {err}"), file=sys.stderr)
         return 2
+    except Exception:
+        print(redact(traceback.format_exc()), file=sys.stderr, end="")
+        return 1

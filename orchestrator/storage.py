@@ -11,16 +11,61 @@ import json
 import os
 import posixpath
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import fsspec
 from fsspec import AbstractFileSystem
+
+# Values that must never reach a log line, a report or an error message.
+SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "GOOGLE_APPLICATION_CREDENTIALS_JSON")
+
+
+class StorageError(RuntimeError):
+    """Object storage refused or could not find something; the message names the object
+    and the endpoint, never a credential."""
 
 
 def filesystem(uri: str) -> tuple[AbstractFileSystem, str]:
     """The filesystem for ``uri`` and the path inside it."""
     fs, path = fsspec.core.url_to_fs(uri)
     return fs, path
+
+
+def endpoint_name() -> str:
+    return os.environ.get("AWS_ENDPOINT_URL") or "the default endpoint of the URI's scheme"
+
+
+def redact(text: str) -> str:
+    """``text`` with every secret from :data:`SECRET_ENV` replaced by ``***``."""
+    for name in SECRET_ENV:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return text
+
+
+@contextmanager
+def object_errors(uri: str, action: str) -> Iterator[None]:
+    """Turn an object store's access-denied and no-such-bucket into a :class:`StorageError`
+    that says which object, which endpoint and what to check."""
+    try:
+        yield
+    except PermissionError as err:
+        raise StorageError(
+            f"{action} {uri}: access denied by {endpoint_name()} ({redact(str(err))}). "
+            "Check the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or the instance "
+            "role / service account) and the bucket's policy"
+        ) from None
+    except FileNotFoundError as err:
+        if is_local(uri) or "bucket" not in str(err).lower():
+            raise
+        bucket = uri.split("://", 1)[1].split("/", 1)[0]
+        raise StorageError(
+            f"{action} {uri}: bucket '{bucket}' does not exist at {endpoint_name()}; "
+            "create it or fix the URI"
+        ) from None
 
 
 def is_local(uri: str) -> bool:
@@ -34,16 +79,28 @@ def join(uri: str, *parts: str) -> str:
 
 
 def exists(uri: str) -> bool:
+    """Whether ``uri`` exists now (object-store listings are not taken from a cache, since
+    another process may have written since)."""
     fs, path = filesystem(uri)
-    return bool(fs.exists(path))
+    with object_errors(uri, "checking"):
+        if not is_local(uri):
+            fs.invalidate_cache(path)
+        return bool(fs.exists(path))
 
 
 def read_bytes(uri: str, start: int | None = None, end: int | None = None) -> bytes:
     """The object's bytes, or only [start, end) of them."""
     fs, path = filesystem(uri)
-    if start is None and end is None:
-        return bytes(fs.cat_file(path))
-    return bytes(fs.cat_file(path, start=start, end=end))
+    with object_errors(uri, "reading"):
+        if start is None and end is None:
+            return bytes(fs.cat_file(path))
+        return bytes(fs.cat_file(path, start=start, end=end))
+
+
+def size(uri: str) -> int:
+    fs, path = filesystem(uri)
+    with object_errors(uri, "reading"):
+        return int(fs.size(path))
 
 
 def read_text(uri: str) -> str:
@@ -81,7 +138,8 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     else:
-        fs.pipe_file(path, data)
+        with object_errors(uri, "writing"):
+            fs.pipe_file(path, data)
 
 
 def write_text_atomic(uri: str, text: str) -> None:
@@ -89,6 +147,22 @@ def write_text_atomic(uri: str, text: str) -> None:
 
 
 def makedirs(uri: str) -> None:
+    """Create a local directory; on an object store, check that the bucket exists (there
+    are no directories to create)."""
+    fs, path = filesystem(uri)
     if is_local(uri):
-        fs, path = filesystem(uri)
         fs.makedirs(path, exist_ok=True)
+        return
+    bucket = path.split("/", 1)[0]
+    with object_errors(uri, "writing"):
+        fs.invalidate_cache(bucket)
+        if not fs.exists(bucket):
+            raise FileNotFoundError(f"bucket {bucket} does not exist")
+
+
+def delete(uri: str) -> None:
+    """Remove one object or file; no error if it is already gone."""
+    fs, path = filesystem(uri)
+    with object_errors(uri, "deleting"):
+        if fs.exists(path):
+            fs.rm_file(path)

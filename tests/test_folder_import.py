@@ -95,12 +95,42 @@ def test_corrupt_image_skipped_and_counted_when_configured(tmp_path: Path) -> No
     assert saved["num_skipped"] == 1
 
 
-def test_refuses_to_overwrite_a_published_dataset(tmp_path: Path) -> None:
+def test_refuses_to_overwrite_a_published_dataset_from_another_input(tmp_path: Path) -> None:
     root = copy_subset(tmp_path, 2)
     options = FolderImport(input=str(root), out=str(tmp_path / "out"))
-    write_image_folder(options)
-    with pytest.raises(fmt.DatasetError, match="already exists"):
+    first = write_image_folder(options)
+    assert write_image_folder(options) == first  # same input and options: nothing to do
+    (root / "s1" / "1.pgm").unlink()
+    with pytest.raises(fmt.DatasetError, match="already exists and came from another input"):
         write_image_folder(options)
+
+
+def test_rerun_after_a_crash_skips_finished_shards(tmp_path: Path) -> None:
+    root = copy_subset(tmp_path, 4)
+    out = tmp_path / "out"
+    options = FolderImport(input=str(root), out=str(out), shard_bytes=40_000)
+    complete = write_image_folder(options)
+    assert len(complete.files) >= 3
+    published = (out / "dataset.json").read_bytes()
+    # Back to the state of a crash while writing the last shard: it and everything
+    # published after it are gone (or were never written).
+    last = complete.files[-1].name
+    for name in (last, f"_import/{last}.json", "dataset.json", "identities.txt"):
+        (out / name).unlink()
+    finished = {f.name: (out / f.name).stat().st_mtime_ns for f in complete.files[:-1]}
+    assert write_image_folder(options) == complete
+    assert {name: (out / name).stat().st_mtime_ns for name in finished} == finished  # not rewritten
+    assert (out / "dataset.json").read_bytes() == published
+    assert (out / last).exists()
+
+
+def test_unfinished_import_of_another_input_is_not_mixed_in(tmp_path: Path) -> None:
+    root = copy_subset(tmp_path, 2)
+    out = tmp_path / "out"
+    write_image_folder(FolderImport(input=str(root), out=str(out)))
+    (out / "dataset.json").unlink()  # as if it had crashed before publishing
+    with pytest.raises(fmt.DatasetError, match="unfinished import of another input"):
+        write_image_folder(FolderImport(input=str(root), out=str(out), jpeg_quality=80))
 
 
 def test_missing_input_folder(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -137,23 +137,8 @@ class DatasetWriter:
     def _flush(self) -> None:
         if not self._rows["image"]:
             return
-        name = f"part-{len(self._shards):05d}.parquet"
-        table = pa.table(self._rows, schema=SCHEMA)
-        sink = pa.BufferOutputStream()
-        # Images are already JPEG: compressing them again only costs time.
-        pq.write_table(
-            table,
-            sink,
-            compression={
-                "image": "NONE",
-                "label": "SNAPPY",
-                "identity": "SNAPPY",
-                "image_id": "SNAPPY",
-            },
-        )
-        data = sink.getvalue().to_pybytes()
-        storage.write_bytes_atomic(storage.join(self.out, name), data)
-        self._shards.append(ShardInfo(name=name, rows=table.num_rows, bytes=len(data)))
+        name = shard_name(len(self._shards))
+        self._shards.append(write_shard(self.out, name, self._rows))
         self._rows = {k: [] for k in SCHEMA.names}
         self._pending_bytes = 0
 
@@ -164,35 +149,69 @@ class DatasetWriter:
         pairs: pa.Table | None = None,
     ) -> DatasetMeta:
         self._flush()
-        if self._num_images == 0:
-            raise DatasetError(f"{self.out}: no images were written; nothing to publish")
-        if self._max_label >= len(identities):
-            raise DatasetError(
-                f"{self.out}: label {self._max_label} written but only {len(identities)} identities given"
-            )
-        storage.write_text_atomic(
-            storage.join(self.out, IDENTITIES_FILE), identities_text(identities)
+        return publish_dataset(
+            self.out,
+            DatasetMeta(
+                num_classes=len(identities),
+                num_images=self._num_images,
+                image_size=self.image_size,
+                label_map_fingerprint=label_map_fingerprint(identities),
+                files=tuple(self._shards),
+                source=self.source,
+                skipped=tuple(skipped),
+            ),
+            identities,
+            self._max_label,
+            pairs,
         )
-        pairs_name = None
-        if pairs is not None:
-            sink = pa.BufferOutputStream()
-            pq.write_table(pairs.cast(PAIRS_SCHEMA), sink)
-            storage.write_bytes_atomic(
-                storage.join(self.out, PAIRS_FILE), sink.getvalue().to_pybytes()
-            )
-            pairs_name = PAIRS_FILE
-        meta = DatasetMeta(
-            num_classes=len(identities),
-            num_images=self._num_images,
-            image_size=self.image_size,
-            label_map_fingerprint=label_map_fingerprint(identities),
-            files=tuple(self._shards),
-            source=self.source,
-            skipped=tuple(skipped),
-            pairs=pairs_name,
+
+
+def shard_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def write_shard(out: str, name: str, rows: dict[str, list[Any]]) -> ShardInfo:
+    """One Parquet shard, written atomically (a reader never sees part of it)."""
+    table = pa.table(rows, schema=SCHEMA)
+    sink = pa.BufferOutputStream()
+    # Images are already JPEG: compressing them again only costs time.
+    pq.write_table(
+        table,
+        sink,
+        compression={
+            "image": "NONE",
+            "label": "SNAPPY",
+            "identity": "SNAPPY",
+            "image_id": "SNAPPY",
+        },
+    )
+    data = sink.getvalue().to_pybytes()
+    storage.write_bytes_atomic(storage.join(out, name), data)
+    return ShardInfo(name=name, rows=table.num_rows, bytes=len(data))
+
+
+def publish_dataset(
+    out: str,
+    meta: DatasetMeta,
+    identities: Sequence[str],
+    max_label: int,
+    pairs: pa.Table | None = None,
+) -> DatasetMeta:
+    """Write identities.txt and pairs.parquet, then ``dataset.json`` last."""
+    if meta.num_images == 0:
+        raise DatasetError(f"{out}: no images were written; nothing to publish")
+    if max_label >= len(identities):
+        raise DatasetError(
+            f"{out}: label {max_label} written but only {len(identities)} identities given"
         )
-        storage.write_text_atomic(storage.join(self.out, META_FILE), meta.to_json())
-        return meta
+    storage.write_text_atomic(storage.join(out, IDENTITIES_FILE), identities_text(identities))
+    if pairs is not None:
+        sink = pa.BufferOutputStream()
+        pq.write_table(pairs.cast(PAIRS_SCHEMA), sink)
+        storage.write_bytes_atomic(storage.join(out, PAIRS_FILE), sink.getvalue().to_pybytes())
+        meta = replace(meta, pairs=PAIRS_FILE)
+    storage.write_text_atomic(storage.join(out, META_FILE), meta.to_json())
+    return meta
 
 
 def read_meta(uri: str) -> DatasetMeta:
@@ -242,7 +261,10 @@ def iter_shards(
         shard_uri = storage.join(uri, shard.name)
         fs, path = storage.filesystem(shard_uri)
         try:
-            table = pq.read_table(path, filesystem=fs, columns=list(columns) if columns else None)
+            with storage.object_errors(shard_uri, "reading"):
+                table = pq.read_table(
+                    path, filesystem=fs, columns=list(columns) if columns else None
+                )
         except (OSError, pa.ArrowInvalid) as err:
             raise DatasetError(f"{shard_uri}: cannot read Parquet shard: {err}") from None
         if table.num_rows != shard.rows:
@@ -271,7 +293,8 @@ def read_pairs(uri: str, meta: DatasetMeta) -> pa.Table:
         )
     pairs_uri = storage.join(uri, meta.pairs)
     fs, path = storage.filesystem(pairs_uri)
-    table = pq.read_table(path, filesystem=fs)
+    with storage.object_errors(pairs_uri, "reading"):
+        table = pq.read_table(path, filesystem=fs)
     folds = np.asarray(table.column("fold"))
     if folds.size and (folds.min() < 0 or folds.max() >= NUM_FOLDS):
         raise DatasetError(

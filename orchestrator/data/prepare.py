@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Generic, TypeVar
 
 from orchestrator import storage
 from orchestrator.config import OnCorrupt, SyntheticConfig
-from orchestrator.data.format import DatasetMeta, DatasetWriter, make_pairs
-from orchestrator.data.images import CorruptImageError, encode_jpeg, load_image_file
+from orchestrator.data import format as fmt
+from orchestrator.data import recordio
+from orchestrator.data.format import DatasetError, DatasetMeta, DatasetWriter, ShardInfo, make_pairs
+from orchestrator.data.images import (
+    CorruptImageError,
+    decode_jpeg,
+    encode_jpeg,
+    fit_square,
+    load_image_file,
+)
 from orchestrator.data.synthetic import iter_identity_images
 from orchestrator.progress import Progress
 
+T = TypeVar("T")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -68,10 +81,9 @@ def _write_synthetic_split(
 
 
 @dataclass(frozen=True)
-class FolderImport:
-    """Options of ``python -m jobs.prepare_dataset`` in folder mode."""
+class ImportOptions:
+    """Options of ``python -m jobs.prepare_dataset`` (both input kinds)."""
 
-    input: str
     out: str
     image_size: int = 112
     on_corrupt: OnCorrupt = OnCorrupt.ERROR
@@ -79,6 +91,183 @@ class FolderImport:
     seed: int = 0
     jpeg_quality: int = 95
     shard_bytes: int = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class FolderImport(ImportOptions):
+    input: str = ""
+
+
+@dataclass(frozen=True)
+class Row:
+    image: bytes
+    label: int
+    identity: str
+    image_id: str
+
+
+@dataclass(frozen=True)
+class ImportPlan(Generic[T]):
+    """What an import writes: shard ``i`` holds the rows made from ``shards[i]``.
+
+    The plan depends only on the input listing and the options, so a rerun makes the same
+    plan and can skip the shards that are already written.
+    """
+
+    source: dict[str, Any]  # goes into dataset.json; "fingerprint" identifies the input
+    shards: list[list[T]]
+    make_rows: Callable[[Sequence[T]], Iterator[Row | str]]  # str: a skipped input, why
+    identities: Callable[[int], list[str]]  # max label seen -> identity names by label
+
+
+PROGRESS_DIR = "_import"  # per-shard completion records of an import in progress
+
+
+def plan_shards(items: Sequence[T], sizes: Sequence[int], shard_bytes: int) -> list[list[T]]:
+    """Consecutive runs of ``items`` whose source sizes add up to about ``shard_bytes``."""
+    shards: list[list[T]] = [[]]
+    pending = 0
+    for item, size in zip(items, sizes, strict=True):
+        if pending >= shard_bytes:
+            shards.append([])
+            pending = 0
+        shards[-1].append(item)
+        pending += size
+    return shards
+
+
+def fingerprint_lines(lines: Iterator[str]) -> str:
+    digest = hashlib.sha256()
+    for line in lines:
+        digest.update(line.encode("utf-8") + b"\n")
+    return "sha256:" + digest.hexdigest()
+
+
+def run_import(plan: ImportPlan[T], options: ImportOptions, label: str) -> DatasetMeta:
+    """Write the shards of ``plan`` that are not written yet, then publish.
+
+    Each shard's completion record (rows, bytes, largest label, skipped inputs) is written
+    right after the shard, so a rerun after a crash resumes at the first unfinished shard.
+    ``dataset.json`` comes last: until then the output is not a readable dataset.
+    """
+    out = options.out
+    settings = {
+        "source": plan.source,
+        "image_size": options.image_size,
+        "jpeg_quality": options.jpeg_quality,
+        "shard_bytes": options.shard_bytes,
+        "on_corrupt": options.on_corrupt.value,
+        "num_shards": len(plan.shards),
+    }
+    storage.makedirs(out)
+    finished = finished_import(out, settings)
+    if finished is not None:
+        return finished
+    progress_uri = storage.join(out, PROGRESS_DIR)
+    claim_output(out, progress_uri, settings)
+    total = sum(len(items) for items in plan.shards)
+    progress = Progress(label, total)
+    done: list[dict[str, Any]] = []
+    for index, items in enumerate(plan.shards):
+        record_uri = storage.join(progress_uri, f"{fmt.shard_name(index)}.json")
+        if storage.exists(record_uri):
+            done.append(json.loads(storage.read_text(record_uri)))
+            progress.update(len(items), "resumed")
+            continue
+        record = write_import_shard(out, index, plan.make_rows(items), progress)
+        storage.write_text_atomic(record_uri, json.dumps(record))
+        done.append(record)
+    skipped = [reason for record in done for reason in record["skipped"]]
+    progress.close(f"{len(skipped)} skipped" if skipped else "")
+    max_label = max(record["max_label"] for record in done)
+    identities = plan.identities(max_label)
+    meta = DatasetMeta(
+        num_classes=len(identities),
+        num_images=sum(record["shard"]["rows"] for record in done),
+        image_size=options.image_size,
+        label_map_fingerprint=fmt.label_map_fingerprint(identities),
+        files=tuple(ShardInfo(**record["shard"]) for record in done if record["shard"]["rows"]),
+        source={**plan.source, "import_settings_sha256": settings_digest(settings)},
+        skipped=tuple(skipped),
+    )
+    pairs = import_pairs(out, meta, options) if options.pairs_per_fold else None
+    return fmt.publish_dataset(out, meta, identities, max_label, pairs)
+
+
+def settings_digest(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def finished_import(out: str, settings: dict[str, Any]) -> DatasetMeta | None:
+    """The published dataset at ``out`` if it came from this very input and these options;
+    an error if something else is published there; None if nothing is."""
+    if not storage.exists(storage.join(out, fmt.META_FILE)):
+        return None
+    meta = fmt.read_meta(out)
+    if meta.source.get("import_settings_sha256") == settings_digest(settings):
+        print(f"{out}: already published from this input with these options; nothing to do")
+        return meta
+    raise DatasetError(
+        f"{storage.join(out, fmt.META_FILE)} already exists and came from another input or "
+        "other options: refusing to overwrite a published dataset; choose a new output or "
+        "remove it first"
+    )
+
+
+def claim_output(out: str, progress_uri: str, settings: dict[str, Any]) -> None:
+    """Record what this import writes; refuse to mix with a half-finished different one."""
+    plan_uri = storage.join(progress_uri, "plan.json")
+    if storage.exists(plan_uri):
+        previous = json.loads(storage.read_text(plan_uri))
+        if previous != settings:
+            raise DatasetError(
+                f"{out} holds an unfinished import of another input or with other options "
+                f"(see {plan_uri}); remove {out} or choose another output"
+            )
+        return
+    storage.makedirs(progress_uri)
+    storage.write_text_atomic(plan_uri, json.dumps(settings, sort_keys=True))
+
+
+def write_import_shard(
+    out: str, index: int, rows: Iterator[Row | str], progress: Progress
+) -> dict[str, Any]:
+    columns: dict[str, list[Any]] = {name: [] for name in fmt.SCHEMA.names}
+    skipped: list[str] = []
+    max_label = -1
+    for row in rows:
+        progress.update()
+        if isinstance(row, str):
+            skipped.append(row)
+            continue
+        columns["image"].append(row.image)
+        columns["label"].append(row.label)
+        columns["identity"].append(row.identity)
+        columns["image_id"].append(row.image_id)
+        max_label = max(max_label, row.label)
+    name = fmt.shard_name(index)
+    shard = fmt.write_shard(out, name, columns) if columns["image"] else ShardInfo(name, 0, 0)
+    return {"shard": asdict(shard), "max_label": max_label, "skipped": skipped}
+
+
+def import_pairs(out: str, meta: DatasetMeta, options: ImportOptions) -> Any:
+    """Verification pairs drawn from the written shards' ids and labels."""
+    image_ids: list[str] = []
+    labels: list[int] = []
+    for table in fmt.iter_shards(out, meta, columns=["image_id", "label"]):
+        image_ids.extend(table.column("image_id").to_pylist())
+        labels.extend(table.column("label").to_pylist())
+    return make_pairs(image_ids, labels, options.pairs_per_fold, options.seed)
+
+
+def checked(make: Callable[[], Row], on_corrupt: OnCorrupt) -> Row | str:
+    """``make()``, or under ``on_corrupt=skip`` the reason it failed."""
+    try:
+        return make()
+    except CorruptImageError as err:
+        if on_corrupt is OnCorrupt.ERROR:
+            raise
+        return str(err)
 
 
 def scan_image_folder(root: str) -> list[tuple[str, list[str]]]:
@@ -109,41 +298,77 @@ def write_image_folder(options: FolderImport) -> DatasetMeta:
     ``skip``: then it is left out, counted, and listed in ``dataset.json``.
     """
     folders = scan_image_folder(options.input)
-    total = sum(len(files) for _, files in folders)
-    writer = DatasetWriter(
-        options.out,
-        options.image_size,
-        options.shard_bytes,
-        {"kind": "image_folder", "path": os.path.abspath(options.input)},
+    names = [name for name, _ in folders]
+    items = [(label, path) for label, (_, files) in enumerate(folders) for path in files]
+    sizes = [os.path.getsize(path) for _, path in items]
+    root = os.path.abspath(options.input)
+    listing = (
+        f"{os.path.relpath(path, root)}\t{size}"
+        for (_, path), size in zip(items, sizes, strict=True)
     )
-    names: list[str] = []
-    image_ids: list[str] = []
-    labels: list[int] = []
-    skipped: list[str] = []
-    progress = Progress("import", total)
-    for name, files in folders:
-        label = len(names)
-        kept = 0
-        for path in files:
-            progress.update()
-            try:
-                image = load_image_file(path, options.image_size)
-            except CorruptImageError as err:
-                if options.on_corrupt is OnCorrupt.ERROR:
-                    raise
-                skipped.append(str(err))
-                continue
-            image_id = f"{name}/{os.path.basename(path)}"
-            writer.add(encode_jpeg(image, options.jpeg_quality), label, name, image_id)
-            image_ids.append(image_id)
-            labels.append(label)
-            kept += 1
-        if kept:
-            names.append(name)
-    progress.close(f"{len(skipped)} skipped" if skipped else "")
-    pairs = (
-        make_pairs(image_ids, labels, options.pairs_per_fold, options.seed)
-        if options.pairs_per_fold
-        else None
+
+    def make_rows(shard: Sequence[tuple[int, str]]) -> Iterator[Row | str]:
+        for label, path in shard:
+
+            def make(label: int = label, path: str = path) -> Row:
+                image = encode_jpeg(load_image_file(path, options.image_size), options.jpeg_quality)
+                name = names[label]
+                return Row(image, label, name, f"{name}/{os.path.basename(path)}")
+
+            yield checked(make, options.on_corrupt)
+
+    plan = ImportPlan(
+        source={"kind": "image_folder", "path": root, "fingerprint": fingerprint_lines(listing)},
+        shards=plan_shards(items, sizes, options.shard_bytes),
+        make_rows=make_rows,
+        identities=lambda _max_label: names,
     )
-    return writer.publish(names, skipped=skipped, pairs=pairs)
+    return run_import(plan, options, "import")
+
+
+@dataclass(frozen=True)
+class RecordIOImport(ImportOptions):
+    rec: str = ""  # train.rec; train.idx is expected beside it unless idx is given
+    idx: str = ""
+
+
+def write_recordio(options: RecordIOImport) -> DatasetMeta:
+    """insightface's ``train.rec``/``train.idx`` -> the dataset format, labels as stored.
+
+    JPEGs already at the target size are kept byte for byte (after a test decode); others
+    are decoded, fitted to the square and re-encoded. Identity names are the labels.
+    """
+    rec = options.rec
+    idx = options.idx
+    if not idx and rec.endswith(".rec"):
+        idx = rec[: -len(".rec")] + ".idx"
+    if not idx:
+        raise DatasetError(f"{rec}: cannot infer the .idx file; pass it explicitly")
+    for uri in (rec, idx):
+        if not storage.exists(uri):
+            raise FileNotFoundError(f"{uri}: no such file (RecordIO import needs .rec and .idx)")
+    index = recordio.read_index(idx, storage.size(rec))
+    entries = recordio.image_keys(rec, index)
+    size = options.image_size
+
+    def make_rows(shard: Sequence[recordio.IndexEntry]) -> Iterator[Row | str]:
+        for record in recordio.read_images(rec, shard):
+
+            def make(record: recordio.ImageRecord = record) -> Row:
+                where = f"{rec} key {record.key}"
+                pixels = decode_jpeg(record.image, where)
+                image = record.image
+                if pixels.shape != (size, size, 3):
+                    image = encode_jpeg(fit_square(pixels, size), options.jpeg_quality)
+                return Row(image, record.label, str(record.label), f"rec{record.key}")
+
+            yield checked(make, options.on_corrupt)
+
+    listing = (f"{e.key}\t{e.offset}\t{e.end}" for e in entries)
+    plan = ImportPlan(
+        source={"kind": "recordio", "rec": rec, "fingerprint": fingerprint_lines(listing)},
+        shards=plan_shards(entries, [e.end - e.offset for e in entries], options.shard_bytes),
+        make_rows=make_rows,
+        identities=lambda max_label: [str(label) for label in range(max_label + 1)],
+    )
+    return run_import(plan, options, "import recordio")
