@@ -28,8 +28,12 @@ pytest: install
 
 test: lint typecheck pytest
 
+# make demo STORE=s3: data, checkpoints and report on an embedded S3 server (SeaweedFS).
+STORE ?= local
+DEMO_FLAGS := $(if $(filter s3,$(STORE)),--object-store,)
+
 demo: install
-	$(PY) -m jobs.demo
+	$(PY) -m jobs.demo $(DEMO_FLAGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

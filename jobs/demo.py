@@ -1,7 +1,11 @@
 """The demo (`make demo`): ProxylessKD end to end on synthetic identities, on a laptop.
 
-    python -m jobs.demo [--config configs/demo.yaml] [--set ...]
+    python -m jobs.demo [--config configs/demo.yaml] [--set ...] [--object-store]
     ray job submit --working-dir . -- python -m jobs.demo --config configs/demo.yaml
+
+--object-store (`make demo STORE=s3`) starts an embedded S3 server (SeaweedFS on loopback,
+data under runs/objectstore) and keeps the dataset, the checkpoints, the teacher and the
+report on it, under s3://demo/: the same code path as a cloud bucket.
 
 Phases: generate the synthetic dataset (reused when present), train the teacher on Ray
 Train and export its classifier, distil three students at equal budget (`proxyless`,
@@ -13,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -21,12 +24,21 @@ from dataclasses import replace
 from typing import Any
 
 from orchestrator import cli, storage
-from orchestrator.config import Method
+from orchestrator.config import ExperimentConfig, Method
 from orchestrator.data.prepare import write_synthetic
 from orchestrator.evaluation import evaluate_students, write_report
+from orchestrator.objectstore import EmbeddedObjectStore
 from orchestrator.progress import format_seconds
 from orchestrator.teacher import load_teacher_backbone
-from orchestrator.train.launch import distill, ensure_ray, student_uri, train_teacher
+from orchestrator.train.launch import (
+    absolute_paths,
+    distill,
+    ensure_ray,
+    student_uri,
+    train_teacher,
+)
+
+DEMO_BUCKET = "demo"
 
 METHODS = (Method.PROXYLESS, Method.L2, Method.SCRATCH)
 
@@ -40,9 +52,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=",".join(m.value for m in METHODS),
         help="students to distil, comma-separated",
     )
+    parser.add_argument(
+        "--object-store",
+        action="store_true",
+        help="keep data and checkpoints on an embedded S3 server (s3://demo/...)",
+    )
     args = parser.parse_args(argv)
     config = cli.config_from_args(args)
-    methods = [Method(m) for m in args.methods.split(",")]
+    if args.object_store:
+        with EmbeddedObjectStore.start("runs/objectstore") as store:
+            os.environ.update(store.endpoint.env())  # before Ray starts: its workers inherit it
+            store.create_bucket(DEMO_BUCKET)
+            print(f"embedded object store: {store.endpoint.url}, bucket s3://{DEMO_BUCKET}")
+            return run_demo(on_object_store(config), args.methods)
+    return run_demo(config, args.methods)
+
+
+def on_object_store(config: ExperimentConfig) -> ExperimentConfig:
+    """The demo's local paths moved under ``s3://DEMO_BUCKET/``."""
+
+    def moved(path: str) -> str:
+        return (
+            f"s3://{DEMO_BUCKET}/{path.removeprefix('runs/')}" if storage.is_local(path) else path
+        )
+
+    return replace(
+        config,
+        storage_path=moved(config.storage_path),
+        data=replace(config.data, train=moved(config.data.train), eval=moved(config.data.eval)),
+        synthetic=replace(config.synthetic, out=moved(config.synthetic.out)),
+        teacher=replace(
+            config.teacher,
+            classifier=moved(config.teacher.classifier),
+            backbone=moved(config.teacher.backbone),
+        ),
+    )
+
+
+def run_demo(config: ExperimentConfig, method_names: str) -> int:
+    methods = [Method(m) for m in method_names.split(",")]
     started = time.monotonic()
 
     def phase(title: str) -> None:
@@ -55,8 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"reusing {config.synthetic.out}")
     else:
         write_synthetic(config.synthetic)
-    if storage.is_local(config.storage_path) and os.path.isdir(config.storage_path):
-        shutil.rmtree(config.storage_path)  # a fresh demo every time (runs resume by name)
+    storage.remove_tree(config.storage_path)  # a fresh demo every time (runs resume by name)
     ensure_ray()
 
     phase(f"2/4 teacher ({config.teacher.arch.value}, {config.teacher_optim.epochs} epochs)")
@@ -73,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     phase("4/4 evaluation on held-out identities")
     result = evaluate_students(
-        config.data.eval, load_teacher_backbone(os.path.abspath(config.teacher.backbone)), students
+        config.data.eval, load_teacher_backbone(absolute_paths(config).teacher.backbone), students
     )
     table = write_report(result, config.storage_path)
     print(table)

@@ -13,7 +13,6 @@ Writes report.json, report.md and roc.png to --out (default <storage_path>/<name
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 
@@ -51,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         students[name] = uri
     teacher = None if args.no_teacher else load_teacher_backbone(config.teacher.backbone)
     result = evaluate_students(config.data.eval, teacher, students, flip=args.flip)
-    out = args.out or os.path.join(config.storage_path, config.name, "report")
+    out = args.out or storage.join(config.storage_path, config.name, "report")
     print(write_report(result, out))
     print(f"report: {out}/report.json, {out}/report.md, {out}/roc.png")
     return 0

@@ -79,8 +79,25 @@ class DataConfig:
     eval: str = "runs/data/synthetic/eval"
     image_size: int = 112
     on_corrupt: OnCorrupt = OnCorrupt.ERROR
+    # Training augmentation, applied by the decode actors (evaluation never augments).
+    flip: bool = True  # random horizontal flip, p = 0.5
+    crop_pad: int = 0  # random crop: pad by this many pixels, crop back (0: off, aligned faces)
+    # The decode + augment actor pool of the Ray Data pipeline. 0 actors: as many as the
+    # CPUs left by the Train workers allow (one slot kept for the Parquet reads).
+    decode_actors: int = 0
+    decode_cpus: float = 0.5  # CPUs reserved per decode actor and per read task
+    decode_batch: int = 256  # images per decode call
+    # Object storage: endpoint and region for s3:// URIs when not on AWS (empty: the AWS_*
+    # environment decides). Keys are never read from a config: use AWS_ACCESS_KEY_ID /
+    # AWS_SECRET_ACCESS_KEY or an instance role / service account.
+    endpoint_url: str = ""
+    region: str = ""
 
     def __post_init__(self) -> None:
+        _require(self.crop_pad >= 0, "crop_pad", f"must be >= 0, found {self.crop_pad}")
+        _require(self.decode_actors >= 0, "decode_actors", "must be >= 0 (0: derived)")
+        _require(self.decode_cpus > 0, "decode_cpus", f"must be > 0, found {self.decode_cpus}")
+        _require(self.decode_batch >= 1, "decode_batch", "must be >= 1")
         _require(
             self.image_size >= 16 and self.image_size % 16 == 0,
             "image_size",
@@ -256,6 +273,9 @@ class RunConfig:
     channels_last: bool = False
     log_every_s: float = 10.0
     shuffle_buffer: int = 1000  # rows in each worker's local shuffle buffer
+    # Write the image ids each worker trained on, per epoch, to <storage>/<name>/audit/
+    # (to check that the workers split every epoch exactly; costs a little I/O per epoch).
+    audit_ids: bool = False
 
     def __post_init__(self) -> None:
         _require(self.max_failures >= -1, "max_failures", "must be >= 0, or -1 for unlimited")

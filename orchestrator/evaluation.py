@@ -15,6 +15,7 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
+from orchestrator import storage
 from orchestrator.data import format as fmt
 from orchestrator.data.images import decode_jpeg, to_model_input
 from orchestrator.metrics import (
@@ -209,21 +210,23 @@ def evaluate_students(
 def write_report(result: EvaluationReport, out_dir: str) -> str:
     """report.json, report.md (table) and roc.png into ``out_dir``; returns the table."""
     import json
-    import os
 
     from orchestrator.report import markdown_table, roc_plot
 
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "report.json"), "w") as f:
-        json.dump(result.report, f, indent=2)
+    storage.makedirs(out_dir)
+    storage.write_text_atomic(
+        storage.join(out_dir, "report.json"), json.dumps(result.report, indent=2)
+    )
     rows: dict[str, dict[str, Any]] = {}
     if result.report["teacher"] is not None:
         rows["teacher"] = result.report["teacher"]
     rows.update(result.report["students"])
     table = markdown_table(rows)
-    with open(os.path.join(out_dir, "report.md"), "w") as f:
-        f.write(f"# Evaluation on {result.report['dataset']['eval']}\n\n{table}")
+    storage.write_text_atomic(
+        storage.join(out_dir, "report.md"),
+        f"# Evaluation on {result.report['dataset']['eval']}\n\n{table}",
+    )
     roc_plot(
-        result.curves, os.path.join(out_dir, "roc.png"), "verification ROC, held-out identities"
+        result.curves, storage.join(out_dir, "roc.png"), "verification ROC, held-out identities"
     )
     return table

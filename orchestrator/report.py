@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping
 from typing import Any
+
+from orchestrator import storage
 
 
 def _fmt(value: Any) -> str:
@@ -68,5 +71,7 @@ def roc_plot(curves: Mapping[str, tuple[Any, Any]], path: str, title: str) -> No
     ax.set_title(title)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    storage.write_bytes_atomic(path, buffer.getvalue())
     plt.close(fig)

@@ -33,6 +33,17 @@ def filesystem(uri: str) -> tuple[AbstractFileSystem, str]:
     return fs, path
 
 
+def endpoint_env(endpoint_url: str, region: str) -> dict[str, str]:
+    """A configured endpoint and region as the ``AWS_*`` variables every S3 client reads
+    (empty values are left to the environment). Never credentials."""
+    env = {}
+    if endpoint_url:
+        env["AWS_ENDPOINT_URL"] = endpoint_url
+    if region:
+        env["AWS_REGION"] = env["AWS_DEFAULT_REGION"] = region
+    return env
+
+
 def endpoint_name() -> str:
     return os.environ.get("AWS_ENDPOINT_URL") or "the default endpoint of the URI's scheme"
 
@@ -166,3 +177,13 @@ def delete(uri: str) -> None:
     with object_errors(uri, "deleting"):
         if fs.exists(path):
             fs.rm_file(path)
+
+
+def remove_tree(uri: str) -> None:
+    """Delete a local directory or every object under a prefix; no error if absent."""
+    fs, path = filesystem(uri)
+    with object_errors(uri, "deleting"):
+        if not is_local(uri):
+            fs.invalidate_cache(path)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)

@@ -10,6 +10,7 @@ import pytest
 
 from orchestrator.config import ExperimentConfig, SyntheticConfig
 from orchestrator.data.prepare import SyntheticDatasets, write_synthetic
+from orchestrator.objectstore import EmbeddedObjectStore
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATASETS = REPO.parent / "shared" / "datasets"
@@ -32,8 +33,29 @@ def tiny_synthetic(tmp_path_factory: pytest.TempPathFactory) -> SyntheticDataset
     return write_synthetic(tiny_synthetic_config(tmp_path_factory.mktemp("synthetic")))
 
 
+BUCKET = "proxylesskd-test"
+
+
 @pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[None]:
+def object_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedObjectStore]:
+    """A real S3 server (SeaweedFS) on loopback for the whole session, with bucket
+    ``BUCKET``. Its endpoint and credentials go into this process's AWS_* environment
+    before Ray starts, so Ray's workers inherit them like on a cloud node."""
+    store = EmbeddedObjectStore.start(tmp_path_factory.mktemp("objectstore"))
+    store.create_bucket(BUCKET)
+    saved = {k: os.environ.get(k) for k in store.endpoint.env()}
+    os.environ.update(store.endpoint.env())
+    yield store
+    store.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(object_store: EmbeddedObjectStore) -> Iterator[None]:
     """One local Ray cluster for the whole session (2 CPUs, like the CI machine)."""
     import ray
 
@@ -50,7 +72,7 @@ class TrainSetup:
     classifier_weight: np.ndarray
 
 
-def make_train_setup(root: Path, data: SyntheticDatasets, emb_dim: int = 16) -> TrainSetup:
+def make_train_setup(root: Path | str, data: SyntheticDatasets, emb_dim: int = 16) -> TrainSetup:
     """A random teacher (backbone + classifier) for ``data``, and a config around them."""
     import torch
 
@@ -67,16 +89,20 @@ def make_train_setup(root: Path, data: SyntheticDatasets, emb_dim: int = 16) -> 
     )
     from orchestrator.data import format as fmt
     from orchestrator.models import build_backbone
+    from orchestrator.storage import join
     from orchestrator.teacher import TeacherCheckpoint, save_teacher
+
+    def at(name: str) -> str:
+        return join(str(root), name)
 
     meta = fmt.read_meta(data.train_uri)
     rng = np.random.default_rng(0)
     weight = rng.normal(size=(meta.num_classes, emb_dim))
-    write_classifier(str(root / "classifier"), weight, meta.label_map_fingerprint, {"kind": "test"})
+    write_classifier(at("classifier"), weight, meta.label_map_fingerprint, {"kind": "test"})
     torch.manual_seed(0)
     backbone = build_backbone(Arch.TINY_IRESNET, emb_dim).state_dict()
     save_teacher(
-        str(root / "teacher.pt"),
+        at("teacher.pt"),
         TeacherCheckpoint(
             Arch.TINY_IRESNET,
             emb_dim,
@@ -88,14 +114,14 @@ def make_train_setup(root: Path, data: SyntheticDatasets, emb_dim: int = 16) -> 
     )
     base = ExperimentConfig(
         name="t",
-        storage_path=str(root / "runs"),
+        storage_path=at("runs"),
         data=DataConfig(train=data.train_uri, eval=data.eval_uri),
         student=StudentConfig(arch=Arch.TINY_MOBILEFACENET, emb_dim=emb_dim),
         teacher=TeacherConfig(
             arch=Arch.TINY_IRESNET,
             emb_dim=emb_dim,
-            classifier=str(root / "classifier"),
-            backbone=str(root / "teacher.pt"),
+            classifier=at("classifier"),
+            backbone=at("teacher.pt"),
         ),
         optim=OptimConfig(lr=0.05, epochs=2, batch_size=4),
         teacher_optim=OptimConfig(lr=0.05, epochs=1, batch_size=4),

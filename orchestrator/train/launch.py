@@ -19,12 +19,35 @@ from orchestrator import classifier as clf
 from orchestrator import storage
 from orchestrator.config import Arch, ClassifierMode, ExperimentConfig, Method, to_dict
 from orchestrator.data import format as fmt
-from orchestrator.data.ray_input import training_dataset
+from orchestrator.data.ray_input import DecodePlan, decode_plan, training_dataset
 from orchestrator.teacher import TeacherCheckpoint, classifier_from_checkpoint, save_teacher
 from orchestrator.train.checkpoint import ClassifierRef, TrainingState, export_student, load_state
 from orchestrator.train.worker import WorkerPlan, train_loop_per_worker
 
 INHERITS = (Method.PROXYLESS, Method.PROXYLESS_L2, Method.LOGIT)
+
+
+def object_store_env(config: ExperimentConfig) -> dict[str, str]:
+    return storage.endpoint_env(config.data.endpoint_url, config.data.region)
+
+
+def use_object_store_config(config: ExperimentConfig) -> None:
+    """Make the config's endpoint and region visible to this process's S3 clients."""
+    os.environ.update(object_store_env(config))
+
+
+def input_plan(config: ExperimentConfig) -> DecodePlan:
+    import ray
+
+    cpus = float(ray.cluster_resources().get("CPU", 1.0))
+    plan = decode_plan(config.data, config.scaling, cpus)
+    print(
+        f"[data] {config.data.train}: {plan.actors} decode actor(s) x {plan.cpus_per_actor} CPU "
+        f"beside {config.scaling.num_workers} worker(s) x {config.scaling.cpus_per_worker} CPU "
+        f"on {cpus:g} CPUs",
+        flush=True,
+    )
+    return plan
 
 
 def ensure_ray() -> None:
@@ -121,7 +144,7 @@ def fit(config: ExperimentConfig, plan: WorkerPlan, name: str) -> RunOutcome:
             use_gpu=config.scaling.use_gpu,
             resources_per_worker={"CPU": config.scaling.cpus_per_worker},
         ),
-        datasets={"train": training_dataset(config.data.train)},
+        datasets={"train": training_dataset(config.data, input_plan(config), config.seed)},
         run_config=RunConfig(
             name=name,
             storage_path=storage_root(config),
@@ -129,7 +152,9 @@ def fit(config: ExperimentConfig, plan: WorkerPlan, name: str) -> RunOutcome:
             # Our per-epoch lines are the progress a person reads: Train's own INFO lines
             # repeat them, and its print patch would print each of ours twice.
             logging_config=LoggingConfig(log_level="WARNING"),
-            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+            worker_runtime_env={
+                "env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **object_store_env(config)}
+            },
         ),
     )
     started = time.monotonic()
@@ -149,6 +174,7 @@ def distill(config: ExperimentConfig, name: str | None = None) -> RunOutcome:
     """Train the student with ``config.loss.method``; export it to ``<storage>/<name>/student.pt``."""
     name = name or config.name
     config = absolute_paths(config)
+    use_object_store_config(config)
     meta = check_inputs(config)
     plan = WorkerPlan(
         role="student",
@@ -247,6 +273,7 @@ def train_teacher(config: ExperimentConfig, name: str | None = None) -> RunOutco
     to ``teacher.backbone`` and its classifier (contract format) to ``teacher.classifier``."""
     name = name or f"{config.name}-teacher"
     config = absolute_paths(config)
+    use_object_store_config(config)
     meta = check_inputs(config)
     plan = WorkerPlan(
         role="teacher",

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from orchestrator import classifier as clf
+from orchestrator import storage
 from orchestrator.config import (
     Arch,
     ExperimentConfig,
@@ -27,6 +28,7 @@ from orchestrator.config import (
     from_dict,
     to_dict,
 )
+from orchestrator.data.images import to_model_input
 from orchestrator.evaluation import EvalSet, evaluate_model, load_eval_set
 from orchestrator.losses import Margin, build_loss, needs_teacher_embeddings
 from orchestrator.losses.sharded import Shard, ShardedProxylessLoss
@@ -92,7 +94,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     eval_set: EvalSet | None = None
     metrics: dict[str, Any] = {}
     bf16 = config.run.precision is Precision.BF16
-    generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
 
     if previous is not None and start_epoch >= plan.optim.epochs:
         # Rerun of a finished run: nothing to train; hand back its final checkpoint.
@@ -113,17 +114,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         step = epoch * steps_per_epoch
         losses: list[float] = []
         started = last_log = warm = time.monotonic()
-        batches = shard.iter_torch_batches(
+        seen_ids: list[str] = []
+        batches = shard.iter_batches(
             batch_size=local_batch,
-            drop_last=True,
+            batch_format="numpy",
+            drop_last=False,
             local_shuffle_buffer_size=config.run.shuffle_buffer or None,
-            dtypes={"image": torch.uint8, "label": torch.int64},
         )
         for batch in batches:
-            images = augment(batch["image"], generator).to(device)
+            seen_ids.extend(batch["image_id"].tolist())
+            if len(batch["label"]) < local_batch:
+                continue  # the epoch's remainder: every rank has the same count, so skips it
+            images = to_model_input(torch.from_numpy(batch["image"])).to(device)
             if config.run.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            labels = batch["label"].to(device)
+            labels = torch.from_numpy(batch["label"]).to(device)
             with torch.no_grad():
                 teacher_emb = None if teacher is None else teacher(images).float()
             out = train_step(
@@ -154,6 +159,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     rate,
                 )
         elapsed = time.monotonic() - started
+        if config.run.audit_ids:
+            write_audit(config, epoch, rank, seen_ids)
         metrics = {
             "epoch": epoch,
             "loss": float(np.mean(losses)) if losses else float("nan"),
@@ -281,12 +288,11 @@ def memory_mb() -> dict[str, float]:
     return {"rss_mb": resident * page_mb, "shared_mb": shared * page_mb}
 
 
-def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [-1, 1], random horizontal flip."""
-    x = images.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-    flip = torch.rand(x.shape[0], generator=generator) < 0.5
-    x[flip] = torch.flip(x[flip], dims=[3])
-    return x
+def write_audit(config: ExperimentConfig, epoch: int, rank: int, image_ids: list[str]) -> None:
+    """The image ids this rank received in ``epoch``, one per line, in arrival order."""
+    name = ray.train.get_context().get_experiment_name()
+    uri = storage.join(config.storage_path, name, "audit", f"epoch-{epoch:04d}-rank-{rank:03d}.txt")
+    storage.write_text_atomic(uri, "".join(f"{i}\n" for i in image_ids))
 
 
 def unwrap(model: nn.Module) -> nn.Module:

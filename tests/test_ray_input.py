@@ -1,0 +1,100 @@
+"""The Ray Data input pipeline: per-epoch file shuffle, augmentation, resource plan."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from orchestrator.config import DataConfig, ScalingConfig, SyntheticConfig
+from orchestrator.data.prepare import SyntheticDatasets, write_synthetic
+from orchestrator.data.ray_input import DecodePlan, decode_plan, flip_and_crop, training_dataset
+
+
+def test_flip_is_a_mirror_or_identity_and_both_happen() -> None:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(64, 8, 6, 3), dtype=np.uint8)
+    before = images.copy()
+    out = flip_and_crop(images, np.random.default_rng(1), flip=True, crop_pad=0)
+    mirrored = [bool(np.array_equal(o, i[:, ::-1])) for o, i in zip(out, images, strict=True)]
+    kept = [bool(np.array_equal(o, i)) for o, i in zip(out, images, strict=True)]
+    assert all(m or k for m, k in zip(mirrored, kept, strict=True))
+    assert 10 < sum(mirrored) < 54  # p = 0.5 over 64 images
+    assert np.array_equal(images, before)  # the input batch is left alone
+
+
+def test_crop_is_a_shifted_window_of_the_zero_padded_image() -> None:
+    images = np.random.default_rng(2).integers(1, 256, size=(16, 8, 8, 3), dtype=np.uint8)
+    pad = 2
+    out = flip_and_crop(images, np.random.default_rng(3), flip=False, crop_pad=pad)
+    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    shifts = set()
+    for i in range(len(images)):
+        matches = [
+            (top, left)
+            for top in range(2 * pad + 1)
+            for left in range(2 * pad + 1)
+            if np.array_equal(out[i], padded[i, top : top + 8, left : left + 8])
+        ]
+        assert matches, f"image {i} is not a window of its padded original"
+        shifts.update(matches)
+    assert len(shifts) > 3  # the offsets vary
+
+
+def test_decode_plan_leaves_room_for_reads() -> None:
+    data = DataConfig()
+    # 2 CPUs, two 0.5-CPU workers: 1 CPU left, one 0.5 slot for reads, one actor.
+    assert decode_plan(data, ScalingConfig(2, 0.5), 2.0) == DecodePlan(1, 0.5)
+    # 16 CPUs, four 2-CPU workers: 8 left -> 7.5 for actors of 0.5 = 15.
+    assert decode_plan(data, ScalingConfig(4, 2.0), 16.0) == DecodePlan(15, 0.5)
+    # Nothing left still gets one actor; an explicit count wins.
+    assert decode_plan(data, ScalingConfig(4, 1.0), 4.0).actors == 1
+    explicit = DataConfig(decode_actors=3, decode_cpus=1.0)
+    assert decode_plan(explicit, ScalingConfig(2, 0.5), 64.0) == DecodePlan(3, 1.0)
+
+
+@pytest.fixture(scope="module")
+def many_shards(tmp_path_factory: pytest.TempPathFactory) -> SyntheticDatasets:
+    out = tmp_path_factory.mktemp("shards")
+    config = SyntheticConfig(
+        out=str(out), num_identities=6, eval_identities=20, images_per_identity=2, shard_bytes=1
+    )
+    return write_synthetic(config)  # one image per shard
+
+
+def epoch_orders(uri: str, seed: int, epochs: int) -> list[list[str]]:
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # row order = the shuffled file order
+    try:
+        ds = training_dataset(DataConfig(train=uri, flip=False), DecodePlan(1, 0.5), seed)
+        return [
+            [str(i) for batch in ds.iter_batches(batch_size=None) for i in batch["image_id"]]
+            for _ in range(epochs)
+        ]
+    finally:
+        context.execution_options.preserve_order = False
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_file_order_changes_every_epoch_and_is_reproducible_from_the_seed(
+    many_shards: SyntheticDatasets,
+) -> None:
+    uri = many_shards.train_uri
+    assert len(many_shards.train.files) == 12
+    first = epoch_orders(uri, seed=5, epochs=2)
+    assert sorted(first[0]) == sorted(first[1]) and len(set(first[0])) == 12  # all, once
+    assert first[0] != first[1]  # a new order in the next epoch
+    assert epoch_orders(uri, seed=5, epochs=2) == first  # same seed, same epochs
+    assert epoch_orders(uri, seed=6, epochs=1)[0] != first[0]
+
+
+def test_paths_in_the_plan_come_from_dataset_json(tmp_path: Path) -> None:
+    from orchestrator.data.ray_input import shard_uris
+
+    data = write_synthetic(SyntheticConfig(out=str(tmp_path), num_identities=2, eval_identities=20))
+    # pairs.parquet sits beside the shards of the eval set; only the shards are read.
+    assert [Path(u).name for u in shard_uris(data.eval_uri)] == [f.name for f in data.eval.files]
+    assert (Path(data.eval_uri) / "pairs.parquet").exists()
