@@ -167,8 +167,11 @@ def makedirs(uri: str) -> None:
     bucket = path.split("/", 1)[0]
     with object_errors(uri, "writing"):
         fs.invalidate_cache(bucket)
-        if not fs.exists(bucket):
-            raise FileNotFoundError(f"bucket {bucket} does not exist")
+        # info, not exists: s3fs answers exists(bucket) False on access denied too.
+        try:
+            fs.info(bucket)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"bucket {bucket} does not exist") from None
 
 
 def delete(uri: str) -> None:

@@ -4,9 +4,12 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import time
+import traceback
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -28,7 +31,8 @@ from orchestrator.config import (
     from_dict,
     to_dict,
 )
-from orchestrator.data.images import to_model_input
+from orchestrator.data import format as fmt
+from orchestrator.data.images import CorruptImageError, to_model_input
 from orchestrator.evaluation import EvalSet, evaluate_model, load_eval_set
 from orchestrator.losses import Margin, build_loss, needs_teacher_embeddings
 from orchestrator.losses.sharded import Shard, ShardedProxylessLoss
@@ -121,7 +125,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             drop_last=False,
             local_shuffle_buffer_size=config.run.shuffle_buffer or None,
         )
-        for batch in batches:
+        for batch in input_errors_named(batches):
             seen_ids.extend(batch["image_id"].tolist())
             if len(batch["label"]) < local_batch:
                 continue  # the epoch's remainder: every rank has the same count, so skips it
@@ -286,6 +290,22 @@ def memory_mb() -> dict[str, float]:
         return {}
     page_mb = os.sysconf("SC_PAGE_SIZE") / 2**20
     return {"rss_mb": resident * page_mb, "shared_mb": shared * page_mb}
+
+
+def input_errors_named(batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """``batches``, with a data error raised in a decode actor (which Ray wraps in a long
+    remote traceback) re-raised here as itself, so its message (dataset, image id) is the
+    last line of what the run reports."""
+    try:
+        yield from batches
+    except Exception as err:
+        # The original exception crosses a process boundary as text inside Ray's wrappers.
+        text = "".join(traceback.format_exception(err))
+        for error_type in (CorruptImageError, fmt.DatasetError):
+            match = re.search(rf"{error_type.__name__}: (.+)", text)
+            if match:
+                raise error_type(match.group(1)) from None
+        raise
 
 
 def write_audit(config: ExperimentConfig, epoch: int, rank: int, image_ids: list[str]) -> None:
