@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 import simplejpeg
-import torch
 from PIL import Image, UnidentifiedImageError
+
+if TYPE_CHECKING:  # torch is imported where it is used: decode actors never need it
+    import torch
 
 Uint8Image = npt.NDArray[np.uint8]
 
@@ -24,9 +27,17 @@ def encode_jpeg(image: Uint8Image, quality: int = 90) -> bytes:
     return buffer.getvalue()
 
 
-def decode_jpeg(data: bytes, where: str) -> Uint8Image:
-    """JPEG bytes -> (H, W, 3) uint8 with simplejpeg (about 2x Pillow's rate)."""
+def decode_jpeg(data: bytes, where: str, out: Uint8Image | None = None) -> Uint8Image:
+    """JPEG bytes -> (H, W, 3) uint8 with simplejpeg (about 2x Pillow's rate), written into
+    ``out`` when given (it must have the image's exact shape)."""
     try:
+        if out is not None:
+            height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+            if out.shape != (height, width, 3):
+                raise ValueError(
+                    f"image is {height}x{width}, expected {out.shape[0]}x{out.shape[1]}"
+                )
+            return np.asarray(simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out))
         return np.asarray(simplejpeg.decode_jpeg(data, colorspace="RGB"))
     except (ValueError, RuntimeError) as err:
         raise CorruptImageError(f"{where}: cannot decode JPEG ({len(data)} bytes): {err}") from None
@@ -60,5 +71,7 @@ def fit_square(image: Uint8Image, size: int) -> Uint8Image:
 
 def to_model_input(images: Uint8Image | torch.Tensor) -> torch.Tensor:
     """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 in [-1, 1], the backbones' input."""
+    import torch
+
     x = torch.as_tensor(images)
     return x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)

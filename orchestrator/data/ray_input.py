@@ -25,11 +25,11 @@ COLUMNS = ["image", "label", "image_id"]
 
 
 def flip_and_crop(
-    images: np.ndarray, rng: np.random.Generator, flip: bool, crop_pad: int
+    images: np.ndarray, rng: np.random.Generator, flip: bool, crop_pad: int, in_place: bool = False
 ) -> np.ndarray:
     """(B, H, W, 3) uint8 -> same shape: each image mirrored with p = 0.5 (``flip``) and
     shifted by up to ``crop_pad`` pixels each way (zero padding, then a random crop)."""
-    out = images.copy()
+    out = images if in_place else images.copy()
     if flip:
         mirrored = rng.random(len(out)) < 0.5
         out[mirrored] = out[mirrored, :, ::-1]
@@ -48,20 +48,19 @@ class DecodeAugment:
     A JPEG that does not decode stops the run with the dataset and the image id.
     """
 
-    def __init__(self, dataset: str, flip: bool, crop_pad: int, seed: int) -> None:
-        self.dataset, self.flip, self.crop_pad = dataset, flip, crop_pad
+    def __init__(self, dataset: str, size: int, flip: bool, crop_pad: int, seed: int) -> None:
+        self.dataset, self.size, self.flip, self.crop_pad = dataset, size, flip, crop_pad
         # Each actor draws its own augmentation stream.
         self.rng = np.random.default_rng([seed, os.getpid()])
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
-        images = np.stack(
-            [
-                decode_jpeg(data, f"dataset {self.dataset}, image_id {image_id}")
-                for data, image_id in zip(batch["image"], batch["image_id"], strict=True)
-            ]
-        )  # (B, H, W, 3) uint8
+        count = len(batch["image"])
+        images = np.empty((count, self.size, self.size, 3), dtype=np.uint8)  # (B, H, W, 3)
+        for i, (data, image_id) in enumerate(zip(batch["image"], batch["image_id"], strict=True)):
+            # Straight into the batch array: no per-image array and no stacking copy.
+            decode_jpeg(data, f"dataset {self.dataset}, image_id {image_id}", out=images[i])
         if self.flip or self.crop_pad:
-            images = flip_and_crop(images, self.rng, self.flip, self.crop_pad)
+            images = flip_and_crop(images, self.rng, self.flip, self.crop_pad, in_place=True)
         return {
             "image": images,
             "label": np.asarray(batch["label"], dtype=np.int64),
@@ -119,6 +118,7 @@ def training_dataset(data: DataConfig, plan: DecodePlan, seed: int) -> Any:
         DecodeAugment,
         fn_constructor_kwargs={
             "dataset": data.train,
+            "size": data.image_size,
             "flip": data.flip,
             "crop_pad": data.crop_pad,
             "seed": seed,
