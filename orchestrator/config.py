@@ -285,6 +285,83 @@ class RunConfig:
         _require(self.shuffle_buffer >= 0, "shuffle_buffer", "must be >= 0")
 
 
+class SearchAlgorithm(enum.StrEnum):
+    RANDOM = "random"  # num_samples draws from the lists / ranges
+    GRID = "grid"  # every combination of the lists, num_samples times
+    OPTUNA = "optuna"  # Optuna's TPE over the lists / ranges (needs `pip install optuna`)
+
+
+VALIDATION_METRICS = (
+    "val_acc_10fold",
+    "val_auc",
+    "val_rank1",
+    "val_tar_at_far_1e-1",
+    "val_tar_at_far_1e-2",
+    "val_tar_at_far_1e-3",
+    "val_tar_at_far_1e-4",
+)
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """The search of ``python -m jobs.tune``: every trial is a full Ray Train run of the
+    experiment config with some values replaced.
+
+    Each ``*_values`` list is searched as a set of choices (grid: every value); each
+    ``*_range`` is ``[low, high]``, sampled uniformly (``lr_range``: log-uniformly) by
+    random and Optuna search. Empty: the base config's value is kept. ASHA stops trials
+    whose ``metric`` (measured on ``data.eval`` after every epoch) is in the bottom
+    1 - 1/reduction_factor at an epoch milestone (grace_period, grace_period*rf, ...).
+    """
+
+    search: SearchAlgorithm = SearchAlgorithm.RANDOM
+    num_samples: int = 8
+    metric: str = "val_acc_10fold"
+    margin_type_values: tuple[MarginType, ...] = ()
+    margin_values: tuple[float, ...] = ()
+    margin_range: tuple[float, ...] = ()
+    scale_values: tuple[float, ...] = ()
+    scale_range: tuple[float, ...] = ()
+    arch_values: tuple[Arch, ...] = ()
+    lr_values: tuple[float, ...] = ()
+    lr_range: tuple[float, ...] = ()
+    l2_weight_values: tuple[float, ...] = ()  # proxyless+l2: the embedding-KD weight
+    seed_values: tuple[int, ...] = ()
+    early_stopping: bool = True  # ASHA
+    grace_period: int = 1  # epochs before ASHA may stop a trial
+    reduction_factor: float = 2.0
+    max_concurrent_trials: int = 0  # 0: as many as the cluster's CPUs (and GPUs) hold
+    storage_path: str = ""  # empty: <experiment storage_path>/tune
+
+    def __post_init__(self) -> None:
+        _require(self.num_samples >= 1, "num_samples", f"must be >= 1, found {self.num_samples}")
+        _require(
+            self.metric in VALIDATION_METRICS,
+            "metric",
+            f"must be one of {', '.join(VALIDATION_METRICS)}, found {self.metric!r}",
+        )
+        for name in ("margin", "scale", "lr"):
+            values, span = getattr(self, f"{name}_values"), getattr(self, f"{name}_range")
+            _require(
+                not (values and span),
+                f"{name}_range",
+                f"give {name}_values or {name}_range, not both",
+            )
+            _require(
+                not span or (len(span) == 2 and 0 < span[0] < span[1]),
+                f"{name}_range",
+                f"must be [low, high] with 0 < low < high, found {list(span)}",
+            )
+            _require(
+                not (span and self.search is SearchAlgorithm.GRID),
+                f"{name}_range",
+                "grid search needs lists of values (a range cannot be enumerated)",
+            )
+        _require(self.grace_period >= 1, "grace_period", "must be >= 1")
+        _require(self.reduction_factor > 1, "reduction_factor", "must be > 1")
+        _require(self.max_concurrent_trials >= 0, "max_concurrent_trials", "must be >= 0")
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     name: str = "experiment"
@@ -300,6 +377,7 @@ class ExperimentConfig:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     run: RunConfig = field(default_factory=RunConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)  # jobs.tune
 
     def __post_init__(self) -> None:
         _require(bool(self.name.strip()), "name", "must not be empty")

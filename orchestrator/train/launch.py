@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -126,10 +127,13 @@ class RunOutcome:
     wall_seconds: float
 
 
-def fit(config: ExperimentConfig, plan: WorkerPlan, name: str) -> RunOutcome:
+def fit(
+    config: ExperimentConfig, plan: WorkerPlan, name: str, callbacks: Sequence[Any] = ()
+) -> RunOutcome:
     """Run ``train_loop_per_worker`` on ``config.scaling.num_workers`` workers.
 
     Reusing ``name`` under the same storage path resumes from its latest checkpoint.
+    ``callbacks`` go to Train's RunConfig (a Tune trial passes ``TuneReportCallback``).
     """
     # Train V2's classes (what ray.train.* resolves to at run time), named so types agree.
     from ray.train.v2.api.config import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -147,6 +151,7 @@ def fit(config: ExperimentConfig, plan: WorkerPlan, name: str) -> RunOutcome:
         datasets={"train": training_dataset(config.data, input_plan(config), config.seed)},
         run_config=RunConfig(
             name=name,
+            callbacks=list(callbacks),
             storage_path=storage_root(config),
             failure_config=FailureConfig(max_failures=config.run.max_failures),
             # Our per-epoch lines are the progress a person reads: Train's own INFO lines
@@ -170,7 +175,9 @@ def fit(config: ExperimentConfig, plan: WorkerPlan, name: str) -> RunOutcome:
     )
 
 
-def distill(config: ExperimentConfig, name: str | None = None) -> RunOutcome:
+def distill(
+    config: ExperimentConfig, name: str | None = None, callbacks: Sequence[Any] = ()
+) -> RunOutcome:
     """Train the student with ``config.loss.method``; export it to ``<storage>/<name>/student.pt``."""
     name = name or config.name
     config = absolute_paths(config)
@@ -193,7 +200,7 @@ def distill(config: ExperimentConfig, name: str | None = None) -> RunOutcome:
     )
     if config.loss.method in INHERITS:
         plan = place_classifier(config, meta, plan)
-    outcome = fit(config, plan, name)
+    outcome = fit(config, plan, name, callbacks)
     export_student(
         student_uri(config, name),
         outcome.state,

@@ -1,0 +1,52 @@
+"""Search margin type and value, scale, student architecture, learning rate and the
+embedding-KD weight with Ray Tune; every trial is a full Ray Train distillation run.
+
+Locally:
+    python -m jobs.tune --config configs/tune_demo.yaml
+    python -m jobs.tune --config configs/tune_demo.yaml --resume      # after an interruption
+On a cluster (storage on object storage):
+    ray job submit --working-dir . -- python -m jobs.tune --config configs/webface_r100_to_mbf.yaml --set storage_path=s3://bucket/runs --set tune.margin_values=[0.3,0.4,0.5]
+
+The search space is the config's `tune:` section (see TuneConfig). ASHA stops weak trials
+on the validation metric `tune.metric` (10-fold accuracy or TAR at a FAR on `data.eval`).
+Writes, under <tune.storage_path or storage_path/tune>/<name>/summary/: trials.md,
+trials.csv, trials.json (every trial: config, metrics, status, the epoch where it stopped),
+best.yaml (accepted as is by `python -m jobs.distill --config`), and
+metric_vs_margin_scale.png. Prints the table, the best config's path and the best student.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from orchestrator import cli
+from orchestrator.tune import run_search
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.tune", description=__doc__.split("\n")[0])
+    cli.add_config_args(parser)
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the interrupted search of this name"
+    )
+    args = parser.parse_args(argv)
+    config = cli.config_from_args(args)
+    outcome = run_search(config, resume=args.resume)
+    print(outcome.table)
+    stopped = sum(r.status == "stopped early" for r in outcome.rows)
+    print(
+        f"{len(outcome.rows)} trials ({stopped} stopped early by ASHA); best {outcome.best.trial_id}: "
+        f"{config.tune.metric} {outcome.best.metric:.4f}"
+    )
+    print(f"best config: {outcome.best_yaml}  (python -m jobs.distill --config <it>)")
+    print(f"best student: {outcome.best.student}")
+    print(
+        f"summary: {outcome.summary}/trials.md, trials.csv, trials.json, metric_vs_margin_scale.png"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))

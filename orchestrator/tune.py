@@ -1,0 +1,355 @@
+"""Hyperparameter search with Ray Tune: margin type and value, scale, student
+architecture, learning rate, embedding-KD weight.
+
+Every trial is a full Ray Train run (Train V2's supported pattern: a Tune function
+trainable that builds and fits a TorchTrainer with ``TuneReportCallback``, the trial id in
+the run name). ASHA stops weak trials at epoch milestones on a validation verification
+metric. At the end: a table of all trials (Markdown, CSV, JSON), the best config as a YAML
+that ``jobs.distill`` takes as is, the best student's URI and a plot of the metric against
+margin and scale.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from orchestrator import storage
+from orchestrator.config import (
+    ConfigError,
+    ExperimentConfig,
+    SearchAlgorithm,
+    TuneConfig,
+    dump_yaml,
+    from_dict,
+    to_dict,
+)
+
+# TuneConfig's search keys -> the experiment config key each one sets.
+SPACE_KEYS: dict[str, str] = {
+    "margin_type": "loss.margin_type",
+    "margin": "loss.margin",
+    "scale": "loss.scale",
+    "arch": "student.arch",
+    "lr": "optim.lr",
+    "l2_weight": "loss.l2_weight",
+    "seed": "seed",
+}
+SUMMARY_DIR = "summary"
+TRIAL_DRIVER_CPU = 0.01
+
+
+def plain(value: Any) -> Any:
+    return value.value if hasattr(value, "value") else value
+
+
+def param_space(tune: TuneConfig) -> dict[str, Any]:
+    """Tune domains keyed by experiment config key (``loss.margin``, ...)."""
+    from ray import tune as rt
+
+    space: dict[str, Any] = {}
+    for name, key in SPACE_KEYS.items():
+        values = [plain(v) for v in getattr(tune, f"{name}_values")]
+        span = getattr(tune, f"{name}_range", ())
+        if values:
+            grid = tune.search is SearchAlgorithm.GRID
+            space[key] = rt.grid_search(values) if grid else rt.choice(values)
+        elif span:
+            low, high = span
+            space[key] = rt.loguniform(low, high) if name == "lr" else rt.uniform(low, high)
+    if not space:
+        raise ConfigError("tune: nothing to search; set at least one tune.*_values or *_range")
+    return space
+
+
+def apply_params(base: Mapping[str, Any], params: Mapping[str, Any]) -> ExperimentConfig:
+    """The experiment config ``base`` (plain data) with each dotted key set."""
+    data = json.loads(json.dumps(base))  # a deep copy of plain data
+    for key, value in params.items():
+        node = data
+        *sections, last = key.split(".")
+        for section in sections:
+            node = node[section]
+        node[last] = value
+    return from_dict(ExperimentConfig, data, "tune trial")
+
+
+def trial_config(config: ExperimentConfig) -> ExperimentConfig:
+    """What every trial runs: evaluated and checkpointed after each epoch (ASHA compares
+    epochs), with a decode pool of its own size instead of one sized to the whole cluster."""
+    return replace(
+        config,
+        run=replace(config.run, eval_every_epochs=1, checkpoint_every_epochs=1),
+        data=replace(config.data, decode_actors=config.data.decode_actors or 1),
+    )
+
+
+@dataclass(frozen=True)
+class TrialResources:
+    cpus: float  # Train workers + decode actors + a read slot
+    gpus: float
+    concurrent: int
+
+
+def trial_resources(
+    config: ExperimentConfig, cluster_cpus: float, cluster_gpus: float
+) -> TrialResources:
+    """How much one trial holds, and how many trials the cluster runs at once: never more
+    than fit (a trial beyond that would start a driver that waits, idle, for workers)."""
+    scaling, data = config.scaling, config.data
+    cpus = (
+        scaling.num_workers * scaling.cpus_per_worker + (data.decode_actors + 1) * data.decode_cpus
+    )
+    gpus = float(scaling.num_workers) if scaling.use_gpu else 0.0
+    fits = math.floor(cluster_cpus / cpus + 1e-9)
+    if gpus:
+        fits = min(fits, math.floor(cluster_gpus / gpus + 1e-9))
+    concurrent = config.tune.max_concurrent_trials or max(1, fits)
+    return TrialResources(cpus, gpus, concurrent)
+
+
+def run_trial(params: dict[str, Any], base: dict[str, Any]) -> None:
+    """The Tune function trainable: one full distillation run, reported to Tune per epoch."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from orchestrator.train.launch import distill
+
+    config = trial_config(apply_params(base, params))
+    name = f"{config.name}-{ray.tune.get_context().get_trial_id()}"
+    distill(config, name, callbacks=[TuneReportCallback()])
+
+
+def search_path(config: ExperimentConfig) -> str:
+    root = config.tune.storage_path or storage.join(config.storage_path, "tune")
+    return storage.join(root, config.name)
+
+
+@dataclass(frozen=True)
+class TrialRow:
+    trial_id: str
+    status: str  # completed | stopped early | error
+    epochs: int  # where it stopped
+    metric: float | None
+    params: dict[str, Any]
+    metrics: dict[str, Any]
+    student: str | None  # the exported student (completed trials)
+    error: str | None
+
+
+@dataclass(frozen=True)
+class SearchOutcome:
+    rows: list[TrialRow]
+    best: TrialRow
+    best_yaml: str  # URI of the best config
+    summary: str  # URI of the summary directory
+    table: str  # the Markdown table
+
+
+def run_search(config: ExperimentConfig, resume: bool = False) -> SearchOutcome:
+    """Run (or, with ``resume``, continue) the search of ``config.tune``."""
+    import ray
+    from ray import tune as rt
+
+    from orchestrator.train.launch import absolute_paths, ensure_ray
+
+    config = absolute_paths(config)
+    ensure_ray()
+    path = search_path(config)
+    resources = cluster_resources()
+    plan = trial_resources(trial_config(config), *resources)
+    print(
+        f"[tune] {config.name}: {config.tune.search.value} search, metric {config.tune.metric}, "
+        f"{plan.concurrent} trial(s) at a time ({plan.cpus:g} CPU each of {resources[0]:g}); "
+        f"state in {path}",
+        flush=True,
+    )
+    trainable = rt.with_parameters(run_trial, base=to_dict(config))
+    # The trial's driver only waits on its TorchTrainer: Train reserves the real resources
+    # (Tune refuses an empty request, hence a token share).
+    trainable = rt.with_resources(trainable, {"CPU": TRIAL_DRIVER_CPU})
+    if resume:
+        if not rt.Tuner.can_restore(path):
+            raise FileNotFoundError(f"--resume: no search to resume at {path}")
+        tuner = rt.Tuner.restore(path, trainable=trainable, resume_errored=True)
+    else:
+        if storage.exists(storage.join(path, "tuner.pkl")):
+            raise ConfigError(
+                f"a search named {config.name!r} already exists at {path}: pass --resume to "
+                "continue it, or choose another name"
+            )
+        tuner = rt.Tuner(
+            trainable,
+            param_space=param_space(config.tune),
+            tune_config=rt.TuneConfig(
+                metric=config.tune.metric,
+                mode="max",
+                search_alg=search_algorithm(config.tune),
+                scheduler=scheduler(config),
+                num_samples=config.tune.num_samples,
+                max_concurrent_trials=plan.concurrent,
+            ),
+            run_config=rt.RunConfig(
+                name=config.name,
+                storage_path=path.rsplit("/", 1)[0],
+                verbose=1,
+                failure_config=ray.tune.FailureConfig(max_failures=0),
+            ),
+        )
+    grid = tuner.fit()
+    rows = [trial_row(grid[i], config) for i in range(len(grid))]
+    return summarize(config, rows, path)
+
+
+def cluster_resources() -> tuple[float, float]:
+    import ray
+
+    total = ray.cluster_resources()
+    return float(total.get("CPU", 1.0)), float(total.get("GPU", 0.0))
+
+
+def search_algorithm(tune: TuneConfig) -> Any:
+    if tune.search is not SearchAlgorithm.OPTUNA:
+        return None  # Tune's variant generator: random draws, or the full grid
+    try:
+        from ray.tune.search.optuna import OptunaSearch
+    except ImportError as err:  # the module imports optuna
+        raise ConfigError(f"tune.search: optuna needs `pip install optuna` ({err})") from None
+    return OptunaSearch()
+
+
+def scheduler(config: ExperimentConfig) -> Any:
+    if not config.tune.early_stopping:
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=config.optim.epochs,
+        grace_period=min(config.tune.grace_period, config.optim.epochs),
+        reduction_factor=config.tune.reduction_factor,
+        # A trial that reaches the last epoch ends by itself (and exports its student);
+        # ASHA's default would stop it at max_t, before the export.
+        stop_last_trials=False,
+    )
+
+
+def trial_row(result: Any, config: ExperimentConfig) -> TrialRow:
+    from orchestrator.train.launch import student_uri
+
+    metrics = dict(result.metrics or {})
+    params = {k: plain(v) for k, v in (result.config or {}).items()}
+    trial_id = str(metrics.get("trial_id") or result.path.rstrip("/").rsplit("/", 1)[-1])
+    epochs = int(metrics.get("training_iteration", 0))
+    metric = metrics.get(config.tune.metric)
+    if result.error is not None:
+        status = "error"
+    elif epochs < config.optim.epochs:
+        status = "stopped early"
+    else:
+        status = "completed"
+    student = student_uri(config, f"{config.name}-{trial_id}") if status == "completed" else None
+    kept = {k: v for k, v in metrics.items() if k.startswith("val_") or k in ("loss", "epoch")}
+    return TrialRow(
+        trial_id=trial_id,
+        status=status,
+        epochs=epochs,
+        metric=None if metric is None else float(metric),
+        params=params,
+        metrics=kept,
+        student=student,
+        error=None if result.error is None else storage.redact(str(result.error))[:500],
+    )
+
+
+def summarize(config: ExperimentConfig, rows: list[TrialRow], path: str) -> SearchOutcome:
+    """Write the table (md/csv/json), the best config (YAML) and the plot."""
+    done = [r for r in rows if r.status == "completed" and r.metric is not None]
+    if not done:
+        raise RuntimeError(f"no trial of search {config.name} completed; see {path}")
+    best = max(done, key=lambda r: r.metric if r.metric is not None else -math.inf)
+    out = storage.join(path, SUMMARY_DIR)
+    storage.makedirs(out)
+    table = markdown(rows, config.tune.metric, best)
+    storage.write_text_atomic(storage.join(out, "trials.md"), table)
+    storage.write_text_atomic(storage.join(out, "trials.csv"), as_csv(rows))
+    storage.write_text_atomic(
+        storage.join(out, "trials.json"), json.dumps([asdict(r) for r in rows], indent=2)
+    )
+    best_config = replace(apply_params(to_dict(config), best.params), name=f"{config.name}-best")
+    best_yaml = storage.join(out, "best.yaml")
+    header = (
+        f"# Best of search {config.name}: trial {best.trial_id}, "
+        f"{config.tune.metric} = {best.metric:.4f}\n# student: {best.student}\n"
+    )
+    storage.write_text_atomic(best_yaml, header + dump_yaml(best_config))
+    plot(rows, config.tune.metric, storage.join(out, "metric_vs_margin_scale.png"))
+    return SearchOutcome(rows, best, best_yaml, out, table)
+
+
+def markdown(rows: list[TrialRow], metric: str, best: TrialRow) -> str:
+    keys = sorted({k for r in rows for k in r.params})
+    head = ["trial", "status", "epochs", metric, *keys]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in sorted(rows, key=lambda r: -(r.metric if r.metric is not None else -math.inf)):
+        value = "n/a" if r.metric is None else f"{r.metric:.4f}"
+        cells = [r.trial_id + (" (best)" if r is best else ""), r.status, str(r.epochs), value]
+        cells += [format_value(r.params.get(k)) for k in keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def format_value(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def as_csv(rows: list[TrialRow]) -> str:
+    params = sorted({k for r in rows for k in r.params})
+    metrics = sorted({k for r in rows for k in r.metrics})
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["trial_id", "status", "epochs", "metric", *params, *metrics, "student"])
+    for r in rows:
+        writer.writerow(
+            [r.trial_id, r.status, r.epochs, r.metric]
+            + [r.params.get(k) for k in params]
+            + [r.metrics.get(k) for k in metrics]
+            + [r.student]
+        )
+    return buffer.getvalue()
+
+
+def plot(rows: list[TrialRow], metric: str, uri: str) -> None:
+    """The metric against margin (colour: margin type) and against scale, one dot a trial."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    measured = [r for r in rows if r.metric is not None]
+    for ax, key, label in (
+        (axes[0], "loss.margin", "margin m"),
+        (axes[1], "loss.scale", "scale s"),
+    ):
+        groups: dict[str, list[TrialRow]] = {}
+        for r in measured:
+            groups.setdefault(str(r.params.get("loss.margin_type", "base")), []).append(r)
+        for kind, members in sorted(groups.items()):
+            xs = [r.params.get(key, math.nan) for r in members]
+            ax.scatter(xs, [r.metric for r in members], label=kind)
+        ax.set_xlabel(label + ("" if any(key in r.params for r in rows) else " (not searched)"))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(metric)
+    axes[0].legend(title="margin type")
+    fig.suptitle(f"{metric} at the last reported epoch of each trial")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    storage.write_bytes_atomic(uri, buffer.getvalue())

@@ -1,0 +1,107 @@
+"""The cluster definitions: every launcher YAML through the Ray autoscaler's own config
+preparation and schema validation (the schema ships in the Ray wheel), a broken copy
+rejected, and the KubeRay manifests' structure and versions."""
+
+from __future__ import annotations
+
+import copy
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+import yaml
+
+from tests.conftest import REPO
+
+CLUSTER = REPO / "cluster"
+LAUNCHER_YAMLS = sorted(CLUSTER.glob("*.yaml"))
+KUBERAY = sorted((CLUSTER / "kuberay").glob("*.yaml"))
+PYTHON = f"py{sys.version_info.major}{sys.version_info.minor}"
+
+
+def validate(config: dict[str, Any]) -> None:
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    validate_config(prepare_config(copy.deepcopy(config)))
+
+
+def test_there_are_aws_gcp_and_onprem_definitions() -> None:
+    assert {p.name for p in LAUNCHER_YAMLS} >= {"aws-gpu.yaml", "gcp-gpu.yaml", "onprem.yaml"}
+
+
+@pytest.mark.parametrize("path", LAUNCHER_YAMLS, ids=lambda p: p.name)
+def test_launcher_yaml_is_valid_for_this_ray(path: Path) -> None:
+    config = yaml.safe_load(path.read_text())
+    validate(config)
+    text = path.read_text()
+    assert "aws_secret_access_key" not in text.lower() and "private_key_id" not in text
+    if config["provider"]["type"] in ("aws", "gcp"):
+        image = config["docker"]["image"]
+        assert image == f"rayproject/ray:{ray.__version__}-{PYTHON}-gpu"
+        assert any("--shm-size" in option for option in config["docker"]["run_options"])
+        assert "pip install -e /home/ray/proxylesskd" in " ".join(config["setup_commands"])
+        types = config["available_node_types"]
+        market = [
+            t
+            for t in types.values()
+            if "spot" in str(t["node_config"]) or "preemptible" in str(t["node_config"])
+        ]
+        assert market and len(market) < len(types) - 1  # spot/preemptible plus on-demand
+        assert config["head_node_type"] in types
+
+
+@pytest.mark.parametrize(
+    ("breakage", "expected"),
+    [
+        (lambda c: c.update(max_wokers=4), "max_wokers"),  # a typo in a key
+        (lambda c: c.update(head_node_type="nope"), "head_node_type"),
+        (lambda c: c["available_node_types"]["g5_spot"].update(min_workers="two"), "two"),
+    ],
+    ids=["typo", "unknown-head-type", "wrong-type"],
+)
+def test_broken_copies_are_rejected(breakage: Any, expected: str) -> None:
+    config = yaml.safe_load((CLUSTER / "aws-gpu.yaml").read_text())
+    breakage(config)
+    with pytest.raises(Exception, match=expected):
+        validate(config)
+
+
+def pinned_ray_version() -> str:
+    text = (REPO / "pyproject.toml").read_text()
+    match = re.search(r'"ray\[[^\]]*\]==([0-9.*]+)"', text)
+    assert match, "pyproject.toml pins ray"
+    return match.group(1)
+
+
+@pytest.mark.parametrize("path", KUBERAY, ids=lambda p: p.name)
+def test_kuberay_manifests_match_the_pinned_versions(path: Path) -> None:
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    assert docs
+    pinned = pinned_ray_version().rstrip(".*")
+    assert ray.__version__.startswith(pinned)
+    for doc in docs:
+        assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] in ("RayCluster", "RayJob")
+        spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+        assert spec["rayVersion"] == ray.__version__
+        groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+        for group in groups:
+            for container in group["template"]["spec"]["containers"]:
+                assert f"ray{ray.__version__}-{PYTHON}" in container["image"]
+        gpus = [
+            c["resources"]["limits"].get("nvidia.com/gpu")
+            for g in spec["workerGroupSpecs"]
+            for c in g["template"]["spec"]["containers"]
+        ]
+        assert all(gpus)
+        if doc["kind"] == "RayJob":
+            assert doc["spec"]["entrypoint"].startswith("python -m jobs.")
+            module = doc["spec"]["entrypoint"].split()[2]
+            assert (REPO / (module.replace(".", "/") + ".py")).exists()
+
+
+def test_dockerfile_pins_the_same_ray_and_python() -> None:
+    text = (CLUSTER / "Dockerfile").read_text()
+    assert f"FROM rayproject/ray:{ray.__version__}-{PYTHON}-gpu" in text

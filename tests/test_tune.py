@@ -1,0 +1,176 @@
+"""Ray Tune search through the real CLI: a tiny grid (6 trials, 2 at a time, ASHA),
+interrupted with Ctrl-C after the first trial finished, then resumed with --resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jobs import distill as distill_job
+from orchestrator.config import (
+    DataConfig,
+    MarginType,
+    OptimConfig,
+    ScalingConfig,
+    SearchAlgorithm,
+    TuneConfig,
+    dump_yaml,
+    load_config,
+)
+from orchestrator.tune import param_space, trial_resources
+from tests.conftest import REPO, TrainSetup
+
+pytestmark = pytest.mark.slow
+
+
+def search_config(setup: TrainSetup, root: Path) -> Path:
+    base = setup.base
+    config = replace(
+        base,
+        name="search",
+        storage_path=str(root / "runs"),
+        data=replace(base.data, decode_actors=1, decode_cpus=0.25),
+        scaling=ScalingConfig(num_workers=1, cpus_per_worker=0.25),
+        optim=OptimConfig(lr=0.05, epochs=2, batch_size=4),
+        teacher_optim=OptimConfig(lr=0.05, epochs=1, batch_size=4),
+        tune=TuneConfig(
+            search=SearchAlgorithm.GRID,
+            metric="val_auc",  # finer than 10-fold accuracy on 40 pairs: fewer ties for ASHA
+            margin_type_values=(MarginType.ARCFACE, MarginType.COSFACE),
+            seed_values=(1, 2, 3),
+            scale_values=(16.0,),
+            num_samples=1,
+            grace_period=1,
+            reduction_factor=2.0,
+        ),
+    )
+    path = root / "search.yaml"
+    path.write_text(dump_yaml(config))
+    return path
+
+
+def tune_cli(config: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "jobs.tune", "--config", str(config), *extra]
+
+
+def clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_AUTH_MODE"] = "disabled"
+    return env
+
+
+def students(root: Path) -> dict[str, int]:
+    return {str(p): p.stat().st_mtime_ns for p in (root / "runs").glob("search-*/student.pt")}
+
+
+@pytest.fixture(scope="module")
+def search(train_setup: TrainSetup, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("tune")
+    config = search_config(train_setup, root)
+    interrupted = subprocess.Popen(
+        tune_cli(config),
+        cwd=REPO,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 400
+    while not students(root) and time.monotonic() < deadline:
+        assert interrupted.poll() is None, interrupted.communicate()[0][-3000:]
+        time.sleep(1)
+    finished_before = students(root)
+    assert finished_before, "no trial finished in time"
+    interrupted.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves its state and stops
+    try:
+        first_output = interrupted.communicate(timeout=120)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(interrupted.pid, signal.SIGKILL)
+        first_output = interrupted.communicate()[0]
+    resumed = subprocess.run(
+        tune_cli(config, "--resume"),
+        cwd=REPO,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    summary = root / "runs" / "tune" / "search" / "summary"
+    return {
+        "root": root,
+        "config": config,
+        "finished_before": finished_before,
+        "first_output": first_output,
+        "output": resumed.stdout,
+        "summary": summary,
+        "trials": json.loads((summary / "trials.json").read_text()),
+    }
+
+
+def test_search_table_best_yaml_and_plot(search: dict, train_setup: TrainSetup) -> None:
+    trials = search["trials"]
+    assert len(trials) == 6  # 2 margin types x 3 seeds
+    statuses = [t["status"] for t in trials]
+    assert "stopped early" in statuses, statuses  # ASHA at the epoch-1 milestone
+    assert statuses.count("completed") >= 1 and "error" not in statuses
+    for t in trials:
+        assert t["epochs"] == (2 if t["status"] == "completed" else 1)
+        assert 0.0 <= t["metric"] <= 1.0
+        assert {"loss.margin_type", "seed", "loss.scale"} <= set(t["params"])
+    combos = {(t["params"]["loss.margin_type"], t["params"]["seed"]) for t in trials}
+    assert combos == {(m, s) for m in ("arcface", "cosface") for s in (1, 2, 3)}
+    best = max((t for t in trials if t["status"] == "completed"), key=lambda t: t["metric"])
+    table = (search["summary"] / "trials.md").read_text()
+    assert f"{best['trial_id']} (best)" in table
+    assert (search["summary"] / "trials.csv").read_text().count("\n") == 7
+    png = (search["summary"] / "metric_vs_margin_scale.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    # The best config is the base config with the best trial's values, loadable as is...
+    best_yaml = search["summary"] / "best.yaml"
+    loaded = load_config(best_yaml)
+    assert loaded.loss.margin_type.value == best["params"]["loss.margin_type"]
+    assert loaded.seed == best["params"]["seed"] and loaded.name == "search-best"
+    assert best["student"] and Path(best["student"]).exists()
+    assert str(best_yaml) in search["output"] and best["student"] in search["output"]
+    # ... and jobs.distill trains from it unchanged.
+    assert distill_job.main(["--config", str(best_yaml)]) == 0
+    assert (Path(loaded.storage_path) / "search-best" / "student.pt").exists()
+
+
+def test_resume_does_not_rerun_finished_trials(search: dict) -> None:
+    after = students(search["root"])
+    for path, mtime in search["finished_before"].items():
+        assert after[path] == mtime, f"{path} was trained again after --resume"
+    assert len(after) == sum(t["status"] == "completed" for t in search["trials"])
+
+
+def test_search_space_and_resources() -> None:
+    from ray import tune
+
+    space = param_space(TuneConfig(margin_range=(0.2, 0.5), lr_values=(0.1, 0.01)))
+    assert isinstance(space["loss.margin"], tune.search.sample.Float)
+    assert space["optim.lr"].categories == [0.1, 0.01]
+    base = load_config(None, ["scaling.num_workers=2", "scaling.cpus_per_worker=1.0"])
+    base = replace(base, data=DataConfig(decode_actors=2, decode_cpus=0.5))
+    # 2 workers x 1 CPU + 2 decode actors x 0.5 + one 0.5 read slot + 0.01 (the trial's
+    # driver) = 3.51 CPUs a trial.
+    plan = trial_resources(base, 16.0, 0.0)
+    assert (plan.cpus, plan.concurrent) == (3.51, 4)
+    gpu = replace(base, scaling=replace(base.scaling, use_gpu=True))
+    assert trial_resources(gpu, 64.0, 4.0).concurrent == 2  # GPUs bind first
+    with pytest.raises(Exception, match=r"tune\.margn_values: unknown key"):
+        load_config(None, ["tune.margn_values=[0.3]"])
+    with pytest.raises(Exception, match="grid search needs lists"):
+        load_config(None, ["tune.search=grid", "tune.lr_range=[0.01,0.1]"])
+    yaml.safe_load(dump_yaml(base))  # the tune section serialises
