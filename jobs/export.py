@@ -1,0 +1,62 @@
+"""Export a distilled student to TorchScript and ONNX (dynamic batch), check both against
+PyTorch with onnxruntime, and write a model card.
+
+Locally:
+    python -m jobs.export --student runs/demo/proxyless/student.pt --out runs/export/proxyless --report runs/demo/report.json
+On a cluster:
+    ray job submit --working-dir . -- python -m jobs.export --student s3://bucket/runs/mbf/student.pt --out s3://bucket/models/mbf
+
+Writes student.torchscript.pt, student.onnx, model_card.json and model_card.md to --out.
+Fails (exit 1) when an exported output differs from PyTorch by more than 1e-4 (absolute)
+or its cosine drops below 1 - 1e-6. The input is (batch, 3, H, W) RGB in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from orchestrator import cli, storage
+from orchestrator.evaluation import load_student
+from orchestrator.export import card_markdown, check_parity, model_card, to_onnx, to_torchscript
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.export", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--student", required=True, help="a student.pt from jobs.distill")
+    parser.add_argument("--out", required=True, help="output directory or object-store URI")
+    parser.add_argument("--report", help="a report.json from jobs.evaluate, for the card's metrics")
+    parser.add_argument("--name", default="", help="the student's name in --report")
+    args = parser.parse_args(argv)
+    if not storage.exists(args.student):
+        raise FileNotFoundError(f"--student: {args.student} does not exist")
+    model, export = load_student(args.student)
+    size = int(export["image_size"])
+    torchscript, onnx = to_torchscript(model, size), to_onnx(model, size)
+    parity = check_parity(model, torchscript, onnx, size)
+    metrics = None
+    if args.report:
+        students = json.loads(storage.read_text(args.report)).get("students", {})
+        name = args.name or (next(iter(students)) if len(students) == 1 else "")
+        if name not in students:
+            raise ValueError(f"--report {args.report}: pass --name, one of {sorted(students)}")
+        metrics = students[name]
+    card = model_card(args.student, export, parity, metrics)
+    storage.makedirs(args.out)
+    storage.write_bytes_atomic(storage.join(args.out, "student.torchscript.pt"), torchscript)
+    storage.write_bytes_atomic(storage.join(args.out, "student.onnx"), onnx)
+    storage.write_text_atomic(storage.join(args.out, "model_card.json"), json.dumps(card, indent=2))
+    storage.write_text_atomic(storage.join(args.out, "model_card.md"), card_markdown(card))
+    print(card_markdown(card))
+    print(
+        f"exported -> {args.out}: student.torchscript.pt, student.onnx, model_card.json, model_card.md"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))
