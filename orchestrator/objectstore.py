@@ -15,6 +15,7 @@ The secret never appears in ``repr`` or in any message this module prints.
 
 from __future__ import annotations
 
+import atexit
 import os
 import secrets
 import shutil
@@ -154,6 +155,7 @@ class EmbeddedObjectStore:
         except ObjectStoreError:
             store.stop()
             raise
+        atexit.register(store.stop)  # not left running if the owner forgets (or is interrupted)
         return store
 
     def _wait_ready(self, timeout_s: float) -> None:

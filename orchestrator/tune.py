@@ -103,7 +103,9 @@ def trial_resources(
     than fit (a trial beyond that would start a driver that waits, idle, for workers)."""
     scaling, data = config.scaling, config.data
     cpus = (
-        scaling.num_workers * scaling.cpus_per_worker + (data.decode_actors + 1) * data.decode_cpus
+        scaling.num_workers * scaling.cpus_per_worker
+        + (data.decode_actors + 1) * data.decode_cpus
+        + TRIAL_DRIVER_CPU
     )
     gpus = float(scaling.num_workers) if scaling.use_gpu else 0.0
     fits = math.floor(cluster_cpus / cpus + 1e-9)
@@ -288,7 +290,8 @@ def summarize(config: ExperimentConfig, rows: list[TrialRow], path: str) -> Sear
         f"{config.tune.metric} = {best.metric:.4f}\n# student: {best.student}\n"
     )
     storage.write_text_atomic(best_yaml, header + dump_yaml(best_config))
-    plot(rows, config.tune.metric, storage.join(out, "metric_vs_margin_scale.png"))
+    base = {"loss.margin": config.loss.margin, "loss.scale": config.loss.scale}
+    plot(rows, config.tune.metric, base, storage.join(out, "metric_vs_margin_scale.png"))
     return SearchOutcome(rows, best, best_yaml, out, table)
 
 
@@ -324,8 +327,9 @@ def as_csv(rows: list[TrialRow]) -> str:
     return buffer.getvalue()
 
 
-def plot(rows: list[TrialRow], metric: str, uri: str) -> None:
-    """The metric against margin (colour: margin type) and against scale, one dot a trial."""
+def plot(rows: list[TrialRow], metric: str, base: dict[str, float], uri: str) -> None:
+    """The metric against margin (colour: margin type) and against scale, one dot a trial;
+    a key that was not searched is drawn at the base config's value."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -341,9 +345,10 @@ def plot(rows: list[TrialRow], metric: str, uri: str) -> None:
         for r in measured:
             groups.setdefault(str(r.params.get("loss.margin_type", "base")), []).append(r)
         for kind, members in sorted(groups.items()):
-            xs = [r.params.get(key, math.nan) for r in members]
+            xs = [r.params.get(key, base[key]) for r in members]
             ax.scatter(xs, [r.metric for r in members], label=kind)
-        ax.set_xlabel(label + ("" if any(key in r.params for r in rows) else " (not searched)"))
+        searched = any(key in r.params for r in rows)
+        ax.set_xlabel(label + ("" if searched else f" (not searched: {base[key]:g})"))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(metric)
     axes[0].legend(title="margin type")
