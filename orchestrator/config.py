@@ -363,6 +363,35 @@ class TuneConfig:
 
 
 @dataclass(frozen=True)
+class RetrainConfig:
+    """The scheduled retraining pipeline (``python -m jobs.retrain``).
+
+    Finds the newest dataset snapshot under ``snapshots`` (each a dataset directory or
+    prefix; newest = most recently published ``dataset.json``), distils a student on it
+    with the rest of the experiment config, evaluates it on the fixed ``benchmark``
+    (a dataset with pairs) next to the current champion, and promotes it in ``registry``
+    when its ``metric`` beats the champion's by at least ``min_improvement``.
+    """
+
+    snapshots: str = ""
+    benchmark: str = ""
+    registry: str = ""
+    metric: str = "acc_10fold"  # a key of the evaluation report: acc_10fold, auc, rank1
+    min_improvement: float = 0.0
+    lock_ttl_s: float = 12 * 3600.0  # a crashed run's lock expires after this
+    lock_settle_s: float = 2.0  # wait after writing the lock before trusting it
+
+    def __post_init__(self) -> None:
+        _require(
+            self.metric in ("acc_10fold", "auc", "rank1"),
+            "metric",
+            f"must be acc_10fold, auc or rank1, found {self.metric!r}",
+        )
+        _require(self.lock_ttl_s > 0, "lock_ttl_s", "must be > 0")
+        _require(self.lock_settle_s >= 0, "lock_settle_s", "must be >= 0")
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     name: str = "experiment"
     seed: int = 0
@@ -378,6 +407,7 @@ class ExperimentConfig:
     run: RunConfig = field(default_factory=RunConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)  # jobs.tune
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)  # jobs.retrain
 
     def __post_init__(self) -> None:
         _require(bool(self.name.strip()), "name", "must not be empty")

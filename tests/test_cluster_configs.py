@@ -83,6 +83,9 @@ def test_kuberay_manifests_match_the_pinned_versions(path: Path) -> None:
     pinned = pinned_ray_version().rstrip(".*")
     assert ray.__version__.startswith(pinned)
     for doc in docs:
+        if doc["kind"] == "CronJob":
+            check_cronjob(doc)
+            continue
         assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] in ("RayCluster", "RayJob")
         spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
         assert spec["rayVersion"] == ray.__version__
@@ -100,6 +103,24 @@ def test_kuberay_manifests_match_the_pinned_versions(path: Path) -> None:
             assert doc["spec"]["entrypoint"].startswith("python -m jobs.")
             module = doc["spec"]["entrypoint"].split()[2]
             assert (REPO / (module.replace(".", "/") + ".py")).exists()
+
+
+def check_cronjob(doc: dict[str, Any]) -> None:
+    assert doc["apiVersion"] == "batch/v1"
+    spec = doc["spec"]
+    assert len(spec["schedule"].split()) == 5 and spec["concurrencyPolicy"] == "Forbid"
+    (container,) = spec["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    assert f"ray{ray.__version__}-{PYTHON}" in container["image"]
+    command = container["command"]
+    module = command[command.index("-m") + 1]
+    assert command[:3] == ["ray", "job", "submit"] and module == "jobs.retrain"
+    assert (REPO / (module.replace(".", "/") + ".py")).exists()
+    assert (REPO / command[command.index("--config") + 1]).exists()
+
+
+def test_there_is_a_scheduled_retraining_manifest() -> None:
+    kinds = {d["kind"] for p in KUBERAY for d in yaml.safe_load_all(p.read_text()) if d}
+    assert {"RayCluster", "RayJob", "CronJob"} <= kinds
 
 
 def test_dockerfile_pins_the_same_ray_and_python() -> None:

@@ -1,0 +1,189 @@
+"""jobs.retrain against a registry on the embedded S3 server: promote, skip, reject, a crash
+between training and promotion, and two runs at once; each checked through the registry
+and the history file."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from jobs import retrain as retrain_job
+from orchestrator import storage
+from orchestrator.config import ExperimentConfig, OptimConfig, RetrainConfig, SyntheticConfig
+from orchestrator.data.prepare import SyntheticDatasets, write_synthetic
+from orchestrator.objectstore import EmbeddedObjectStore
+from orchestrator.retrain import Outcome, candidate_config, newest_snapshot
+from orchestrator.train.launch import distill, student_uri
+from tests.conftest import BUCKET, REPO, make_train_setup
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+ROOT = f"s3://{BUCKET}/retrain"
+
+
+def publish_snapshot(store: EmbeddedObjectStore, prefix: str, name: str, seed: int) -> str:
+    """A snapshot: the training split of a synthetic set (same 6 identities, other faces)."""
+    generated = write_synthetic(
+        SyntheticConfig(
+            out=f"{ROOT}/generated/{prefix.split('/')[-2]}-{name}",
+            num_identities=6,
+            eval_identities=20,
+            images_per_identity=3,
+            seed=seed,
+        )
+    )
+    fs = store.client()
+    source = generated.train_uri.removeprefix("s3://")
+    target = f"{prefix}/{name}".removeprefix("s3://")
+    for path in sorted(fs.find(source), key=lambda p: p.endswith("dataset.json")):
+        fs.copy(path, target + path[len(source) :])  # dataset.json last, as writers do
+    time.sleep(1.1)  # object times have 1 s resolution: the next snapshot is newer
+    return f"{prefix}/{name}"
+
+
+@pytest.fixture(scope="module")
+def base(tiny_synthetic: SyntheticDatasets) -> ExperimentConfig:
+    setup = make_train_setup(f"{ROOT}/teacher", tiny_synthetic)
+    return replace(
+        setup.base,
+        storage_path=f"{ROOT}/runs",
+        optim=OptimConfig(lr=0.05, epochs=1, batch_size=4),
+        retrain=RetrainConfig(benchmark=tiny_synthetic.eval_uri, lock_settle_s=0.2),
+    )
+
+
+def configured(base: ExperimentConfig, case: str, **retrain: object) -> ExperimentConfig:
+    settings = {"snapshots": f"{ROOT}/{case}/snapshots", "registry": f"{ROOT}/{case}/registry"}
+    return replace(base, retrain=replace(base.retrain, **{**settings, **retrain}))  # type: ignore[arg-type]
+
+
+def history(config: ExperimentConfig) -> list[dict]:
+    text = storage.read_text(f"{config.retrain.registry}/history.jsonl")
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def champion(config: ExperimentConfig) -> dict:
+    return json.loads(storage.read_text(f"{config.retrain.registry}/champion.json"))
+
+
+def run(config: ExperimentConfig) -> Outcome:
+    from orchestrator.retrain import run as run_pipeline
+
+    return run_pipeline(config).outcome
+
+
+def test_no_snapshot(base: ExperimentConfig) -> None:
+    assert run(configured(base, "empty")) is Outcome.NO_SNAPSHOT
+
+
+def test_promote_then_skip_without_retraining(
+    base: ExperimentConfig, object_store: EmbeddedObjectStore
+) -> None:
+    config = configured(base, "first")
+    uri = publish_snapshot(object_store, config.retrain.snapshots, "2026-01", seed=11)
+    assert run(config) is Outcome.PROMOTED
+    snapshot = newest_snapshot(config.retrain.snapshots)
+    assert snapshot is not None and snapshot.uri == uri
+    student = student_uri(candidate_config(config, snapshot), f"retrain-{snapshot.short}")
+    assert champion(config)["student"] == student and champion(config)["version"] == 1
+    trained_at = object_store.client().modified(student.removeprefix("s3://"))
+    assert run(config) is Outcome.SKIPPED
+    assert object_store.client().modified(student.removeprefix("s3://")) == trained_at
+    decisions = [h["decision"] for h in history(config)]
+    assert decisions == ["promoted", "skipped"]
+    assert history(config)[0]["metrics"]["acc_10fold"] == champion(config)["metrics"]["acc_10fold"]
+    assert not storage.exists(f"{config.retrain.registry}/lock.json")  # released
+
+
+def test_reject_keeps_the_champion(
+    base: ExperimentConfig, object_store: EmbeddedObjectStore
+) -> None:
+    config = configured(base, "reject")
+    publish_snapshot(object_store, config.retrain.snapshots, "2026-01", seed=11)
+    assert run(config) is Outcome.PROMOTED
+    first = champion(config)
+    publish_snapshot(object_store, config.retrain.snapshots, "2026-02", seed=12)
+    strict = replace(config, retrain=replace(config.retrain, min_improvement=2.0))  # unreachable
+    assert run(strict) is Outcome.REJECTED
+    assert champion(config) == first
+    last = history(config)[-1]
+    assert last["decision"] == "rejected" and last["snapshot"].endswith("2026-02")
+    assert last["champion_value"] is not None and "acc_10fold" in last["metrics"]
+    assert run(strict) is Outcome.SKIPPED  # decided: not evaluated again
+
+
+def test_crash_between_training_and_promotion_is_completed_once(
+    base: ExperimentConfig, object_store: EmbeddedObjectStore
+) -> None:
+    config = configured(base, "crash", lock_ttl_s=3600.0)
+    publish_snapshot(object_store, config.retrain.snapshots, "2026-01", seed=13)
+    snapshot = newest_snapshot(config.retrain.snapshots)
+    assert snapshot is not None
+    # What a run killed after training leaves: the candidate's student, and its lock,
+    # expired by now (written with an expiry in the past).
+    distill(candidate_config(config, snapshot))
+    student = student_uri(candidate_config(config, snapshot), f"retrain-{snapshot.short}")
+    trained_at = object_store.client().modified(student.removeprefix("s3://"))
+    storage.write_text_atomic(
+        f"{config.retrain.registry}/lock.json",
+        json.dumps({"owner": "crashed:1", "expires_at": time.time() - 1}),
+    )
+    assert run(config) is Outcome.PROMOTED
+    assert object_store.client().modified(student.removeprefix("s3://")) == trained_at
+    # Killed again after the pointer moved, before the history line: the next run records
+    # the promotion and promotes nothing twice.
+    lines = storage.read_text(f"{config.retrain.registry}/history.jsonl").splitlines()
+    storage.write_text_atomic(f"{config.retrain.registry}/history.jsonl", "")
+    assert len(lines) == 1
+    assert run(config) is Outcome.SKIPPED
+    decisions = [h["decision"] for h in history(config)]
+    assert decisions == ["promoted", "skipped"]
+    champions = object_store.client().glob(
+        f"{config.retrain.registry.removeprefix('s3://')}/champions/*.json"
+    )
+    assert len(champions) == 1
+
+
+def test_a_live_lock_stops_a_second_run(
+    base: ExperimentConfig, object_store: EmbeddedObjectStore
+) -> None:
+    config = configured(base, "locked")
+    publish_snapshot(object_store, config.retrain.snapshots, "2026-01", seed=14)
+    storage.write_text_atomic(
+        f"{config.retrain.registry}/lock.json",
+        json.dumps({"owner": "other:7", "expires_at": time.time() + 600}),
+    )
+    assert run(config) is Outcome.LOCKED
+    assert not storage.exists(f"{config.retrain.registry}/history.jsonl")
+
+
+def test_two_overlapping_runs_never_both_decide(
+    base: ExperimentConfig, object_store: EmbeddedObjectStore, tmp_path: Path
+) -> None:
+    config = configured(base, "concurrent", lock_settle_s=2.0)
+    publish_snapshot(object_store, config.retrain.snapshots, "2026-01", seed=15)
+    from orchestrator.config import dump_yaml
+
+    path = tmp_path / "retrain.yaml"
+    path.write_text(dump_yaml(config))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_AUTH_MODE"] = "disabled"
+    command = [sys.executable, "-m", "jobs.retrain", "--config", str(path)]
+    runs = [
+        subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for _ in range(2)
+    ]
+    outputs = [r.communicate(timeout=500)[0] for r in runs]
+    codes = sorted(r.returncode for r in runs)
+    assert codes == [Outcome.PROMOTED, Outcome.LOCKED], outputs
+    decisions = [h["decision"] for h in history(config)]
+    assert decisions == ["promoted"]
+    assert retrain_job.__doc__ and "13 another run holds" in retrain_job.__doc__
