@@ -249,13 +249,16 @@ def trial_row(result: Any, config: ExperimentConfig) -> TrialRow:
     trial_id = str(metrics.get("trial_id") or result.path.rstrip("/").rsplit("/", 1)[-1])
     epochs = int(metrics.get("training_iteration", 0))
     metric = metrics.get(config.tune.metric)
+    # A trial is complete when its run returned and exported the student. ASHA may stop a
+    # trial at any milestone, the last epoch included (then it trained every epoch but
+    # ranked below the cutoff, and was stopped before its export).
+    student: str | None = student_uri(config, f"{config.name}-{trial_id}")
     if result.error is not None:
-        status = "error"
-    elif epochs < config.optim.epochs:
-        status = "stopped early"
-    else:
+        status, student = "error", None
+    elif student is not None and storage.exists(student):
         status = "completed"
-    student = student_uri(config, f"{config.name}-{trial_id}") if status == "completed" else None
+    else:
+        status, student = "stopped early", None
     kept = {k: v for k, v in metrics.items() if k.startswith("val_") or k in ("loss", "epoch")}
     return TrialRow(
         trial_id=trial_id,
