@@ -129,10 +129,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             seen_ids.extend(batch["image_id"].tolist())
             if len(batch["label"]) < local_batch:
                 continue  # the epoch's remainder: every rank has the same count, so skips it
-            images = to_model_input(torch.from_numpy(batch["image"])).to(device)
+            # Arrays Ray hands out may be read-only views of its store: copy only then.
+            images = to_model_input(torch.from_numpy(writable(batch["image"]))).to(device)
             if config.run.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            labels = torch.from_numpy(batch["label"]).to(device)
+            labels = torch.from_numpy(writable(batch["label"])).to(device)
             with torch.no_grad():
                 teacher_emb = None if teacher is None else teacher(images).float()
             out = train_step(
@@ -290,6 +291,10 @@ def memory_mb() -> dict[str, float]:
         return {}
     page_mb = os.sysconf("SC_PAGE_SIZE") / 2**20
     return {"rss_mb": resident * page_mb, "shared_mb": shared * page_mb}
+
+
+def writable(array: np.ndarray) -> np.ndarray:
+    return array if array.flags.writeable else array.copy()
 
 
 def input_errors_named(batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
