@@ -247,7 +247,9 @@ def trial_row(result: Any, config: ExperimentConfig) -> TrialRow:
     metrics = dict(result.metrics or {})
     params = {k: plain(v) for k, v in (result.config or {}).items()}
     trial_id = str(metrics.get("trial_id") or result.path.rstrip("/").rsplit("/", 1)[-1])
-    epochs = int(metrics.get("training_iteration", 0))
+    # Our reports carry the epoch index; Tune's iteration count restarts when a trial is
+    # restored, so it is not the epoch.
+    epochs = int(metrics["epoch"]) + 1 if "epoch" in metrics else 0
     metric = metrics.get(config.tune.metric)
     # A trial is complete when its run returned and exported the student. ASHA may stop a
     # trial at any milestone, the last epoch included (then it trained every epoch but

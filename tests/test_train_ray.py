@@ -71,9 +71,11 @@ def test_resume_by_name_and_with_fewer_workers(train_setup: TrainSetup) -> None:
     assert second.state.epochs_done == (0, 1)
     assert second.state.resumed_at == (1,)
     assert second.state.world_sizes == (2, 1)
-    # Rerunning a finished run trains nothing and hands back its final checkpoint.
+    # Rerunning a finished run trains nothing and hands back its final checkpoint, with its
+    # validation metrics measured again (a restored Tune trial reports them to ASHA).
     third = distill(longer)
     assert third.state.epochs_done == (0, 1)
+    assert third.metrics["epoch"] == 1 and 0.0 <= third.metrics["val_acc_10fold"] <= 1.0
 
 
 def test_resume_refuses_a_different_classifier(train_setup: TrainSetup, tmp_path: Path) -> None:

@@ -100,9 +100,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     bf16 = config.run.precision is Precision.BF16
 
     if previous is not None and start_epoch >= plan.optim.epochs:
-        # Rerun of a finished run: nothing to train; hand back its final checkpoint.
+        # Rerun of a finished run: nothing to train; hand back its final checkpoint, with
+        # its validation metrics measured again (a resumed Tune trial needs them).
+        final: dict[str, Any] = {"epoch": previous.epoch}
+        if rank == 0 and plan.eval_uri:
+            final.update(validation_metrics(unwrap(student), load_eval_set(plan.eval_uri)))
         report(
-            {"epoch": previous.epoch},
+            final,
             student,
             loss_fn,
             optimizer,
