@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -13,7 +12,7 @@ from orchestrator.config import ConfigError, ExperimentConfig, load_config
 from orchestrator.data.format import DatasetError
 from orchestrator.data.images import CorruptImageError
 from orchestrator.losses import LabelRangeError
-from orchestrator.storage import StorageError, endpoint_env, redact
+from orchestrator.storage import StorageError, redact, use_endpoint
 
 # Errors caused by input, reported as one line without a traceback (exit code 2).
 USER_ERRORS: tuple[type[Exception], ...] = (
@@ -43,7 +42,7 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     """The config, with its object-store endpoint and region put in this process's
     ``AWS_*`` environment for every S3 client to see."""
     config = load_config(args.config, args.overrides)
-    os.environ.update(endpoint_env(config.data.endpoint_url, config.data.region))
+    use_endpoint(config.data.endpoint_url, config.data.region)
     return config
 
 

@@ -72,13 +72,11 @@ class Decision:
 def newest_snapshot(prefix: str) -> Snapshot | None:
     """The snapshot whose ``dataset.json`` was published last (it is written last, so its
     time is the snapshot's completion time)."""
-    fs, path = storage.filesystem(prefix)
+    found = storage.glob(prefix, f"*/{fmt.META_FILE}")
+    if not found:
+        return None
+    fs, _ = storage.filesystem(prefix)
     with storage.object_errors(prefix, "listing"):
-        if not storage.is_local(prefix):
-            fs.invalidate_cache(path)
-        found = fs.glob(f"{path.rstrip('/')}/*/{fmt.META_FILE}")
-        if not found:
-            return None
         latest = max(found, key=lambda p: (fs.modified(p).timestamp(), p))
     uri = storage.join(prefix, latest.rstrip("/").split("/")[-2])
     text = storage.read_bytes(storage.join(uri, fmt.META_FILE))
@@ -237,11 +235,7 @@ def summary_metrics(entry: dict[str, Any]) -> dict[str, Any]:
 
 def promote(registry: str, snapshot: Snapshot, candidate: dict[str, Any]) -> None:
     """Keep the new champion's record, then move the pointer (one atomic write)."""
-    fs, path = storage.filesystem(storage.join(registry, "champions"))
-    with storage.object_errors(registry, "listing"):
-        if not storage.is_local(registry):
-            fs.invalidate_cache(path)
-        count = len(fs.glob(f"{path}/*.json"))
+    count = len(storage.glob(storage.join(registry, "champions"), "*.json"))
     entry = {
         "version": count + 1,
         "fingerprint": snapshot.fingerprint,

@@ -176,17 +176,31 @@ def makedirs(uri: str) -> None:
 
 def delete(uri: str) -> None:
     """Remove one object or file; no error if it is already gone."""
-    fs, path = filesystem(uri)
-    with object_errors(uri, "deleting"):
-        if fs.exists(path):
+    if exists(uri):
+        fs, path = filesystem(uri)
+        with object_errors(uri, "deleting"):
             fs.rm_file(path)
 
 
 def remove_tree(uri: str) -> None:
     """Delete a local directory or every object under a prefix; no error if absent."""
+    if exists(uri):
+        fs, path = filesystem(uri)
+        with object_errors(uri, "deleting"):
+            fs.rm(path, recursive=True)
+
+
+def glob(uri: str, pattern: str) -> list[str]:
+    """The paths (inside the filesystem, sorted) matching ``pattern`` under ``uri``, listed
+    now rather than from a cache."""
     fs, path = filesystem(uri)
-    with object_errors(uri, "deleting"):
+    with object_errors(uri, "listing"):
         if not is_local(uri):
             fs.invalidate_cache(path)
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
+        return sorted(fs.glob(f"{path.rstrip('/')}/{pattern}"))
+
+
+def use_endpoint(endpoint_url: str, region: str) -> None:
+    """Put a configured endpoint and region in this process's environment, where every S3
+    client of this process (and the Ray workers it starts) reads them."""
+    os.environ.update(endpoint_env(endpoint_url, region))

@@ -101,12 +101,11 @@ def trial_resources(
 ) -> TrialResources:
     """How much one trial holds, and how many trials the cluster runs at once: never more
     than fit (a trial beyond that would start a driver that waits, idle, for workers)."""
+    from orchestrator.data.ray_input import DecodePlan
+
     scaling, data = config.scaling, config.data
-    cpus = (
-        scaling.num_workers * scaling.cpus_per_worker
-        + (data.decode_actors + 1) * data.decode_cpus
-        + TRIAL_DRIVER_CPU
-    )
+    pipeline = DecodePlan(data.decode_actors, data.decode_cpus)
+    cpus = scaling.num_workers * scaling.cpus_per_worker + pipeline.cpus + TRIAL_DRIVER_CPU
     gpus = float(scaling.num_workers) if scaling.use_gpu else 0.0
     fits = math.floor(cluster_cpus / cpus + 1e-9)
     if gpus:
@@ -254,13 +253,14 @@ def trial_row(result: Any, config: ExperimentConfig) -> TrialRow:
     # A trial is complete when its run returned and exported the student. ASHA may stop a
     # trial at any milestone, the last epoch included (then it trained every epoch but
     # ranked below the cutoff, and was stopped before its export).
-    student: str | None = student_uri(config, f"{config.name}-{trial_id}")
+    exported = student_uri(config, f"{config.name}-{trial_id}")
+    student: str | None = None
     if result.error is not None:
-        status, student = "error", None
-    elif student is not None and storage.exists(student):
-        status = "completed"
+        status = "error"
+    elif storage.exists(exported):
+        status, student = "completed", exported
     else:
-        status, student = "stopped early", None
+        status = "stopped early"
     kept = {k: v for k, v in metrics.items() if k.startswith("val_") or k in ("loss", "epoch")}
     return TrialRow(
         trial_id=trial_id,

@@ -73,6 +73,11 @@ class DecodePlan:
     actors: int
     cpus_per_actor: float
 
+    @property
+    def cpus(self) -> float:
+        """What the pipeline reserves: the actors plus one slot for the Parquet reads."""
+        return (self.actors + 1) * self.cpus_per_actor
+
 
 def decode_plan(data: DataConfig, scaling: ScalingConfig, cluster_cpus: float) -> DecodePlan:
     """How many decode actors fit beside the Train workers without starving the reads.

@@ -34,7 +34,7 @@ def object_store_env(config: ExperimentConfig) -> dict[str, str]:
 
 def use_object_store_config(config: ExperimentConfig) -> None:
     """Make the config's endpoint and region visible to this process's S3 clients."""
-    os.environ.update(object_store_env(config))
+    storage.use_endpoint(config.data.endpoint_url, config.data.region)
 
 
 def input_plan(config: ExperimentConfig) -> DecodePlan:

@@ -130,7 +130,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             local_shuffle_buffer_size=config.run.shuffle_buffer or None,
         )
         for batch in input_errors_named(batches):
-            seen_ids.extend(batch["image_id"].tolist())
+            if config.run.audit_ids:
+                seen_ids.extend(batch["image_id"].tolist())
             if len(batch["label"]) < local_batch:
                 continue  # the epoch's remainder: every rank has the same count, so skips it
             # Arrays Ray hands out may be read-only views of its store: copy only then.
