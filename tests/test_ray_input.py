@@ -8,38 +8,66 @@ import numpy as np
 import pytest
 
 from orchestrator.config import DataConfig, ScalingConfig, SyntheticConfig
+from orchestrator.data.images import CorruptImageError, decode_jpeg, encode_jpeg
 from orchestrator.data.prepare import SyntheticDatasets, write_synthetic
-from orchestrator.data.ray_input import DecodePlan, decode_plan, flip_and_crop, training_dataset
+from orchestrator.data.ray_input import DecodePlan, decode_augmented, decode_plan, training_dataset
 
 
-def test_flip_is_a_mirror_or_identity_and_both_happen() -> None:
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, size=(64, 8, 6, 3), dtype=np.uint8)
-    before = images.copy()
-    out = flip_and_crop(images, np.random.default_rng(1), flip=True, crop_pad=0)
-    mirrored = [bool(np.array_equal(o, i[:, ::-1])) for o, i in zip(out, images, strict=True)]
-    kept = [bool(np.array_equal(o, i)) for o, i in zip(out, images, strict=True)]
-    assert all(m or k for m, k in zip(mirrored, kept, strict=True))
+def face_jpegs(count: int, size: int) -> tuple[list[bytes], np.ndarray]:
+    """Real JPEGs of asymmetric images and their plain RGB decodes (the reference)."""
+    rng = np.random.default_rng(7)
+    jpegs, plain = [], []
+    for _ in range(count):
+        image = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+        image[:, : size // 3] //= 4  # a dark left third: a mirror is never the identity
+        jpegs.append(encode_jpeg(image, 90))
+        plain.append(decode_jpeg(jpegs[-1], "test"))
+    return jpegs, np.stack(plain)
+
+
+def windows(image: np.ndarray, pad: int) -> list[np.ndarray]:
+    """Every crop of ``image`` zero-padded by ``pad``, at all offsets."""
+    height, width = image.shape[:2]
+    padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)))
+    return [
+        padded[top : top + height, left : left + width]
+        for top in range(2 * pad + 1)
+        for left in range(2 * pad + 1)
+    ]
+
+
+def test_flip_gives_the_exact_mirror_or_the_plain_decode_and_both_happen() -> None:
+    jpegs, plain = face_jpegs(64, 16)
+    out = decode_augmented(jpegs, list(range(64)), 16, np.random.default_rng(1), True, 0, "d")
+    mirrored = [bool(np.array_equal(o, p[:, ::-1])) for o, p in zip(out, plain, strict=True)]
+    kept = [bool(np.array_equal(o, p)) for o, p in zip(out, plain, strict=True)]
+    assert all(m != k for m, k in zip(mirrored, kept, strict=True))
     assert 10 < sum(mirrored) < 54  # p = 0.5 over 64 images
-    assert np.array_equal(images, before)  # the input batch is left alone
+    again = decode_augmented(jpegs, list(range(64)), 16, np.random.default_rng(1), True, 0, "d")
+    assert np.array_equal(out, again)  # the generator decides, nothing else
 
 
-def test_crop_is_a_shifted_window_of_the_zero_padded_image() -> None:
-    images = np.random.default_rng(2).integers(1, 256, size=(16, 8, 8, 3), dtype=np.uint8)
+def test_crop_is_a_shifted_window_of_the_zero_padded_image_and_composes_with_flip() -> None:
+    jpegs, plain = face_jpegs(24, 8)
     pad = 2
-    out = flip_and_crop(images, np.random.default_rng(3), flip=False, crop_pad=pad)
-    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    shifts = set()
-    for i in range(len(images)):
-        matches = [
-            (top, left)
-            for top in range(2 * pad + 1)
-            for left in range(2 * pad + 1)
-            if np.array_equal(out[i], padded[i, top : top + 8, left : left + 8])
-        ]
-        assert matches, f"image {i} is not a window of its padded original"
-        shifts.update(matches)
-    assert len(shifts) > 3  # the offsets vary
+    for flip in (False, True):
+        out = decode_augmented(jpegs, list(range(24)), 8, np.random.default_rng(3), flip, pad, "d")
+        offsets = set()
+        for i in range(len(jpegs)):
+            candidates = windows(plain[i], pad) + (windows(plain[i][:, ::-1], pad) if flip else [])
+            matches = [k for k, w in enumerate(candidates) if np.array_equal(out[i], w)]
+            assert matches, f"image {i} is not a window of its padded (mirrored) decode"
+            offsets.update(matches)
+        assert len(offsets) > 3  # the offsets vary
+
+
+def test_a_corrupt_jpeg_is_named_by_dataset_and_image_id() -> None:
+    jpegs, _ = face_jpegs(3, 8)
+    jpegs[1] = jpegs[1][:20]
+    with pytest.raises(CorruptImageError, match="dataset s3://b/d, image_id img-1"):
+        decode_augmented(
+            jpegs, ["img-0", "img-1", "img-2"], 8, np.random.default_rng(0), True, 1, "s3://b/d"
+        )
 
 
 def test_decode_plan_leaves_room_for_reads() -> None:

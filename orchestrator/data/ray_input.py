@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,21 +25,56 @@ from orchestrator.data.images import decode_jpeg
 COLUMNS = ["image", "label", "image_id"]
 
 
-def flip_and_crop(
-    images: np.ndarray, rng: np.random.Generator, flip: bool, crop_pad: int, in_place: bool = False
+def shift_into(out: np.ndarray, image: np.ndarray, dy: int, dx: int) -> None:
+    """``out[y, x] = image[y + dy, x + dx]``, zero where that falls outside ``image``: the
+    crop at offset (dy, dx) of the image zero-padded on every side. 2-D arrays (rows of
+    pixels' bytes: pass ``dx`` times the channels)."""
+    height, width = image.shape
+    if dy or dx:
+        out.fill(0)
+    out[max(0, -dy) : height - max(0, dy), max(0, -dx) : width - max(0, dx)] = image[
+        max(0, dy) : height + min(0, dy), max(0, dx) : width + min(0, dx)
+    ]
+
+
+def decode_augmented(
+    jpegs: Sequence[bytes],
+    image_ids: Sequence[Any],
+    size: int,
+    rng: np.random.Generator,
+    flip: bool,
+    crop_pad: int,
+    dataset: str,
 ) -> np.ndarray:
-    """(B, H, W, 3) uint8 -> same shape: each image mirrored with p = 0.5 (``flip``) and
-    shifted by up to ``crop_pad`` pixels each way (zero padding, then a random crop)."""
-    out = images if in_place else images.copy()
-    if flip:
-        mirrored = rng.random(len(out)) < 0.5
-        out[mirrored] = out[mirrored, :, ::-1]
-    if crop_pad:
-        height, width = out.shape[1:3]
-        padded = np.pad(out, ((0, 0), (crop_pad, crop_pad), (crop_pad, crop_pad), (0, 0)))
-        offsets = rng.integers(0, 2 * crop_pad + 1, size=(len(out), 2))
-        for i, (top, left) in enumerate(offsets):
-            out[i] = padded[i, top : top + height, left : left + width]
+    """JPEG bytes -> (B, size, size, 3) uint8: each image mirrored with p = 0.5 (``flip``)
+    and shifted by up to ``crop_pad`` pixels each way with zero fill (a random crop of the
+    zero-padded image).
+
+    A mirrored image is decoded with its channels reversed (BGR); reversing the bytes of each
+    of its rows then gives the mirror in RGB. That is one contiguous byte reversal instead
+    of a strided 3-byte pixel copy: the mirror adds ~10-15% to the decode instead of ~75%
+    (measured on 112x112 faces, 256 per batch). Unaugmented images are decoded straight into the batch.
+    """
+    count = len(jpegs)
+    out = np.empty((count, size, size, 3), dtype=np.uint8)  # (B, H, W, 3)
+    mirrored = rng.random(count) < 0.5 if flip else np.zeros(count, dtype=bool)
+    shifts = (
+        rng.integers(-crop_pad, crop_pad + 1, size=(count, 2))
+        if crop_pad
+        else np.zeros((count, 2), dtype=np.int64)
+    )
+    scratch = np.empty((size, size, 3), dtype=np.uint8)
+    for i, (data, image_id) in enumerate(zip(jpegs, image_ids, strict=True)):
+        where = f"dataset {dataset}, image_id {image_id}"
+        dy, dx = int(shifts[i, 0]), int(shifts[i, 1])
+        if not mirrored[i] and not (dy or dx):
+            decode_jpeg(data, where, out=out[i])
+            continue
+        decode_jpeg(data, where, out=scratch, colorspace="BGR" if mirrored[i] else "RGB")
+        rows = scratch.reshape(size, size * 3)  # (H, W*3): the bytes of each row
+        shift_into(
+            out[i].reshape(size, size * 3), rows[:, ::-1] if mirrored[i] else rows, dy, 3 * dx
+        )
     return out
 
 
@@ -54,13 +90,15 @@ class DecodeAugment:
         self.rng = np.random.default_rng([seed, os.getpid()])
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
-        count = len(batch["image"])
-        images = np.empty((count, self.size, self.size, 3), dtype=np.uint8)  # (B, H, W, 3)
-        for i, (data, image_id) in enumerate(zip(batch["image"], batch["image_id"], strict=True)):
-            # Straight into the batch array: no per-image array and no stacking copy.
-            decode_jpeg(data, f"dataset {self.dataset}, image_id {image_id}", out=images[i])
-        if self.flip or self.crop_pad:
-            images = flip_and_crop(images, self.rng, self.flip, self.crop_pad, in_place=True)
+        images = decode_augmented(
+            batch["image"],
+            batch["image_id"],
+            self.size,
+            self.rng,
+            self.flip,
+            self.crop_pad,
+            self.dataset,
+        )
         return {
             "image": images,
             "label": np.asarray(batch["label"], dtype=np.int64),
@@ -92,10 +130,39 @@ def decode_plan(data: DataConfig, scaling: ScalingConfig, cluster_cpus: float) -
     return DecodePlan(max(1, actors), data.decode_cpus)
 
 
-def shard_uris(uri: str) -> list[str]:
+READ_BLOCK_BATCHES = 8  # decode batches per read block
+
+
+def shard_uris(uri: str, meta: fmt.DatasetMeta | None = None) -> list[str]:
     """The Parquet shards listed in ``dataset.json`` (nothing else under the prefix)."""
-    meta = fmt.read_meta(uri)
+    meta = meta or fmt.read_meta(uri)
     return [storage.join(uri, shard.name) for shard in meta.files]
+
+
+def read_blocks(meta: fmt.DatasetMeta, decode_batch: int) -> int:
+    """How many blocks the read makes: about ``READ_BLOCK_BATCHES`` decode batches each,
+    and never fewer than the shards.
+
+    Ray's default splits the read into at least 200 blocks whatever the data; here that made
+    blocks smaller than a decode batch (234 rows for 30k faces), so every batch was glued
+    from two blocks and the per-block overhead halved the throughput (measured, read +
+    decode consumed by the driver, two decode actors: ~8k vs ~14k images/s). Blocks sized by rows keep that overhead per thousands
+    of images and still give every decode actor work on big shards.
+    """
+    return max(len(meta.files), math.ceil(meta.num_images / (decode_batch * READ_BLOCK_BATCHES)))
+
+
+def epoch_batches(shard: Any, batch_size: int, shuffle_buffer: int) -> Iterator[dict[str, Any]]:
+    """One epoch of a Train worker's dataset shard: numpy batches of ``batch_size`` rows (the
+    last one may be short), mixed by a local buffer of ``shuffle_buffer`` rows (0: off)."""
+    return iter(
+        shard.iter_batches(
+            batch_size=batch_size,
+            batch_format="numpy",
+            drop_last=False,
+            local_shuffle_buffer_size=shuffle_buffer or None,
+        )
+    )
 
 
 def ray_path(uri: str) -> str:
@@ -109,13 +176,15 @@ def training_dataset(data: DataConfig, plan: DecodePlan, seed: int) -> Any:
     # Ray 2.60's DataSourceV2 Parquet path adds a ListFiles task that asks for a whole CPU
     # (not configurable): beside Train workers on a small node it never schedules and the
     # run hangs (measured on 2 cores). The V1 reader takes num_cpus as given.
+    meta = fmt.read_meta(data.train)
     context = ray.data.DataContext.get_current()
     previous, context.use_datasource_v2 = context.use_datasource_v2, False
     try:
         ds = ray.data.read_parquet(
-            [ray_path(u) for u in shard_uris(data.train)],
+            [ray_path(u) for u in shard_uris(data.train, meta)],
             shuffle=ray.data.FileShuffleConfig(seed=seed, reseed_after_execution=True),
             num_cpus=plan.cpus_per_actor,
+            override_num_blocks=read_blocks(meta, data.decode_batch),
         ).select_columns(COLUMNS)
     finally:
         context.use_datasource_v2 = previous

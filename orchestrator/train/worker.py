@@ -33,6 +33,7 @@ from orchestrator.config import (
 )
 from orchestrator.data import format as fmt
 from orchestrator.data.images import CorruptImageError, to_model_input
+from orchestrator.data.ray_input import epoch_batches
 from orchestrator.evaluation import EvalSet, evaluate_model, load_eval_set
 from orchestrator.losses import Margin, build_loss, needs_teacher_embeddings
 from orchestrator.losses.sharded import Shard, ShardedProxylessLoss
@@ -123,12 +124,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         losses: list[float] = []
         started = last_log = warm = time.monotonic()
         seen_ids: list[str] = []
-        batches = shard.iter_batches(
-            batch_size=local_batch,
-            batch_format="numpy",
-            drop_last=False,
-            local_shuffle_buffer_size=config.run.shuffle_buffer or None,
-        )
+        batches = epoch_batches(shard, local_batch, config.run.shuffle_buffer)
         for batch in input_errors_named(batches):
             if config.run.audit_ids:
                 seen_ids.extend(batch["image_id"].tolist())
