@@ -18,10 +18,12 @@ Rows of the table:
   N at once     the same decode in one process per core, all at once: what the cores give
                 together here (a shared VM gives less than N x one)
 
-Rates: "steady" counts the rows after each worker's first batch over the time after it (what
-a long epoch converges to); "epoch" is the whole epoch including its start-up (Ray Data
-starts a new decode actor pool and read for every epoch); "start-up" is the time to the
-first batch in the slowest worker. Both pipelines make --epochs passes; the first (process
+Rates: "epoch" is the whole epoch including its start-up (Ray Data starts a new decode
+actor pool and read for every epoch); "start-up" is the time to the first batch in the
+slowest worker; "steady" counts the rows after each worker's first batch over the time
+after it. Steady overstates on short epochs (what was decoded before the first batch counts
+as delivered after it: with 4,000 rows it once came out above the bound), so the targets in the
+JSON are judged on the whole-epoch rates. Both pipelines make --epochs passes; the first (process
 start, connections, page cache) is shown but the reported figures are means of the later
 passes. Prints a table and, as its last line, one JSON object.
 """
@@ -34,7 +36,8 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +100,31 @@ class EpochRate:
     startup_s: float  # until the first batch (in the slowest worker)
 
 
+@dataclass(frozen=True)
+class EpochCount:
+    rows: int
+    after_first: int  # rows after the first batch
+    seconds: float  # the whole pass
+    first: float  # seconds until the first batch
+
+    @property
+    def rate(self) -> EpochRate:
+        return EpochRate(
+            self.rows / self.seconds, self.after_first / (self.seconds - self.first), self.first
+        )
+
+
+def count_epoch(batches: Iterable[Any], rows_of: Callable[[Any], int]) -> EpochCount:
+    """Consume one pass of ``batches``, counting rows and timing the first batch."""
+    rows, after_first, start, first = 0, 0, time.perf_counter(), 0.0
+    for batch in batches:
+        rows += rows_of(batch)
+        if first:
+            after_first += rows_of(batch)
+        first = first or time.perf_counter()
+    return EpochCount(rows, after_first, time.perf_counter() - start, first - start)
+
+
 def count_loop(config: dict[str, Any]) -> None:
     """A Train worker that consumes its shard of each epoch as training does; appends rows
     and times per epoch to a file of its own (same machine as the driver)."""
@@ -105,20 +133,8 @@ def count_loop(config: dict[str, Any]) -> None:
     rank = ray.train.get_context().get_world_rank()
     shard = ray.train.get_dataset_shard("train")
     for epoch in range(config["epochs"]):
-        rows, after_first, start, first = 0, 0, time.perf_counter(), 0.0
-        for batch in epoch_batches(shard, BATCH, config["shuffle_buffer"]):
-            rows += len(batch["label"])
-            if first:
-                after_first += len(batch["label"])
-            first = first or time.perf_counter()
-        seconds = time.perf_counter() - start
-        record = {
-            "epoch": epoch,
-            "rows": rows,
-            "after_first": after_first,
-            "seconds": seconds,
-            "first": first - start,
-        }
+        batches = epoch_batches(shard, BATCH, config["shuffle_buffer"])
+        record = {"epoch": epoch, **asdict(count_epoch(batches, lambda b: len(b["label"])))}
         with open(Path(config["out"]) / f"rank-{rank}.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         ray.train.report({"epoch": epoch})
@@ -187,17 +203,7 @@ def dataloader_rates(folder: Path, workers: int, epochs: int) -> list[EpochRate]
     loader = DataLoader(
         Files(), batch_size=BATCH, shuffle=True, num_workers=workers, persistent_workers=True
     )
-    rates = []
-    for _ in range(epochs):
-        rows, after_first, start, first = 0, 0, time.perf_counter(), 0.0
-        for images, _ in loader:
-            rows += len(images)
-            if first:
-                after_first += len(images)
-            first = first or time.perf_counter()
-        end = time.perf_counter()
-        rates.append(EpochRate(rows / (end - start), after_first / (end - first), first - start))
-    return rates
+    return [count_epoch(loader, lambda b: len(b[0])).rate for _ in range(epochs)]
 
 
 def mean_later(rates: list[EpochRate]) -> EpochRate:
@@ -261,7 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{f'bound: simplejpeg x {cores} cores':40s} {bound:9.0f}")
     print(f"{f'simplejpeg, {cores} processes at once':40s} {together:9.0f}")
     print(
-        f"ray steady = {ours.steady_per_s / bound:.2f} of the bound "
+        f"ray whole epochs = {ours.images_per_s / bound:.2f} of the bound, "
+        f"{ours.images_per_s / loader.images_per_s:.2f}x the dataloader; steady = "
+        f"{ours.steady_per_s / bound:.2f} of the bound "
         f"({ours.steady_per_s / together:.2f} of {cores} decoders at once), "
         f"{ours.steady_per_s / loader.steady_per_s:.2f}x the dataloader"
     )
@@ -281,8 +289,10 @@ def main(argv: list[str] | None = None) -> int:
         "fraction_of_bound": round(ours.steady_per_s / bound, 3),
         "fraction_of_cores_at_once": round(ours.steady_per_s / together, 3),
         "ray_over_dataloader": round(ours.steady_per_s / loader.steady_per_s, 3),
-        "target_fraction_of_bound_met": ours.steady_per_s >= 0.7 * bound,
-        "target_faster_than_dataloader_met": ours.steady_per_s > loader.steady_per_s,
+        "fraction_of_bound_epoch": round(ours.images_per_s / bound, 3),
+        "ray_over_dataloader_epoch": round(ours.images_per_s / loader.images_per_s, 3),
+        "target_fraction_of_bound_met": ours.images_per_s >= 0.7 * bound,
+        "target_faster_than_dataloader_met": ours.images_per_s > loader.images_per_s,
     }
     print(json.dumps(result))
     return 0

@@ -53,7 +53,8 @@ def decode_augmented(
     A mirrored image is decoded with its channels reversed (BGR); reversing the bytes of each
     of its rows then gives the mirror in RGB. That is one contiguous byte reversal instead
     of a strided 3-byte pixel copy: the mirror adds ~10-15% to the decode instead of ~75%
-    (measured on 112x112 faces, 256 per batch). Unaugmented images are decoded straight into the batch.
+    (measured on 112x112 faces, 256 per batch). Unaugmented images are decoded straight
+    into the batch.
     """
     count = len(jpegs)
     out = np.empty((count, size, size, 3), dtype=np.uint8)  # (B, H, W, 3)
@@ -146,8 +147,9 @@ def read_blocks(meta: fmt.DatasetMeta, decode_batch: int) -> int:
     Ray's default splits the read into at least 200 blocks whatever the data; here that made
     blocks smaller than a decode batch (234 rows for 30k faces), so every batch was glued
     from two blocks and the per-block overhead halved the throughput (measured, read +
-    decode consumed by the driver, two decode actors: ~8k vs ~14k images/s). Blocks sized by rows keep that overhead per thousands
-    of images and still give every decode actor work on big shards.
+    decode consumed by the driver, two decode actors: ~8k vs ~14k images/s). Blocks sized
+    by rows keep that overhead per thousands of images and still give every decode actor
+    work on big shards.
     """
     return max(len(meta.files), math.ceil(meta.num_images / (decode_batch * READ_BLOCK_BATCHES)))
 
