@@ -128,7 +128,14 @@ def run_ours(
         x = e.clone().requires_grad_(True)
         sampling = (rate, generator) if rate < 1.0 else None
         loss = sharded_margin_loss(
-            x, y, w, shard, MARGIN, chunk, torch.bfloat16 if bf16 else None, sampling=sampling
+            x,
+            y,
+            weight=w,
+            shard=shard,
+            margin=MARGIN,
+            chunk_size=chunk,
+            matmul_dtype=torch.bfloat16 if bf16 else None,
+            sampling=sampling,
         )
         loss.backward()
 
@@ -269,7 +276,9 @@ def train_steps(c: int, d: int, world: int, rank: int, plan: dict[str, Any]) -> 
         y = torch.randint(0, c, (GLOBAL_BATCH // world,), generator=g)
         start = time.perf_counter()
         optimizer.zero_grad()
-        loss = sharded_margin_loss(model(x), y, w, shard, MARGIN, plan["chunk"])
+        loss = sharded_margin_loss(
+            model(x), y, weight=w, shard=shard, margin=MARGIN, chunk_size=plan["chunk"]
+        )
         loss.backward()
         optimizer.step()
         times.append(time.perf_counter() - start)

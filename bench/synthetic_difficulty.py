@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     before = evaluate_model(student, eval_set)
 
     loss_config = type(config.loss)(**{**config.loss.__dict__, "method": Method.SCRATCH})
-    loss_fn = build_loss(loss_config, meta.num_classes, config.student.emb_dim)
+    loss_fn = build_loss(loss_config, num_classes=meta.num_classes, emb_dim=config.student.emb_dim)
     params = list(student.parameters()) + list(loss_fn.parameters())
     optimizer = torch.optim.SGD(params, lr=config.optim.lr, momentum=0.9, weight_decay=5e-4)
     steps = args.epochs * (meta.num_images // args.batch_size + 1)

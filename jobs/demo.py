@@ -29,14 +29,9 @@ from orchestrator.data.prepare import write_synthetic
 from orchestrator.evaluation import evaluate_students, write_report
 from orchestrator.objectstore import EmbeddedObjectStore
 from orchestrator.progress import format_seconds
+from orchestrator.runs import absolute_paths, ensure_ray, student_uri
 from orchestrator.teacher import load_teacher_backbone
-from orchestrator.train.launch import (
-    absolute_paths,
-    distill,
-    ensure_ray,
-    student_uri,
-    train_teacher,
-)
+from orchestrator.train.launch import distill, train_teacher
 
 DEMO_BUCKET = "demo"
 

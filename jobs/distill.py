@@ -20,7 +20,8 @@ import sys
 from collections.abc import Sequence
 
 from orchestrator import cli
-from orchestrator.train.launch import distill, student_uri, summary
+from orchestrator.runs import student_uri
+from orchestrator.train.launch import distill, summary
 
 
 def main(argv: Sequence[str] | None = None) -> int:

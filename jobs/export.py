@@ -19,6 +19,7 @@ import sys
 from collections.abc import Sequence
 
 from orchestrator import cli, storage
+from orchestrator.errors import UsageError
 from orchestrator.evaluation import load_student
 from orchestrator.export import card_markdown, check_parity, model_card, to_onnx, to_torchscript
 
@@ -35,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not storage.exists(args.student):
         raise FileNotFoundError(f"--student: {args.student} does not exist")
     model, export = load_student(args.student)
-    size = int(export["image_size"])
+    size = export.image_size
     torchscript, onnx = to_torchscript(model, size), to_onnx(model, size)
     parity = check_parity(model, torchscript, onnx, size)
     metrics = None
@@ -43,9 +44,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         students = json.loads(storage.read_text(args.report)).get("students", {})
         name = args.name or (next(iter(students)) if len(students) == 1 else "")
         if name not in students:
-            raise ValueError(f"--report {args.report}: pass --name, one of {sorted(students)}")
+            raise UsageError(
+                f"--report {args.report}: expected --name to be one of {sorted(students)}, "
+                f"found {args.name!r}"
+            )
         metrics = students[name]
-    card = model_card(args.student, export, parity, metrics)
+    card = model_card(args.student, export, parity=parity, metrics=metrics)
     storage.makedirs(args.out)
     storage.write_bytes_atomic(storage.join(args.out, "student.torchscript.pt"), torchscript)
     storage.write_bytes_atomic(storage.join(args.out, "student.onnx"), onnx)

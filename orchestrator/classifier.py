@@ -25,6 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from orchestrator import storage
+from orchestrator.shards import Shard
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
@@ -59,14 +60,6 @@ class ClassifierMeta:
     @property
     def nbytes(self) -> int:
         return self.num_classes * self.emb_dim * DTYPES[self.dtype].itemsize
-
-
-def shard_range(num_classes: int, world_size: int, rank: int) -> tuple[int, int]:
-    """(start, size) of the rows rank ``rank`` owns: the first C % N ranks get one extra."""
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} outside [0, world_size={world_size})")
-    base, extra = divmod(num_classes, world_size)
-    return base * rank + min(rank, extra), base + int(rank < extra)
 
 
 def default_chunk_rows(emb_dim: int, dtype: str) -> int:
@@ -194,6 +187,7 @@ def validate(
     emb_dim: int,
     label_map_fingerprint: str,
     dataset: str = "the dataset",
+    model: str = "the student",
 ) -> None:
     """Fail, naming both values, when the classifier does not fit the dataset or student."""
     if meta.num_classes != num_classes:
@@ -202,7 +196,7 @@ def validate(
         )
     if meta.emb_dim != emb_dim:
         raise ClassifierError(
-            f"{where} has emb_dim={meta.emb_dim} but the student has emb_dim={emb_dim}"
+            f"{where} has emb_dim={meta.emb_dim} but {model} has emb_dim={emb_dim}"
         )
     if meta.label_map_fingerprint != label_map_fingerprint:
         raise ClassifierError(
@@ -212,7 +206,13 @@ def validate(
 
 
 def read_rows(uri: str, meta: ClassifierMeta, start: int, size: int) -> npt.NDArray[np.float32]:
-    """Rows [start, start + size) as float32, reading and verifying only overlapping chunks."""
+    """Rows [start, start + size) as unit-length float32, reading and verifying only the
+    overlapping chunks.
+
+    This is the one place the inherited classifier is normalised on its way into training:
+    rows are stored normalised, but float16 storage rounds them off the unit sphere, so
+    they are renormalised here after decoding. The losses take them as they come
+    (``normalized=True``)."""
     if start < 0 or size < 0 or start + size > meta.num_classes:
         raise ClassifierError(
             f"{uri}: rows [{start}, {start + size}) outside [0, {meta.num_classes})"
@@ -226,6 +226,7 @@ def read_rows(uri: str, meta: ClassifierMeta, start: int, size: int) -> npt.NDAr
             rows = _read_chunk(uri, meta, chunk)
             out[lo - start : hi - start] = rows[lo - chunk_start : hi - chunk_start]
         chunk_start = chunk_end
+    out /= np.linalg.norm(out, axis=1, keepdims=True)  # stored rows are never zero (writer)
     return out
 
 
@@ -245,8 +246,8 @@ def _read_chunk(uri: str, meta: ClassifierMeta, chunk: ChunkInfo) -> npt.NDArray
 def read_shard(
     uri: str, meta: ClassifierMeta, world_size: int, rank: int
 ) -> npt.NDArray[np.float32]:
-    start, size = shard_range(meta.num_classes, world_size, rank)
-    return read_rows(uri, meta, start, size)
+    shard = Shard.for_rank(meta.num_classes, world_size, rank)
+    return read_rows(uri, meta, shard.class_start, shard.local_classes)
 
 
 def load_full(

@@ -7,23 +7,9 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 
-from orchestrator.classifier import ClassifierError
-from orchestrator.config import ConfigError, ExperimentConfig, load_config
-from orchestrator.data.format import DatasetError
-from orchestrator.data.images import CorruptImageError
-from orchestrator.losses import LabelRangeError
-from orchestrator.storage import StorageError, redact, use_endpoint
-
-# Errors caused by input, reported as one line without a traceback (exit code 2).
-USER_ERRORS: tuple[type[Exception], ...] = (
-    ConfigError,
-    DatasetError,
-    ClassifierError,
-    CorruptImageError,
-    LabelRangeError,
-    FileNotFoundError,
-    StorageError,
-)
+from orchestrator.config import ExperimentConfig, load_config
+from orchestrator.errors import USER_ERRORS
+from orchestrator.storage import redact, use_endpoint
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:

@@ -39,6 +39,43 @@ class Method(enum.StrEnum):
     LOGIT = "logit"  # own classifier + Hinton KD on the teacher's logits
     PROXYLESS_L2 = "proxyless+l2"  # inherited classifier + squared L2 to the teacher
 
+    # The facts about each method, in one place: config validation, the driver, the loss
+    # factory and the tests all ask these properties.
+
+    @property
+    def inherits_classifier(self) -> bool:
+        """The student's logits are taken against the teacher's frozen classifier W."""
+        return self in (Method.PROXYLESS, Method.PROXYLESS_L2)
+
+    @property
+    def uses_teacher_classifier(self) -> bool:
+        """W must be placed for the workers: inherited, or (logit) applied to the teacher's
+        own embeddings to make the soft targets."""
+        return self.inherits_classifier or self is Method.LOGIT
+
+    @property
+    def needs_teacher_embeddings(self) -> bool:
+        """Each batch also goes through the teacher backbone."""
+        return self in (Method.L2, Method.LOGIT, Method.PROXYLESS_L2)
+
+    @property
+    def needs_teacher_width(self) -> bool:
+        """The student must embed in the teacher's space: student.emb_dim == teacher.emb_dim.
+
+        ``logit`` does not: Hinton KD compares class probabilities, the teacher's from W on
+        the teacher's embeddings and the student's from its own head, so the student's
+        width is free."""
+        return self.inherits_classifier or self is Method.L2
+
+    @property
+    def uses_l2(self) -> bool:
+        return self in (Method.L2, Method.PROXYLESS_L2)
+
+    @property
+    def shardable(self) -> bool:
+        """The class-sharded loss (sharding.mode sharded) implements this method."""
+        return self is Method.PROXYLESS
+
 
 class MarginType(enum.StrEnum):
     ARCFACE = "arcface"  # s*cos(theta + m)
@@ -63,6 +100,10 @@ class Precision(enum.StrEnum):
 
 
 class OnCorrupt(enum.StrEnum):
+    """What ``jobs.prepare_dataset --on-corrupt`` does with an undecodable input image.
+    (Training input has no such option: a dataset holds only images that decoded at
+    import, so a corrupt one in training means the storage changed, and stops the run.)"""
+
     ERROR = "error"  # stop at the first undecodable image, naming it
     SKIP = "skip"  # leave it out, count it, and report the count
 
@@ -78,7 +119,6 @@ class DataConfig:
     train: str = "runs/data/synthetic/train"
     eval: str = "runs/data/synthetic/eval"
     image_size: int = 112
-    on_corrupt: OnCorrupt = OnCorrupt.ERROR
     # Training augmentation, applied by the decode actors (evaluation never augments).
     flip: bool = True  # random horizontal flip, p = 0.5
     crop_pad: int = 0  # random crop: pad by this many pixels, crop back (0: off, aligned faces)
@@ -186,9 +226,8 @@ class LossConfig:
             _require(self.m1 > 0, "m1", f"must be > 0, found {self.m1}")
             _require(0.0 <= self.m2 < math.pi / 2, "m2", f"must be in [0, pi/2), found {self.m2}")
             _require(0.0 <= self.m3 < 1.0, "m3", f"must be in [0, 1), found {self.m3}")
-        uses_l2 = self.method in (Method.L2, Method.PROXYLESS_L2)
         _require(
-            not uses_l2 or self.l2_weight > 0,
+            not self.method.uses_l2 or self.l2_weight > 0,
             "l2_weight",
             f"method {self.method.value} needs l2_weight > 0, found {self.l2_weight}",
         )
@@ -411,17 +450,16 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.name.strip()), "name", "must not be empty")
-        inherits = self.loss.method in (Method.PROXYLESS, Method.PROXYLESS_L2, Method.L2)
         # The inherited classifier (and the L2 target) live in the teacher's embedding space.
         _require(
-            not inherits or self.student.emb_dim == self.teacher.emb_dim,
+            not self.loss.method.needs_teacher_width
+            or self.student.emb_dim == self.teacher.emb_dim,
             "student.emb_dim",
             f"method {self.loss.method.value} needs student.emb_dim == teacher.emb_dim, "
             f"found {self.student.emb_dim} and {self.teacher.emb_dim}",
         )
         _require(
-            self.sharding.mode is not ClassifierMode.SHARDED
-            or self.loss.method is Method.PROXYLESS,
+            self.sharding.mode is not ClassifierMode.SHARDED or self.loss.method.shardable,
             "sharding.mode",
             f"sharded is implemented for loss.method proxyless, found {self.loss.method.value}",
         )
@@ -436,12 +474,6 @@ class ExperimentConfig:
             "teacher_optim.batch_size",
             f"the global batch {self.teacher_optim.batch_size} must split evenly over "
             f"scaling.num_workers={self.scaling.num_workers}",
-        )
-        _require(
-            self.data.image_size == self.synthetic.image_size,
-            "data.image_size",
-            f"must equal synthetic.image_size, found {self.data.image_size} and "
-            f"{self.synthetic.image_size}",
         )
 
 

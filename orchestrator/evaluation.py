@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from orchestrator import storage
+from orchestrator.artifacts import ArtifactError, StudentExport, read_student_export
 from orchestrator.data import format as fmt
 from orchestrator.data.images import decode_jpeg, to_model_input
 from orchestrator.metrics import (
@@ -133,18 +134,20 @@ def evaluate_model(
     return report
 
 
-def load_student(uri: str) -> tuple[nn.Module, dict[str, Any]]:
+def load_student(uri: str) -> tuple[nn.Module, StudentExport]:
     """A student exported by jobs.distill (student.pt), in eval mode, and its metadata."""
-    from orchestrator.config import Arch
     from orchestrator.models import build_backbone
-    from orchestrator.train.checkpoint import load_student_export
 
-    data = load_student_export(uri)
-    model = build_backbone(
-        Arch(data["arch"]), int(data["emb_dim"]), input_size=int(data["image_size"])
-    )
-    model.load_state_dict(data["student"])
-    return model.eval(), data
+    export = read_student_export(uri)
+    model = build_backbone(export.arch, export.emb_dim, input_size=export.image_size)
+    try:
+        model.load_state_dict(export.student)
+    except RuntimeError as err:
+        raise ArtifactError(
+            f"{uri}: its weights do not fit arch {export.arch.value} emb_dim {export.emb_dim} "
+            f"({str(err).splitlines()[0]})"
+        ) from None
+    return model.eval(), export
 
 
 @dataclass(frozen=True)
@@ -189,7 +192,7 @@ def evaluate_students(
         }
         curve("teacher", teacher_emb, teacher_emb)
     for name, uri in students.items():
-        model, meta = load_student(uri)
+        model, export = load_student(uri)
         emb = embed_images(model, eval_set.images, flip=flip, label=f"embed {name}")
         entry: dict[str, Any] = embedding_metrics(eval_set, emb)
         entry["cross_model"] = None
@@ -198,8 +201,8 @@ def evaluate_students(
             curve(f"{name} cross (teacher gallery)", teacher_emb, emb)
         entry.update(
             params=profile_model(model).params,
-            train_seconds=float(meta.get("train_seconds", 0.0)),
-            epochs=len(meta.get("epochs_done", [])),
+            train_seconds=export.train_seconds,
+            epochs=len(export.epochs_done),
             checkpoint=uri,
         )
         report["students"][name] = entry

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from orchestrator import storage
+from orchestrator.artifacts import StudentExport
 
 # Parity tolerance, float32 on CPU: the exported graph computes the same operations.
 MAX_ABS_DIFF = 1e-4
@@ -96,28 +97,32 @@ def check_parity(
 
 
 def model_card(
-    student_uri: str, export: dict[str, Any], parity: list[Parity], metrics: dict[str, Any] | None
+    student_uri: str,
+    export: StudentExport,
+    *,
+    parity: list[Parity],
+    metrics: dict[str, Any] | None,
 ) -> dict[str, Any]:
     """What the model is and where it came from: data fingerprint, teacher classifier
     checksum, metrics, the training config."""
     from orchestrator.data import format as fmt
 
-    config = export.get("config") or {}
+    config = export.config
     train_uri = (config.get("data") or {}).get("train")
     fingerprint = None
     if train_uri and storage.exists(storage.join(train_uri, fmt.META_FILE)):
         fingerprint = fmt.read_meta(train_uri).label_map_fingerprint
     return {
         "student": student_uri,
-        "arch": export["arch"],
-        "emb_dim": int(export["emb_dim"]),
+        "arch": export.arch.value,
+        "emb_dim": export.emb_dim,
         "input": {
-            "shape": ["batch", 3, export["image_size"], export["image_size"]],
+            "shape": ["batch", 3, export.image_size, export.image_size],
             "range": "[-1, 1], RGB, (pixel / 127.5) - 1",
         },
         "training_data": {"uri": train_uri, "label_map_fingerprint": fingerprint},
-        "teacher_classifier": export.get("classifier"),
-        "epochs_done": export.get("epochs_done"),
+        "teacher_classifier": None if export.classifier is None else asdict(export.classifier),
+        "epochs_done": list(export.epochs_done),
         "metrics": metrics,
         "parity": {
             "tolerance": {"max_abs_diff": MAX_ABS_DIFF, "min_cosine": MIN_COSINE},

@@ -203,7 +203,8 @@ def train_and_evaluate(
     """The snapshot's candidate: trained unless its student exists, evaluated on the
     benchmark next to the champion. Saved in the registry before any decision."""
     from orchestrator.evaluation import evaluate_students
-    from orchestrator.train.launch import distill, student_uri
+    from orchestrator.runs import student_uri
+    from orchestrator.train.launch import distill
 
     run_config = candidate_config(config, snapshot)
     student = student_uri(run_config, run_config.name)

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import io
 import os
-import pickle
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -25,84 +23,49 @@ from torch import nn
 
 from orchestrator import classifier as clf
 from orchestrator import storage
-from orchestrator.config import Arch
+from orchestrator.artifacts import (
+    TEACHER_KIND,
+    ArtifactError,
+    archive_kind,
+    load_data,
+    load_teacher,
+    read_teacher_bytes,
+)
 from orchestrator.data import format as fmt
 from orchestrator.data.images import decode_jpeg, to_model_input
 from orchestrator.models import build_backbone
 from orchestrator.progress import Progress
-
-CHECKPOINT_KIND = "proxylesskd-teacher"
-
-
-@dataclass(frozen=True)
-class TeacherCheckpoint:
-    arch: Arch
-    emb_dim: int
-    image_size: int
-    backbone: dict[str, torch.Tensor]
-    classifier: torch.Tensor  # (C, d), the trained head
-    label_map_fingerprint: str
-
-
-def save_teacher(uri: str, teacher: TeacherCheckpoint) -> None:
-    """Write atomically to a local path or an object-store URI."""
-    buffer = io.BytesIO()
-    torch.save(
-        {
-            "kind": CHECKPOINT_KIND,
-            "version": 1,
-            "arch": teacher.arch.value,
-            "emb_dim": teacher.emb_dim,
-            "image_size": teacher.image_size,
-            "backbone": teacher.backbone,
-            "classifier": teacher.classifier,
-            "label_map_fingerprint": teacher.label_map_fingerprint,
-        },
-        buffer,
-    )
-    storage.write_bytes_atomic(uri, buffer.getvalue())
-
-
-def _read(uri: str) -> bytes:
-    if not storage.exists(uri):
-        raise FileNotFoundError(f"teacher {uri} does not exist (train one with jobs.train_teacher)")
-    return storage.read_bytes(uri)
-
-
-def load_teacher(uri: str, data: bytes | None = None) -> TeacherCheckpoint:
-    """This project's teacher checkpoint from a local path or an object-store URI."""
-    raw = _read(uri) if data is None else data
-    try:
-        saved = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, pickle.UnpicklingError) as err:
-        raise ValueError(f"{uri}: cannot load teacher checkpoint: {err}") from None
-    if not isinstance(saved, dict) or saved.get("kind") != CHECKPOINT_KIND:
-        raise ValueError(f"{uri}: not a {CHECKPOINT_KIND} checkpoint")
-    return TeacherCheckpoint(
-        arch=Arch(saved["arch"]),
-        emb_dim=int(saved["emb_dim"]),
-        image_size=int(saved["image_size"]),
-        backbone=saved["backbone"],
-        classifier=saved["classifier"],
-        label_map_fingerprint=str(saved["label_map_fingerprint"]),
-    )
+from orchestrator.shards import Shard
 
 
 def load_teacher_backbone(uri: str) -> nn.Module:
     """A teacher backbone in eval mode from a local path or URI: this project's checkpoint,
-    or any TorchScript module mapping (B, 3, H, W) in [-1, 1] to (B, d)."""
-    raw = _read(uri)
-    try:
-        teacher = load_teacher(uri, raw)
-    except ValueError:
+    or any TorchScript module mapping (B, 3, H, W) in [-1, 1] to (B, d).
+
+    The checkpoint is read as data only (:func:`orchestrator.artifacts.load_data`); a file
+    that is neither raises :class:`ArtifactError` naming it."""
+    raw = read_teacher_bytes(uri)
+    kind = archive_kind(raw)
+    if kind is None:
+        raise ArtifactError(
+            f"{uri}: neither a {TEACHER_KIND} checkpoint nor a TorchScript module "
+            "(not a PyTorch zip archive)"
+        )
+    if kind == "torchscript":
         try:
             return torch.jit.load(io.BytesIO(raw), map_location="cpu").eval()
         except (RuntimeError, ValueError) as err:
-            raise ValueError(
-                f"{uri}: neither a {CHECKPOINT_KIND} checkpoint nor a TorchScript module ({err})"
-            ) from None
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ArtifactError(f"{uri}: unreadable TorchScript module ({first})") from None
+    teacher = load_teacher(uri, raw)
     model = build_backbone(teacher.arch, teacher.emb_dim, input_size=teacher.image_size)
-    model.load_state_dict(teacher.backbone)
+    try:
+        model.load_state_dict(teacher.backbone)
+    except RuntimeError as err:
+        raise ArtifactError(
+            f"{uri}: its backbone does not fit arch {teacher.arch.value} emb_dim {teacher.emb_dim}"
+            f" ({str(err).splitlines()[0]})"
+        ) from None
     return model.eval()
 
 
@@ -157,7 +120,7 @@ def find_arcface_shards(run_dir: str) -> list[str]:
 
 
 def _arcface_weight(path: str) -> torch.Tensor:
-    data: Any = torch.load(path, map_location="cpu", weights_only=True)
+    data: Any = load_data(path, path, "a Partial FC weight file")
     if isinstance(data, dict) and "state_dict_softmax_fc" in data:
         data = data["state_dict_softmax_fc"]
     if isinstance(data, dict):
@@ -182,7 +145,7 @@ def classifier_from_arcface_torch(
     writer: clf.ClassifierWriter | None = None
     for rank, path in enumerate(files):
         weight = _arcface_weight(path)
-        _, expected = clf.shard_range(num_classes, world_size, rank)
+        expected = Shard.for_rank(num_classes, world_size, rank).local_classes
         if weight.shape[0] != expected:
             raise clf.ClassifierError(
                 f"{path}: rank {rank} of {world_size} has {weight.shape[0]} rows, but "

@@ -157,7 +157,7 @@ def run_search(config: ExperimentConfig, resume: bool = False) -> SearchOutcome:
     import ray
     from ray import tune as rt
 
-    from orchestrator.train.launch import absolute_paths, ensure_ray
+    from orchestrator.runs import absolute_paths, ensure_ray
 
     config = absolute_paths(config)
     ensure_ray()
@@ -241,7 +241,7 @@ def scheduler(config: ExperimentConfig) -> Any:
 
 
 def trial_row(result: Any, config: ExperimentConfig) -> TrialRow:
-    from orchestrator.train.launch import student_uri
+    from orchestrator.runs import student_uri
 
     metrics = dict(result.metrics or {})
     params = {k: plain(v) for k, v in (result.config or {}).items()}

@@ -11,17 +11,17 @@ import pytest
 import torch
 
 from orchestrator import classifier as clf
+from orchestrator.artifacts import TeacherCheckpoint, save_teacher
 from orchestrator.config import Arch
 from orchestrator.data import format as fmt
 from orchestrator.data.prepare import SyntheticDatasets
+from orchestrator.shards import Shard
 from orchestrator.teacher import (
-    TeacherCheckpoint,
     classifier_from_arcface_torch,
     classifier_from_checkpoint,
     classifier_from_mean_embeddings,
     iter_dataset_batches,
     load_teacher_backbone,
-    save_teacher,
 )
 
 FP = "sha256:" + "ab" * 32
@@ -35,7 +35,8 @@ def normalised(w: np.ndarray) -> np.ndarray:
     ("num_classes", "world_size"), [(10, 1), (10, 3), (7, 4), (3, 5), (1000, 7)]
 )
 def test_shard_range_formula(num_classes: int, world_size: int) -> None:
-    ranges = [clf.shard_range(num_classes, world_size, r) for r in range(world_size)]
+    shards = [Shard.for_rank(num_classes, world_size, r) for r in range(world_size)]
+    ranges = [(s.class_start, s.local_classes) for s in shards]
     assert sum(size for _, size in ranges) == num_classes
     assert ranges[0][0] == 0
     for (start, size), (next_start, _) in itertools.pairwise(ranges):
@@ -157,7 +158,8 @@ def test_builder_from_arcface_torch(tmp_path: Path, layout: str) -> None:
     run = tmp_path / "run"
     run.mkdir()
     for rank in range(world_size):
-        start, size = clf.shard_range(num_classes, world_size, rank)
+        shard = Shard.for_rank(num_classes, world_size, rank)
+        start, size = shard.class_start, shard.local_classes
         part = w[start : start + size].clone()
         if layout == "v1_tensor":
             torch.save(part, run / f"rank_{rank}_softmax_weight.pt")

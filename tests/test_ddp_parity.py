@@ -33,7 +33,10 @@ def make_setup(
     student = build_backbone(Arch.TINY_MOBILEFACENET, EMB_DIM, input_size=32).double()
     teacher_w = torch.randn(NUM_CLASSES, EMB_DIM, dtype=torch.float64)
     loss_fn = build_loss(
-        LossConfig(method=method, scale=16.0, margin=0.3), NUM_CLASSES, EMB_DIM, teacher_w
+        LossConfig(method=method, scale=16.0, margin=0.3),
+        num_classes=NUM_CLASSES,
+        emb_dim=EMB_DIM,
+        teacher_classifier=teacher_w,
     ).double()
     g = torch.Generator().manual_seed(1)
     images = [
@@ -64,10 +67,10 @@ def worker(rank: int, method: Method, rendezvous: str, out: str) -> None:
         train_step(
             ddp,
             loss_fn,
-            optimizer,
-            images[step][mine],
-            labels[step][mine],
-            teacher_emb[step][mine],
+            optimizer=optimizer,
+            images=images[step][mine],
+            labels=labels[step][mine],
+            teacher_embeddings=teacher_emb[step][mine],
             lr=lr_at(step, STEPS, 1, 0.1),
         )
     if rank == 0:

@@ -26,7 +26,12 @@ def setup(
     student = build_backbone(Arch.TINY_IRESNET, 32, input_size=64).to(device)
     if channels_last:
         student = student.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    loss_fn = build_loss(LossConfig(scale=16.0, margin=0.3), 10, 32, torch.randn(10, 32)).to(device)
+    loss_fn = build_loss(
+        LossConfig(scale=16.0, margin=0.3),
+        num_classes=10,
+        emb_dim=32,
+        teacher_classifier=torch.randn(10, 32),
+    ).to(device)
     images = torch.randn(8, 3, 64, 64, device=device)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
@@ -42,7 +47,9 @@ def test_bf16_step_tracks_fp32(device: str, channels_last: bool) -> None:
         assert isinstance(loss_fn, ProxylessLoss)
         frozen = loss_fn.classifier.weight.clone()
         optimizer = torch.optim.SGD(student.parameters(), lr=0.01)
-        out = train_step(student, loss_fn, optimizer, images, labels, bf16=bf16)
+        out = train_step(
+            student, loss_fn, optimizer=optimizer, images=images, labels=labels, bf16=bf16
+        )
         losses[bf16] = float(out.loss.detach())
         assert out.loss.dtype == torch.float32, "the loss itself is computed in fp32"
         assert torch.equal(loss_fn.classifier.weight, frozen)

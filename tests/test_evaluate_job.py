@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+from orchestrator.artifacts import StudentExport, TrainingState, write_student_export
 from orchestrator.config import Arch
 from orchestrator.evaluation import embed_images, embedding_metrics, load_eval_set
 from orchestrator.models import build_backbone
 from orchestrator.teacher import load_teacher_backbone
-from orchestrator.train.checkpoint import TrainingState, export_student
 from tests.conftest import REPO, TrainSetup
 
 
@@ -32,7 +32,10 @@ def export(path: Path, seed: int) -> torch.nn.Module:
         epochs_done=(0, 1),
         train_seconds=12.5,
     )
-    export_student(str(path), state, Arch.TINY_MOBILEFACENET.value, 16, 112)
+    write_student_export(
+        str(path),
+        StudentExport.from_state(state, arch=Arch.TINY_MOBILEFACENET, emb_dim=16, image_size=112),
+    )
     return model.eval()
 
 

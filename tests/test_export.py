@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from jobs import export as export_job
+from orchestrator.artifacts import ClassifierRef, StudentExport, TrainingState, write_student_export
 from orchestrator.config import Arch, DataConfig, ExperimentConfig, to_dict
 from orchestrator.data.prepare import SyntheticDatasets
 from orchestrator.export import MAX_ABS_DIFF, to_onnx
 from orchestrator.models import build_backbone
-from orchestrator.train.checkpoint import ClassifierRef, TrainingState, export_student
 
 onnxruntime = pytest.importorskip("onnxruntime")
 
@@ -40,7 +40,10 @@ def write_student(path: Path, data: SyntheticDatasets) -> torch.nn.Module:
         config=to_dict(config),
         epochs_done=(0, 1),
     )
-    export_student(str(path), state, Arch.TINY_MOBILEFACENET.value, 16, 112)
+    write_student_export(
+        str(path),
+        StudentExport.from_state(state, arch=Arch.TINY_MOBILEFACENET, emb_dim=16, image_size=112),
+    )
     return model.eval()
 
 

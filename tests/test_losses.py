@@ -61,7 +61,9 @@ def test_proxyless_loss_and_gradient_match_reference(
     ref = reference_margin_ce(ref_emb, weight, labels, Margin.from_config(cfg))
     ref.backward()
 
-    loss_fn = build_loss(cfg, NUM_CLASSES, EMB_DIM, teacher_classifier=weight.to(dtype))
+    loss_fn = build_loss(
+        cfg, num_classes=NUM_CLASSES, emb_dim=EMB_DIM, teacher_classifier=weight.to(dtype)
+    )
     if dtype == torch.float64:
         loss_fn = loss_fn.double()
     emb = emb64.to(dtype).requires_grad_(True)
@@ -86,7 +88,12 @@ def test_frozen_classifier_is_never_trained() -> None:
     torch.manual_seed(0)
     student = build_backbone(Arch.TINY_IRESNET, EMB_DIM, input_size=32)
     weight = torch.randn(NUM_CLASSES, EMB_DIM)
-    loss_fn = build_loss(LossConfig(method=Method.PROXYLESS), NUM_CLASSES, EMB_DIM, weight)
+    loss_fn = build_loss(
+        LossConfig(method=Method.PROXYLESS),
+        num_classes=NUM_CLASSES,
+        emb_dim=EMB_DIM,
+        teacher_classifier=weight,
+    )
     assert isinstance(loss_fn, ProxylessLoss)
     frozen = loss_fn.classifier.weight
     before = frozen.clone()
@@ -112,7 +119,12 @@ def test_frozen_classifier_is_never_trained() -> None:
 
 
 def test_out_of_range_label_is_an_error_naming_label_and_c() -> None:
-    loss_fn = build_loss(LossConfig(), NUM_CLASSES, EMB_DIM, torch.randn(NUM_CLASSES, EMB_DIM))
+    loss_fn = build_loss(
+        LossConfig(),
+        num_classes=NUM_CLASSES,
+        emb_dim=EMB_DIM,
+        teacher_classifier=torch.randn(NUM_CLASSES, EMB_DIM),
+    )
     with pytest.raises(LabelRangeError, match=r"label 11 .*num_classes=11"):
         loss_fn(torch.randn(2, EMB_DIM), torch.tensor([3, 11]))
     with pytest.raises(LabelRangeError, match=r"label -1"):
@@ -121,7 +133,12 @@ def test_out_of_range_label_is_an_error_naming_label_and_c() -> None:
 
 def test_classifier_shape_mismatch_names_both_shapes() -> None:
     with pytest.raises(ValueError, match=r"\(11, 7\).*num_classes=11, emb_dim=8"):
-        build_loss(LossConfig(), NUM_CLASSES, EMB_DIM, torch.randn(NUM_CLASSES, 7))
+        build_loss(
+            LossConfig(),
+            num_classes=NUM_CLASSES,
+            emb_dim=EMB_DIM,
+            teacher_classifier=torch.randn(NUM_CLASSES, 7),
+        )
 
 
 def test_embedding_l2_is_two_minus_two_cosine() -> None:
@@ -147,7 +164,12 @@ def test_hinton_kd_matches_kl_formula() -> None:
 def test_every_method_builds_and_trains_the_right_parameters(method: Method) -> None:
     torch.manual_seed(0)
     weight = torch.randn(NUM_CLASSES, EMB_DIM)
-    loss_fn = build_loss(LossConfig(method=method), NUM_CLASSES, EMB_DIM, weight)
+    loss_fn = build_loss(
+        LossConfig(method=method),
+        num_classes=NUM_CLASSES,
+        emb_dim=EMB_DIM,
+        teacher_classifier=weight,
+    )
     own = sum(p.numel() for p in loss_fn.parameters())
     inherits = method in (Method.PROXYLESS, Method.PROXYLESS_L2)
     assert own == (0 if inherits else NUM_CLASSES * EMB_DIM)
@@ -160,17 +182,25 @@ def test_every_method_builds_and_trains_the_right_parameters(method: Method) -> 
 
 
 def test_methods_needing_the_teacher_say_so() -> None:
-    loss_fn = build_loss(LossConfig(method=Method.L2), NUM_CLASSES, EMB_DIM)
+    loss_fn = build_loss(LossConfig(method=Method.L2), num_classes=NUM_CLASSES, emb_dim=EMB_DIM)
     with pytest.raises(ValueError, match="teacher's embeddings"):
         loss_fn(torch.randn(2, EMB_DIM), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="needs the teacher classifier"):
-        build_loss(LossConfig(method=Method.PROXYLESS), NUM_CLASSES, EMB_DIM)
+        build_loss(LossConfig(method=Method.PROXYLESS), num_classes=NUM_CLASSES, emb_dim=EMB_DIM)
 
 
 def test_normalized_fp32_classifier_is_used_without_a_copy() -> None:
     w = torch.nn.functional.normalize(torch.randn(NUM_CLASSES, EMB_DIM), dim=1)
-    shared = build_loss(LossConfig(), NUM_CLASSES, EMB_DIM, w, normalized=True)
-    copied = build_loss(LossConfig(), NUM_CLASSES, EMB_DIM, w)
+    shared = build_loss(
+        LossConfig(),
+        num_classes=NUM_CLASSES,
+        emb_dim=EMB_DIM,
+        teacher_classifier=w,
+        normalized=True,
+    )
+    copied = build_loss(
+        LossConfig(), num_classes=NUM_CLASSES, emb_dim=EMB_DIM, teacher_classifier=w
+    )
     assert isinstance(shared, ProxylessLoss) and isinstance(copied, ProxylessLoss)
     assert shared.classifier.weight.data_ptr() == w.data_ptr()
     assert copied.classifier.weight.data_ptr() != w.data_ptr()

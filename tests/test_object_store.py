@@ -23,7 +23,8 @@ from orchestrator.data.images import encode_jpeg
 from orchestrator.data.prepare import SyntheticDatasets, write_synthetic
 from orchestrator.data.synthetic import iter_identity_images
 from orchestrator.objectstore import EmbeddedObjectStore
-from orchestrator.train.launch import distill, student_uri
+from orchestrator.runs import student_uri
+from orchestrator.train.launch import distill
 from tests.conftest import BUCKET, REPO, make_train_setup
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")

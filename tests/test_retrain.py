@@ -20,7 +20,8 @@ from orchestrator.config import ExperimentConfig, OptimConfig, RetrainConfig, Sy
 from orchestrator.data.prepare import SyntheticDatasets, write_synthetic
 from orchestrator.objectstore import EmbeddedObjectStore
 from orchestrator.retrain import Outcome, candidate_config, newest_snapshot
-from orchestrator.train.launch import distill, student_uri
+from orchestrator.runs import student_uri
+from orchestrator.train.launch import distill
 from tests.conftest import BUCKET, REPO, make_train_setup
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")

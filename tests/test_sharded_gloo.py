@@ -86,7 +86,9 @@ def dense_reference(world: int, margin_name: str) -> tuple[float, list[torch.Ten
     student, weight, x, labels = setup(world, False)
     m = MARGINS[margin_name]
     config = LossConfig(margin_type=MarginType.COMBINED, scale=m.scale, m1=m.m1, m2=m.m2, m3=m.m3)
-    loss = build_loss(config, NUM_CLASSES, EMB_DIM, weight)(student(x), labels).loss
+    loss = build_loss(config, num_classes=NUM_CLASSES, emb_dim=EMB_DIM, teacher_classifier=weight)(
+        student(x), labels
+    ).loss
     loss.backward()
     return float(loss.detach()), [p.grad.clone() for p in student.parameters()]  # type: ignore[union-attr]
 

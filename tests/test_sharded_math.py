@@ -36,7 +36,12 @@ def dense(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss and d loss / d (normalised embeddings) from the dense single-process loss."""
     e = F.normalize(emb, dim=1).detach().requires_grad_(True)
-    loss_fn = build_loss(margin_config(m), weight.shape[0], weight.shape[1], weight)
+    loss_fn = build_loss(
+        margin_config(m),
+        num_classes=weight.shape[0],
+        emb_dim=weight.shape[1],
+        teacher_classifier=weight,
+    )
     if weight.dtype == torch.float64:
         loss_fn = loss_fn.double()
     # ProxylessLoss normalises again: a no-op on unit vectors, so the gradient is the same.
@@ -54,7 +59,12 @@ def simulate(
     normalised = F.normalize(weight, dim=1)
     stats = [
         shard_stats(
-            e, labels, normalised[s.class_start : s.class_start + s.local_classes], s, m, chunk
+            e,
+            labels,
+            normalised[s.class_start : s.class_start + s.local_classes],
+            s,
+            m,
+            chunk_size=chunk,
         )
         for s in shards
     ]
@@ -131,14 +141,16 @@ def test_world_size_one_autograd_matches_dense_for_student_parameters() -> None:
     loss = sharded_margin_loss(
         student(x),
         labels,
-        F.normalize(weight, dim=1),
-        Shard.for_rank(11, 1, 0),
-        m,
+        weight=F.normalize(weight, dim=1),
+        shard=Shard.for_rank(11, 1, 0),
+        margin=m,
         chunk_size=4,
         sync=GradientSync.SUM,
     )
     grads = torch.autograd.grad(loss, list(student.parameters()))
-    dense_fn = build_loss(margin_config(m), 11, 8, weight).double()
+    dense_fn = build_loss(
+        margin_config(m), num_classes=11, emb_dim=8, teacher_classifier=weight
+    ).double()
     ref = dense_fn(student(x), labels).loss
     ref_grads = torch.autograd.grad(ref, list(student.parameters()))
     assert float(loss) == pytest.approx(float(ref), rel=1e-12)
@@ -155,9 +167,15 @@ def test_bf16_matmuls_stay_close_to_fp32() -> None:
     labels = torch.randint(0, 2000, (32,), generator=g)
     shard = Shard.for_rank(2000, 1, 0)
     m = MARGINS["arcface"]
-    exact = shard_stats(F.normalize(emb, dim=1), labels, weight, shard, m, 256)
+    exact = shard_stats(F.normalize(emb, dim=1), labels, weight, shard, m, chunk_size=256)
     fast = shard_stats(
-        F.normalize(emb, dim=1), labels, weight, shard, m, 256, matmul_dtype=torch.bfloat16
+        F.normalize(emb, dim=1),
+        labels,
+        weight,
+        shard,
+        m,
+        chunk_size=256,
+        matmul_dtype=torch.bfloat16,
     )
 
     def finish(s: ShardStats) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,10 +206,10 @@ def test_negative_sampling_is_the_exact_loss_over_the_sampled_classes() -> None:
         loss = sharded_margin_loss(
             x,
             labels,
-            weight,
-            shard,
-            m,
-            16,
+            weight=weight,
+            shard=shard,
+            margin=m,
+            chunk_size=16,
             sync=GradientSync.SUM,
             sampling=(rate, torch.Generator().manual_seed(5)),
         )
@@ -199,7 +217,9 @@ def test_negative_sampling_is_the_exact_loss_over_the_sampled_classes() -> None:
         return loss.detach(), grad
 
     full_x = emb.clone().requires_grad_(True)
-    full = sharded_margin_loss(full_x, labels, weight, shard, m, 16, sync=GradientSync.SUM)
+    full = sharded_margin_loss(
+        full_x, labels, weight=weight, shard=shard, margin=m, chunk_size=16, sync=GradientSync.SUM
+    )
     (full_grad,) = torch.autograd.grad(full, full_x)
     at_one, grad_one = sampled_loss(1.0)
     assert float(at_one) == pytest.approx(float(full), rel=1e-12)
@@ -210,7 +230,9 @@ def test_negative_sampling_is_the_exact_loss_over_the_sampled_classes() -> None:
         "all positives kept"
     )
     # Reference: the dense loss over exactly the sampled rows, labels renumbered.
-    sub = build_loss(margin_config(m), 60, dim, weight[sample.index]).double()
+    sub = build_loss(
+        margin_config(m), num_classes=60, emb_dim=dim, teacher_classifier=weight[sample.index]
+    ).double()
     x = emb.clone().requires_grad_(True)
     ref = sub(x, sample.labels).loss
     (ref_grad,) = torch.autograd.grad(ref, x)

@@ -14,12 +14,13 @@ import pytest
 import torch
 
 from orchestrator import classifier as clf
+from orchestrator.artifacts import read_student_export
 from orchestrator.config import Method, OptimConfig, RunConfig, ScalingConfig, SyntheticConfig
 from orchestrator.data import format as fmt
 from orchestrator.data.prepare import write_synthetic
 from orchestrator.evaluation import load_student
-from orchestrator.train.checkpoint import load_student_export
-from orchestrator.train.launch import RunOutcome, distill, student_uri, train_teacher
+from orchestrator.runs import student_uri
+from orchestrator.train.launch import RunOutcome, distill, train_teacher
 from tests.conftest import TrainSetup, make_train_setup
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -45,11 +46,9 @@ def test_proxyless_run_keeps_the_classifier_out_of_everything_it_saves(
     # Referred to by URI and checksum instead.
     cmeta = clf.read_meta(config.teacher.classifier)
     assert state.classifier is not None and state.classifier.checksum == clf.checksum(cmeta)
-    export = load_student_export(student_uri(config, "proxyless"))
-    assert export["classifier"]["checksum"] == clf.checksum(cmeta) and export["epochs_done"] == [
-        0,
-        1,
-    ]
+    export = read_student_export(student_uri(config, "proxyless"))
+    assert export.classifier is not None and export.classifier.checksum == clf.checksum(cmeta)
+    assert export.epochs_done == (0, 1)
     model, _ = load_student(student_uri(config, "proxyless"))
     assert model(torch.zeros(1, 3, 112, 112)).shape == (1, 16)
     assert np.isfinite(outcome.metrics["loss"])
@@ -250,7 +249,13 @@ def test_dense_classifier_is_a_view_of_the_object_store_copy() -> None:
         array = ray.get(handle[0])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            loss = build_loss(LossConfig(), 300, 16, torch.from_numpy(array), normalized=True)
+            loss = build_loss(
+                LossConfig(),
+                num_classes=300,
+                emb_dim=16,
+                teacher_classifier=torch.from_numpy(array),
+                normalized=True,
+            )
         from orchestrator.losses.objectives import ProxylessLoss
 
         assert isinstance(loss, ProxylessLoss)

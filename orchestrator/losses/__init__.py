@@ -31,17 +31,13 @@ __all__ = [
     "build_loss",
     "check_labels",
     "margin_logits",
-    "needs_teacher_embeddings",
     "target_logit",
 ]
 
 
-def needs_teacher_embeddings(method: Method) -> bool:
-    return method in (Method.L2, Method.LOGIT, Method.PROXYLESS_L2)
-
-
 def build_loss(
     config: LossConfig,
+    *,
     num_classes: int,
     emb_dim: int,
     teacher_classifier: torch.Tensor | None = None,
@@ -49,29 +45,44 @@ def build_loss(
 ) -> nn.Module:
     """The loss module for ``config.method``; its parameters (if any) join the optimizer.
 
-    ``normalized``: the teacher classifier's rows are unit-length fp32 already, so the
-    proxyless loss can use it without a copy (the shared object-store view stays shared).
+    ``emb_dim`` is the student's width. An inherited classifier must be (num_classes,
+    emb_dim); for ``logit`` the teacher's classifier only scores the teacher's own
+    embeddings, so its width is the teacher's, whatever the student's.
+    ``normalized``: the teacher classifier's rows are unit-length fp32 already, so it is
+    used without a copy (the shared object-store view stays shared).
     """
     margin = Margin.from_config(config)
 
     def classifier() -> torch.Tensor:
         if teacher_classifier is None:
             raise ValueError(f"method {config.method.value} needs the teacher classifier")
-        if tuple(teacher_classifier.shape) != (num_classes, emb_dim):
+        shape = tuple(teacher_classifier.shape)
+        width_ok = not config.method.inherits_classifier or shape[1:] == (emb_dim,)
+        if len(shape) != 2 or shape[0] != num_classes or not width_ok:
+            expected = f"emb_dim={emb_dim}" if config.method.inherits_classifier else "d"
             raise ValueError(
-                f"teacher classifier has shape {tuple(teacher_classifier.shape)}, expected "
-                f"(num_classes={num_classes}, emb_dim={emb_dim})"
+                f"teacher classifier has shape {shape}, expected "
+                f"(num_classes={num_classes}, {expected})"
             )
         return teacher_classifier
 
     match config.method:
         case Method.PROXYLESS:
-            return ProxylessLoss(classifier(), margin, normalized)
+            return ProxylessLoss(classifier(), margin, normalized=normalized)
         case Method.SCRATCH:
             return ScratchLoss(num_classes, emb_dim, margin)
         case Method.L2:
-            return L2Loss(num_classes, emb_dim, margin, config.l2_weight)
+            return L2Loss(num_classes, emb_dim, margin, l2_weight=config.l2_weight)
         case Method.LOGIT:
-            return LogitLoss(classifier(), emb_dim, margin, config.kd_temperature, config.kd_weight)
+            return LogitLoss(
+                classifier(),
+                emb_dim,
+                margin,
+                temperature=config.kd_temperature,
+                kd_weight=config.kd_weight,
+                normalized=normalized,
+            )
         case Method.PROXYLESS_L2:
-            return ProxylessL2Loss(classifier(), margin, config.l2_weight)
+            return ProxylessL2Loss(
+                classifier(), margin, l2_weight=config.l2_weight, normalized=normalized
+            )

@@ -24,10 +24,20 @@ def check_labels(labels: torch.Tensor, num_classes: int, where: str = "batch") -
         )
 
 
+def unit_rows(weight: torch.Tensor, normalized: bool) -> torch.Tensor:
+    """``weight`` detached with unit-length rows in >= float32. Rows already unit-length in
+    fp32/fp64 (``normalized``: e.g. what :func:`orchestrator.classifier.read_rows` returns,
+    or a read-only view of the node's shared object-store copy) are used as they are, so a
+    shared copy stays shared; anything else is normalised into a copy."""
+    if normalized and weight.dtype in (torch.float32, torch.float64):
+        return weight.detach()
+    return F.normalize(at_least_fp32(weight.detach()), dim=1)
+
+
 class FrozenClassifier(nn.Module):
     """The teacher's classifier W (C, d), inherited by the student and never trained.
 
-    Rows are L2-normalised once here. W is a non-persistent buffer, so it is not a
+    Rows are L2-normalised here unless ``normalized`` says they are already. W is a non-persistent buffer, so it is not a
     parameter (no gradient, never in the optimizer or DDP) and not in the student's
     state_dict (checkpoints refer to the classifier by URI and checksum instead).
     """
@@ -36,11 +46,7 @@ class FrozenClassifier(nn.Module):
 
     def __init__(self, weight: torch.Tensor, normalized: bool = False) -> None:
         super().__init__()
-        # Rows already unit-length in fp32/fp64 (e.g. a read-only view of the node's shared
-        # object-store copy) are used as they are; anything else is normalised into a copy.
-        use_as_is = normalized and weight.dtype in (torch.float32, torch.float64)
-        w = weight.detach() if use_as_is else F.normalize(at_least_fp32(weight.detach()), dim=1)
-        self.register_buffer("weight", w, persistent=False)
+        self.register_buffer("weight", unit_rows(weight, normalized), persistent=False)
 
     @property
     def num_classes(self) -> int:

@@ -78,7 +78,7 @@ class ProxylessLoss(nn.Module):
     """
 
     def __init__(
-        self, teacher_classifier: torch.Tensor, margin: Margin, normalized: bool = False
+        self, teacher_classifier: torch.Tensor, margin: Margin, *, normalized: bool = False
     ) -> None:
         super().__init__()
         self.classifier = FrozenClassifier(teacher_classifier, normalized)
@@ -110,7 +110,7 @@ class L2Loss(nn.Module):
     The embedding-regression proxy that ProxylessKD argues against (Shi et al. 2020, sec. 3).
     """
 
-    def __init__(self, num_classes: int, emb_dim: int, margin: Margin, l2_weight: float) -> None:
+    def __init__(self, num_classes: int, emb_dim: int, margin: Margin, *, l2_weight: float) -> None:
         super().__init__()
         self.scratch = ScratchLoss(num_classes, emb_dim, margin)
         self.l2_weight = l2_weight
@@ -128,7 +128,10 @@ class LogitLoss(nn.Module):
     """Baseline logit KD: own margin classifier + w * Hinton KD against the teacher's logits.
 
     Teacher logits are s * cos(teacher embedding, teacher classifier); student logits are
-    s * cos(student embedding, student classifier), both without margin.
+    s * cos(student embedding, student classifier), both without margin. The teacher's
+    classifier (C, d_teacher) only ever meets the teacher's embeddings, so the student's
+    width ``emb_dim`` is free (Hinton et al., "Distilling the Knowledge in a Neural
+    Network", 2015).
     """
 
     def __init__(
@@ -136,11 +139,13 @@ class LogitLoss(nn.Module):
         teacher_classifier: torch.Tensor,
         emb_dim: int,
         margin: Margin,
+        *,
         temperature: float,
         kd_weight: float,
+        normalized: bool = False,
     ) -> None:
         super().__init__()
-        self.teacher = FrozenClassifier(teacher_classifier)
+        self.teacher = FrozenClassifier(teacher_classifier, normalized)
         self.scratch = ScratchLoss(self.teacher.num_classes, emb_dim, margin)
         self.temperature = temperature
         self.kd_weight = kd_weight
@@ -160,9 +165,16 @@ class LogitLoss(nn.Module):
 class ProxylessL2Loss(nn.Module):
     """ProxylessKD plus the embedding proxy: inherited frozen classifier + w * L2."""
 
-    def __init__(self, teacher_classifier: torch.Tensor, margin: Margin, l2_weight: float) -> None:
+    def __init__(
+        self,
+        teacher_classifier: torch.Tensor,
+        margin: Margin,
+        *,
+        l2_weight: float,
+        normalized: bool = False,
+    ) -> None:
         super().__init__()
-        self.proxyless = ProxylessLoss(teacher_classifier, margin)
+        self.proxyless = ProxylessLoss(teacher_classifier, margin, normalized=normalized)
         self.l2_weight = l2_weight
 
     def forward(

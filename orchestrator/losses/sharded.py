@@ -36,9 +36,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from orchestrator.losses.heads import check_labels
+from orchestrator.losses.heads import check_labels, unit_rows
 from orchestrator.losses.margins import Margin, target_logit
 from orchestrator.losses.objectives import LossOutput
+from orchestrator.shards import Shard
+
+__all__ = ["GradientSync", "Shard", "ShardedProxylessLoss", "shard_stats", "sharded_margin_loss"]
 
 DEFAULT_CHUNK = 65536
 
@@ -48,20 +51,6 @@ class GradientSync(enum.StrEnum):
 
     DDP_MEAN = "ddp_mean"  # DDP averages: return N x the local part (the training setting)
     SUM = "sum"  # gradients are summed by the caller (or world size 1): return the local part
-
-
-@dataclass(frozen=True)
-class Shard:
-    """Rows [class_start, class_start + local_classes) of a classifier of num_classes rows."""
-
-    num_classes: int
-    class_start: int
-    local_classes: int
-
-    @classmethod
-    def for_rank(cls, num_classes: int, world_size: int, rank: int) -> Shard:
-        base, extra = divmod(num_classes, world_size)
-        return cls(num_classes, base * rank + min(rank, extra), base + int(rank < extra))
 
 
 @dataclass(frozen=True)
@@ -84,6 +73,7 @@ def shard_stats(
     weight: torch.Tensor,
     shard: Shard,
     margin: Margin,
+    *,
     chunk_size: int = DEFAULT_CHUNK,
     with_grad: bool = True,
     matmul_dtype: torch.dtype | None = None,
@@ -229,7 +219,14 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
             sampled = sample_classes(global_y, weight, shard, rate, generator)
             weight, global_y, shard = sampled.weight, sampled.labels, sampled.shard
         stats = shard_stats(
-            global_e, global_y, weight, shard, margin, chunk_size, with_grad, matmul_dtype
+            global_e,
+            global_y,
+            weight,
+            shard,
+            margin,
+            chunk_size=chunk_size,
+            with_grad=with_grad,
+            matmul_dtype=matmul_dtype,
         )
         global_max = stats.row_max.clone()
         _all_reduce(global_max, dist.ReduceOp.MAX, world_size, group)
@@ -281,6 +278,7 @@ def _reduce_scatter(
 def sharded_margin_loss(
     embeddings: torch.Tensor,
     labels: torch.Tensor,
+    *,
     weight: torch.Tensor,
     shard: Shard,
     margin: Margin,
@@ -310,6 +308,8 @@ class ShardedProxylessLoss(nn.Module):
 
     Holds only this rank's rows (a non-persistent buffer: not a parameter, never in DDP, the
     optimizer or a checkpoint). Same formula and margin code as :class:`ProxylessLoss`.
+    ``normalized``: the rows are unit-length float32 already (what the classifier reader
+    hands out) and are used as they are; otherwise a normalised copy is made.
     """
 
     weight: torch.Tensor
@@ -319,11 +319,13 @@ class ShardedProxylessLoss(nn.Module):
         local_weight: torch.Tensor,
         shard: Shard,
         margin: Margin,
+        *,
         chunk_size: int = DEFAULT_CHUNK,
         matmul_dtype: torch.dtype | None = None,
         group: dist.ProcessGroup | None = None,
         sample_rate: float = 1.0,
         seed: int = 0,
+        normalized: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 < sample_rate <= 1.0:
@@ -332,8 +334,7 @@ class ShardedProxylessLoss(nn.Module):
             raise ValueError(
                 f"shard holds {local_weight.shape[0]} rows, expected {shard.local_classes} for {shard}"
             )
-        normalised = F.normalize(local_weight.detach().float(), dim=1)
-        self.register_buffer("weight", normalised, persistent=False)
+        self.register_buffer("weight", unit_rows(local_weight, normalized), persistent=False)
         self.shard, self.margin, self.chunk_size = shard, margin, chunk_size
         self.matmul_dtype, self.group = matmul_dtype, group
         self.sample_rate = sample_rate
@@ -346,13 +347,13 @@ class ShardedProxylessLoss(nn.Module):
         loss = sharded_margin_loss(
             embeddings,
             labels,
-            self.weight,
-            self.shard,
-            self.margin,
-            self.chunk_size,
-            self.matmul_dtype,
-            GradientSync.DDP_MEAN,
-            self.group,
-            (self.sample_rate, self.generator) if self.sample_rate < 1.0 else None,
+            weight=self.weight,
+            shard=self.shard,
+            margin=self.margin,
+            chunk_size=self.chunk_size,
+            matmul_dtype=self.matmul_dtype,
+            sync=GradientSync.DDP_MEAN,
+            group=self.group,
+            sampling=(self.sample_rate, self.generator) if self.sample_rate < 1.0 else None,
         )
         return LossOutput(loss, {"ce": float(loss.detach())})

@@ -7,8 +7,6 @@ outside [0, C), a classifier whose size, embedding width or label map does not m
 
 from __future__ import annotations
 
-import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -17,24 +15,37 @@ from typing import Any
 import numpy as np
 
 from orchestrator import classifier as clf
-from orchestrator import storage
-from orchestrator.config import Arch, ClassifierMode, ExperimentConfig, Method, to_dict
+from orchestrator.artifacts import (
+    ClassifierRef,
+    StudentExport,
+    TeacherCheckpoint,
+    TrainingState,
+    load_state,
+    save_teacher,
+    write_student_export,
+)
+from orchestrator.config import ClassifierMode, ExperimentConfig, Method, to_dict
 from orchestrator.data import format as fmt
 from orchestrator.data.ray_input import DecodePlan, decode_plan, training_dataset
-from orchestrator.teacher import TeacherCheckpoint, classifier_from_checkpoint, save_teacher
-from orchestrator.train.checkpoint import ClassifierRef, TrainingState, export_student, load_state
-from orchestrator.train.worker import WorkerPlan, train_loop_per_worker
-
-INHERITS = (Method.PROXYLESS, Method.PROXYLESS_L2, Method.LOGIT)
-
-
-def object_store_env(config: ExperimentConfig) -> dict[str, str]:
-    return storage.endpoint_env(config.data.endpoint_url, config.data.region)
-
-
-def use_object_store_config(config: ExperimentConfig) -> None:
-    """Make the config's endpoint and region visible to this process's S3 clients."""
-    storage.use_endpoint(config.data.endpoint_url, config.data.region)
+from orchestrator.errors import user_error_in
+from orchestrator.runs import (
+    absolute_paths,
+    ensure_ray,
+    object_store_env,
+    storage_root,
+    student_uri,
+    use_object_store_config,
+)
+from orchestrator.teacher import classifier_from_checkpoint
+from orchestrator.train.spec import (
+    ClassifierSource,
+    DenseClassifier,
+    ModelSpec,
+    Role,
+    ShardedClassifier,
+    TrainSpec,
+)
+from orchestrator.train.worker import train_loop_per_worker
 
 
 def input_plan(config: ExperimentConfig) -> DecodePlan:
@@ -51,62 +62,15 @@ def input_plan(config: ExperimentConfig) -> DecodePlan:
     return plan
 
 
-def ensure_ray() -> None:
-    """Connect to ``RAY_ADDRESS`` (set inside ``ray job submit``), else start a local cluster."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING)
-    else:
-        # A private local cluster: nothing else can connect to it, so no token is needed.
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(address="local", logging_level=logging.WARNING)
-    quiet_data_logs()
-
-
-def quiet_data_logs() -> None:
-    """No per-epoch execution plans and progress bars from Ray Data in our output."""
-    import ray.data
-
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    context.print_on_execution_start = False
-
-
-def storage_root(config: ExperimentConfig) -> str:
-    """Ray wants an absolute local path or a URI."""
-    return (
-        os.path.abspath(config.storage_path)
-        if storage.is_local(config.storage_path)
-        else config.storage_path
-    )
-
-
-def absolute_paths(config: ExperimentConfig) -> ExperimentConfig:
-    """Local paths made absolute on the driver: Ray workers run in another directory."""
-
-    def fix(path: str) -> str:
-        return os.path.abspath(path) if path and storage.is_local(path) else path
-
-    return replace(
-        config,
-        storage_path=fix(config.storage_path),
-        data=replace(config.data, train=fix(config.data.train), eval=fix(config.data.eval)),
-        teacher=replace(
-            config.teacher,
-            classifier=fix(config.teacher.classifier),
-            backbone=fix(config.teacher.backbone),
-        ),
-    )
-
-
 def check_inputs(config: ExperimentConfig) -> fmt.DatasetMeta:
     """The training set (labels scanned) and the evaluation set (pairs present), before any
     worker starts."""
     meta = fmt.read_meta(config.data.train)
+    if meta.image_size != config.data.image_size:
+        raise fmt.DatasetError(
+            f"{config.data.train}: images are {meta.image_size}x{meta.image_size} but "
+            f"data.image_size is {config.data.image_size}"
+        )
     check_labels(config.data.train, meta)
     fmt.read_pairs(config.data.eval, fmt.read_meta(config.data.eval))
     return meta
@@ -128,12 +92,14 @@ class RunOutcome:
 
 
 def fit(
-    config: ExperimentConfig, plan: WorkerPlan, name: str, callbacks: Sequence[Any] = ()
+    config: ExperimentConfig, spec: TrainSpec, name: str, callbacks: Sequence[Any] = ()
 ) -> RunOutcome:
     """Run ``train_loop_per_worker`` on ``config.scaling.num_workers`` workers.
 
     Reusing ``name`` under the same storage path resumes from its latest checkpoint.
     ``callbacks`` go to Train's RunConfig (a Tune trial passes ``TuneReportCallback``).
+    An input error raised in a worker (a corrupt image, a bad label) is re-raised here as
+    itself, not inside Ray's wrappers.
     """
     # Train V2's classes (what ray.train.* resolves to at run time), named so types agree.
     from ray.train.v2.api.config import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -142,7 +108,7 @@ def fit(
     ensure_ray()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": to_dict(config), "plan": plan},
+        train_loop_config={"config": to_dict(config), "spec": spec},
         scaling_config=ScalingConfig(
             num_workers=config.scaling.num_workers,
             use_gpu=config.scaling.use_gpu,
@@ -165,6 +131,9 @@ def fit(
     started = time.monotonic()
     result = trainer.fit()
     if result.error is not None:
+        cause = user_error_in(result.error)
+        if cause is not None:
+            raise cause from None
         raise result.error
     if result.checkpoint is None:
         raise RuntimeError(f"run {name} finished without a checkpoint")
@@ -183,39 +152,33 @@ def distill(
     config = absolute_paths(config)
     use_object_store_config(config)
     meta = check_inputs(config)
-    plan = WorkerPlan(
-        role="student",
-        arch=config.student.arch,
-        emb_dim=config.student.emb_dim,
-        dropout=config.student.dropout,
+    method = config.loss.method
+    spec = TrainSpec(
+        role=Role.STUDENT,
+        model=ModelSpec(config.student.arch, config.student.emb_dim, config.student.dropout),
         loss=config.loss,
         optim=config.optim,
         num_classes=meta.num_classes,
         num_images=meta.num_images,
-        teacher_backbone=config.teacher.backbone
-        if config.loss.method in (Method.L2, Method.LOGIT, Method.PROXYLESS_L2)
-        else None,
+        classifier=place_classifier(config, meta) if method.uses_teacher_classifier else None,
+        teacher_backbone=config.teacher.backbone if method.needs_teacher_embeddings else None,
         eval_uri=config.data.eval,
-        extra={"method": config.loss.method.value},
     )
-    if config.loss.method in INHERITS:
-        plan = place_classifier(config, meta, plan)
-    outcome = fit(config, plan, name, callbacks)
-    export_student(
-        student_uri(config, name),
+    outcome = fit(config, spec, name, callbacks)
+    export = StudentExport.from_state(
         outcome.state,
-        config.student.arch.value,
-        config.student.emb_dim,
-        config.data.image_size,
+        arch=config.student.arch,
+        emb_dim=config.student.emb_dim,
+        image_size=config.data.image_size,
     )
+    write_student_export(student_uri(config, name), export)
     return outcome
 
 
-def place_classifier(
-    config: ExperimentConfig, meta: fmt.DatasetMeta, plan: WorkerPlan
-) -> WorkerPlan:
-    """Validate the teacher classifier against the dataset and student, then ``ray.put`` it
-    once: each node holds one shared copy and workers get read-only views."""
+def place_classifier(config: ExperimentConfig, meta: fmt.DatasetMeta) -> ClassifierSource:
+    """Validate the teacher classifier against the dataset and the teacher's width, then
+    either ``ray.put`` it once (dense: each node holds one shared copy and workers get
+    read-only views) or leave it in storage for each worker to read its own rows."""
     import ray
 
     uri = config.teacher.classifier
@@ -224,35 +187,21 @@ def place_classifier(
         cmeta,
         f"teacher classifier {uri}",
         num_classes=meta.num_classes,
-        emb_dim=config.student.emb_dim,
+        emb_dim=config.teacher.emb_dim,
         label_map_fingerprint=meta.label_map_fingerprint,
         dataset=f"dataset {config.data.train}",
+        model="the teacher (teacher.emb_dim)",
     )
     ref = ClassifierRef(uri, clf.checksum(cmeta))
     if use_sharded(config, cmeta):
         print(
-            f"classifier {cmeta.num_classes} x {cmeta.emb_dim}: sharded over {config.scaling.num_workers} workers"
+            f"classifier {cmeta.num_classes} x {cmeta.emb_dim}: sharded over "
+            f"{config.scaling.num_workers} workers (each reads its own rows)",
+            flush=True,
         )
-        return replace(
-            plan,
-            classifier_ref=ref,
-            sharded=True,
-            extra={
-                **plan.extra,
-                "classifier_layout": "sharded",
-                "approximate_softmax": config.sharding.sample_rate < 1.0,
-                "sample_rate": config.sharding.sample_rate,
-            },
-        )
-    # Normalised fp32 once here, so workers use the node's shared copy without copying it.
-    weight = clf.load_full(uri, cmeta)
-    weight /= np.linalg.norm(weight, axis=1, keepdims=True)
-    return replace(
-        plan,
-        classifier=ray.put(weight),
-        classifier_ref=ref,
-        extra={**plan.extra, "classifier_layout": "dense"},
-    )
+        return ShardedClassifier(ref, cmeta, config.sharding.sample_rate)
+    # Unit fp32 rows (the reader normalises), so workers use the node's copy as it is.
+    return DenseClassifier(ref, ray.put(clf.load_full(uri, cmeta)))
 
 
 def use_sharded(config: ExperimentConfig, meta: clf.ClassifierMeta) -> bool:
@@ -265,14 +214,10 @@ def use_sharded(config: ExperimentConfig, meta: clf.ClassifierMeta) -> bool:
         case ClassifierMode.AUTO:
             fp32_bytes = meta.num_classes * meta.emb_dim * 4
             return (
-                config.loss.method is Method.PROXYLESS
+                config.loss.method.shardable
                 and config.scaling.num_workers > 1
                 and fp32_bytes >= config.sharding.auto_min_bytes
             )
-
-
-def student_uri(config: ExperimentConfig, name: str) -> str:
-    return storage.join(storage_root(config), name, "student.pt")
 
 
 def train_teacher(config: ExperimentConfig, name: str | None = None) -> RunOutcome:
@@ -282,18 +227,16 @@ def train_teacher(config: ExperimentConfig, name: str | None = None) -> RunOutco
     config = absolute_paths(config)
     use_object_store_config(config)
     meta = check_inputs(config)
-    plan = WorkerPlan(
-        role="teacher",
-        arch=config.teacher.arch,
-        emb_dim=config.teacher.emb_dim,
-        dropout=config.teacher.dropout,
+    spec = TrainSpec(
+        role=Role.TEACHER,
+        model=ModelSpec(config.teacher.arch, config.teacher.emb_dim, config.teacher.dropout),
         loss=replace(config.loss, method=Method.SCRATCH),
         optim=config.teacher_optim,
         num_classes=meta.num_classes,
         num_images=meta.num_images,
         eval_uri=config.data.eval,
     )
-    outcome = fit(config, plan, name)
+    outcome = fit(config, spec, name)
     export_teacher(config, outcome.state, meta)
     return outcome
 
@@ -301,7 +244,7 @@ def train_teacher(config: ExperimentConfig, name: str | None = None) -> RunOutco
 def export_teacher(config: ExperimentConfig, state: TrainingState, meta: fmt.DatasetMeta) -> None:
     head = state.loss["classifier.weight"]
     teacher = TeacherCheckpoint(
-        arch=Arch(config.teacher.arch),
+        arch=config.teacher.arch,
         emb_dim=config.teacher.emb_dim,
         image_size=config.data.image_size,
         backbone=state.student,

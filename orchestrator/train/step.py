@@ -1,8 +1,10 @@
 """One optimisation step and its schedule, independent of Ray (tested with plain gloo).
 
-Distribution lives here and only here: the student is wrapped in DDP by the caller, the
-loss's own trainable classifier (baselines only) has its gradients averaged explicitly by
-:func:`average_gradients`, and the frozen teacher classifier takes part in neither.
+How the gradients of one step are combined over workers: the student's by DDP (the
+worker wraps it), the loss's own trainable classifier's (baselines only) explicitly by
+:func:`average_gradients` here, and the embedding gradient of the class-sharded loss by
+that loss's own collectives (:mod:`orchestrator.losses.sharded`). The frozen teacher
+classifier takes part in none of them.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMana
 def train_step(
     student: nn.Module,
     loss_fn: nn.Module,
+    *,
     optimizer: torch.optim.Optimizer,
     images: torch.Tensor,
     labels: torch.Tensor,

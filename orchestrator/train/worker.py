@@ -1,5 +1,9 @@
 """The Ray Train worker loop: plain PyTorch with a few visible Ray touch-points
-(``get_context``, ``get_dataset_shard``, ``prepare_model``, ``get_checkpoint``, ``report``)."""
+(``get_context``, ``get_dataset_shard``, ``prepare_model``, ``get_checkpoint``, ``report``).
+
+Read :func:`train_loop_per_worker` top to bottom: set up, then per epoch train, validate
+when due, report (every rank: it is a barrier), checkpoint when due.
+"""
 
 from __future__ import annotations
 
@@ -22,191 +26,132 @@ from torch import nn
 
 from orchestrator import classifier as clf
 from orchestrator import storage
-from orchestrator.config import (
-    Arch,
-    ExperimentConfig,
-    LossConfig,
-    OptimConfig,
-    Precision,
-    from_dict,
-    to_dict,
-)
+from orchestrator.artifacts import TrainingState, load_state, save_state, verify_same_classifier
+from orchestrator.config import ExperimentConfig, Precision, from_dict, to_dict
 from orchestrator.data import format as fmt
 from orchestrator.data.images import CorruptImageError, to_model_input
 from orchestrator.data.ray_input import epoch_batches
 from orchestrator.evaluation import EvalSet, evaluate_model, load_eval_set
-from orchestrator.losses import Margin, build_loss, needs_teacher_embeddings
-from orchestrator.losses.sharded import Shard, ShardedProxylessLoss
+from orchestrator.losses import Margin, build_loss
+from orchestrator.losses.sharded import ShardedProxylessLoss
 from orchestrator.models import build_backbone
 from orchestrator.progress import format_seconds
+from orchestrator.shards import Shard
 from orchestrator.teacher import load_teacher_backbone
-from orchestrator.train.checkpoint import (
-    ClassifierRef,
-    TrainingState,
-    load_state,
-    save_state,
-    verify_classifier,
-)
+from orchestrator.train.spec import DenseClassifier, ShardedClassifier, TrainSpec
 from orchestrator.train.step import lr_at, train_step
-
-
-@dataclass(frozen=True)
-class WorkerPlan:
-    """What the driver resolved for the workers (beyond the experiment config)."""
-
-    role: str  # "teacher" or "student"
-    arch: Arch
-    emb_dim: int
-    dropout: float
-    loss: LossConfig
-    optim: OptimConfig
-    num_classes: int
-    num_images: int
-    classifier: Any = None  # ray.ObjectRef of the (C, d) array: one copy per node (dense)
-    classifier_ref: ClassifierRef | None = None
-    sharded: bool = False  # each worker reads its own rows from classifier_ref.uri
-    teacher_backbone: str | None = None  # for l2 / logit
-    eval_uri: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     config = from_dict(ExperimentConfig, loop_config["config"], "train_loop_config")
-    plan: WorkerPlan = loop_config["plan"]
+    spec: TrainSpec = loop_config["spec"]
+    state = set_up(spec, config)
+    if state.start_epoch >= spec.optim.epochs:
+        # Rerun of a finished run: nothing to train; hand back its final checkpoint, with
+        # its validation metrics measured again (a resumed Tune trial needs them).
+        assert state.previous is not None
+        final = EpochStats(epoch=state.previous.epoch)
+        report(state, final, validate=True, save=state.rank == 0)
+        return
+    for epoch in range(state.start_epoch, spec.optim.epochs):
+        stats = run_epoch(state, epoch)
+        state.history = state.history.after_epoch(epoch, stats.seconds)
+        report(
+            state,
+            stats,
+            validate=validation_due(state, epoch),
+            save=state.rank == 0 and checkpoint_due(state, epoch),
+        )
+
+
+# --- set-up ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How the global batch splits over the workers and where the learning rate is."""
+
+    local_batch: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    base_lr: float
+
+    @classmethod
+    def of(cls, spec: TrainSpec, world_size: int) -> Schedule:
+        local_batch = spec.optim.batch_size // world_size
+        steps = max(1, (spec.num_images // world_size) // local_batch)
+        return cls(
+            local_batch=local_batch,
+            steps_per_epoch=steps,
+            total_steps=steps * spec.optim.epochs,
+            warmup_steps=round(spec.optim.warmup_epochs * steps),
+            base_lr=spec.optim.lr,
+        )
+
+    def lr(self, step: int) -> float:
+        return lr_at(step, self.total_steps, self.warmup_steps, self.base_lr)
+
+
+@dataclass
+class WorkerState:
+    """Everything one worker trains with; ``history`` and the validation cache change as
+    epochs go by."""
+
+    spec: TrainSpec
+    config: ExperimentConfig
+    rank: int
+    world_size: int
+    device: torch.device
+    student: nn.Module  # wrapped in DDP
+    loss_fn: nn.Module
+    teacher: nn.Module | None
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    data: Any  # this worker's ray.data DataIterator
+    previous: TrainingState | None
+    history: History
+    validation: dict[str, float] = field(default_factory=dict)
+    eval_set: EvalSet | None = None
+
+    @property
+    def start_epoch(self) -> int:
+        return 0 if self.previous is None else self.previous.epoch + 1
+
+    @property
+    def tag(self) -> str:
+        return f"[{self.spec.tag} {self.config.name}]"
+
+
+def set_up(spec: TrainSpec, config: ExperimentConfig) -> WorkerState:
     quiet_worker_logs()
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(config.seed)  # identical initial student on every rank
-
-    student = build_student(plan, config, device)
-    loss_fn = build_worker_loss(plan, config, rank, world_size).to(device)
-    teacher = load_teacher(plan, device)
+    student = build_student(spec, config, device)
+    loss_fn = build_worker_loss(spec, config, rank=rank, world_size=world_size).to(device)
     params = list(student.parameters()) + list(loss_fn.parameters())
+    optim = spec.optim
     optimizer = torch.optim.SGD(
-        params, lr=plan.optim.lr, momentum=plan.optim.momentum, weight_decay=plan.optim.weight_decay
+        params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay
     )
-    previous = resume(student, loss_fn, optimizer, plan)
-    student = ray.train.torch.prepare_model(student)  # DDP over the workers (not W)
-
-    local_batch = plan.optim.batch_size // world_size
-    steps_per_epoch = max(1, (plan.num_images // world_size) // local_batch)
-    total_steps = steps_per_epoch * plan.optim.epochs
-    warmup_steps = round(plan.optim.warmup_epochs * steps_per_epoch)
-    start_epoch = 0 if previous is None else previous.epoch + 1
-    history = History.start(previous, start_epoch, world_size)
-    shard = ray.train.get_dataset_shard("train")
-    eval_set: EvalSet | None = None
-    metrics: dict[str, Any] = {}
-    bf16 = config.run.precision is Precision.BF16
-
-    if previous is not None and start_epoch >= plan.optim.epochs:
-        # Rerun of a finished run: nothing to train; hand back its final checkpoint, with
-        # its validation metrics measured again (a resumed Tune trial needs them).
-        final: dict[str, Any] = {"epoch": previous.epoch}
-        if rank == 0 and plan.eval_uri:
-            final.update(validation_metrics(unwrap(student), load_eval_set(plan.eval_uri)))
-        report(
-            final,
-            student,
-            loss_fn,
-            optimizer,
-            plan,
-            config,
-            history,
-            previous.epoch,
-            save=rank == 0,
-        )
-        return
-    for epoch in range(start_epoch, plan.optim.epochs):
-        student.train()
-        step = epoch * steps_per_epoch
-        losses: list[float] = []
-        started = last_log = warm = time.monotonic()
-        seen_ids: list[str] = []
-        batches = epoch_batches(shard, local_batch, config.run.shuffle_buffer)
-        for batch in input_errors_named(batches):
-            if config.run.audit_ids:
-                seen_ids.extend(batch["image_id"].tolist())
-            if len(batch["label"]) < local_batch:
-                continue  # the epoch's remainder: every rank has the same count, so skips it
-            # Arrays Ray hands out may be read-only views of its store: copy only then.
-            images = to_model_input(torch.from_numpy(writable(batch["image"]))).to(device)
-            if config.run.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            labels = torch.from_numpy(writable(batch["label"])).to(device)
-            with torch.no_grad():
-                teacher_emb = None if teacher is None else teacher(images).float()
-            out = train_step(
-                student, loss_fn, optimizer, images, labels, teacher_emb,
-                lr=lr_at(step, total_steps, warmup_steps, plan.optim.lr), bf16=bf16,
-            )  # fmt: skip
-            losses.append(float(out.loss.detach()))
-            if not np.isfinite(losses[-1]):
-                raise FloatingPointError(
-                    f"[{plan.role} {config.name}] loss is {losses[-1]} at epoch {epoch + 1} step "
-                    f"{len(losses)}: training diverged; lower optim.lr (now {plan.optim.lr}) or add "
-                    "optim.warmup_epochs"
-                )
-            step += 1
-            now = time.monotonic()
-            if len(losses) == 1:
-                warm = now  # the first step carries start-up costs: measure the rate after it
-            elif rank == 0 and now - last_log >= config.run.log_every_s:
-                last_log = now
-                rate = (len(losses) - 1) * local_batch * world_size / max(now - warm, 1e-9)
-                log_progress(
-                    plan,
-                    config,
-                    epoch,
-                    step - epoch * steps_per_epoch,
-                    steps_per_epoch,
-                    losses,
-                    rate,
-                )
-        elapsed = time.monotonic() - started
-        if config.run.audit_ids:
-            write_audit(config, epoch, rank, seen_ids)
-        metrics = {
-            "epoch": epoch,
-            "loss": float(np.mean(losses)) if losses else float("nan"),
-            "samples_per_s": len(losses) * local_batch * world_size / max(elapsed, 1e-9),
-            "lr": lr_at(step, total_steps, warmup_steps, plan.optim.lr),
-            **memory_mb(),
-            **{k: v for k, v in metrics.items() if k.startswith("val_")},
-        }
-        last = epoch == plan.optim.epochs - 1
-        if rank == 0:
-            print(
-                f"[{plan.role} {config.name}] epoch {epoch + 1}/{plan.optim.epochs} done: loss {metrics['loss']:.4f}  "
-                f"{metrics['samples_per_s']:.0f} samples/s  {format_seconds(elapsed)}",
-                flush=True,
-            )
-        if (
-            rank == 0
-            and plan.eval_uri
-            and (
-                last
-                or (
-                    config.run.eval_every_epochs and (epoch + 1) % config.run.eval_every_epochs == 0
-                )
-            )
-        ):
-            eval_set = eval_set or load_eval_set(plan.eval_uri)
-            metrics.update(validation_metrics(unwrap(student), eval_set))
-        history = history.after_epoch(epoch, elapsed)
-        due = last or (epoch + 1) % config.run.checkpoint_every_epochs == 0
-        report(
-            metrics,
-            student,
-            loss_fn,
-            optimizer,
-            plan,
-            config,
-            history,
-            epoch,
-            save=due and rank == 0,
-        )
+    previous = resume(spec, student=student, loss_fn=loss_fn, optimizer=optimizer)
+    return WorkerState(
+        spec=spec,
+        config=config,
+        rank=rank,
+        world_size=world_size,
+        device=device,
+        student=ray.train.torch.prepare_model(student),  # DDP over the workers (not W)
+        loss_fn=loss_fn,
+        teacher=load_teacher(spec, device),
+        optimizer=optimizer,
+        schedule=Schedule.of(spec, world_size),
+        data=ray.train.get_dataset_shard("train"),
+        previous=previous,
+        history=History.start(previous, 0 if previous is None else previous.epoch + 1, world_size),
+    )
 
 
 def quiet_worker_logs() -> None:
@@ -215,83 +160,199 @@ def quiet_worker_logs() -> None:
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
 
 
-def build_student(plan: WorkerPlan, config: ExperimentConfig, device: torch.device) -> nn.Module:
-    model = build_backbone(plan.arch, plan.emb_dim, plan.dropout, config.data.image_size).to(device)
+def build_student(spec: TrainSpec, config: ExperimentConfig, device: torch.device) -> nn.Module:
+    model = build_backbone(
+        spec.model.arch, spec.model.emb_dim, spec.model.dropout, config.data.image_size
+    ).to(device)
     if config.run.channels_last:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     return model
 
 
 def build_worker_loss(
-    plan: WorkerPlan, config: ExperimentConfig, rank: int, world_size: int
+    spec: TrainSpec, config: ExperimentConfig, *, rank: int, world_size: int
 ) -> nn.Module:
-    """The dense loss (W from the object store), or the sharded one (this rank's rows only)."""
-    if not plan.sharded:
-        return build_loss(
-            plan.loss, plan.num_classes, plan.emb_dim, inherited_classifier(plan), normalized=True
+    """The sharded loss (this rank's rows only) or the dense one (W, if the method uses it,
+    from the object store)."""
+    source = spec.classifier
+    if isinstance(source, ShardedClassifier):
+        shard = Shard.for_rank(source.meta.num_classes, world_size, rank)
+        rows = clf.read_rows(source.ref.uri, source.meta, shard.class_start, shard.local_classes)
+        bf16 = config.sharding.matmul_precision is Precision.BF16
+        return ShardedProxylessLoss(
+            torch.from_numpy(rows),
+            shard,
+            Margin.from_config(spec.loss),
+            chunk_size=config.sharding.chunk_size,
+            matmul_dtype=torch.bfloat16 if bf16 else None,
+            sample_rate=source.sample_rate,
+            seed=config.seed,
+            normalized=True,
         )
-    assert plan.classifier_ref is not None
-    meta = clf.read_meta(plan.classifier_ref.uri)
-    shard = Shard.for_rank(meta.num_classes, world_size, rank)
-    rows = clf.read_rows(plan.classifier_ref.uri, meta, shard.class_start, shard.local_classes)
-    bf16 = config.sharding.matmul_precision is Precision.BF16
-    return ShardedProxylessLoss(
-        torch.from_numpy(rows), shard, Margin.from_config(plan.loss), config.sharding.chunk_size,
-        torch.bfloat16 if bf16 else None, sample_rate=config.sharding.sample_rate, seed=config.seed,
-    )  # fmt: skip
+    return build_loss(
+        spec.loss,
+        num_classes=spec.num_classes,
+        emb_dim=spec.model.emb_dim,
+        teacher_classifier=None if source is None else shared_classifier(source),
+        normalized=True,
+    )
 
 
-def inherited_classifier(plan: WorkerPlan) -> torch.Tensor | None:
+def shared_classifier(source: DenseClassifier) -> torch.Tensor:
     """The teacher classifier from the object store: a read-only view of the node's copy."""
-    if plan.classifier is None:
-        return None
-    array = ray.get(plan.classifier)
+    array = ray.get(source.weights)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # read-only buffer: FrozenClassifier copies
+        warnings.simplefilter("ignore", UserWarning)  # read-only buffer: never written to
         return torch.from_numpy(array)
 
 
-def load_teacher(plan: WorkerPlan, device: torch.device) -> nn.Module | None:
-    if not needs_teacher_embeddings(plan.loss.method):
+def load_teacher(spec: TrainSpec, device: torch.device) -> nn.Module | None:
+    if spec.teacher_backbone is None:
         return None
-    if plan.teacher_backbone is None:
-        raise ValueError(f"method {plan.loss.method.value} needs teacher.backbone")
-    teacher = load_teacher_backbone(plan.teacher_backbone).to(device)
+    teacher = load_teacher_backbone(spec.teacher_backbone).to(device)
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
 
 
 def resume(
-    student: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, plan: WorkerPlan
+    spec: TrainSpec, *, student: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer
 ) -> TrainingState | None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as directory:
         state = load_state(directory)
-    verify_classifier(state.classifier, plan.classifier_ref, f"checkpoint {checkpoint.path}")
+    verify_same_classifier(
+        state.classifier, spec.classifier_ref, where=f"checkpoint {checkpoint.path}"
+    )
     student.load_state_dict(state.student)
     loss_fn.load_state_dict(state.loss)
     optimizer.load_state_dict(state.optimizer)
     if ray.train.get_context().get_world_rank() == 0:
         print(
-            f"[{plan.role}] resuming after epoch {state.epoch + 1} from {checkpoint.path}",
+            f"[{spec.tag}] resuming after epoch {state.epoch + 1} from {checkpoint.path}",
             flush=True,
         )
     return state
 
 
-def memory_mb() -> dict[str, float]:
-    """This worker's resident memory and the part of it shared with other processes (the
-    object store's copy of W shows up there), from /proc/self/statm; empty elsewhere."""
-    try:
-        with open("/proc/self/statm") as f:
-            _, resident, shared, *_ = (int(v) for v in f.read().split())
-    except OSError:
-        return {}
-    page_mb = os.sysconf("SC_PAGE_SIZE") / 2**20
-    return {"rss_mb": resident * page_mb, "shared_mb": shared * page_mb}
+# --- one epoch ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    epoch: int
+    losses: tuple[float, ...] = ()
+    seconds: float = 0.0
+    lr: float = float("nan")
+    global_batch: int = 0
+
+    @property
+    def mean_loss(self) -> float:
+        return float(np.mean(self.losses)) if self.losses else float("nan")
+
+    @property
+    def samples_per_s(self) -> float:
+        return len(self.losses) * self.global_batch / max(self.seconds, 1e-9)
+
+
+def run_epoch(state: WorkerState, epoch: int) -> EpochStats:
+    """Train on this worker's part of one epoch; rank 0 prints progress."""
+    state.student.train()
+    schedule, config = state.schedule, state.config
+    step = epoch * schedule.steps_per_epoch
+    losses: list[float] = []
+    seen_ids: list[str] = []
+    started = time.monotonic()
+    progress = ProgressLine(state, epoch)
+    batches = epoch_batches(state.data, schedule.local_batch, config.run.shuffle_buffer)
+    for batch in input_errors_named(batches):
+        if config.run.audit_ids:
+            seen_ids.extend(batch["image_id"].tolist())
+        if len(batch["label"]) < schedule.local_batch:
+            continue  # the epoch's remainder: every rank has the same count, so skips it
+        losses.append(train_batch(state, batch, lr=schedule.lr(step)))
+        check_finite(state, losses, epoch)
+        step += 1
+        progress.after_step(losses)
+    if config.run.audit_ids:
+        write_audit(config, epoch=epoch, rank=state.rank, image_ids=seen_ids)
+    stats = EpochStats(
+        epoch=epoch,
+        losses=tuple(losses),
+        seconds=time.monotonic() - started,
+        lr=schedule.lr(step),
+        global_batch=schedule.local_batch * state.world_size,
+    )
+    if state.rank == 0:
+        print(
+            f"{state.tag} epoch {epoch + 1}/{state.spec.optim.epochs} done: loss "
+            f"{stats.mean_loss:.4f}  {stats.samples_per_s:.0f} samples/s  "
+            f"{format_seconds(stats.seconds)}",
+            flush=True,
+        )
+    return stats
+
+
+def train_batch(state: WorkerState, batch: dict[str, Any], *, lr: float) -> float:
+    """One optimisation step on a decoded batch; the step's loss."""
+    # Arrays Ray hands out may be read-only views of its store: copy only then.
+    images = to_model_input(torch.from_numpy(writable(batch["image"]))).to(state.device)
+    if state.config.run.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    labels = torch.from_numpy(writable(batch["label"])).to(state.device)
+    with torch.no_grad():
+        teacher_emb = None if state.teacher is None else state.teacher(images).float()
+    out = train_step(
+        state.student,
+        state.loss_fn,
+        optimizer=state.optimizer,
+        images=images,
+        labels=labels,
+        teacher_embeddings=teacher_emb,
+        lr=lr,
+        bf16=state.config.run.precision is Precision.BF16,
+    )
+    return float(out.loss.detach())
+
+
+def check_finite(state: WorkerState, losses: list[float], epoch: int) -> None:
+    if not np.isfinite(losses[-1]):
+        raise FloatingPointError(
+            f"{state.tag} loss is {losses[-1]} at epoch {epoch + 1} step {len(losses)}: "
+            f"training diverged; lower optim.lr (now {state.spec.optim.lr}) or add "
+            "optim.warmup_epochs"
+        )
+
+
+class ProgressLine:
+    """Rank 0's periodic line: step, samples/s, recent loss, ETA. The first step carries
+    start-up costs, so the rate is measured from the end of it."""
+
+    def __init__(self, state: WorkerState, epoch: int) -> None:
+        self.state, self.epoch = state, epoch
+        self.last_log = self.warm = time.monotonic()
+
+    def after_step(self, losses: list[float]) -> None:
+        now = time.monotonic()
+        if len(losses) == 1:
+            self.warm = now
+            return
+        if self.state.rank != 0 or now - self.last_log < self.state.config.run.log_every_s:
+            return
+        self.last_log = now
+        schedule, optim = self.state.schedule, self.state.spec.optim
+        rate = (len(losses) - 1) * optim.batch_size / max(now - self.warm, 1e-9)
+        steps = schedule.steps_per_epoch
+        remaining = (steps - len(losses)) + steps * (optim.epochs - self.epoch - 1)
+        eta = remaining * optim.batch_size / max(rate, 1e-9)
+        print(
+            f"{self.state.tag} epoch {self.epoch + 1}/{optim.epochs} step {len(losses)}/{steps}"
+            f"  {rate:.0f} samples/s  loss {float(np.mean(losses[-20:])):.4f}  "
+            f"ETA {format_seconds(eta)}",
+            flush=True,
+        )
 
 
 def writable(array: np.ndarray) -> np.ndarray:
@@ -314,19 +375,34 @@ def input_errors_named(batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, 
         raise
 
 
-def write_audit(config: ExperimentConfig, epoch: int, rank: int, image_ids: list[str]) -> None:
+def write_audit(config: ExperimentConfig, *, epoch: int, rank: int, image_ids: list[str]) -> None:
     """The image ids this rank received in ``epoch``, one per line, in arrival order."""
     name = ray.train.get_context().get_experiment_name()
     uri = storage.join(config.storage_path, name, "audit", f"epoch-{epoch:04d}-rank-{rank:03d}.txt")
     storage.write_text_atomic(uri, "".join(f"{i}\n" for i in image_ids))
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+# --- validation, reports and checkpoints -------------------------------------------------
 
 
-def validation_metrics(student: nn.Module, eval_set: EvalSet) -> dict[str, float]:
-    report = evaluate_model(student, eval_set)
+def validation_due(state: WorkerState, epoch: int) -> bool:
+    """After the last epoch, and every ``run.eval_every_epochs`` (0: only the last)."""
+    if not state.spec.eval_uri:
+        return False
+    every = state.config.run.eval_every_epochs
+    return epoch == state.spec.optim.epochs - 1 or bool(every and (epoch + 1) % every == 0)
+
+
+def checkpoint_due(state: WorkerState, epoch: int) -> bool:
+    last = epoch == state.spec.optim.epochs - 1
+    return last or (epoch + 1) % state.config.run.checkpoint_every_epochs == 0
+
+
+def validation_metrics(state: WorkerState) -> dict[str, float]:
+    """Rank 0 only: the student's metrics on ``spec.eval_uri`` (loaded once per run)."""
+    assert state.spec.eval_uri is not None
+    state.eval_set = state.eval_set or load_eval_set(state.spec.eval_uri)
+    report = evaluate_model(unwrap(state.student), state.eval_set)
     out = {
         "val_acc_10fold": report["acc_10fold"],
         "val_auc": report["auc"],
@@ -336,6 +412,64 @@ def validation_metrics(student: nn.Module, eval_set: EvalSet) -> dict[str, float
         if tar is not None:
             out[f"val_tar_at_far_{far}"] = tar
     return out
+
+
+def report(state: WorkerState, stats: EpochStats, *, validate: bool, save: bool) -> None:
+    """Every rank reports (it is a barrier); rank 0 validates when due and attaches the
+    checkpoint when one is due. The latest validation metrics ride along every report."""
+    if validate and state.rank == 0 and state.spec.eval_uri:
+        state.validation = validation_metrics(state)
+    history = state.history
+    metrics: dict[str, Any] = {
+        "epoch": stats.epoch,
+        "epochs_done": list(history.epochs_done),
+        "resumed_at": list(history.resumed_at),
+        "world_sizes": list(history.world_sizes),
+        "train_seconds": history.train_seconds,
+        **state.validation,
+    }
+    if stats.global_batch:  # an epoch was trained (not the rerun of a finished run)
+        metrics.update(loss=stats.mean_loss, samples_per_s=stats.samples_per_s, lr=stats.lr)
+        metrics.update(memory_mb())
+    if not save:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        save_state(directory, training_state(state, stats.epoch))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def training_state(state: WorkerState, epoch: int) -> TrainingState:
+    history = state.history
+    return TrainingState(
+        epoch=epoch,
+        student=unwrap(state.student).state_dict(),
+        loss=state.loss_fn.state_dict(),
+        optimizer=state.optimizer.state_dict(),
+        classifier=state.spec.classifier_ref,
+        config=to_dict(state.config),
+        epochs_done=history.epochs_done,
+        resumed_at=history.resumed_at,
+        world_sizes=history.world_sizes,
+        train_seconds=history.train_seconds,
+        extra=state.spec.provenance(),
+    )
+
+
+def memory_mb() -> dict[str, float]:
+    """This worker's resident memory and the part of it shared with other processes (the
+    object store's copy of W shows up there), from /proc/self/statm; empty elsewhere."""
+    try:
+        with open("/proc/self/statm") as f:
+            _, resident, shared, *_ = (int(v) for v in f.read().split())
+    except OSError:
+        return {}
+    page_mb = os.sysconf("SC_PAGE_SIZE") / 2**20
+    return {"rss_mb": resident * page_mb, "shared_mb": shared * page_mb}
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 @dataclass(frozen=True)
@@ -360,59 +494,3 @@ class History:
         return replace(
             self, epochs_done=(*self.epochs_done, epoch), train_seconds=self.train_seconds + seconds
         )
-
-
-def report(
-    metrics: dict[str, Any],
-    student: nn.Module,
-    loss_fn: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    plan: WorkerPlan,
-    config: ExperimentConfig,
-    history: History,
-    epoch: int,
-    save: bool,
-) -> None:
-    """Every rank reports (it is a barrier); rank 0 attaches the checkpoint when one is due."""
-    metrics = {**metrics, "epochs_done": list(history.epochs_done), "resumed_at": list(history.resumed_at),
-               "world_sizes": list(history.world_sizes), "train_seconds": history.train_seconds}  # fmt: skip
-    if not save:
-        ray.train.report(metrics)
-        return
-    state = TrainingState(
-        epoch=epoch,
-        student=unwrap(student).state_dict(),
-        loss=loss_fn.state_dict(),
-        optimizer=optimizer.state_dict(),
-        classifier=plan.classifier_ref,
-        config=to_dict(config),
-        epochs_done=history.epochs_done,
-        resumed_at=history.resumed_at,
-        world_sizes=history.world_sizes,
-        train_seconds=history.train_seconds,
-        extra={"role": plan.role, "arch": plan.arch.value, "emb_dim": plan.emb_dim, **plan.extra},
-    )
-    with tempfile.TemporaryDirectory() as directory:
-        save_state(directory, state)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
-
-
-def log_progress(
-    plan: WorkerPlan,
-    config: ExperimentConfig,
-    epoch: int,
-    step: int,
-    steps: int,
-    losses: list[float],
-    rate: float,
-) -> None:
-    """``rate`` in samples/s; the ETA assumes it holds for the remaining steps."""
-    global_batch = plan.optim.batch_size
-    remaining = (steps - step) + steps * (plan.optim.epochs - epoch - 1)
-    eta = remaining * global_batch / max(rate, 1e-9)
-    recent = float(np.mean(losses[-20:]))
-    print(
-        f"[{plan.role} {config.name}] epoch {epoch + 1}/{plan.optim.epochs} step {step}/{steps}  "
-        f"{rate:.0f} samples/s  loss {recent:.4f}  ETA {format_seconds(eta)}",
-        flush=True,
-    )
