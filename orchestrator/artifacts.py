@@ -54,14 +54,16 @@ def load_data(source: str | bytes, where: str, what: str) -> Any:
     try:
         return torch.load(handle, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        wanted = re.search(r"GLOBAL ([\w.]+)", str(err))
-        if wanted or "weights_only" in str(err).lower():
-            name = wanted.group(1) if wanted else "a non-data object"
+        text = str(err)
+        wanted = re.search(r"GLOBAL ([\w.]+)", text)
+        if wanted:
             raise ArtifactError(
-                f"{where}: refusing to load it as {what}: it asks to construct {name}, and "
+                f"{where}: refusing to load it as {what}: it asks for {wanted.group(1)}, and "
                 f"{what} holds only tensors and plain data (nothing in it may run code)"
             ) from None
-        raise ArtifactError(f"{where}: not {what} (unreadable pickle: {err})") from None
+        reason = re.search(r"WeightsUnpickler error: ([^\n]+)", text)
+        detail = reason.group(1) if reason else "unreadable pickle"
+        raise ArtifactError(f"{where}: not {what} ({detail})") from None
     except (OSError, RuntimeError, EOFError, ValueError, AttributeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ArtifactError(f"{where}: not {what} ({first})") from None

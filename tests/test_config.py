@@ -126,3 +126,40 @@ def test_sharded_mode_needs_proxyless(tmp_path: Path) -> None:
 def test_sample_rate_range(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"sharding.sample_rate: must be in \(0, 1\], found 1.5"):
         load_config(write(tmp_path, "sharding:\n  sample_rate: 1.5\n"))
+
+
+def test_method_facts() -> None:
+    """The one table of what each method needs (DESIGN.md section 3), written out by hand."""
+    facts = {
+        # method: (inherits W, uses W, teacher embeddings, teacher's width, shardable)
+        Method.PROXYLESS: (True, True, False, True, True),
+        Method.PROXYLESS_L2: (True, True, True, True, False),
+        Method.SCRATCH: (False, False, False, False, False),
+        Method.L2: (False, False, True, True, False),
+        Method.LOGIT: (False, True, True, False, False),
+    }
+    for method, expected in facts.items():
+        got = (
+            method.inherits_classifier,
+            method.uses_teacher_classifier,
+            method.needs_teacher_embeddings,
+            method.needs_teacher_width,
+            method.shardable,
+        )
+        assert got == expected, method
+
+
+@pytest.mark.parametrize("method", list(Method))
+def test_student_width_rule_follows_the_method(method: Method) -> None:
+    student, teacher = {"emb_dim": 128}, {"emb_dim": 512}
+    data = {"loss": {"method": method.value}, "student": student, "teacher": teacher}
+    if method in (Method.LOGIT, Method.SCRATCH):
+        assert from_dict(ExperimentConfig, data).student.emb_dim == 128
+    else:
+        with pytest.raises(ConfigError, match="needs student.emb_dim == teacher.emb_dim"):
+            from_dict(ExperimentConfig, data)
+
+
+def test_real_data_configs_need_no_synthetic_section() -> None:
+    config = from_dict(ExperimentConfig, {"data": {"image_size": 96}})
+    assert config.data.image_size == 96 and config.synthetic.image_size == 112

@@ -208,3 +208,34 @@ def test_normalized_fp32_classifier_is_used_without_a_copy() -> None:
     assert float(shared(emb, labels).loss) == pytest.approx(
         float(copied(emb, labels).loss), rel=1e-6
     )
+
+
+def test_logit_kd_takes_the_teacher_classifier_at_the_teachers_width() -> None:
+    teacher_width = EMB_DIM + 4
+    w = torch.randn(NUM_CLASSES, teacher_width)
+    loss_fn = build_loss(
+        LossConfig(method=Method.LOGIT), num_classes=NUM_CLASSES, emb_dim=EMB_DIM,
+        teacher_classifier=w,
+    )  # fmt: skip
+    student, teacher = torch.randn(4, EMB_DIM), torch.randn(4, teacher_width)
+    out = loss_fn(student, torch.tensor([0, 1, 2, 3]), teacher)
+    # The KD term is Hinton KD between the student's own head and W on the teacher's side.
+    scale = LossConfig().scale
+    s_logits = scale * loss_fn.scratch.classifier.cosine(student)
+    t_logits = (
+        scale
+        * torch.nn.functional.normalize(teacher, dim=1)
+        @ torch.nn.functional.normalize(w, dim=1).T
+    )
+    assert out.terms["kd"] == pytest.approx(float(hinton_kd(s_logits, t_logits, 4.0)), rel=1e-5)
+    with pytest.raises(ValueError, match=rf"expected \(num_classes={NUM_CLASSES + 1}, d\)"):
+        build_loss(
+            LossConfig(method=Method.LOGIT),
+            num_classes=NUM_CLASSES + 1,
+            emb_dim=EMB_DIM,
+            teacher_classifier=w,
+        )
+    with pytest.raises(
+        ValueError, match=rf"expected \(num_classes={NUM_CLASSES}, emb_dim={EMB_DIM}\)"
+    ):
+        build_loss(LossConfig(), num_classes=NUM_CLASSES, emb_dim=EMB_DIM, teacher_classifier=w)

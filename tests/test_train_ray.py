@@ -124,6 +124,24 @@ def test_baselines_train(train_setup: TrainSetup, method: Method) -> None:
     assert outcome.state.classifier is None
 
 
+def test_logit_kd_student_has_its_own_width(train_setup: TrainSetup) -> None:
+    """Hinton KD on logits: W scores the teacher's (16-d) embeddings, the student's own head
+    its 8-d ones; the run checks W against the teacher's width and trains."""
+    config = replace(
+        train_setup.base,
+        name="logit-narrow",
+        student=replace(train_setup.base.student, emb_dim=8),
+        loss=replace(train_setup.base.loss, method=Method.LOGIT),
+        optim=replace(train_setup.base.optim, epochs=1),
+    )
+    outcome = distill(config)
+    assert tuple(outcome.state.loss["scratch.classifier.weight"].shape) == (6, 8)
+    assert outcome.state.classifier is not None  # W was placed for the teacher's logits
+    assert outcome.state.extra["classifier_layout"] == "dense"
+    model, export = load_student(student_uri(config, "logit-narrow"))
+    assert export.emb_dim == 8 and model(torch.zeros(1, 3, 112, 112)).shape == (1, 8)
+
+
 def test_teacher_training_exports_backbone_and_classifier(
     train_setup: TrainSetup, tmp_path: Path
 ) -> None:
