@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # CPU build of torch by default; on a GPU machine: make install TORCH_SPEC="torch==2.13.0 --index-url <your CUDA wheel index>"
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test lint typecheck pytest demo clean
+.PHONY: install test test-fast lint typecheck pytest demo clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ pytest: install
 	$(PY) -m pytest
 
 test: lint typecheck pytest
+
+# The unit tier only (no Ray, no gloo, no servers, no subprocesses): about a minute.
+# Tiers: unit, dist, ray, e2e (pyproject.toml); e.g. `.venv/bin/python -m pytest -m dist`.
+test-fast: install
+	$(PY) -m pytest -m unit -q
 
 # make demo STORE=s3: data, checkpoints and report on an embedded S3 server (SeaweedFS).
 STORE ?= local

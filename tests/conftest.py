@@ -54,16 +54,55 @@ def object_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedO
             os.environ[key] = value
 
 
-@pytest.fixture(scope="session")
-def ray_cluster(object_store: EmbeddedObjectStore) -> Iterator[None]:
-    """One local Ray cluster for the whole session (2 CPUs, like the CI machine)."""
+_RAY_STARTED_WITH: dict[str, str | None] = {}
+
+
+def _start_ray() -> None:
     import ray
 
     os.environ["RAY_AUTH_MODE"] = "disabled"
     os.environ.pop("RAY_ADDRESS", None)
     ray.init(address="local", num_cpus=2, log_to_driver=False)
+    _RAY_STARTED_WITH["endpoint"] = os.environ.get("AWS_ENDPOINT_URL")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[None]:
+    """One local Ray cluster for the whole session (2 CPUs, like the CI machine). It needs
+    no object store: tests that stream from S3 ask for :func:`ray_with_store`."""
+    import ray
+
+    if not ray.is_initialized():
+        _start_ray()
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_with_store(object_store: EmbeddedObjectStore, ray_cluster: None) -> Iterator[None]:
+    """The session's Ray cluster with workers that inherit the store's ``AWS_*``
+    environment, like on a cloud node. Ray's processes take their environment when the
+    cluster starts, so a cluster started before the store is restarted once."""
+    import ray
+
+    if _RAY_STARTED_WITH.get("endpoint") != object_store.endpoint.env()["AWS_ENDPOINT_URL"]:
+        ray.shutdown()
+        _start_ray()
+    yield
+
+
+# Test tiers (make test-fast runs the first): a module or test may mark itself; otherwise a
+# test that uses a Ray cluster fixture is `ray`, and everything else is `unit`.
+TIERS = ("unit", "dist", "ray", "e2e")
+RAY_FIXTURES = {"ray_cluster", "ray_with_store"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if any(item.get_closest_marker(tier) for tier in TIERS):
+            continue
+        uses_ray = RAY_FIXTURES & set(getattr(item, "fixturenames", ()))
+        item.add_marker(pytest.mark.ray if uses_ray else pytest.mark.unit)
 
 
 @dataclass(frozen=True)

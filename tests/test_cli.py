@@ -7,7 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO
+
+pytestmark = pytest.mark.e2e
 
 
 def run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:

@@ -156,7 +156,7 @@ def test_student_width_rule_follows_the_method(method: Method) -> None:
     if method in (Method.LOGIT, Method.SCRATCH):
         assert from_dict(ExperimentConfig, data).student.emb_dim == 128
     else:
-        with pytest.raises(ConfigError, match="needs student.emb_dim == teacher.emb_dim"):
+        with pytest.raises(ConfigError, match=r"needs student\.emb_dim == teacher\.emb_dim"):
             from_dict(ExperimentConfig, data)
 
 

@@ -23,6 +23,8 @@ from orchestrator.losses import build_loss
 from orchestrator.models import build_backbone
 from orchestrator.train.step import lr_at, train_step
 
+pytestmark = pytest.mark.dist
+
 NUM_CLASSES, EMB_DIM, LOCAL_BATCH, STEPS, WORLD = 7, 16, 3, 3, 2
 
 

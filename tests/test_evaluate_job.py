@@ -18,6 +18,8 @@ from orchestrator.models import build_backbone
 from orchestrator.teacher import load_teacher_backbone
 from tests.conftest import REPO, TrainSetup
 
+pytestmark = pytest.mark.e2e
+
 
 def export(path: Path, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from orchestrator.config import Arch, LossConfig, MarginType, Method
 from orchestrator.losses import LabelRangeError, Margin, build_loss
-from orchestrator.losses.objectives import ProxylessLoss, embedding_l2, hinton_kd
+from orchestrator.losses.objectives import LogitLoss, ProxylessLoss, embedding_l2, hinton_kd
 from orchestrator.models import build_backbone
 
 NUM_CLASSES, EMB_DIM, BATCH = 11, 8, 6
@@ -217,6 +217,7 @@ def test_logit_kd_takes_the_teacher_classifier_at_the_teachers_width() -> None:
         LossConfig(method=Method.LOGIT), num_classes=NUM_CLASSES, emb_dim=EMB_DIM,
         teacher_classifier=w,
     )  # fmt: skip
+    assert isinstance(loss_fn, LogitLoss)
     student, teacher = torch.randn(4, EMB_DIM), torch.randn(4, teacher_width)
     out = loss_fn(student, torch.tensor([0, 1, 2, 3]), teacher)
     # The KD term is Hinton KD between the student's own head and W on the teacher's side.

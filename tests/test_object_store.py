@@ -27,7 +27,7 @@ from orchestrator.runs import student_uri
 from orchestrator.train.launch import distill
 from tests.conftest import BUCKET, REPO, make_train_setup
 
-pytestmark = pytest.mark.usefixtures("ray_cluster")
+pytestmark = pytest.mark.usefixtures("ray_with_store")
 
 IDENTITIES, PER_IDENTITY = 6, 4
 

@@ -21,6 +21,8 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 from orchestrator.config import to_dict
 from tests.conftest import REPO, TrainSetup
 
+pytestmark = pytest.mark.e2e
+
 RAY = str(Path(sys.executable).parent / "ray")
 
 

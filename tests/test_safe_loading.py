@@ -17,7 +17,7 @@ from orchestrator.artifacts import ArtifactError, load_state, read_student_expor
 from orchestrator.data.prepare import SyntheticDatasets
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.e2e
 
 
 class CreatesFile:

@@ -22,6 +22,8 @@ from orchestrator.config import LossConfig, MarginType
 from orchestrator.losses import LabelRangeError, Margin, build_loss
 from orchestrator.losses.sharded import Shard, ShardedProxylessLoss
 
+pytestmark = pytest.mark.dist
+
 NUM_CLASSES, EMB_DIM, IN_DIM, LOCAL_BATCH = 23, 8, 12, 4
 MARGINS = {
     "arcface": Margin.arcface(16.0, 0.5),

@@ -18,19 +18,22 @@ import yaml
 
 from jobs import distill as distill_job
 from orchestrator.config import (
+    ConfigError,
     DataConfig,
+    ExperimentConfig,
     MarginType,
     OptimConfig,
     ScalingConfig,
     SearchAlgorithm,
     TuneConfig,
     dump_yaml,
+    from_dict,
     load_config,
 )
 from orchestrator.tune import param_space, trial_resources
 from tests.conftest import REPO, TrainSetup
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 
 def search_config(setup: TrainSetup, root: Path) -> Path:
@@ -189,8 +192,9 @@ def test_search_space_and_resources() -> None:
     assert (plan.cpus, plan.concurrent) == (3.51, 4)
     gpu = replace(base, scaling=replace(base.scaling, use_gpu=True))
     assert trial_resources(gpu, 64.0, 4.0).concurrent == 2  # GPUs bind first
-    with pytest.raises(Exception, match=r"tune\.margn_values: unknown key"):
+    with pytest.raises(ConfigError, match=r"tune\.margn_values: unknown key"):
         load_config(None, ["tune.margn_values=[0.3]"])
-    with pytest.raises(Exception, match="grid search needs lists"):
+    with pytest.raises(ConfigError, match="grid search needs lists"):
         load_config(None, ["tune.search=grid", "tune.lr_range=[0.01,0.1]"])
-    yaml.safe_load(dump_yaml(base))  # the tune section serialises
+    # The tune section serialises and loads back to the same config.
+    assert from_dict(ExperimentConfig, yaml.safe_load(dump_yaml(base))) == base

@@ -168,7 +168,7 @@ def _soft(distance: Array, softness: float) -> Array:
 
 
 def _ellipse(
-    x: Array, y: Array, cx: float, cy: float, rx: float, ry: float, power: float = 2.0
+    x: Array, y: Array, cx: float, cy: float | Array, rx: float, ry: float, power: float = 2.0
 ) -> Array:
     return (np.abs((x - cx) / rx) ** power + np.abs((y - cy) / ry) ** power) ** (1.0 / power)
 
@@ -195,57 +195,84 @@ def _blur(image: Array, sigma: float) -> Array:
     return sum(k[i] * padded[:, i : i + image.shape[1]] for i in range(k.size))
 
 
-def render(
-    person: Identity, nuisance: Nuisance, size: int, noise_rng: np.random.Generator
-) -> Uint8Image:
-    """One (size, size, 3) uint8 photo of ``person`` under ``nuisance``."""
-    # Pixel grid -> face coordinates: inverse of roll, scale, shift, plus a yaw squeeze
-    # that compresses the side of the face turned away.
+@dataclass(frozen=True)
+class FaceGrid:
+    """Face coordinates of every pixel (after pose) and one pixel's size in them."""
+
+    x: Array
+    y: Array
+    v: Array  # the image's own vertical coordinate, for the background gradient
+    px: float
+
+
+def face_grid(nuisance: Nuisance, size: int) -> FaceGrid:
+    """Pixel grid -> face coordinates: inverse of roll, scale, shift, plus a yaw squeeze
+    that compresses the side of the face turned away."""
     v, u = np.meshgrid(np.linspace(-1, 1, size), np.linspace(-1, 1, size), indexing="ij")
     u, v = (u - nuisance.shift[0]) / nuisance.scale, (v - nuisance.shift[1]) / nuisance.scale
     c, s = math.cos(nuisance.roll), math.sin(nuisance.roll)
     x, y = c * u + s * v, -s * u + c * v
     x = x * (1 + nuisance.yaw * np.sign(x) * 0.5) - nuisance.yaw * 0.25
-    px = 1.0 / size  # one pixel in face coordinates, for edge softness
+    return FaceGrid(x, y, v, 1.0 / size)  # px: one pixel, for edge softness
 
+
+def _paint(img: Array, mask: Array, colour: Array | float) -> Array:
+    return img * (1 - mask[..., None]) + np.asarray(colour) * mask[..., None]
+
+
+def render(
+    person: Identity, nuisance: Nuisance, size: int, noise_rng: np.random.Generator
+) -> Uint8Image:
+    """One (size, size, 3) uint8 photo of ``person`` under ``nuisance``."""
+    g = face_grid(nuisance, size)
     img = np.broadcast_to(nuisance.background, (size, size, 3)).copy()
-    img *= (0.85 + 0.15 * v)[..., None]  # background gradient
+    img *= (0.85 + 0.15 * g.v)[..., None]  # background gradient
+    img = _paint_head(img, person, g, size)
+    img = _paint_eyes(img, person, nuisance, g)
+    img = _paint_nose_and_mouth(img, person, nuisance, g)
+    img = _illuminate(img, nuisance, g)
+    img = _blur(img, nuisance.blur)
+    img = img + noise_rng.normal(0, nuisance.noise, img.shape)
+    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
 
-    def paint(mask: Array, colour: Array | float) -> None:
-        nonlocal img
-        img = img * (1 - mask[..., None]) + np.asarray(colour) * mask[..., None]
 
-    # Hair behind the head, then the face with its texture and marks.
+def _paint_head(img: Array, person: Identity, g: FaceGrid, size: int) -> Array:
+    """Hair behind the head, then the face with its texture and marks, beard, fringe."""
+    x, y, px = g.x, g.y, g.px
     hair_back = _soft(
         _ellipse(x, y, 0.0, -0.08, person.face_w + person.hair_volume, person.face_h + 0.08), 4 * px
     )
-    paint(hair_back * (y < 0.25), person.hair)
+    img = _paint(img, hair_back * (y < 0.25), person.hair)
     face = _soft(_ellipse(x, y, 0.0, 0.0, person.face_w, person.face_h, person.jaw_power), 3 * px)
     relief = _upsample(person.texture, size)
     skin = person.skin[None, None, :] * (1 + 0.07 * relief[..., None])
     img = img * (1 - face[..., None]) + skin * face[..., None]
     for mx, my, mr in person.marks:
-        paint(_soft(_ellipse(x, y, mx, my, mr, mr), 2 * px) * face, person.skin * 0.45)
+        img = _paint(img, _soft(_ellipse(x, y, mx, my, mr, mr), 2 * px) * face, person.skin * 0.45)
     if person.beard > 0:
         beard = (
             _soft(_ellipse(x, y, 0.0, 0.55, person.face_w * 0.9, 0.42), 6 * px) * face * (y > 0.2)
         )
-        paint(beard * person.beard, person.hair)
+        img = _paint(img, beard * person.beard, person.hair)
     # Fringe: hair above the hairline, inside the head, parted to one side.
     fringe = face * _soft(
         (person.hairline + 0.12 * np.tanh(4 * (x - person.hair_part)) - y + 1), 6 * px
     )
     fringe = np.where(y < person.hairline + 0.25, fringe, 0.0)
-    paint(fringe, person.hair)
+    return _paint(img, fringe, person.hair)
 
-    # Eyes (whites, iris), brows, nose shadow, mouth.
+
+def _paint_eyes(img: Array, person: Identity, nuisance: Nuisance, g: FaceGrid) -> Array:
+    """Eye whites, irises and brows."""
+    x, y, px = g.x, g.y, g.px
     eye_ry = person.eye_ry * nuisance.squint
     for side in (-1.0, 1.0):
         ex = side * person.eye_dx
         white = _soft(_ellipse(x, y, ex, person.eye_y, person.eye_rx, eye_ry), 2 * px)
-        paint(white, np.array([0.93, 0.93, 0.9]))
+        img = _paint(img, white, np.array([0.93, 0.93, 0.9]))
         iris_r = min(person.eye_rx * 0.5, eye_ry * 1.2)
-        paint(_soft(_ellipse(x, y, ex, person.eye_y, iris_r, iris_r), 2 * px) * white, person.iris)
+        iris = _soft(_ellipse(x, y, ex, person.eye_y, iris_r, iris_r), 2 * px) * white
+        img = _paint(img, iris, person.iris)
         by = (
             person.eye_y
             - person.brow_gap
@@ -254,24 +281,33 @@ def render(
         )
         brow = _soft(np.abs(x - ex) / (person.eye_rx * 1.3), 0.05)
         brow = brow * _soft(np.abs(y - by) / person.brow_thickness, 0.2)
-        paint(brow, person.hair * 0.8)
+        img = _paint(img, brow, person.hair * 0.8)
+    return img
+
+
+def _paint_nose_and_mouth(img: Array, person: Identity, nuisance: Nuisance, g: FaceGrid) -> Array:
+    x, y, px = g.x, g.y, g.px
     nose_top, nose_bottom = person.eye_y + 0.05, person.eye_y + 0.05 + person.nose_len
     ridge = (
         _soft(np.abs(x - 0.04) / (person.nose_w * 0.25), 0.3) * (y > nose_top) * (y < nose_bottom)
     )
-    paint(ridge * 0.35, person.skin * 0.6)
+    img = _paint(img, ridge * 0.35, person.skin * 0.6)
     nostrils = _soft(_ellipse(x, y, 0.0, nose_bottom, person.nose_w, person.nose_w * 0.4), 2 * px)
-    paint(nostrils * 0.5, person.skin * 0.55)
+    img = _paint(img, nostrils * 0.5, person.skin * 0.55)
     curve = person.mouth_y - nuisance.smile * (1 - (x / person.mouth_w) ** 2)
     mouth = _soft(_ellipse(x, y, 0.0, curve, person.mouth_w, 0.02 + nuisance.mouth_open), 2 * px)
-    paint(mouth, person.lips)
+    img = _paint(img, mouth, person.lips)
     if nuisance.mouth_open > 0.01:
         inside = _soft(
             _ellipse(x, y, 0.0, curve, person.mouth_w * 0.8, nuisance.mouth_open), 2 * px
         )
-        paint(inside, np.array([0.15, 0.05, 0.05]))
+        img = _paint(img, inside, np.array([0.15, 0.05, 0.05]))
+    return img
 
-    # Illumination: directional shading over the head, global brightness and colour tint.
+
+def _illuminate(img: Array, nuisance: Nuisance, g: FaceGrid) -> Array:
+    """Directional shading over the head, global brightness and colour tint, occluder."""
+    x, y = g.x, g.y
     shade = 1 + nuisance.light_strength * (
         math.cos(nuisance.light_dir) * x + math.sin(nuisance.light_dir) * y
     )
@@ -283,12 +319,10 @@ def render(
                 np.abs(x - (x0 + x1) / 2) / ((x1 - x0) / 2),
                 np.abs(y - (y0 + y1) / 2) / ((y1 - y0) / 2),
             ),
-            2 * px,
+            2 * g.px,
         )
-        paint(block, grey)
-    img = _blur(img, nuisance.blur)
-    img = img + noise_rng.normal(0, nuisance.noise, img.shape)
-    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+        img = _paint(img, block, grey)
+    return img
 
 
 def render_image(seed: int, identity: int, image: int, size: int) -> Uint8Image:
