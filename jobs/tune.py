@@ -5,7 +5,7 @@ Locally:
     python -m jobs.tune --config configs/tune_demo.yaml
     python -m jobs.tune --config configs/tune_demo.yaml --resume      # after an interruption
 On a cluster (storage on object storage):
-    ray job submit --working-dir . -- python -m jobs.tune --config configs/webface_r100_to_mbf.yaml --set storage_path=s3://bucket/runs --set tune.margin_values=[0.3,0.4,0.5]
+    ray job submit --working-dir . -- python -m jobs.tune --config configs/webface_r100_to_mbf.yaml --set storage_path=s3://bucket/runs --set tune.space.margin.values=[0.3,0.4,0.5]
 
 The search space is the config's `tune:` section (see TuneConfig). ASHA stops weak trials
 on the validation metric `tune.metric` (10-fold accuracy or TAR at a FAR on `data.eval`).
@@ -38,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stopped = sum(r.status == "stopped early" for r in outcome.rows)
     print(
         f"{len(outcome.rows)} trials ({stopped} stopped early by ASHA); best {outcome.best.trial_id}: "
-        f"{config.tune.metric} {outcome.best.metric:.4f}"
+        f"{config.tune.metric.validation_key} {outcome.best.metric:.4f}"
     )
     print(f"best config: {outcome.best_yaml}  (python -m jobs.distill --config <it>)")
     print(f"best student: {outcome.best.student}")

@@ -20,7 +20,7 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="SECTION.KEY=VALUE",
-        help="override one config value, type-checked (repeatable), e.g. --set loss.margin=0.45",
+        help="override one config value, type-checked (repeatable), e.g. --set loss.margin.m=0.45",
     )
 
 
@@ -28,7 +28,7 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     """The config, with its object-store endpoint and region put in this process's
     ``AWS_*`` environment for every S3 client to see."""
     config = load_config(args.config, args.overrides)
-    use_endpoint(config.data.endpoint_url, config.data.region)
+    use_endpoint(config.storage.endpoint_url, config.storage.region)
     return config
 
 

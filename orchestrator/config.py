@@ -12,22 +12,26 @@ Validation of single values and of combinations lives in each dataclass's
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import enum
 import math
-import types
-import typing
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import yaml
+from orchestrator.typed_yaml import (
+    ConfigError,
+    apply_overrides,
+    dump_yaml,
+    from_dict,
+    parse_override,
+    read_yaml_mapping,
+    require,
+    to_dict,
+)
 
-
-class ConfigError(ValueError):
-    """A config value is unknown, mistyped or contradicts another value."""
+__all__ = ["ConfigError", "dump_yaml", "from_dict", "load_config", "to_dict"]
 
 
 class Method(enum.StrEnum):
@@ -127,22 +131,28 @@ class DataConfig:
     decode_actors: int = 0
     decode_cpus: float = 0.5  # CPUs reserved per decode actor and per read task
     decode_batch: int = 256  # images per decode call
-    # Object storage: endpoint and region for s3:// URIs when not on AWS (empty: the AWS_*
-    # environment decides). Keys are never read from a config: use AWS_ACCESS_KEY_ID /
-    # AWS_SECRET_ACCESS_KEY or an instance role / service account.
-    endpoint_url: str = ""
-    region: str = ""
 
     def __post_init__(self) -> None:
-        _require(self.crop_pad >= 0, "crop_pad", f"must be >= 0, found {self.crop_pad}")
-        _require(self.decode_actors >= 0, "decode_actors", "must be >= 0 (0: derived)")
-        _require(self.decode_cpus > 0, "decode_cpus", f"must be > 0, found {self.decode_cpus}")
-        _require(self.decode_batch >= 1, "decode_batch", "must be >= 1")
-        _require(
+        require(self.crop_pad >= 0, "crop_pad", f"must be >= 0, found {self.crop_pad}")
+        require(self.decode_actors >= 0, "decode_actors", "must be >= 0 (0: derived)")
+        require(self.decode_cpus > 0, "decode_cpus", f"must be > 0, found {self.decode_cpus}")
+        require(self.decode_batch >= 1, "decode_batch", "must be >= 1")
+        require(
             self.image_size >= 16 and self.image_size % 16 == 0,
             "image_size",
             f"must be a positive multiple of 16 (the backbones halve it four times), found {self.image_size}",
         )
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """Object storage for every s3:// URI of the run (data, classifier, checkpoints,
+    reports): endpoint and region when not on AWS; empty, the ``AWS_*`` environment
+    decides. Keys are never read from a config: use AWS_ACCESS_KEY_ID /
+    AWS_SECRET_ACCESS_KEY or an instance role / service account."""
+
+    endpoint_url: str = ""
+    region: str = ""
 
 
 @dataclass(frozen=True)
@@ -160,16 +170,16 @@ class SyntheticConfig:
     shard_bytes: int = 256 * 2**20
 
     def __post_init__(self) -> None:
-        _require(self.num_identities >= 2, "num_identities", "must be >= 2")
-        _require(
+        require(self.num_identities >= 2, "num_identities", "must be >= 2")
+        require(
             self.eval_identities >= 20,
             "eval_identities",
             f"must be >= 20 (10 identity-disjoint folds of 2+ identities), found {self.eval_identities}",
         )
-        _require(self.images_per_identity >= 2, "images_per_identity", "must be >= 2")
-        _require(self.pairs_per_fold >= 2, "pairs_per_fold", "must be >= 2")
-        _require(1 <= self.jpeg_quality <= 100, "jpeg_quality", "must be in [1, 100]")
-        _require(self.shard_bytes > 0, "shard_bytes", "must be > 0")
+        require(self.images_per_identity >= 2, "images_per_identity", "must be >= 2")
+        require(self.pairs_per_fold >= 2, "pairs_per_fold", "must be >= 2")
+        require(1 <= self.jpeg_quality <= 100, "jpeg_quality", "must be in [1, 100]")
+        require(self.shard_bytes > 0, "shard_bytes", "must be > 0")
 
 
 @dataclass(frozen=True)
@@ -179,8 +189,8 @@ class StudentConfig:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        _require(self.emb_dim > 0, "emb_dim", f"must be > 0, found {self.emb_dim}")
-        _require(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), found {self.dropout}")
+        require(self.emb_dim > 0, "emb_dim", f"must be > 0, found {self.emb_dim}")
+        require(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), found {self.dropout}")
 
 
 @dataclass(frozen=True)
@@ -194,46 +204,51 @@ class TeacherConfig:
     backbone: str = "runs/teacher/backbone.pt"
 
     def __post_init__(self) -> None:
-        _require(self.emb_dim > 0, "emb_dim", f"must be > 0, found {self.emb_dim}")
-        _require(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), found {self.dropout}")
+        require(self.emb_dim > 0, "emb_dim", f"must be > 0, found {self.emb_dim}")
+        require(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), found {self.dropout}")
+
+
+@dataclass(frozen=True)
+class MarginConfig:
+    """The margin on the target cosine (DESIGN.md section 3): ArcFace ``s*cos(theta+m)``,
+    CosFace ``s*(cos(theta)-m)``, combined ``s*(cos(m1*theta+m2)-m3)``."""
+
+    type: MarginType = MarginType.ARCFACE
+    scale: float = 64.0  # s
+    m: float = 0.5  # arcface / cosface
+    m1: float = 1.0  # combined only
+    m2: float = 0.3  # combined only
+    m3: float = 0.2  # combined only
+
+    def __post_init__(self) -> None:
+        require(self.scale > 0, "scale", f"must be > 0, found {self.scale}")
+        require(0.0 <= self.m < math.pi / 2, "m", f"must be in [0, pi/2), found {self.m}")
+        if self.type is MarginType.COMBINED:
+            require(self.m1 > 0, "m1", f"must be > 0, found {self.m1}")
+            require(0.0 <= self.m2 < math.pi / 2, "m2", f"must be in [0, pi/2), found {self.m2}")
+            require(0.0 <= self.m3 < 1.0, "m3", f"must be in [0, 1), found {self.m3}")
 
 
 @dataclass(frozen=True)
 class LossConfig:
-    """The training objective.
-
-    Margins act on the target cosine only: ArcFace ``s*cos(theta+margin)``, CosFace
-    ``s*(cos(theta)-margin)``, combined ``s*(cos(m1*theta+m2)-m3)``.
-    """
+    """The training objective: the method (DESIGN.md section 3), its margin and the weights
+    of the baselines' extra terms."""
 
     method: Method = Method.PROXYLESS
-    margin_type: MarginType = MarginType.ARCFACE
-    scale: float = 64.0
-    margin: float = 0.5  # arcface / cosface
-    m1: float = 1.0  # combined only
-    m2: float = 0.3  # combined only
-    m3: float = 0.2  # combined only
+    margin: MarginConfig = field(default_factory=MarginConfig)
     l2_weight: float = 1.0  # l2 and proxyless+l2
     kd_temperature: float = 4.0  # logit
     kd_weight: float = 1.0  # logit
 
     def __post_init__(self) -> None:
-        _require(self.scale > 0, "scale", f"must be > 0, found {self.scale}")
-        _require(
-            0.0 <= self.margin < math.pi / 2, "margin", f"must be in [0, pi/2), found {self.margin}"
-        )
-        if self.margin_type is MarginType.COMBINED:
-            _require(self.m1 > 0, "m1", f"must be > 0, found {self.m1}")
-            _require(0.0 <= self.m2 < math.pi / 2, "m2", f"must be in [0, pi/2), found {self.m2}")
-            _require(0.0 <= self.m3 < 1.0, "m3", f"must be in [0, 1), found {self.m3}")
-        _require(
+        require(
             not self.method.uses_l2 or self.l2_weight > 0,
             "l2_weight",
             f"method {self.method.value} needs l2_weight > 0, found {self.l2_weight}",
         )
         if self.method is Method.LOGIT:
-            _require(self.kd_temperature > 0, "kd_temperature", "must be > 0 for method logit")
-            _require(self.kd_weight > 0, "kd_weight", "must be > 0 for method logit")
+            require(self.kd_temperature > 0, "kd_temperature", "must be > 0 for method logit")
+            require(self.kd_weight > 0, "kd_weight", "must be > 0 for method logit")
 
 
 @dataclass(frozen=True)
@@ -246,10 +261,10 @@ class OptimConfig:
     warmup_epochs: float = 0.0
 
     def __post_init__(self) -> None:
-        _require(self.lr > 0, "lr", f"must be > 0, found {self.lr}")
-        _require(self.epochs >= 1, "epochs", f"must be >= 1, found {self.epochs}")
-        _require(self.batch_size >= 1, "batch_size", f"must be >= 1, found {self.batch_size}")
-        _require(
+        require(self.lr > 0, "lr", f"must be > 0, found {self.lr}")
+        require(self.epochs >= 1, "epochs", f"must be >= 1, found {self.epochs}")
+        require(self.batch_size >= 1, "batch_size", f"must be >= 1, found {self.batch_size}")
+        require(
             0 <= self.warmup_epochs <= self.epochs,
             "warmup_epochs",
             f"must be in [0, epochs={self.epochs}], found {self.warmup_epochs}",
@@ -263,8 +278,8 @@ class ScalingConfig:
     use_gpu: bool = False
 
     def __post_init__(self) -> None:
-        _require(self.num_workers >= 1, "num_workers", f"must be >= 1, found {self.num_workers}")
-        _require(self.cpus_per_worker > 0, "cpus_per_worker", "must be > 0")
+        require(self.num_workers >= 1, "num_workers", f"must be >= 1, found {self.num_workers}")
+        require(self.cpus_per_worker > 0, "cpus_per_worker", "must be > 0")
 
 
 class ClassifierMode(enum.StrEnum):
@@ -292,13 +307,13 @@ class ShardingConfig:
     sample_rate: float = 1.0
 
     def __post_init__(self) -> None:
-        _require(self.auto_min_bytes >= 0, "auto_min_bytes", "must be >= 0")
-        _require(
+        require(self.auto_min_bytes >= 0, "auto_min_bytes", "must be >= 0")
+        require(
             0.0 < self.sample_rate <= 1.0,
             "sample_rate",
             f"must be in (0, 1], found {self.sample_rate}",
         )
-        _require(self.chunk_size >= 1, "chunk_size", f"must be >= 1, found {self.chunk_size}")
+        require(self.chunk_size >= 1, "chunk_size", f"must be >= 1, found {self.chunk_size}")
 
 
 @dataclass(frozen=True)
@@ -317,11 +332,11 @@ class RunConfig:
     audit_ids: bool = False
 
     def __post_init__(self) -> None:
-        _require(self.max_failures >= -1, "max_failures", "must be >= 0, or -1 for unlimited")
-        _require(self.checkpoint_every_epochs >= 1, "checkpoint_every_epochs", "must be >= 1")
-        _require(self.eval_every_epochs >= 0, "eval_every_epochs", "must be >= 0")
-        _require(self.log_every_s > 0, "log_every_s", "must be > 0")
-        _require(self.shuffle_buffer >= 0, "shuffle_buffer", "must be >= 0")
+        require(self.max_failures >= -1, "max_failures", "must be >= 0, or -1 for unlimited")
+        require(self.checkpoint_every_epochs >= 1, "checkpoint_every_epochs", "must be >= 1")
+        require(self.eval_every_epochs >= 0, "eval_every_epochs", "must be >= 0")
+        require(self.log_every_s > 0, "log_every_s", "must be > 0")
+        require(self.shuffle_buffer >= 0, "shuffle_buffer", "must be >= 0")
 
 
 class SearchAlgorithm(enum.StrEnum):
@@ -330,42 +345,84 @@ class SearchAlgorithm(enum.StrEnum):
     OPTUNA = "optuna"  # Optuna's TPE over the lists / ranges (needs `pip install optuna`)
 
 
-VALIDATION_METRICS = (
-    "val_acc_10fold",
-    "val_auc",
-    "val_rank1",
-    "val_tar_at_far_1e-1",
-    "val_tar_at_far_1e-2",
-    "val_tar_at_far_1e-3",
-    "val_tar_at_far_1e-4",
-)
+class Metric(enum.StrEnum):
+    """The evaluation report's headline numbers (``report.json``: the first three at the top
+    of a model's entry, TAR@FAR under ``tar_at_far``). Tune ranks trials by the validation
+    copy a training run reports, ``val_<name>``; retraining compares reports."""
+
+    ACC_10FOLD = "acc_10fold"
+    AUC = "auc"
+    RANK1 = "rank1"
+    TAR_AT_FAR_1E_1 = "tar_at_far_1e-1"
+    TAR_AT_FAR_1E_2 = "tar_at_far_1e-2"
+    TAR_AT_FAR_1E_3 = "tar_at_far_1e-3"
+    TAR_AT_FAR_1E_4 = "tar_at_far_1e-4"
+
+    @property
+    def validation_key(self) -> str:
+        """The key of this metric in a training run's per-epoch report."""
+        return f"val_{self.value}"
+
+    def read(self, report: dict[str, Any]) -> float | None:
+        """This metric from one model's entry of an evaluation report (None: not measured,
+        e.g. too few negative pairs for the FAR)."""
+        if self.value.startswith("tar_at_far_"):
+            value = (report.get("tar_at_far") or {}).get(self.value.removeprefix("tar_at_far_"))
+        else:
+            value = report.get(self.value)
+        return None if value is None else float(value)
+
+
+@dataclass(frozen=True)
+class FloatSearch:
+    """One number to search: a list of choices, or ``range: [low, high]`` sampled
+    uniformly (log-uniformly for the learning rate) by random and Optuna search."""
+
+    values: tuple[float, ...] = ()
+    range: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        require(not (self.values and self.range), "range", "give values or range, not both")
+        require(
+            not self.range or (len(self.range) == 2 and 0 < self.range[0] < self.range[1]),
+            "range",
+            f"must be [low, high] with 0 < low < high, found {list(self.range)}",
+        )
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """What ``jobs.tune`` varies; empty entries keep the base config's value. Each field's
+    metadata names the experiment config key it sets."""
+
+    margin_type: tuple[MarginType, ...] = field(default=(), metadata={"sets": "loss.margin.type"})
+    margin: FloatSearch = field(
+        default_factory=FloatSearch, metadata={"sets": "loss.margin.m", "log": False}
+    )
+    scale: FloatSearch = field(
+        default_factory=FloatSearch, metadata={"sets": "loss.margin.scale", "log": False}
+    )
+    arch: tuple[Arch, ...] = field(default=(), metadata={"sets": "student.arch"})
+    lr: FloatSearch = field(default_factory=FloatSearch, metadata={"sets": "optim.lr", "log": True})
+    # proxyless+l2: the embedding-KD weight
+    l2_weight: tuple[float, ...] = field(default=(), metadata={"sets": "loss.l2_weight"})
+    seed: tuple[int, ...] = field(default=(), metadata={"sets": "seed"})
 
 
 @dataclass(frozen=True)
 class TuneConfig:
     """The search of ``python -m jobs.tune``: every trial is a full Ray Train run of the
-    experiment config with some values replaced.
+    experiment config with the values of :class:`SearchSpace` replaced.
 
-    Each ``*_values`` list is searched as a set of choices (grid: every value); each
-    ``*_range`` is ``[low, high]``, sampled uniformly (``lr_range``: log-uniformly) by
-    random and Optuna search. Empty: the base config's value is kept. ASHA stops trials
-    whose ``metric`` (measured on ``data.eval`` after every epoch) is in the bottom
-    1 - 1/reduction_factor at an epoch milestone (grace_period, grace_period*rf, ...).
+    ASHA stops trials whose ``metric`` (measured on ``data.eval`` after every epoch) is in
+    the bottom 1 - 1/reduction_factor at an epoch milestone (grace_period,
+    grace_period*rf, ...).
     """
 
     search: SearchAlgorithm = SearchAlgorithm.RANDOM
     num_samples: int = 8
-    metric: str = "val_acc_10fold"
-    margin_type_values: tuple[MarginType, ...] = ()
-    margin_values: tuple[float, ...] = ()
-    margin_range: tuple[float, ...] = ()
-    scale_values: tuple[float, ...] = ()
-    scale_range: tuple[float, ...] = ()
-    arch_values: tuple[Arch, ...] = ()
-    lr_values: tuple[float, ...] = ()
-    lr_range: tuple[float, ...] = ()
-    l2_weight_values: tuple[float, ...] = ()  # proxyless+l2: the embedding-KD weight
-    seed_values: tuple[int, ...] = ()
+    metric: Metric = Metric.ACC_10FOLD
+    space: SearchSpace = field(default_factory=SearchSpace)
     early_stopping: bool = True  # ASHA
     grace_period: int = 1  # epochs before ASHA may stop a trial
     reduction_factor: float = 2.0
@@ -373,32 +430,17 @@ class TuneConfig:
     storage_path: str = ""  # empty: <experiment storage_path>/tune
 
     def __post_init__(self) -> None:
-        _require(self.num_samples >= 1, "num_samples", f"must be >= 1, found {self.num_samples}")
-        _require(
-            self.metric in VALIDATION_METRICS,
-            "metric",
-            f"must be one of {', '.join(VALIDATION_METRICS)}, found {self.metric!r}",
-        )
+        require(self.num_samples >= 1, "num_samples", f"must be >= 1, found {self.num_samples}")
         for name in ("margin", "scale", "lr"):
-            values, span = getattr(self, f"{name}_values"), getattr(self, f"{name}_range")
-            _require(
-                not (values and span),
-                f"{name}_range",
-                f"give {name}_values or {name}_range, not both",
-            )
-            _require(
-                not span or (len(span) == 2 and 0 < span[0] < span[1]),
-                f"{name}_range",
-                f"must be [low, high] with 0 < low < high, found {list(span)}",
-            )
-            _require(
+            span = getattr(self.space, name).range
+            require(
                 not (span and self.search is SearchAlgorithm.GRID),
-                f"{name}_range",
+                f"space.{name}.range",
                 "grid search needs lists of values (a range cannot be enumerated)",
             )
-        _require(self.grace_period >= 1, "grace_period", "must be >= 1")
-        _require(self.reduction_factor > 1, "reduction_factor", "must be > 1")
-        _require(self.max_concurrent_trials >= 0, "max_concurrent_trials", "must be >= 0")
+        require(self.grace_period >= 1, "grace_period", "must be >= 1")
+        require(self.reduction_factor > 1, "reduction_factor", "must be > 1")
+        require(self.max_concurrent_trials >= 0, "max_concurrent_trials", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -415,19 +457,14 @@ class RetrainConfig:
     snapshots: str = ""
     benchmark: str = ""
     registry: str = ""
-    metric: str = "acc_10fold"  # a key of the evaluation report: acc_10fold, auc, rank1
+    metric: Metric = Metric.ACC_10FOLD
     min_improvement: float = 0.0
     lock_ttl_s: float = 12 * 3600.0  # a crashed run's lock expires after this
     lock_settle_s: float = 2.0  # wait after writing the lock before trusting it
 
     def __post_init__(self) -> None:
-        _require(
-            self.metric in ("acc_10fold", "auc", "rank1"),
-            "metric",
-            f"must be acc_10fold, auc or rank1, found {self.metric!r}",
-        )
-        _require(self.lock_ttl_s > 0, "lock_ttl_s", "must be > 0")
-        _require(self.lock_settle_s >= 0, "lock_settle_s", "must be >= 0")
+        require(self.lock_ttl_s > 0, "lock_ttl_s", "must be > 0")
+        require(self.lock_settle_s >= 0, "lock_settle_s", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -435,6 +472,7 @@ class ExperimentConfig:
     name: str = "experiment"
     seed: int = 0
     storage_path: str = "runs"
+    storage: StorageConfig = field(default_factory=StorageConfig)
     data: DataConfig = field(default_factory=DataConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
@@ -449,27 +487,27 @@ class ExperimentConfig:
     retrain: RetrainConfig = field(default_factory=RetrainConfig)  # jobs.retrain
 
     def __post_init__(self) -> None:
-        _require(bool(self.name.strip()), "name", "must not be empty")
+        require(bool(self.name.strip()), "name", "must not be empty")
         # The inherited classifier (and the L2 target) live in the teacher's embedding space.
-        _require(
+        require(
             not self.loss.method.needs_teacher_width
             or self.student.emb_dim == self.teacher.emb_dim,
             "student.emb_dim",
             f"method {self.loss.method.value} needs student.emb_dim == teacher.emb_dim, "
             f"found {self.student.emb_dim} and {self.teacher.emb_dim}",
         )
-        _require(
+        require(
             self.sharding.mode is not ClassifierMode.SHARDED or self.loss.method.shardable,
             "sharding.mode",
             f"sharded is implemented for loss.method proxyless, found {self.loss.method.value}",
         )
-        _require(
+        require(
             self.optim.batch_size % self.scaling.num_workers == 0,
             "optim.batch_size",
             f"the global batch {self.optim.batch_size} must split evenly over "
             f"scaling.num_workers={self.scaling.num_workers}",
         )
-        _require(
+        require(
             self.teacher_optim.batch_size % self.scaling.num_workers == 0,
             "teacher_optim.batch_size",
             f"the global batch {self.teacher_optim.batch_size} must split evenly over "
@@ -477,142 +515,88 @@ class ExperimentConfig:
         )
 
 
-class _FieldError(ValueError):
-    """Raised by ``__post_init__``; ``key`` is relative to the dataclass that raised it."""
+# --- loading, with the keys of earlier releases --------------------------------------------
 
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{key}: {message}")
-        self.key = key
-        self.message = message
-
-
-def _require(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise _FieldError(key, message)
-
-
-T = TypeVar("T")
-
-
-def from_dict(cls: type[T], data: Mapping[str, Any], source: str = "<dict>", prefix: str = "") -> T:
-    """Build dataclass ``cls`` from plain data, checking keys and types recursively.
-
-    ``source`` (a file name or ``--set``) and the dotted key path appear in every error.
-    """
-    if not isinstance(data, Mapping):
-        raise ConfigError(
-            f"{source}: {prefix.rstrip('.') or '<top level>'}: expected a mapping for "
-            f"{cls.__name__}, found {type(data).__name__}"
-        )
-    assert dataclasses.is_dataclass(cls)
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = (
-                f" (did you mean '{close[0]}'?)" if close else f"; known keys: {', '.join(names)}"
-            )
-            raise ConfigError(f"{source}: {prefix}{key}: unknown key in {cls.__name__}{hint}")
-        kwargs[key] = _coerce(hints[key], value, source, f"{prefix}{key}")
-    try:
-        return cls(**kwargs)
-    except _FieldError as err:
-        raise ConfigError(f"{source}: {prefix}{err.key}: {err.message}") from None
+# Old dotted key -> its new place. A config or --set that uses an old key still loads, with
+# one "warning:" line per key on stderr saying what to write instead.
+RENAMED_KEYS: dict[str, str] = {
+    "data.endpoint_url": "storage.endpoint_url",
+    "data.region": "storage.region",
+    "loss.margin_type": "loss.margin.type",
+    "loss.scale": "loss.margin.scale",
+    "loss.m1": "loss.margin.m1",
+    "loss.m2": "loss.margin.m2",
+    "loss.m3": "loss.margin.m3",
+    "tune.margin_type_values": "tune.space.margin_type",
+    "tune.margin_values": "tune.space.margin.values",
+    "tune.margin_range": "tune.space.margin.range",
+    "tune.scale_values": "tune.space.scale.values",
+    "tune.scale_range": "tune.space.scale.range",
+    "tune.arch_values": "tune.space.arch",
+    "tune.lr_values": "tune.space.lr.values",
+    "tune.lr_range": "tune.space.lr.range",
+    "tune.l2_weight_values": "tune.space.l2_weight",
+    "tune.seed_values": "tune.space.seed",
+}
 
 
-def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
-    def bad(expected: str) -> ConfigError:
-        return ConfigError(
-            f"{source}: {key}: expected {expected}, found {value!r} ({type(value).__name__})"
-        )
-
-    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
-        return from_dict(hint, value, source, f"{key}.")
-    if isinstance(hint, type) and issubclass(hint, enum.Enum):
-        allowed = [m.value for m in hint]
-        if value not in allowed:
-            raise bad("one of " + ", ".join(repr(a) for a in allowed))
-        return hint(value)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise bad("true or false")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad("an integer")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise bad("a number")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise bad("a string")
-        return value
-    origin = typing.get_origin(hint)
-    if origin is tuple:
-        (item, _ellipsis) = typing.get_args(hint)
-        if not isinstance(value, Sequence) or isinstance(value, str):
-            raise bad("a list")
-        return tuple(_coerce(item, v, source, f"{key}[{i}]") for i, v in enumerate(value))
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(inner, value, source, key)
-    raise TypeError(f"unsupported config field type {hint!r} at {key}")  # a bug in this module
+def _deprecated(source: str, old: str, new: str) -> None:
+    print(f"warning: {source}: {old} is deprecated; write {new}", file=sys.stderr)
 
 
-def to_dict(config: Any) -> dict[str, Any]:
-    """Plain data (enums as their values) that :func:`from_dict` accepts back."""
+def new_key(path: Sequence[str], value: Any) -> list[str] | None:
+    """Where an old key now lives; None when ``path`` is current. ``loss.margin`` was the
+    margin's value (a number) before it became the margin section."""
+    dotted = ".".join(path)
+    if dotted == "loss.margin" and not isinstance(value, dict):
+        return ["loss", "margin", "m"]
+    if dotted in RENAMED_KEYS:
+        return RENAMED_KEYS[dotted].split(".")
+    return None
 
-    def plain(value: Any) -> Any:
-        if isinstance(value, enum.Enum):
-            return value.value
-        if isinstance(value, tuple):
-            return [plain(v) for v in value]
-        return value
 
-    assert dataclasses.is_dataclass(config) and not isinstance(config, type)
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        out[f.name] = to_dict(value) if dataclasses.is_dataclass(value) else plain(value)
+def migrate(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """``data`` with every old key moved to its new place (a key given both ways is an
+    error); the old values ``val_<metric>`` of ``tune.metric`` lose their prefix."""
+    out: dict[str, Any] = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for section, body in list(out.items()):
+        if not isinstance(body, dict):
+            continue
+        for key in list(body):
+            target = new_key([section, key], body[key])
+            if target is None:
+                continue
+            value = body.pop(key)
+            node = out
+            for part in target[:-1]:
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"{source}: {'.'.join(target)}: its section is not a mapping")
+            if target[-1] in node:
+                raise ConfigError(
+                    f"{source}: {section}.{key} and {'.'.join(target)} are the same setting; "
+                    "give it once"
+                )
+            node[target[-1]] = value
+            _deprecated(source, f"{section}.{key}", ".".join(target))
+    tune = out.get("tune")
+    if isinstance(tune, dict) and str(tune.get("metric", "")).startswith("val_"):
+        _deprecated(source, f"tune.metric: {tune['metric']}", f"tune.metric: {tune['metric'][4:]}")
+        tune["metric"] = tune["metric"][4:]
     return out
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``'loss.margin=0.45'`` -> (['loss', 'margin'], 0.45); the value is parsed as YAML."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"--set {text!r}: expected section.key=value")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as err:
-        raise ConfigError(f"--set {text!r}: value is not valid YAML: {err}") from None
-    return key.strip().split("."), value
-
-
-def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Return a copy of ``data`` with each ``section.key=value`` applied."""
-    merged = _deep_copy(data)
+def migrate_overrides(overrides: Sequence[str]) -> list[str]:
+    """``--set`` overrides with old keys rewritten to their new place."""
+    out = []
     for text in overrides:
         path, value = parse_override(text)
-        node = merged
-        for part in path[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {text!r}: {part} is not a section")
-            node = child
-        node[path[-1]] = value
-    return merged
-
-
-def _deep_copy(data: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+        target = new_key(path, value)
+        if target is not None:
+            _deprecated("--set", ".".join(path), ".".join(target))
+            text = ".".join(target) + "=" + text.partition("=")[2]
+        out.append(text)
+    return out
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
@@ -621,29 +605,11 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     With no path, the defaults plus overrides. Errors name the file, or ``--set`` when the
     offending key came from an override.
     """
-    data: dict[str, Any] = {}
-    source = "<defaults>"
-    if path is not None:
-        source = str(path)
-        try:
-            text = Path(path).read_text()
-        except OSError as err:
-            raise ConfigError(f"{source}: cannot read config: {err.strerror}") from None
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{source}: not valid YAML: {err}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{source}: expected a mapping at the top level")
-        data = loaded
+    source = "<defaults>" if path is None else str(path)
+    data = {} if path is None else migrate(read_yaml_mapping(path), source)
     # Check the file alone first, so an error in it is blamed on the file, not on --set.
     config = from_dict(ExperimentConfig, data, source)
     if not overrides:
         return config
-    return from_dict(ExperimentConfig, apply_overrides(data, overrides), f"{source} with --set")
-
-
-def dump_yaml(config: Any) -> str:
-    return yaml.safe_dump(to_dict(config), sort_keys=False)
+    merged = migrate(apply_overrides(data, migrate_overrides(overrides)), f"{source} with --set")
+    return from_dict(ExperimentConfig, merged, f"{source} with --set")

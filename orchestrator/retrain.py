@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from orchestrator import storage
-from orchestrator.config import ConfigError, ExperimentConfig, RetrainConfig
+from orchestrator.config import ConfigError, ExperimentConfig, Metric, RetrainConfig
 from orchestrator.data import format as fmt
 
 CHAMPION = "champion.json"
@@ -176,7 +176,7 @@ def decide(config: ExperimentConfig, snapshot: Snapshot) -> Decision:
         record(registry, snapshot, "skipped", {}, message)
         return Decision(Outcome.SKIPPED, snapshot, {}, message)
     candidate = train_and_evaluate(config, snapshot, champion)
-    metric, margin = config.retrain.metric, config.retrain.min_improvement
+    metric, margin = config.retrain.metric.value, config.retrain.min_improvement
     new = candidate["metrics"][metric]
     old = None if champion is None else candidate["champion_metrics"].get(metric)
     if old is None or new >= old + margin:
@@ -231,7 +231,9 @@ def train_and_evaluate(
 
 
 def summary_metrics(entry: dict[str, Any]) -> dict[str, Any]:
-    return {k: entry[k] for k in ("acc_10fold", "auc", "rank1", "eer") if k in entry}
+    """Every :class:`Metric` the report measured for one model, and its EER."""
+    values = {m.value: m.read(entry) for m in Metric} | {"eer": entry.get("eer")}
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def promote(registry: str, snapshot: Snapshot, candidate: dict[str, Any]) -> None:

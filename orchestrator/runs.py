@@ -14,12 +14,12 @@ from orchestrator.config import ExperimentConfig
 
 def object_store_env(config: ExperimentConfig) -> dict[str, str]:
     """The ``AWS_*`` variables that point S3 clients at the config's endpoint and region."""
-    return storage.endpoint_env(config.data.endpoint_url, config.data.region)
+    return storage.endpoint_env(config.storage.endpoint_url, config.storage.region)
 
 
 def use_object_store_config(config: ExperimentConfig) -> None:
     """Make the config's endpoint and region visible to this process's S3 clients."""
-    storage.use_endpoint(config.data.endpoint_url, config.data.region)
+    storage.use_endpoint(config.storage.endpoint_url, config.storage.region)
 
 
 def ensure_ray() -> None:

@@ -12,6 +12,7 @@ margin and scale.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -23,23 +24,15 @@ from orchestrator import storage
 from orchestrator.config import (
     ConfigError,
     ExperimentConfig,
+    FloatSearch,
     SearchAlgorithm,
+    SearchSpace,
     TuneConfig,
     dump_yaml,
     from_dict,
     to_dict,
 )
 
-# TuneConfig's search keys -> the experiment config key each one sets.
-SPACE_KEYS: dict[str, str] = {
-    "margin_type": "loss.margin_type",
-    "margin": "loss.margin",
-    "scale": "loss.scale",
-    "arch": "student.arch",
-    "lr": "optim.lr",
-    "l2_weight": "loss.l2_weight",
-    "seed": "seed",
-}
 SUMMARY_DIR = "summary"
 TRIAL_DRIVER_CPU = 0.01
 
@@ -49,21 +42,25 @@ def plain(value: Any) -> Any:
 
 
 def param_space(tune: TuneConfig) -> dict[str, Any]:
-    """Tune domains keyed by experiment config key (``loss.margin``, ...)."""
+    """Tune domains keyed by the experiment config key each one sets (``loss.margin.m``,
+    ...: the ``sets`` metadata of :class:`SearchSpace`'s fields)."""
     from ray import tune as rt
 
+    grid = tune.search is SearchAlgorithm.GRID
     space: dict[str, Any] = {}
-    for name, key in SPACE_KEYS.items():
-        values = [plain(v) for v in getattr(tune, f"{name}_values")]
-        span = getattr(tune, f"{name}_range", ())
+    for f in dataclasses.fields(SearchSpace):
+        entry, key = getattr(tune.space, f.name), f.metadata["sets"]
+        values = entry.values if isinstance(entry, FloatSearch) else entry
         if values:
-            grid = tune.search is SearchAlgorithm.GRID
-            space[key] = rt.grid_search(values) if grid else rt.choice(values)
-        elif span:
-            low, high = span
-            space[key] = rt.loguniform(low, high) if name == "lr" else rt.uniform(low, high)
+            choices = [plain(v) for v in values]
+            space[key] = rt.grid_search(choices) if grid else rt.choice(choices)
+        elif isinstance(entry, FloatSearch) and entry.range:
+            low, high = entry.range
+            space[key] = rt.loguniform(low, high) if f.metadata["log"] else rt.uniform(low, high)
     if not space:
-        raise ConfigError("tune: nothing to search; set at least one tune.*_values or *_range")
+        raise ConfigError(
+            "tune.space: nothing to search; give at least one entry values or a range"
+        )
     return space
 
 
@@ -165,7 +162,7 @@ def run_search(config: ExperimentConfig, resume: bool = False) -> SearchOutcome:
     resources = cluster_resources()
     plan = trial_resources(trial_config(config), *resources)
     print(
-        f"[tune] {config.name}: {config.tune.search.value} search, metric {config.tune.metric}, "
+        f"[tune] {config.name}: {config.tune.search.value} search, metric {config.tune.metric.validation_key}, "
         f"{plan.concurrent} trial(s) at a time ({plan.cpus:g} CPU each of {resources[0]:g}); "
         f"state in {path}",
         flush=True,
@@ -188,7 +185,7 @@ def run_search(config: ExperimentConfig, resume: bool = False) -> SearchOutcome:
             trainable,
             param_space=param_space(config.tune),
             tune_config=rt.TuneConfig(
-                metric=config.tune.metric,
+                metric=config.tune.metric.validation_key,
                 mode="max",
                 search_alg=search_algorithm(config.tune),
                 scheduler=scheduler(config),
@@ -249,7 +246,7 @@ def trial_row(result: Any, config: ExperimentConfig) -> TrialRow:
     # Our reports carry the epoch index; Tune's iteration count restarts when a trial is
     # restored, so it is not the epoch.
     epochs = int(metrics["epoch"]) + 1 if "epoch" in metrics else 0
-    metric = metrics.get(config.tune.metric)
+    metric = metrics.get(config.tune.metric.validation_key)
     # A trial is complete when its run returned and exported the student. ASHA may stop a
     # trial at any milestone, the last epoch included (then it trained every epoch but
     # ranked below the cutoff, and was stopped before its export).
@@ -282,7 +279,7 @@ def summarize(config: ExperimentConfig, rows: list[TrialRow], path: str) -> Sear
     best = max(done, key=lambda r: r.metric if r.metric is not None else -math.inf)
     out = storage.join(path, SUMMARY_DIR)
     storage.makedirs(out)
-    table = markdown(rows, config.tune.metric, best)
+    table = markdown(rows, config.tune.metric.validation_key, best)
     storage.write_text_atomic(storage.join(out, "trials.md"), table)
     storage.write_text_atomic(storage.join(out, "trials.csv"), as_csv(rows))
     storage.write_text_atomic(
@@ -292,11 +289,17 @@ def summarize(config: ExperimentConfig, rows: list[TrialRow], path: str) -> Sear
     best_yaml = storage.join(out, "best.yaml")
     header = (
         f"# Best of search {config.name}: trial {best.trial_id}, "
-        f"{config.tune.metric} = {best.metric:.4f}\n# student: {best.student}\n"
+        f"{config.tune.metric.validation_key} = {best.metric:.4f}\n# student: {best.student}\n"
     )
     storage.write_text_atomic(best_yaml, header + dump_yaml(best_config))
-    base = {"loss.margin": config.loss.margin, "loss.scale": config.loss.scale}
-    plot(rows, config.tune.metric, base, storage.join(out, "metric_vs_margin_scale.png"))
+    margin = config.loss.margin
+    base = {"loss.margin.m": margin.m, "loss.margin.scale": margin.scale}
+    plot(
+        rows,
+        config.tune.metric.validation_key,
+        base,
+        storage.join(out, "metric_vs_margin_scale.png"),
+    )
     return SearchOutcome(rows, best, best_yaml, out, table)
 
 
@@ -343,12 +346,12 @@ def plot(rows: list[TrialRow], metric: str, base: dict[str, float], uri: str) ->
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     measured = [r for r in rows if r.metric is not None]
     for ax, key, label in (
-        (axes[0], "loss.margin", "margin m"),
-        (axes[1], "loss.scale", "scale s"),
+        (axes[0], "loss.margin.m", "margin m"),
+        (axes[1], "loss.margin.scale", "scale s"),
     ):
         groups: dict[str, list[TrialRow]] = {}
         for r in measured:
-            groups.setdefault(str(r.params.get("loss.margin_type", "base")), []).append(r)
+            groups.setdefault(str(r.params.get("loss.margin.type", "base")), []).append(r)
         for kind, members in sorted(groups.items()):
             xs = [r.params.get(key, base[key]) for r in members]
             ax.scatter(xs, [r.metric for r in members], label=kind)

@@ -8,8 +8,10 @@ from orchestrator.config import (
     ConfigError,
     ExperimentConfig,
     LossConfig,
+    MarginConfig,
     MarginType,
     Method,
+    Metric,
     dump_yaml,
     from_dict,
     load_config,
@@ -19,7 +21,8 @@ CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
 
 def test_there_are_shipped_configs() -> None:
-    assert len(CONFIGS) >= 2
+    names = {p.stem for p in CONFIGS}
+    assert names == {"demo", "orl_cosface", "tune_demo", "webface_r100_to_mbf"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -81,24 +84,60 @@ def test_contradictory_values_fail(tmp_path: Path) -> None:
 
 
 def test_overrides_are_type_checked_and_applied(tmp_path: Path) -> None:
-    path = write(tmp_path, "loss:\n  margin: 0.5\n")
-    config = load_config(path, ["loss.margin=0.45", "loss.margin_type=cosface", "optim.epochs=3"])
-    assert config.loss.margin == 0.45
-    assert config.loss.margin_type is MarginType.COSFACE
+    path = write(tmp_path, "loss:\n  margin:\n    m: 0.5\n")
+    config = load_config(path, ["loss.margin.m=0.45", "loss.margin.type=cosface", "optim.epochs=3"])
+    assert config.loss.margin.m == 0.45
+    assert config.loss.margin.type is MarginType.COSFACE
     assert config.optim.epochs == 3
     with pytest.raises(
-        ConfigError, match=r"with --set: loss.margin: expected a number, found 'big'"
+        ConfigError, match=r"with --set: loss.margin.m: expected a number, found 'big'"
     ):
-        load_config(path, ["loss.margin=big"])
+        load_config(path, ["loss.margin.m=big"])
     with pytest.raises(ConfigError, match=r"with --set: loss.nope: unknown key"):
         load_config(path, ["loss.nope=1"])
     with pytest.raises(ConfigError, match=r"expected section.key=value"):
         load_config(path, ["loss.margin"])
 
 
+def test_old_keys_still_load_with_one_warning_each(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(
+        tmp_path,
+        "loss:\n  margin: 0.3\n  scale: 32\ndata:\n  endpoint_url: http://127.0.0.1:9\n"
+        "tune:\n  metric: val_auc\n  lr_range: [0.01, 0.1]\n",
+    )
+    config = load_config(path, ["loss.margin=0.45", "loss.margin_type=cosface"])
+    assert config.loss.margin == MarginConfig(type=MarginType.COSFACE, scale=32.0, m=0.45)
+    assert config.storage.endpoint_url == "http://127.0.0.1:9"
+    assert config.tune.metric is Metric.AUC and config.tune.space.lr.range == (0.01, 0.1)
+    warnings = capsys.readouterr().err.splitlines()
+    assert f"warning: {path}: loss.scale is deprecated; write loss.margin.scale" in warnings
+    assert f"warning: {path}: data.endpoint_url is deprecated; write storage.endpoint_url" in (
+        warnings
+    )
+    assert "warning: --set: loss.margin is deprecated; write loss.margin.m" in warnings
+    assert "warning: --set: loss.margin_type is deprecated; write loss.margin.type" in warnings
+    # The same setting under its old and its new key is refused, not resolved silently.
+    both = write(tmp_path, "loss:\n  scale: 32\n  margin:\n    scale: 16\n")
+    with pytest.raises(ConfigError, match=r"loss.scale and loss.margin.scale are the same"):
+        load_config(both)
+
+
+def test_yaml_numbers_duplicates_and_non_finite_values(tmp_path: Path) -> None:
+    path = write(tmp_path, "optim:\n  lr: 1e-4\n  weight_decay: 5E-4\n")
+    assert load_config(path).optim.lr == 1e-4 and load_config(path).optim.weight_decay == 5e-4
+    assert load_config(None, ["optim.lr=2e-3"]).optim.lr == 2e-3
+    twice = write(tmp_path, "loss:\n  method: scratch\noptim:\n  lr: 0.1\nloss:\n  method: l2\n")
+    with pytest.raises(ConfigError, match=r"key 'loss' appears twice \(lines 1 and 5\)"):
+        load_config(twice)
+    with pytest.raises(ConfigError, match=r"optim.lr: expected a finite number, found inf"):
+        load_config(None, ["optim.lr=.inf"])
+
+
 def test_python_construction_is_validated_too() -> None:
     with pytest.raises(ValueError, match="scale: must be > 0"):
-        LossConfig(scale=0.0)
+        LossConfig(margin=MarginConfig(scale=0.0))
     cfg = from_dict(LossConfig, {"method": "proxyless+l2", "l2_weight": 2})
     assert cfg.method is Method.PROXYLESS_L2 and cfg.l2_weight == 2.0
     with pytest.raises(ConfigError, match=r"l2_weight: method proxyless\+l2 needs l2_weight > 0"):

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from orchestrator.config import Arch, LossConfig, Method
+from orchestrator.config import Arch, LossConfig, MarginConfig, Method
 from orchestrator.losses import build_loss
 from orchestrator.models import build_backbone
 from orchestrator.train.step import lr_at, train_step
@@ -35,7 +35,7 @@ def make_setup(
     student = build_backbone(Arch.TINY_MOBILEFACENET, EMB_DIM, input_size=32).double()
     teacher_w = torch.randn(NUM_CLASSES, EMB_DIM, dtype=torch.float64)
     loss_fn = build_loss(
-        LossConfig(method=method, scale=16.0, margin=0.3),
+        LossConfig(method=method, margin=MarginConfig(scale=16.0, m=0.3)),
         num_classes=NUM_CLASSES,
         emb_dim=EMB_DIM,
         teacher_classifier=teacher_w,

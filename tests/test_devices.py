@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from orchestrator.config import Arch, LossConfig
+from orchestrator.config import Arch, LossConfig, MarginConfig
 from orchestrator.losses import build_loss
 from orchestrator.losses.objectives import ProxylessLoss
 from orchestrator.models import build_backbone
@@ -27,7 +27,7 @@ def setup(
     if channels_last:
         student = student.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     loss_fn = build_loss(
-        LossConfig(scale=16.0, margin=0.3),
+        LossConfig(margin=MarginConfig(scale=16.0, m=0.3)),
         num_classes=10,
         emb_dim=32,
         teacher_classifier=torch.randn(10, 32),

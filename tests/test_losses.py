@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from orchestrator.config import Arch, LossConfig, MarginType, Method
+from orchestrator.config import Arch, LossConfig, MarginConfig, MarginType, Method
 from orchestrator.losses import LabelRangeError, Margin, build_loss
 from orchestrator.losses.objectives import LogitLoss, ProxylessLoss, embedding_l2, hinton_kd
 from orchestrator.models import build_backbone
@@ -38,11 +38,13 @@ def reference_margin_ce(
 
 def margins() -> list[tuple[str, LossConfig]]:
     return [
-        ("arcface", LossConfig(margin_type=MarginType.ARCFACE, scale=16.0, margin=0.5)),
-        ("cosface", LossConfig(margin_type=MarginType.COSFACE, scale=16.0, margin=0.35)),
+        ("arcface", LossConfig(margin=MarginConfig(type=MarginType.ARCFACE, scale=16.0, m=0.5))),
+        ("cosface", LossConfig(margin=MarginConfig(type=MarginType.COSFACE, scale=16.0, m=0.35))),
         (
             "combined",
-            LossConfig(margin_type=MarginType.COMBINED, scale=16.0, m1=0.95, m2=0.2, m3=0.1),
+            LossConfig(
+                margin=MarginConfig(type=MarginType.COMBINED, scale=16.0, m1=0.95, m2=0.2, m3=0.1)
+            ),
         ),
     ]
 
@@ -58,7 +60,7 @@ def test_proxyless_loss_and_gradient_match_reference(
     labels = torch.randint(0, NUM_CLASSES, (BATCH,), generator=g)
 
     ref_emb = emb64.clone().requires_grad_(True)
-    ref = reference_margin_ce(ref_emb, weight, labels, Margin.from_config(cfg))
+    ref = reference_margin_ce(ref_emb, weight, labels, Margin.from_config(cfg.margin))
     ref.backward()
 
     loss_fn = build_loss(
@@ -221,7 +223,7 @@ def test_logit_kd_takes_the_teacher_classifier_at_the_teachers_width() -> None:
     student, teacher = torch.randn(4, EMB_DIM), torch.randn(4, teacher_width)
     out = loss_fn(student, torch.tensor([0, 1, 2, 3]), teacher)
     # The KD term is Hinton KD between the student's own head and W on the teacher's side.
-    scale = LossConfig().scale
+    scale = LossConfig().margin.scale
     s_logits = scale * loss_fn.scratch.classifier.cosine(student)
     t_logits = (
         scale

@@ -19,7 +19,7 @@ from jobs import evaluate, prepare_dataset
 from orchestrator import storage
 from orchestrator.config import RunConfig, SyntheticConfig, to_dict
 from orchestrator.data import format as fmt
-from orchestrator.data.images import encode_jpeg
+from orchestrator.data.images import CorruptImageError, encode_jpeg
 from orchestrator.data.prepare import SyntheticDatasets, write_synthetic
 from orchestrator.data.synthetic import iter_identity_images
 from orchestrator.objectstore import EmbeddedObjectStore
@@ -178,5 +178,5 @@ def test_corrupt_jpeg_in_training_data_names_the_image(tmp_path: Path) -> None:
     meta = writer.publish(names)
     data = SyntheticDatasets(meta, clean.eval, f"{prefix}/train", clean.eval_uri)
     setup = make_train_setup(f"{prefix}/teacher", data)
-    with pytest.raises(Exception, match=r"image_id synth0000001/005: cannot decode JPEG"):
+    with pytest.raises(CorruptImageError, match=r"image_id synth0000001/005: cannot decode JPEG"):
         distill(replace(setup.base, name="corrupt", storage_path=f"{prefix}/runs"))

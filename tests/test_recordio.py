@@ -12,7 +12,7 @@ import pytest
 from jobs import prepare_dataset
 from orchestrator.config import OnCorrupt
 from orchestrator.data import format as fmt
-from orchestrator.data.images import decode_jpeg, encode_jpeg
+from orchestrator.data.images import CorruptImageError, decode_jpeg, encode_jpeg
 from orchestrator.data.prepare import RecordIOImport, write_recordio
 from orchestrator.data.synthetic import iter_identity_images
 
@@ -117,7 +117,7 @@ def test_recordio_import_keeps_labels_bytes_and_rejoins_split_records(tmp_path: 
 
 def test_recordio_corrupt_image_is_named_or_skipped(tmp_path: Path) -> None:
     rec, images = insightface_like(tmp_path, corrupt_key=5)
-    with pytest.raises(Exception, match=r"train\.rec key 5: cannot decode JPEG"):
+    with pytest.raises(CorruptImageError, match=r"train\.rec key 5: cannot decode JPEG"):
         write_recordio(RecordIOImport(rec=str(rec), out=str(tmp_path / "a")))
     assert not (tmp_path / "a" / "dataset.json").exists()
     meta = write_recordio(

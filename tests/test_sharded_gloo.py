@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from orchestrator.config import LossConfig, MarginType
+from orchestrator.config import LossConfig, MarginConfig, MarginType
 from orchestrator.losses import LabelRangeError, Margin, build_loss
 from orchestrator.losses.sharded import Shard, ShardedProxylessLoss
 
@@ -87,7 +87,9 @@ def worker(
 def dense_reference(world: int, margin_name: str) -> tuple[float, list[torch.Tensor]]:
     student, weight, x, labels = setup(world, False)
     m = MARGINS[margin_name]
-    config = LossConfig(margin_type=MarginType.COMBINED, scale=m.scale, m1=m.m1, m2=m.m2, m3=m.m3)
+    config = LossConfig(
+        margin=MarginConfig(type=MarginType.COMBINED, scale=m.scale, m1=m.m1, m2=m.m2, m3=m.m3)
+    )
     loss = build_loss(config, num_classes=NUM_CLASSES, emb_dim=EMB_DIM, teacher_classifier=weight)(
         student(x), labels
     ).loss

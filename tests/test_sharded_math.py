@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from orchestrator.config import LossConfig, MarginType
+from orchestrator.config import LossConfig, MarginConfig, MarginType
 from orchestrator.losses import Margin, build_loss
 from orchestrator.losses.sharded import (
     GradientSync,
@@ -28,7 +28,9 @@ MARGINS = {
 
 
 def margin_config(m: Margin) -> LossConfig:
-    return LossConfig(margin_type=MarginType.COMBINED, scale=m.scale, m1=m.m1, m2=m.m2, m3=m.m3)
+    return LossConfig(
+        margin=MarginConfig(type=MarginType.COMBINED, scale=m.scale, m1=m.m1, m2=m.m2, m3=m.m3)
+    )
 
 
 def dense(

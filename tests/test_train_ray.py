@@ -74,7 +74,9 @@ def test_resume_by_name_and_with_fewer_workers(train_setup: TrainSetup) -> None:
     # validation metrics measured again (a restored Tune trial reports them to ASHA).
     third = distill(longer)
     assert third.state.epochs_done == (0, 1)
-    assert third.metrics["epoch"] == 1 and 0.0 <= third.metrics["val_acc_10fold"] <= 1.0
+    assert third.metrics["epoch"] == 1
+    for key in ("val_acc_10fold", "val_auc", "val_rank1"):  # the same weights, measured again
+        assert third.metrics[key] == pytest.approx(second.metrics[key], abs=1e-12), key
 
 
 def test_resume_refuses_a_different_classifier(train_setup: TrainSetup, tmp_path: Path) -> None:
@@ -90,7 +92,10 @@ def test_resume_refuses_a_different_classifier(train_setup: TrainSetup, tmp_path
         teacher=replace(config.teacher, classifier=str(other)),
         optim=replace(config.optim, epochs=2),
     )
-    with pytest.raises(Exception, match="refusing to resume with a different inherited classifier"):
+    # Raised in the workers, re-raised in the driver as itself (not inside Ray's wrappers).
+    with pytest.raises(
+        clf.ClassifierError, match="refusing to resume with a different inherited classifier"
+    ):
         distill(swapped)
 
 

@@ -21,15 +21,19 @@ from orchestrator.config import (
     ConfigError,
     DataConfig,
     ExperimentConfig,
+    FloatSearch,
     MarginType,
+    Metric,
     OptimConfig,
     ScalingConfig,
     SearchAlgorithm,
+    SearchSpace,
     TuneConfig,
     dump_yaml,
     from_dict,
     load_config,
 )
+from orchestrator.evaluation import evaluate_model, load_eval_set, load_student
 from orchestrator.tune import param_space, trial_resources
 from tests.conftest import REPO, TrainSetup
 
@@ -48,10 +52,12 @@ def search_config(setup: TrainSetup, root: Path) -> Path:
         teacher_optim=OptimConfig(lr=0.05, epochs=1, batch_size=4),
         tune=TuneConfig(
             search=SearchAlgorithm.GRID,
-            metric="val_auc",  # finer than 10-fold accuracy on 40 pairs: fewer ties for ASHA
-            margin_type_values=(MarginType.ARCFACE, MarginType.COSFACE),
-            seed_values=(1, 2, 3),
-            scale_values=(16.0,),
+            metric=Metric.AUC,  # finer than 10-fold accuracy on 40 pairs: fewer ties for ASHA
+            space=SearchSpace(
+                margin_type=(MarginType.ARCFACE, MarginType.COSFACE),
+                seed=(1, 2, 3),
+                scale=FloatSearch(values=(16.0,)),
+            ),
             num_samples=1,
             grace_period=1,
             reduction_factor=2.0,
@@ -131,9 +137,14 @@ def test_search_table_best_yaml_and_plot(search: dict, train_setup: TrainSetup) 
     for t in trials:
         # ASHA's milestones are epochs 1 and 2: a stopped trial ends at one of them.
         assert (t["epochs"] == 2) if t["status"] == "completed" else (t["epochs"] in (1, 2))
-        assert 0.0 <= t["metric"] <= 1.0
-        assert {"loss.margin_type", "seed", "loss.scale"} <= set(t["params"])
-    combos = {(t["params"]["loss.margin_type"], t["params"]["seed"]) for t in trials}
+        assert {"loss.margin.type", "seed", "loss.margin.scale"} <= set(t["params"])
+    # A completed trial's metric is the validation AUC of the student it exported.
+    eval_set = load_eval_set(train_setup.base.data.eval)
+    for t in trials:
+        if t["status"] == "completed":
+            student, _ = load_student(t["student"])
+            assert t["metric"] == pytest.approx(evaluate_model(student, eval_set)["auc"], abs=1e-9)
+    combos = {(t["params"]["loss.margin.type"], t["params"]["seed"]) for t in trials}
     assert combos == {(m, s) for m in ("arcface", "cosface") for s in (1, 2, 3)}
     best = max((t for t in trials if t["status"] == "completed"), key=lambda t: t["metric"])
     table = (search["summary"] / "trials.md").read_text()
@@ -144,7 +155,7 @@ def test_search_table_best_yaml_and_plot(search: dict, train_setup: TrainSetup) 
     # The best config is the base config with the best trial's values, loadable as is...
     best_yaml = search["summary"] / "best.yaml"
     loaded = load_config(best_yaml)
-    assert loaded.loss.margin_type.value == best["params"]["loss.margin_type"]
+    assert loaded.loss.margin.type.value == best["params"]["loss.margin.type"]
     assert loaded.seed == best["params"]["seed"] and loaded.name == "search-best"
     assert best["student"] and Path(best["student"]).exists()
     assert str(best_yaml) in search["output"] and best["student"] in search["output"]
@@ -181,8 +192,14 @@ def test_resume_does_not_rerun_finished_trials(search: dict) -> None:
 def test_search_space_and_resources() -> None:
     from ray import tune
 
-    space = param_space(TuneConfig(margin_range=(0.2, 0.5), lr_values=(0.1, 0.01)))
-    assert isinstance(space["loss.margin"], tune.search.sample.Float)
+    space = param_space(
+        TuneConfig(
+            space=SearchSpace(
+                margin=FloatSearch(range=(0.2, 0.5)), lr=FloatSearch(values=(0.1, 0.01))
+            )
+        )
+    )
+    assert isinstance(space["loss.margin.m"], tune.search.sample.Float)
     assert space["optim.lr"].categories == [0.1, 0.01]
     base = load_config(None, ["scaling.num_workers=2", "scaling.cpus_per_worker=1.0"])
     base = replace(base, data=DataConfig(decode_actors=2, decode_cpus=0.5))

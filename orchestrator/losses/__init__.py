@@ -51,7 +51,7 @@ def build_loss(
     ``normalized``: the teacher classifier's rows are unit-length fp32 already, so it is
     used without a copy (the shared object-store view stays shared).
     """
-    margin = Margin.from_config(config)
+    margin = Margin.from_config(config.margin)
 
     def classifier() -> torch.Tensor:
         if teacher_classifier is None:

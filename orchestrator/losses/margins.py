@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from orchestrator.config import LossConfig, MarginType
+from orchestrator.config import MarginConfig, MarginType
 
 COS_EPS = 1e-6
 
@@ -51,12 +51,12 @@ class Margin:
         return cls(scale=scale, m3=m)
 
     @classmethod
-    def from_config(cls, config: LossConfig) -> Margin:
-        match config.margin_type:
+    def from_config(cls, config: MarginConfig) -> Margin:
+        match config.type:
             case MarginType.ARCFACE:
-                return cls.arcface(config.scale, config.margin)
+                return cls.arcface(config.scale, config.m)
             case MarginType.COSFACE:
-                return cls.cosface(config.scale, config.margin)
+                return cls.cosface(config.scale, config.m)
             case MarginType.COMBINED:
                 return cls(scale=config.scale, m1=config.m1, m2=config.m2, m3=config.m3)
 

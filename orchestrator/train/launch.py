@@ -24,7 +24,7 @@ from orchestrator.artifacts import (
     save_teacher,
     write_student_export,
 )
-from orchestrator.config import ClassifierMode, ExperimentConfig, Method, to_dict
+from orchestrator.config import ClassifierMode, ExperimentConfig, Method, Metric, to_dict
 from orchestrator.data import format as fmt
 from orchestrator.data.ray_input import DecodePlan, decode_plan, training_dataset
 from orchestrator.errors import user_error_in
@@ -261,7 +261,8 @@ def export_teacher(config: ExperimentConfig, state: TrainingState, meta: fmt.Dat
 
 
 def summary(outcome: RunOutcome) -> dict[str, Any]:
-    keep = ("loss", "samples_per_s", "val_acc_10fold", "val_auc", "val_rank1")
+    headline = (Metric.ACC_10FOLD, Metric.AUC, Metric.RANK1)
+    keep = ("loss", "samples_per_s", *(m.validation_key for m in headline))
     return {
         "name": outcome.name,
         "checkpoint": outcome.checkpoint_path,

@@ -27,7 +27,7 @@ from torch import nn
 from orchestrator import classifier as clf
 from orchestrator import storage
 from orchestrator.artifacts import TrainingState, load_state, save_state, verify_same_classifier
-from orchestrator.config import ExperimentConfig, Precision, from_dict, to_dict
+from orchestrator.config import ExperimentConfig, Metric, Precision, from_dict, to_dict
 from orchestrator.data import format as fmt
 from orchestrator.data.images import CorruptImageError, to_model_input
 from orchestrator.data.ray_input import epoch_batches
@@ -182,7 +182,7 @@ def build_worker_loss(
         return ShardedProxylessLoss(
             torch.from_numpy(rows),
             shard,
-            Margin.from_config(spec.loss),
+            Margin.from_config(spec.loss.margin),
             chunk_size=config.sharding.chunk_size,
             matmul_dtype=torch.bfloat16 if bf16 else None,
             sample_rate=source.sample_rate,
@@ -403,15 +403,8 @@ def validation_metrics(state: WorkerState) -> dict[str, float]:
     assert state.spec.eval_uri is not None
     state.eval_set = state.eval_set or load_eval_set(state.spec.eval_uri)
     report = evaluate_model(unwrap(state.student), state.eval_set)
-    out = {
-        "val_acc_10fold": report["acc_10fold"],
-        "val_auc": report["auc"],
-        "val_rank1": report["rank1"],
-    }
-    for far, tar in report["tar_at_far"].items():
-        if tar is not None:
-            out[f"val_tar_at_far_{far}"] = tar
-    return out
+    values = {metric.validation_key: metric.read(report) for metric in Metric}
+    return {key: value for key, value in values.items() if value is not None}
 
 
 def report(state: WorkerState, stats: EpochStats, *, validate: bool, save: bool) -> None:
