@@ -3,9 +3,9 @@
 (teacher-embedded gallery, student-embedded probes).
 
 Locally:
-    python -m jobs.evaluate --config configs/demo.yaml --student proxyless=runs/demo-proxyless/student.pt --out runs/demo/report
+    python -m jobs.evaluate --config configs/demo.yaml --student proxyless=runs/demo/proxyless/student.pt --out runs/demo/report
 On a cluster:
-    ray job submit --working-dir . -- python -m jobs.evaluate --config configs/demo.yaml --student proxyless=s3://bucket/runs/demo-proxyless/student.pt --out /tmp/report
+    ray job submit --working-dir . -- python -m jobs.evaluate --config configs/demo.yaml --student proxyless=s3://bucket/runs/demo/proxyless/student.pt --out /tmp/report
 
 Writes report.json, report.md and roc.png to --out (default <storage_path>/<name>/report).
 """

@@ -1,7 +1,8 @@
 """Import faces into the dataset format: Parquet shards + dataset.json, local or on object storage.
 
 Locally, from an image folder (one sub-folder per identity) or an insightface RecordIO pair:
-    python -m jobs.prepare_dataset --input ../shared/datasets/orl_faces --out runs/data/orl --pairs-per-fold 60
+    python -m jobs.prepare_dataset --input ../shared/datasets/orl_faces --out runs/data/orl/train --identities 0:20
+    python -m jobs.prepare_dataset --input ../shared/datasets/orl_faces --out runs/data/orl/eval --identities 20: --pairs-per-fold 20
     python -m jobs.prepare_dataset --recordio /data/faces_emore/train.rec --out s3://bucket/emore
 On a cluster:
     ray job submit --working-dir . -- python -m jobs.prepare_dataset --recordio s3://bucket/raw/train.rec --out s3://bucket/faces
@@ -54,7 +55,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--shard-mb", type=float, default=256.0, help="target shard size in MB")
     parser.add_argument("--jpeg-quality", type=int, default=95, help="when images are re-encoded")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--identities",
+        default="",
+        metavar="START:STOP",
+        help="--input only: a range of the identity folders sorted by name, e.g. 0:30 for "
+        "training and 30: for a held-out evaluation set",
+    )
     args = parser.parse_args(argv)
+    if args.identities and not args.input:
+        parser.error("--identities applies to --input (an image folder)")
     common = {
         "out": args.out,
         "image_size": args.image_size,
@@ -66,7 +76,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     meta: DatasetMeta
     if args.input:
-        meta = write_image_folder(FolderImport(input=args.input, **common))
+        meta = write_image_folder(
+            FolderImport(input=args.input, identities=args.identities, **common)
+        )
     else:
         meta = write_recordio(RecordIOImport(rec=args.recordio, idx=args.idx, **common))
     print(

@@ -195,13 +195,22 @@ class StudentConfig:
 
 @dataclass(frozen=True)
 class TeacherConfig:
-    """The teacher: its backbone and its classifier (DESIGN.md section 4 format)."""
+    """The teacher.
+
+    ``classifier``: its classifier W in the format of DESIGN.md section 4 (what
+    ``jobs.train_teacher`` and ``jobs.build_classifier`` write). ``backbone``: the file the
+    teacher's embeddings come from, for the methods that need them (``l2``, ``logit``,
+    ``proxyless+l2``) and for evaluation: this project's teacher checkpoint (what
+    ``jobs.train_teacher`` writes there) or a TorchScript module mapping (B, 3, H, W) in
+    [-1, 1] to (B, d). ``arch``, ``emb_dim`` and ``dropout`` describe the teacher that
+    ``jobs.train_teacher`` trains; ``emb_dim`` is also the width W is checked against.
+    """
 
     arch: Arch = Arch.IRESNET50
     emb_dim: int = 512
     dropout: float = 0.0  # in the embedding head while jobs.train_teacher trains it
     classifier: str = "runs/teacher/classifier"
-    backbone: str = "runs/teacher/backbone.pt"
+    backbone: str = "runs/teacher/teacher.pt"
 
     def __post_init__(self) -> None:
         require(self.emb_dim > 0, "emb_dim", f"must be > 0, found {self.emb_dim}")

@@ -153,3 +153,22 @@ def test_out_of_range_label_in_a_shard_names_file_row_and_c(tmp_path: Path) -> N
     ):
         list(fmt.iter_shards(str(out), bad))
     assert meta.num_classes == 2
+
+
+def test_identity_ranges_make_a_held_out_split(tmp_path: Path) -> None:
+    train = write_image_folder(
+        FolderImport(input=str(ORL), out=str(tmp_path / "train"), identities=":20")
+    )
+    held_out = write_image_folder(
+        FolderImport(
+            input=str(ORL), out=str(tmp_path / "eval"), identities="20:", pairs_per_fold=10
+        )
+    )
+    names = sorted(p.name for p in ORL.iterdir() if p.is_dir())
+    assert fmt.read_identities(str(tmp_path / "train"), train) == names[:20]
+    assert fmt.read_identities(str(tmp_path / "eval"), held_out) == names[20:]
+    assert (train.num_images, held_out.num_images) == (200, 200)
+    with pytest.raises(fmt.DatasetError, match=r"--identities '3-4': expected START:STOP"):
+        write_image_folder(FolderImport(input=str(ORL), out=str(tmp_path / "x"), identities="3-4"))
+    with pytest.raises(fmt.DatasetError, match=r"selects none of its 40 identity folders"):
+        write_image_folder(FolderImport(input=str(ORL), out=str(tmp_path / "y"), identities="50:"))

@@ -96,6 +96,23 @@ class ImportOptions:
 @dataclass(frozen=True)
 class FolderImport(ImportOptions):
     input: str = ""
+    # "START:STOP": only these identities of the sorted sub-folders (Python slice bounds,
+    # either may be empty), e.g. "0:30" for training and "30:" for held-out evaluation.
+    identities: str = ""
+
+
+def identity_slice(text: str) -> slice:
+    """``"30:"`` -> slice(30, None); an error names the expected form."""
+    start, sep, stop = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError(text)
+        return slice(int(start) if start else None, int(stop) if stop else None)
+    except ValueError:
+        raise DatasetError(
+            f"--identities {text!r}: expected START:STOP (indices into the identity folders "
+            "sorted by name, either may be empty), e.g. 0:30 or 30:"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -298,6 +315,14 @@ def write_image_folder(options: FolderImport) -> DatasetMeta:
     ``skip``: then it is left out, counted, and listed in ``dataset.json``.
     """
     folders = scan_image_folder(options.input)
+    if options.identities:
+        chosen = folders[identity_slice(options.identities)]
+        if not chosen:
+            raise DatasetError(
+                f"{options.input}: --identities {options.identities} selects none of its "
+                f"{len(folders)} identity folders"
+            )
+        folders = chosen
     names = [name for name, _ in folders]
     items = [(label, path) for label, (_, files) in enumerate(folders) for path in files]
     sizes = [os.path.getsize(path) for _, path in items]
@@ -318,7 +343,12 @@ def write_image_folder(options: FolderImport) -> DatasetMeta:
             yield checked(make, options.on_corrupt)
 
     plan = ImportPlan(
-        source={"kind": "image_folder", "path": root, "fingerprint": fingerprint_lines(listing)},
+        source={
+            "kind": "image_folder",
+            "path": root,
+            "identities": options.identities or ":",
+            "fingerprint": fingerprint_lines(listing),
+        },
         shards=plan_shards(items, sizes, options.shard_bytes),
         make_rows=make_rows,
         identities=lambda _max_label: names,

@@ -66,7 +66,14 @@ class MobileFaceNet(nn.Module):
         dropout: float = 0.0,
         input_size: int = 112,
     ) -> None:
+        """``depths``: blocks per stage at 56, 28, 14 and 7 pixels. The first stage is the
+        stem's one depthwise conv, as in insightface's mbf, so ``depths[0]`` must be 1; the
+        others count the stride-1 blocks after each stage's stride-2 block."""
         super().__init__()
+        if len(depths) != 4 or depths[0] != 1:
+            raise ValueError(
+                f"depths must be 4 stage depths starting with 1 (the stem), found {tuple(depths)}"
+            )
         c64, c128 = 64 * width, 128 * width
         layers: list[nn.Module] = [
             conv_bn(3, c64, kernel=3, stride=2),
