@@ -60,14 +60,14 @@ def distinct_faces(count: int) -> list[bytes]:
     """``count`` synthetic 112x112 faces (20 per identity) as JPEG, quality 90."""
     faces = []
     for identity in range((count + 19) // 20):
-        for face in iter_identity_images(0, identity, 20, 112):
+        for face in iter_identity_images(0, identity, images_per_identity=20, size=112):
             faces.append(encode_jpeg(face, 90))
     return faces[:count]
 
 
 def write_rows(uri: str, jpegs: list[bytes], rows: int) -> fmt.DatasetMeta:
     """A dataset of ``rows`` images cycling through ``jpegs`` (decode cost is per row)."""
-    writer = fmt.DatasetWriter(uri, 112, 8 * 2**20, {"kind": "bench"})
+    writer = fmt.DatasetWriter(uri, 112, shard_bytes=8 * 2**20, source={"kind": "bench"})
     for i in range(rows):
         writer.add(jpegs[i % len(jpegs)], i % 100, f"id{i % 100}", f"{i:07d}")
     return writer.publish([f"id{k}" for k in range(100)])

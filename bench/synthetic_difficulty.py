@@ -44,7 +44,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     meta = fmt.read_meta(config.data.train)
     eval_set = load_eval_set(config.data.eval)
     student = build_backbone(
-        config.student.arch, config.student.emb_dim, config.student.dropout, config.data.image_size
+        config.student.arch,
+        config.student.emb_dim,
+        dropout=config.student.dropout,
+        input_size=config.data.image_size,
     )
     before = evaluate_model(student, eval_set)
 

@@ -47,19 +47,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.run_dir:
             parser.error("arcface-torch needs --run-dir")
         built = classifier_from_arcface_torch(
-            args.run_dir, args.out, meta.num_classes, meta.label_map_fingerprint, args.dtype
+            args.run_dir,
+            args.out,
+            num_classes=meta.num_classes,
+            dataset_fingerprint=meta.label_map_fingerprint,
+            dtype=args.dtype,
         )
     else:
         if not args.teacher:
             parser.error(f"{args.source} needs --teacher")
         if args.source == "checkpoint":
             built = classifier_from_checkpoint(
-                args.teacher, args.out, meta.label_map_fingerprint, args.dtype
+                args.teacher,
+                args.out,
+                dataset_fingerprint=meta.label_map_fingerprint,
+                dtype=args.dtype,
             )
         else:
             backbone = load_teacher_backbone(args.teacher)
             built = classifier_from_mean_embeddings(
-                backbone, args.dataset, args.out, dtype=args.dtype
+                backbone, args.dataset, out=args.out, dtype=args.dtype
             )
     print(f"classifier {built.num_classes} x {built.emb_dim} ({built.dtype}) -> {args.out}")
     return 0

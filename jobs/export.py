@@ -38,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model, export = load_student(args.student)
     size = export.image_size
     torchscript, onnx = to_torchscript(model, size), to_onnx(model, size)
-    parity = check_parity(model, torchscript, onnx, size)
+    parity = check_parity(model, torchscript=torchscript, onnx=onnx, image_size=size)
     metrics = None
     if args.report:
         students = json.loads(storage.read_text(args.report)).get("students", {})

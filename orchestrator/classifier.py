@@ -75,6 +75,7 @@ class ClassifierWriter:
         self,
         out: str,
         emb_dim: int,
+        *,
         label_map_fingerprint: str,
         source: dict[str, Any],
         dtype: str = "float16",
@@ -142,6 +143,7 @@ class ClassifierWriter:
 def write_classifier(
     out: str,
     weight: npt.ArrayLike,
+    *,
     label_map_fingerprint: str,
     source: dict[str, Any],
     dtype: str = "float16",
@@ -150,7 +152,12 @@ def write_classifier(
     """Write a whole (C, d) matrix that is already in memory."""
     w = np.asarray(weight)
     writer = ClassifierWriter(
-        out, int(w.shape[1]), label_map_fingerprint, source, dtype, chunk_rows
+        out,
+        int(w.shape[1]),
+        label_map_fingerprint=label_map_fingerprint,
+        source=source,
+        dtype=dtype,
+        chunk_rows=chunk_rows,
     )
     writer.append(w)
     return writer.publish()
@@ -158,7 +165,9 @@ def write_classifier(
 
 def read_meta(uri: str) -> ClassifierMeta:
     meta_uri = storage.join(uri, META_FILE)
-    data = storage.read_published_json(uri, META_FILE, "a teacher classifier", ClassifierError)
+    data = storage.read_published_json(
+        uri, META_FILE, what="a teacher classifier", error=ClassifierError
+    )
     try:
         data["chunks"] = tuple(ChunkInfo(**c) for c in data["chunks"])
         meta = ClassifierMeta(**data)
@@ -205,7 +214,7 @@ def validate(
         )
 
 
-def read_rows(uri: str, meta: ClassifierMeta, start: int, size: int) -> npt.NDArray[np.float32]:
+def read_rows(uri: str, meta: ClassifierMeta, *, start: int, size: int) -> npt.NDArray[np.float32]:
     """Rows [start, start + size) as unit-length float32, reading and verifying only the
     overlapping chunks.
 
@@ -244,10 +253,10 @@ def _read_chunk(uri: str, meta: ClassifierMeta, chunk: ChunkInfo) -> npt.NDArray
 
 
 def read_shard(
-    uri: str, meta: ClassifierMeta, world_size: int, rank: int
+    uri: str, meta: ClassifierMeta, *, world_size: int, rank: int
 ) -> npt.NDArray[np.float32]:
     shard = Shard.for_rank(meta.num_classes, world_size, rank)
-    return read_rows(uri, meta, shard.class_start, shard.local_classes)
+    return read_rows(uri, meta, start=shard.class_start, size=shard.local_classes)
 
 
 def load_full(
@@ -259,7 +268,7 @@ def load_full(
             f"{uri}: W is {meta.num_classes} x {meta.emb_dim} ({meta.num_classes * meta.emb_dim * 4 / 2**30:.1f} GiB "
             f"as float32), above the dense limit of {limit_bytes / 2**30:.1f} GiB: use the sharded loss"
         )
-    return read_rows(uri, meta, 0, meta.num_classes)
+    return read_rows(uri, meta, start=0, size=meta.num_classes)
 
 
 def checksum(meta: ClassifierMeta) -> str:

@@ -34,7 +34,7 @@ def user_error_in(err: BaseException) -> Exception | None:
     """The input error at the root of ``err``, if there is one.
 
     Ray Train reports a failed worker group as ``WorkerGroupError.worker_failures`` (rank ->
-    exception); Ray wraps a task's exception in a ``RayTaskError`` that keeps the original
+    exception, each inside Train's ``UserExceptionWithTraceback``); Ray wraps a task's exception in a ``RayTaskError`` that keeps the original
     as ``cause``; Python chains keep ``__cause__``. The first user error found is returned,
     re-created as its own type with its own message (Ray's wrappers subclass the original
     type and carry the remote traceback in their text)."""
@@ -48,7 +48,8 @@ def user_error_in(err: BaseException) -> Exception | None:
         failures = getattr(current, "worker_failures", None)
         if isinstance(failures, dict):
             pending.extend(failures[rank] for rank in sorted(failures))
-        for attr in ("cause", "__cause__", "__context__"):
+        # Train V2 keeps a worker's exception in UserExceptionWithTraceback._base_exc.
+        for attr in ("_base_exc", "cause", "__cause__", "__context__"):
             inner = getattr(current, attr, None)
             if isinstance(inner, BaseException):
                 pending.append(inner)

@@ -76,6 +76,7 @@ def load_eval_set(uri: str) -> EvalSet:
 def embed_images(
     model: nn.Module,
     images: npt.NDArray[np.uint8],
+    *,
     batch_size: int = 128,
     flip: bool = False,
     label: str = "embed",
@@ -112,10 +113,13 @@ def embedding_metrics(
     """
     gallery = probe if gallery is None else gallery
     scores = pair_scores(gallery[eval_set.index_a], probe[eval_set.index_b])
-    verification = verification_metrics(scores, eval_set.same, eval_set.fold)
+    verification = verification_metrics(scores, eval_set.same, folds=eval_set.fold)
     g_idx, p_idx = gallery_probe_split(eval_set.labels)
     ident = identification_rank_k(
-        gallery[g_idx], eval_set.labels[g_idx], probe[p_idx], eval_set.labels[p_idx]
+        gallery[g_idx],
+        eval_set.labels[g_idx],
+        probes=probe[p_idx],
+        probe_labels=eval_set.labels[p_idx],
     )
     return {**asdict(verification), **ident}
 
@@ -123,6 +127,7 @@ def embedding_metrics(
 def evaluate_model(
     model: nn.Module,
     eval_set: EvalSet,
+    *,
     teacher_embeddings: np.ndarray | None = None,
     flip: bool = False,
 ) -> dict[str, Any]:

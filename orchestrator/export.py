@@ -67,7 +67,7 @@ def compare(fmt: str, batch: int, got: np.ndarray, want: np.ndarray) -> Parity:
 
 
 def check_parity(
-    model: nn.Module, torchscript: bytes, onnx: bytes, image_size: int
+    model: nn.Module, *, torchscript: bytes, onnx: bytes, image_size: int
 ) -> list[Parity]:
     """Run the PyTorch model, the TorchScript module and the ONNX graph (onnxruntime, CPU)
     on the same random faces at several batch sizes; raise if any output differs."""

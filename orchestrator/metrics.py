@@ -169,6 +169,7 @@ def kfold_accuracy(
 def verification_metrics(
     scores: npt.ArrayLike,
     same: npt.ArrayLike,
+    *,
     folds: npt.ArrayLike,
     fars: tuple[float, ...] = DEFAULT_FARS,
 ) -> VerificationMetrics:
@@ -207,6 +208,7 @@ def gallery_probe_split(labels: npt.ArrayLike) -> tuple[IntArray, IntArray]:
 def identification_rank_k(
     gallery: npt.ArrayLike,
     gallery_labels: npt.ArrayLike,
+    *,
     probes: npt.ArrayLike,
     probe_labels: npt.ArrayLike,
     ks: tuple[int, ...] = (1, 5),

@@ -169,11 +169,17 @@ def decide(config: ExperimentConfig, snapshot: Snapshot) -> Decision:
     final = [h for h in decided if h["decision"] in ("promoted", "rejected")]
     if champion is not None and champion["fingerprint"] == snapshot.fingerprint and not final:
         # A crash after the pointer moved and before the history line: complete the record.
-        record(registry, snapshot, "promoted", champion["metrics"], "recorded after a crash")
+        record(
+            registry,
+            snapshot,
+            decision="promoted",
+            metrics=champion["metrics"],
+            why="recorded after a crash",
+        )
         final = [{"decision": "promoted"}]
     if final:
         message = f"snapshot {snapshot.uri} ({snapshot.short}) was already {final[-1]['decision']}"
-        record(registry, snapshot, "skipped", {}, message)
+        record(registry, snapshot, decision="skipped", metrics={}, why=message)
         return Decision(Outcome.SKIPPED, snapshot, {}, message)
     candidate = train_and_evaluate(config, snapshot, champion)
     metric, margin = config.retrain.metric.value, config.retrain.min_improvement
@@ -182,10 +188,24 @@ def decide(config: ExperimentConfig, snapshot: Snapshot) -> Decision:
     if old is None or new >= old + margin:
         promote(registry, snapshot, candidate)
         why = "no champion yet" if old is None else f"{metric} {new:.4f} >= {old:.4f} + {margin}"
-        record(registry, snapshot, "promoted", candidate["metrics"], why, old)
+        record(
+            registry,
+            snapshot,
+            decision="promoted",
+            metrics=candidate["metrics"],
+            why=why,
+            champion_value=old,
+        )
         return Decision(Outcome.PROMOTED, snapshot, candidate["metrics"], f"promoted: {why}")
     why = f"{metric} {new:.4f} < champion {old:.4f} + {margin}"
-    record(registry, snapshot, "rejected", candidate["metrics"], why, old)
+    record(
+        registry,
+        snapshot,
+        decision="rejected",
+        metrics=candidate["metrics"],
+        why=why,
+        champion_value=old,
+    )
     return Decision(Outcome.REJECTED, snapshot, candidate["metrics"], f"rejected: {why}")
 
 
@@ -256,6 +276,7 @@ def promote(registry: str, snapshot: Snapshot, candidate: dict[str, Any]) -> Non
 def record(
     registry: str,
     snapshot: Snapshot,
+    *,
     decision: str,
     metrics: dict[str, Any],
     why: str,

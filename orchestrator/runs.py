@@ -34,6 +34,9 @@ def ensure_ray() -> None:
     else:
         # A private local cluster started by this process (auth is issue 19's work).
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        # Nothing scrapes a private cluster's metrics: collecting them only costs a
+        # harvester thread in every worker (one crashed once in a read task; see README).
+        os.environ.setdefault("RAY_enable_metrics_collection", "0")
         ray.init(address="local", logging_level=logging.WARNING)
     quiet_data_logs()
 

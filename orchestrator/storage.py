@@ -118,7 +118,7 @@ def read_text(uri: str) -> str:
     return read_bytes(uri).decode("utf-8")
 
 
-def read_published_json(uri: str, name: str, what: str, error: type[Exception]) -> Any:
+def read_published_json(uri: str, name: str, *, what: str, error: type[Exception]) -> Any:
     """``name`` under ``uri``, the file its writer publishes last: missing means ``uri`` is
     not ``what``, or is still being written. Raises ``error`` naming the file."""
     meta_uri = join(uri, name)

@@ -75,7 +75,7 @@ def _where(uri: str) -> str:
 
 
 def classifier_from_checkpoint(
-    checkpoint: str, out: str, dataset_fingerprint: str, dtype: str = "float16"
+    checkpoint: str, out: str, *, dataset_fingerprint: str, dtype: str = "float16"
 ) -> clf.ClassifierMeta:
     """(a) The trained head of this project's teacher checkpoint."""
     teacher = load_teacher(checkpoint)
@@ -90,7 +90,11 @@ def classifier_from_checkpoint(
         "arch": teacher.arch.value,
     }
     return clf.write_classifier(
-        out, teacher.classifier.float().numpy(), dataset_fingerprint, source, dtype
+        out,
+        teacher.classifier.float().numpy(),
+        label_map_fingerprint=dataset_fingerprint,
+        source=source,
+        dtype=dtype,
     )
 
 
@@ -131,7 +135,7 @@ def _arcface_weight(path: str) -> torch.Tensor:
 
 
 def classifier_from_arcface_torch(
-    run_dir: str, out: str, num_classes: int, dataset_fingerprint: str, dtype: str = "float16"
+    run_dir: str, out: str, *, num_classes: int, dataset_fingerprint: str, dtype: str = "float16"
 ) -> clf.ClassifierMeta:
     """(b) Concatenate arcface_torch's per-rank Partial FC weights in rank order.
 
@@ -158,7 +162,11 @@ def classifier_from_arcface_torch(
                 "world_size": world_size,
             }
             writer = clf.ClassifierWriter(
-                out, int(weight.shape[1]), dataset_fingerprint, source, dtype
+                out,
+                int(weight.shape[1]),
+                label_map_fingerprint=dataset_fingerprint,
+                source=source,
+                dtype=dtype,
             )
         writer.append(weight.float().numpy())
     assert writer is not None
@@ -185,6 +193,7 @@ def iter_dataset_batches(
 def classifier_from_mean_embeddings(
     embed: Callable[[torch.Tensor], torch.Tensor],
     dataset_uri: str,
+    *,
     out: str,
     batch_size: int = 64,
     dtype: str = "float16",
@@ -213,4 +222,6 @@ def classifier_from_mean_embeddings(
             f"{dataset_uri}: labels {empty[:5].tolist()} have no images; no mean to take"
         )
     source = {"kind": "mean_teacher_embedding", "dataset": dataset_uri, "approximation": True}
-    return clf.write_classifier(out, sums, meta.label_map_fingerprint, source, dtype)
+    return clf.write_classifier(
+        out, sums, label_map_fingerprint=meta.label_map_fingerprint, source=source, dtype=dtype
+    )

@@ -296,9 +296,9 @@ def summarize(config: ExperimentConfig, rows: list[TrialRow], path: str) -> Sear
     base = {"loss.margin.m": margin.m, "loss.margin.scale": margin.scale}
     plot(
         rows,
-        config.tune.metric.validation_key,
-        base,
-        storage.join(out, "metric_vs_margin_scale.png"),
+        metric=config.tune.metric.validation_key,
+        base=base,
+        uri=storage.join(out, "metric_vs_margin_scale.png"),
     )
     return SearchOutcome(rows, best, best_yaml, out, table)
 
@@ -335,7 +335,7 @@ def as_csv(rows: list[TrialRow]) -> str:
     return buffer.getvalue()
 
 
-def plot(rows: list[TrialRow], metric: str, base: dict[str, float], uri: str) -> None:
+def plot(rows: list[TrialRow], *, metric: str, base: dict[str, float], uri: str) -> None:
     """The metric against margin (colour: margin type) and against scale, one dot a trial;
     a key that was not searched is drawn at the base config's value."""
     import matplotlib

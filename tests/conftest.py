@@ -137,7 +137,12 @@ def make_train_setup(root: Path | str, data: SyntheticDatasets, emb_dim: int = 1
     meta = fmt.read_meta(data.train_uri)
     rng = np.random.default_rng(0)
     weight = rng.normal(size=(meta.num_classes, emb_dim))
-    write_classifier(at("classifier"), weight, meta.label_map_fingerprint, {"kind": "test"})
+    write_classifier(
+        at("classifier"),
+        weight,
+        label_map_fingerprint=meta.label_map_fingerprint,
+        source={"kind": "test"},
+    )
     torch.manual_seed(0)
     backbone = build_backbone(Arch.TINY_IRESNET, emb_dim).state_dict()
     save_teacher(

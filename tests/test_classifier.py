@@ -52,21 +52,28 @@ def test_shard_range_formula(num_classes: int, world_size: int) -> None:
 def test_round_trip_in_chunks(tmp_path: Path, dtype: str) -> None:
     w = np.random.default_rng(0).normal(size=(50, 6))
     meta = clf.write_classifier(
-        str(tmp_path / "w"), w, FP, {"kind": "test"}, dtype=dtype, chunk_rows=7
+        str(tmp_path / "w"),
+        w,
+        label_map_fingerprint=FP,
+        source={"kind": "test"},
+        dtype=dtype,
+        chunk_rows=7,
     )
     assert len(meta.chunks) == 8 and meta.chunks[-1].rows == 1
     loaded = clf.read_meta(str(tmp_path / "w"))
     assert loaded == meta
     tol = 1e-7 if dtype == "float32" else 1e-3
     for start, size in [(0, 50), (3, 5), (6, 2), (14, 21), (49, 1), (10, 0)]:
-        rows = clf.read_rows(str(tmp_path / "w"), loaded, start, size)
+        rows = clf.read_rows(str(tmp_path / "w"), loaded, start=start, size=size)
         np.testing.assert_allclose(rows, normalised(w)[start : start + size], atol=tol)
 
 
 def test_a_rank_reads_only_overlapping_chunks(tmp_path: Path) -> None:
     w = np.random.default_rng(1).normal(size=(20, 4))
     uri = str(tmp_path / "w")
-    meta = clf.write_classifier(uri, w, FP, {}, dtype="float32", chunk_rows=5)
+    meta = clf.write_classifier(
+        uri, w, label_map_fingerprint=FP, source={}, dtype="float32", chunk_rows=5
+    )
     # Corrupt chunk 3 (rows 15..19): ranks whose rows avoid it never notice...
     (tmp_path / "w" / "rows-00003.bin").write_bytes(b"\x00" * 80)
     np.testing.assert_allclose(
@@ -79,7 +86,9 @@ def test_a_rank_reads_only_overlapping_chunks(tmp_path: Path) -> None:
 
 def test_meta_is_published_last(tmp_path: Path) -> None:
     uri = str(tmp_path / "w")
-    writer = clf.ClassifierWriter(uri, 4, FP, {}, dtype="float32", chunk_rows=2)
+    writer = clf.ClassifierWriter(
+        uri, 4, label_map_fingerprint=FP, source={}, dtype="float32", chunk_rows=2
+    )
     writer.append(np.ones((5, 4)))
     assert list((tmp_path / "w").glob("rows-*.bin")), "chunks are already out..."
     with pytest.raises(clf.ClassifierError, match=r"meta\.json not found.*still being written"):
@@ -92,11 +101,13 @@ def test_rows_that_cannot_be_normalised_are_refused(tmp_path: Path) -> None:
     w = np.ones((4, 3))
     w[2] = 0
     with pytest.raises(clf.ClassifierError, match="row 2 is zero or not finite"):
-        clf.write_classifier(str(tmp_path / "w"), w, FP, {})
+        clf.write_classifier(str(tmp_path / "w"), w, label_map_fingerprint=FP, source={})
 
 
 def test_validation_names_both_values(tmp_path: Path) -> None:
-    meta = clf.write_classifier(str(tmp_path / "w"), np.ones((5, 4)), FP, {})
+    meta = clf.write_classifier(
+        str(tmp_path / "w"), np.ones((5, 4)), label_map_fingerprint=FP, source={}
+    )
     clf.validate(meta, "W", num_classes=5, emb_dim=4, label_map_fingerprint=FP)
     with pytest.raises(
         clf.ClassifierError, match=r"W has num_classes=5 but the dataset has num_classes=6"
@@ -111,14 +122,16 @@ def test_validation_names_both_values(tmp_path: Path) -> None:
 
 
 def test_load_full_refuses_large_w(tmp_path: Path) -> None:
-    meta = clf.write_classifier(str(tmp_path / "w"), np.ones((100, 8)), FP, {})
+    meta = clf.write_classifier(
+        str(tmp_path / "w"), np.ones((100, 8)), label_map_fingerprint=FP, source={}
+    )
     with pytest.raises(clf.ClassifierError, match=r"above the dense limit.*use the sharded loss"):
         clf.load_full(str(tmp_path / "w"), meta, limit_bytes=1000)
     assert clf.load_full(str(tmp_path / "w"), meta).shape == (100, 8)
 
 
 def test_malformed_meta(tmp_path: Path) -> None:
-    clf.write_classifier(str(tmp_path / "w"), np.ones((5, 4)), FP, {})
+    clf.write_classifier(str(tmp_path / "w"), np.ones((5, 4)), label_map_fingerprint=FP, source={})
     data = json.loads((tmp_path / "w" / "meta.json").read_text())
     data["num_classes"] = 6
     (tmp_path / "w" / "meta.json").write_text(json.dumps(data))
@@ -131,13 +144,15 @@ def test_builder_from_teacher_checkpoint(tmp_path: Path) -> None:
     backbone = {k: v.clone() for k, v in _tiny_teacher().state_dict().items()}
     path = str(tmp_path / "teacher.pt")
     save_teacher(path, TeacherCheckpoint(Arch.TINY_IRESNET, 16, 112, backbone, head, FP))
-    meta = classifier_from_checkpoint(path, str(tmp_path / "w"), FP, dtype="float32")
+    meta = classifier_from_checkpoint(
+        path, str(tmp_path / "w"), dataset_fingerprint=FP, dtype="float32"
+    )
     assert meta.source["kind"] == "teacher_checkpoint"
     np.testing.assert_allclose(
         clf.load_full(str(tmp_path / "w"), meta), normalised(head.numpy()), atol=1e-6
     )
     with pytest.raises(clf.ClassifierError, match="trained with label_map_fingerprint"):
-        classifier_from_checkpoint(path, str(tmp_path / "w2"), "sha256:other")
+        classifier_from_checkpoint(path, str(tmp_path / "w2"), dataset_fingerprint="sha256:other")
     # The backbone loads back into an equal model.
     loaded = load_teacher_backbone(path)
     x = torch.randn(2, 3, 112, 112)
@@ -171,7 +186,11 @@ def test_builder_from_arcface_torch(tmp_path: Path, layout: str) -> None:
                 run / f"checkpoint_gpu_{rank}.pt",
             )
     meta = classifier_from_arcface_torch(
-        str(run), str(tmp_path / "w"), num_classes, FP, dtype="float32"
+        str(run),
+        str(tmp_path / "w"),
+        num_classes=num_classes,
+        dataset_fingerprint=FP,
+        dtype="float32",
     )
     assert meta.source["world_size"] == 3
     np.testing.assert_allclose(
@@ -188,10 +207,14 @@ def test_arcface_torch_shard_size_mismatch_and_missing_rank(tmp_path: Path) -> N
         clf.ClassifierError,
         match=r"rank_2_softmax_weight.pt: rank 2 of 3 has 7 rows, but num_classes=24 gives that rank 8",
     ):
-        classifier_from_arcface_torch(str(run), str(tmp_path / "w"), 24, FP)  # rank 2 would need 8
+        classifier_from_arcface_torch(
+            str(run), str(tmp_path / "w"), num_classes=24, dataset_fingerprint=FP
+        )  # rank 2 would need 8
     (run / "rank_1_softmax_weight.pt").unlink()
     with pytest.raises(clf.ClassifierError, match=r"ranks \[1\] are missing"):
-        classifier_from_arcface_torch(str(run), str(tmp_path / "w"), 23, FP)
+        classifier_from_arcface_torch(
+            str(run), str(tmp_path / "w"), num_classes=23, dataset_fingerprint=FP
+        )
 
 
 def test_builder_from_mean_embeddings(tmp_path: Path, tiny_synthetic: SyntheticDatasets) -> None:
@@ -204,7 +227,7 @@ def test_builder_from_mean_embeddings(tmp_path: Path, tiny_synthetic: SyntheticD
 
     uri = tiny_synthetic.train_uri
     meta = classifier_from_mean_embeddings(
-        embed, uri, str(tmp_path / "w"), batch_size=4, dtype="float32"
+        embed, uri, out=str(tmp_path / "w"), batch_size=4, dtype="float32"
     )
     assert meta.source["approximation"] is True
     # Independent reference: all images at once, per-class means by boolean masks.

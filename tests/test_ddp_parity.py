@@ -73,7 +73,7 @@ def worker(rank: int, method: Method, rendezvous: str, out: str) -> None:
             images=images[step][mine],
             labels=labels[step][mine],
             teacher_embeddings=teacher_emb[step][mine],
-            lr=lr_at(step, STEPS, 1, 0.1),
+            lr=lr_at(step, total_steps=STEPS, warmup_steps=1, base_lr=0.1),
         )
     if rank == 0:
         torch.save({"student": student.state_dict(), "loss": loss_fn.state_dict()}, out)
@@ -90,7 +90,7 @@ def reference(method: Method) -> dict[str, dict[str, torch.Tensor]]:
     optimizer = optimizer_for(student, loss_fn)
     for step in range(STEPS):
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, STEPS, 1, 0.1)
+            group["lr"] = lr_at(step, total_steps=STEPS, warmup_steps=1, base_lr=0.1)
         optimizer.zero_grad()
         halves = [slice(r * LOCAL_BATCH, (r + 1) * LOCAL_BATCH) for r in range(WORLD)]
         total = sum(

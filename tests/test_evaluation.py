@@ -43,7 +43,7 @@ def test_metrics_and_cross_model(model: torch.nn.Module, tiny_synthetic: Synthet
     emb = embed_images(model, eval_set.images)
     report = evaluate_model(model, eval_set, teacher_embeddings=emb)
     scores = pair_scores(emb[eval_set.index_a], emb[eval_set.index_b])
-    direct = verification_metrics(scores, eval_set.same, eval_set.fold)
+    direct = verification_metrics(scores, eval_set.same, folds=eval_set.fold)
     assert report["acc_10fold"] == pytest.approx(direct.acc_10fold)
     assert report["auc"] == pytest.approx(direct.auc)
     assert set(report["tar_at_far"]) == {"1e-1", "1e-2", "1e-3", "1e-4"}

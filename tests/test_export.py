@@ -85,5 +85,7 @@ def test_a_broken_export_is_caught(tmp_path: Path, tiny_synthetic: SyntheticData
     model = write_student(tmp_path / "student.pt", tiny_synthetic)
     other = build_backbone(Arch.TINY_MOBILEFACENET, 16, input_size=112).eval()  # other weights
     with pytest.raises(ExportError, match="differs from PyTorch"):
-        check_parity(model, to_torchscript(model, 112), to_onnx(other, 112), 112)
+        check_parity(
+            model, torchscript=to_torchscript(model, 112), onnx=to_onnx(other, 112), image_size=112
+        )
     assert io.BytesIO(to_onnx(model, 112)).getbuffer().nbytes > 0

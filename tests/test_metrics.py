@@ -111,7 +111,7 @@ def test_kfold_threshold_is_chosen_without_the_test_fold() -> None:
 
 def test_verification_rejects_one_class_input() -> None:
     with pytest.raises(ValueError, match="both positive and negative"):
-        verification_metrics([0.1, 0.2], [True, True], [0, 1])
+        verification_metrics([0.1, 0.2], [True, True], folds=[0, 1])
 
 
 def test_identification_hand_case() -> None:
@@ -119,7 +119,9 @@ def test_identification_hand_case() -> None:
     gallery_labels = np.array([10, 20, 30])
     probes = np.array([[0.9, 0.1], [0.2, 0.9], [0.9, 0.3]])  # last one is truly identity 30
     probe_labels = np.array([10, 20, 30])
-    got = identification_rank_k(gallery, gallery_labels, probes, probe_labels, ks=(1, 2, 3))
+    got = identification_rank_k(
+        gallery, gallery_labels, probes=probes, probe_labels=probe_labels, ks=(1, 2, 3)
+    )
     assert got == {"rank1": pytest.approx(2 / 3), "rank2": pytest.approx(2 / 3), "rank3": 1.0}
 
 
@@ -127,7 +129,10 @@ def test_identification_constant_embedding_scores_chance_not_perfect() -> None:
     gallery = np.ones((5, 4))
     probes = np.ones((5, 4))
     labels = np.arange(5)
-    assert identification_rank_k(gallery, labels, probes, labels, ks=(1,))["rank1"] == 0.0
+    assert (
+        identification_rank_k(gallery, labels, probes=probes, probe_labels=labels, ks=(1,))["rank1"]
+        == 0.0
+    )
 
 
 def test_gallery_probe_split() -> None:

@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 import yaml
 
+from jobs import distill as distill_job
 from jobs import evaluate, prepare_dataset
-from orchestrator import storage
-from orchestrator.config import RunConfig, SyntheticConfig, to_dict
+from orchestrator import cli, storage
+from orchestrator.config import RunConfig, SyntheticConfig, dump_yaml, to_dict
 from orchestrator.data import format as fmt
 from orchestrator.data.images import CorruptImageError, encode_jpeg
 from orchestrator.data.prepare import SyntheticDatasets, write_synthetic
@@ -37,7 +38,9 @@ def face_folder(root: Path) -> Path:
     for identity in range(IDENTITIES):
         folder = root / f"person{identity:02d}"
         folder.mkdir(parents=True)
-        for i, face in enumerate(iter_identity_images(7, identity, PER_IDENTITY, 112)):
+        for i, face in enumerate(
+            iter_identity_images(7, identity, images_per_identity=PER_IDENTITY, size=112)
+        ):
             (folder / f"{i}.jpg").write_bytes(encode_jpeg(face, 95))
     return root
 
@@ -164,12 +167,14 @@ def test_truncated_parquet_on_s3_is_named_before_training(s3_data: SyntheticData
         distill(replace(setup.base, name="truncated", storage_path=f"{prefix}/runs"))
 
 
-def test_corrupt_jpeg_in_training_data_names_the_image(tmp_path: Path) -> None:
+def test_corrupt_jpeg_in_training_data_names_the_image(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     prefix = f"s3://{BUCKET}/e2e/corrupt"
     clean = write_synthetic(
         SyntheticConfig(out=f"{prefix}/synthetic", num_identities=2, eval_identities=20)
     )
-    writer = fmt.DatasetWriter(f"{prefix}/train", 112, 2**20, {"kind": "test"})
+    writer = fmt.DatasetWriter(f"{prefix}/train", 112, shard_bytes=2**20, source={"kind": "test"})
     for table in fmt.iter_shards(clean.train_uri, clean.train):
         for row in table.to_pylist():
             image = row["image"][:300] if row["image_id"] == "synth0000001/005" else row["image"]
@@ -178,5 +183,14 @@ def test_corrupt_jpeg_in_training_data_names_the_image(tmp_path: Path) -> None:
     meta = writer.publish(names)
     data = SyntheticDatasets(meta, clean.eval, f"{prefix}/train", clean.eval_uri)
     setup = make_train_setup(f"{prefix}/teacher", data)
+    config = replace(setup.base, name="corrupt", storage_path=f"{prefix}/runs")
+    # Raised in a decode actor, re-raised in the worker and then in the driver as itself.
     with pytest.raises(CorruptImageError, match=r"image_id synth0000001/005: cannot decode JPEG"):
-        distill(replace(setup.base, name="corrupt", storage_path=f"{prefix}/runs"))
+        distill(config)
+    # Through the command line: one error line, exit code 2.
+    path = tmp_path / "corrupt.yaml"
+    path.write_text(dump_yaml(config))
+    assert cli.run(distill_job.main, ["--config", str(path)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("error: dataset s3://") and "Traceback" not in "\n".join(lines)
+    assert "image_id synth0000001/005: cannot decode JPEG" in lines[-1]

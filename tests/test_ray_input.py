@@ -38,12 +38,28 @@ def windows(image: np.ndarray, pad: int) -> list[np.ndarray]:
 
 def test_flip_gives_the_exact_mirror_or_the_plain_decode_and_both_happen() -> None:
     jpegs, plain = face_jpegs(64, 16)
-    out = decode_augmented(jpegs, list(range(64)), 16, np.random.default_rng(1), True, 0, "d")
+    out = decode_augmented(
+        jpegs,
+        list(range(64)),
+        size=16,
+        rng=np.random.default_rng(1),
+        flip=True,
+        crop_pad=0,
+        dataset="d",
+    )
     mirrored = [bool(np.array_equal(o, p[:, ::-1])) for o, p in zip(out, plain, strict=True)]
     kept = [bool(np.array_equal(o, p)) for o, p in zip(out, plain, strict=True)]
     assert all(m != k for m, k in zip(mirrored, kept, strict=True))
     assert 10 < sum(mirrored) < 54  # p = 0.5 over 64 images
-    again = decode_augmented(jpegs, list(range(64)), 16, np.random.default_rng(1), True, 0, "d")
+    again = decode_augmented(
+        jpegs,
+        list(range(64)),
+        size=16,
+        rng=np.random.default_rng(1),
+        flip=True,
+        crop_pad=0,
+        dataset="d",
+    )
     assert np.array_equal(out, again)  # the generator decides, nothing else
 
 
@@ -51,7 +67,15 @@ def test_crop_is_a_shifted_window_of_the_zero_padded_image_and_composes_with_fli
     jpegs, plain = face_jpegs(24, 8)
     pad = 2
     for flip in (False, True):
-        out = decode_augmented(jpegs, list(range(24)), 8, np.random.default_rng(3), flip, pad, "d")
+        out = decode_augmented(
+            jpegs,
+            list(range(24)),
+            size=8,
+            rng=np.random.default_rng(3),
+            flip=flip,
+            crop_pad=pad,
+            dataset="d",
+        )
         offsets = set()
         for i in range(len(jpegs)):
             candidates = windows(plain[i], pad) + (windows(plain[i][:, ::-1], pad) if flip else [])
@@ -66,7 +90,13 @@ def test_a_corrupt_jpeg_is_named_by_dataset_and_image_id() -> None:
     jpegs[1] = jpegs[1][:20]
     with pytest.raises(CorruptImageError, match="dataset s3://b/d, image_id img-1"):
         decode_augmented(
-            jpegs, ["img-0", "img-1", "img-2"], 8, np.random.default_rng(0), True, 1, "s3://b/d"
+            jpegs,
+            ["img-0", "img-1", "img-2"],
+            size=8,
+            rng=np.random.default_rng(0),
+            flip=True,
+            crop_pad=1,
+            dataset="s3://b/d",
         )
 
 

@@ -66,10 +66,10 @@ def insightface_like(tmp_path: Path, corrupt_key: int | None = None) -> tuple[Pa
     images: dict[int, tuple[int, bytes]] = {}
     key = 1
     for label in range(3):
-        for face in iter_identity_images(1, label, 4, 112):
+        for face in iter_identity_images(1, label, images_per_identity=4, size=112):
             images[key] = (label, encode_jpeg(face, 90))
             key += 1
-    small = next(iter(iter_identity_images(1, 9, 1, 112)))[8:104, 16:96]
+    small = next(iter(iter_identity_images(1, 9, images_per_identity=1, size=112)))[8:104, 16:96]
     images[key] = (2, encode_jpeg(np.ascontiguousarray(small), 90))  # 96x80: gets fitted
     end = key + 1
     records = {0: image_payload([float(end), float(end + 3)], b"")}

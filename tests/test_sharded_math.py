@@ -78,7 +78,10 @@ def simulate(
         global_sum += part.sum_exp * torch.exp(part.row_max - global_max)
         global_target += part.target
     for part in stats:
-        grad += embedding_gradient(part, global_max, global_sum, m.scale) / e.shape[0]
+        grad += (
+            embedding_gradient(part, global_max=global_max, global_sum=global_sum, scale=m.scale)
+            / e.shape[0]
+        )
     loss = losses_from(global_max, global_sum, global_target).mean()
     # The dense reference differentiates through its own normalize(), i.e. projects onto the
     # tangent space of the unit sphere; so does the outer normalize() in training.
@@ -182,7 +185,7 @@ def test_bf16_matmuls_stay_close_to_fp32() -> None:
 
     def finish(s: ShardStats) -> tuple[torch.Tensor, torch.Tensor]:
         return losses_from(s.row_max, s.sum_exp, s.target).mean(), embedding_gradient(
-            s, s.row_max, s.sum_exp, m.scale
+            s, global_max=s.row_max, global_sum=s.sum_exp, scale=m.scale
         )
 
     loss32, grad32 = finish(exact)
@@ -227,7 +230,9 @@ def test_negative_sampling_is_the_exact_loss_over_the_sampled_classes() -> None:
     assert float(at_one) == pytest.approx(float(full), rel=1e-12)
     torch.testing.assert_close(grad_one, full_grad)
 
-    sample = sample_classes(labels, weight, shard, 0.3, torch.Generator().manual_seed(5))
+    sample = sample_classes(
+        labels, weight, shard=shard, rate=0.3, generator=torch.Generator().manual_seed(5)
+    )
     assert sample.index.numel() == 60 and set(labels.tolist()) <= set(sample.index.tolist()), (
         "all positives kept"
     )

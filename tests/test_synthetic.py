@@ -76,10 +76,10 @@ def test_eval_identities_are_disjoint_and_pairs_are_well_formed(
 
 
 def test_rendering_is_a_pure_function_and_streams() -> None:
-    streamed = list(iter_identity_images(5, 3, 4, 64))
-    assert np.array_equal(streamed[2], render_image(5, 3, 2, 64))
+    streamed = list(iter_identity_images(5, 3, images_per_identity=4, size=64))
+    assert np.array_equal(streamed[2], render_image(5, 3, image=2, size=64))
     # Identity 150_000 is rendered without touching the ones before it.
-    far = render_image(5, 150_000, 0, 112)
+    far = render_image(5, 150_000, image=0, size=112)
     assert far.shape == (112, 112, 3)
     assert not np.array_equal(streamed[0], streamed[1]), "images of one identity vary"
 
@@ -89,7 +89,7 @@ def test_same_identity_faces_are_closer_than_different_ones() -> None:
     # image by design), as 8x8 thumbnails: images of one identity are on average closer to
     # each other than images of different identities, but far from identical.
     def thumb(identity: int, image: int) -> np.ndarray:
-        x = render_image(0, identity, image, 64).astype(np.float64)[16:48, 16:48]
+        x = render_image(0, identity, image=image, size=64).astype(np.float64)[16:48, 16:48]
         return x.reshape(8, 4, 8, 4, 3).mean(axis=(1, 3)).ravel()
 
     thumbs = {(i, k): thumb(i, k) for i in range(8) for k in range(4)}

@@ -13,15 +13,26 @@ import numpy as np
 import pytest
 import torch
 
+from jobs import distill as distill_job
 from orchestrator import classifier as clf
+from orchestrator import cli
 from orchestrator.artifacts import read_student_export
-from orchestrator.config import Method, OptimConfig, RunConfig, ScalingConfig, SyntheticConfig
+from orchestrator.config import (
+    Method,
+    OptimConfig,
+    RunConfig,
+    ScalingConfig,
+    SyntheticConfig,
+    dump_yaml,
+)
 from orchestrator.data import format as fmt
 from orchestrator.data.prepare import write_synthetic
-from orchestrator.evaluation import load_student
+from orchestrator.evaluation import evaluate_model, load_eval_set, load_student
+from orchestrator.models import build_backbone
 from orchestrator.runs import student_uri
 from orchestrator.train.launch import RunOutcome, distill, train_teacher
 from tests.conftest import TrainSetup, make_train_setup
+from tests.test_safe_loading import crafted
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -85,7 +96,10 @@ def test_resume_refuses_a_different_classifier(train_setup: TrainSetup, tmp_path
     other = tmp_path / "other"
     meta = fmt.read_meta(config.data.train)
     clf.write_classifier(
-        str(other), train_setup.classifier_weight[::-1].copy(), meta.label_map_fingerprint, {}
+        str(other),
+        train_setup.classifier_weight[::-1].copy(),
+        label_map_fingerprint=meta.label_map_fingerprint,
+        source={},
     )
     swapped = replace(
         config,
@@ -103,7 +117,7 @@ def test_classifier_that_does_not_match_the_dataset_fails_before_training(
     train_setup: TrainSetup, tmp_path: Path
 ) -> None:
     bad = tmp_path / "bad"
-    clf.write_classifier(str(bad), np.ones((5, 16)), "sha256:x", {})
+    clf.write_classifier(str(bad), np.ones((5, 16)), label_map_fingerprint="sha256:x", source={})
     config = replace(
         train_setup.base, name="bad", teacher=replace(train_setup.base.teacher, classifier=str(bad))
     )
@@ -291,3 +305,58 @@ def test_dense_classifier_is_a_view_of_the_object_store_copy() -> None:
 
     writeable, same_memory, params = ray.get(probe.remote([ref]))
     assert not writeable and same_memory and params == 0
+
+
+def test_a_short_run_learns(tmp_path: Path) -> None:
+    """Held-out identities: the distilled student beats its own random initialisation (the
+    run seeds the student, so ``torch.manual_seed(seed)`` rebuilds that exact start)."""
+    data = write_synthetic(
+        SyntheticConfig(
+            out=str(tmp_path / "synthetic"),
+            num_identities=40,
+            eval_identities=20,
+            images_per_identity=8,
+            pairs_per_fold=20,
+            seed=5,
+            shard_bytes=200_000,
+        )
+    )
+    setup = make_train_setup(tmp_path / "teacher", data, emb_dim=64)
+    config = replace(
+        setup.base,
+        name="learns",
+        optim=OptimConfig(lr=0.1, epochs=3, batch_size=32),
+        run=RunConfig(eval_every_epochs=0, log_every_s=30.0),
+    )
+    distill(config)
+    eval_set = load_eval_set(data.eval_uri)
+    torch.manual_seed(config.seed)
+    start = build_backbone(config.student.arch, 64, input_size=112).eval()
+    before = evaluate_model(start, eval_set)
+    student, _ = load_student(student_uri(config, "learns"))
+    after = evaluate_model(student, eval_set)
+    assert after["rank1"] >= before["rank1"] + 0.1, (before["rank1"], after["rank1"])
+    assert after["auc"] >= before["auc"] + 0.05, (before["auc"], after["auc"])
+
+
+def test_a_tampered_checkpoint_is_refused_on_resume(
+    train_setup: TrainSetup, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A checkpoint rewritten in the storage path with a code-running pickle: the resume
+    through the CLI exits 2 naming it, and the payload never runs."""
+    config = replace(
+        train_setup.base, name="tampered", optim=replace(train_setup.base.optim, epochs=1)
+    )
+    distill(config)
+    marker = tmp_path / "pwned"
+    states = list((Path(config.storage_path) / "tampered").glob("checkpoint_*/state.pt"))
+    assert states
+    for state in states:
+        state.write_bytes(crafted("ignored", marker))
+    path = tmp_path / "resume.yaml"
+    path.write_text(dump_yaml(replace(config, optim=replace(config.optim, epochs=2))))
+    assert cli.run(distill_job.main, ["--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "state.pt: refusing to load it as a training checkpoint" in err, err[-2000:]
+    assert "weights_only=False" not in err
+    assert not marker.exists(), "the crafted checkpoint ran code in a worker"

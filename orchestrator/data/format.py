@@ -106,7 +106,9 @@ class DatasetWriter:
     half-written dataset.
     """
 
-    def __init__(self, out: str, image_size: int, shard_bytes: int, source: dict[str, Any]) -> None:
+    def __init__(
+        self, out: str, image_size: int, *, shard_bytes: int, source: dict[str, Any]
+    ) -> None:
         self.out = out
         self.image_size = image_size
         self.shard_bytes = shard_bytes
@@ -160,9 +162,9 @@ class DatasetWriter:
                 source=self.source,
                 skipped=tuple(skipped),
             ),
-            identities,
-            self._max_label,
-            pairs,
+            identities=identities,
+            max_label=self._max_label,
+            pairs=pairs,
         )
 
 
@@ -193,6 +195,7 @@ def write_shard(out: str, name: str, rows: dict[str, list[Any]]) -> ShardInfo:
 def publish_dataset(
     out: str,
     meta: DatasetMeta,
+    *,
     identities: Sequence[str],
     max_label: int,
     pairs: pa.Table | None = None,
@@ -217,7 +220,7 @@ def publish_dataset(
 def read_meta(uri: str) -> DatasetMeta:
     """Open a published dataset's ``dataset.json``, checking that it is complete."""
     meta_uri = storage.join(uri, META_FILE)
-    data = storage.read_published_json(uri, META_FILE, "a dataset", DatasetError)
+    data = storage.read_published_json(uri, META_FILE, what="a dataset", error=DatasetError)
     try:
         meta = DatasetMeta(
             num_classes=int(data["num_classes"]),
@@ -304,7 +307,7 @@ def read_pairs(uri: str, meta: DatasetMeta) -> pa.Table:
 
 
 def make_pairs(
-    image_ids: Sequence[str], labels: Sequence[int], pairs_per_fold: int, seed: int
+    image_ids: Sequence[str], labels: Sequence[int], *, pairs_per_fold: int, seed: int
 ) -> pa.Table:
     """Verification pairs in ``NUM_FOLDS`` identity-disjoint folds (the LFW layout).
 

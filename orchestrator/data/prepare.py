@@ -56,7 +56,7 @@ def write_synthetic(config: SyntheticConfig) -> SyntheticDatasets:
 def _write_synthetic_split(
     config: SyntheticConfig, out: str, identities: range, source: dict[str, object], pairs: bool
 ) -> DatasetMeta:
-    writer = DatasetWriter(out, config.image_size, config.shard_bytes, source)
+    writer = DatasetWriter(out, config.image_size, shard_bytes=config.shard_bytes, source=source)
     names, image_ids, labels = [], [], []
     progress = Progress(
         f"synthesize {os.path.basename(out.rstrip('/'))}",
@@ -66,7 +66,10 @@ def _write_synthetic_split(
         name = f"synth{identity:07d}"
         names.append(name)
         images = iter_identity_images(
-            config.seed, identity, config.images_per_identity, config.image_size
+            config.seed,
+            identity,
+            images_per_identity=config.images_per_identity,
+            size=config.image_size,
         )
         for index, image in enumerate(images):
             image_id = f"{name}/{index:03d}"
@@ -76,7 +79,11 @@ def _write_synthetic_split(
                 labels.append(label)
             progress.update()
     progress.close()
-    table = make_pairs(image_ids, labels, config.pairs_per_fold, config.seed) if pairs else None
+    table = (
+        make_pairs(image_ids, labels, pairs_per_fold=config.pairs_per_fold, seed=config.seed)
+        if pairs
+        else None
+    )
     return writer.publish(names, pairs=table)
 
 
@@ -191,7 +198,7 @@ def run_import(plan: ImportPlan[T], options: ImportOptions, label: str) -> Datas
             done.append(json.loads(storage.read_text(record_uri)))
             progress.update(len(items), "resumed")
             continue
-        record = write_import_shard(out, index, plan.make_rows(items), progress)
+        record = write_import_shard(out, index, rows=plan.make_rows(items), progress=progress)
         storage.write_text_atomic(record_uri, json.dumps(record))
         done.append(record)
     skipped = [reason for record in done for reason in record["skipped"]]
@@ -208,7 +215,7 @@ def run_import(plan: ImportPlan[T], options: ImportOptions, label: str) -> Datas
         skipped=tuple(skipped),
     )
     pairs = import_pairs(out, meta, options) if options.pairs_per_fold else None
-    return fmt.publish_dataset(out, meta, identities, max_label, pairs)
+    return fmt.publish_dataset(out, meta, identities=identities, max_label=max_label, pairs=pairs)
 
 
 def settings_digest(settings: dict[str, Any]) -> str:
@@ -247,7 +254,7 @@ def claim_output(out: str, progress_uri: str, settings: dict[str, Any]) -> None:
 
 
 def write_import_shard(
-    out: str, index: int, rows: Iterator[Row | str], progress: Progress
+    out: str, index: int, *, rows: Iterator[Row | str], progress: Progress
 ) -> dict[str, Any]:
     columns: dict[str, list[Any]] = {name: [] for name in fmt.SCHEMA.names}
     skipped: list[str] = []
@@ -274,7 +281,7 @@ def import_pairs(out: str, meta: DatasetMeta, options: ImportOptions) -> Any:
     for table in fmt.iter_shards(out, meta, columns=["image_id", "label"]):
         image_ids.extend(table.column("image_id").to_pylist())
         labels.extend(table.column("label").to_pylist())
-    return make_pairs(image_ids, labels, options.pairs_per_fold, options.seed)
+    return make_pairs(image_ids, labels, pairs_per_fold=options.pairs_per_fold, seed=options.seed)
 
 
 def checked(make: Callable[[], Row], on_corrupt: OnCorrupt) -> Row | str:

@@ -40,6 +40,7 @@ def shift_into(out: np.ndarray, image: np.ndarray, dy: int, dx: int) -> None:
 def decode_augmented(
     jpegs: Sequence[bytes],
     image_ids: Sequence[Any],
+    *,
     size: int,
     rng: np.random.Generator,
     flip: bool,
@@ -94,11 +95,11 @@ class DecodeAugment:
         images = decode_augmented(
             batch["image"],
             batch["image_id"],
-            self.size,
-            self.rng,
-            self.flip,
-            self.crop_pad,
-            self.dataset,
+            size=self.size,
+            rng=self.rng,
+            flip=self.flip,
+            crop_pad=self.crop_pad,
+            dataset=self.dataset,
         )
         return {
             "image": images,

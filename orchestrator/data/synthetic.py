@@ -325,7 +325,7 @@ def _illuminate(img: Array, nuisance: Nuisance, g: FaceGrid) -> Array:
     return img
 
 
-def render_image(seed: int, identity: int, image: int, size: int) -> Uint8Image:
+def render_image(seed: int, identity: int, *, image: int, size: int) -> Uint8Image:
     """Photo ``image`` of identity ``identity``: a pure function of its arguments."""
     person = sample_identity(identity_rng(seed, identity))
     rng = image_rng(seed, identity, image)
@@ -333,7 +333,7 @@ def render_image(seed: int, identity: int, image: int, size: int) -> Uint8Image:
 
 
 def iter_identity_images(
-    seed: int, identity: int, images_per_identity: int, size: int
+    seed: int, identity: int, *, images_per_identity: int, size: int
 ) -> Iterator[Uint8Image]:
     """The photos of one identity in order; equal to render_image for each index."""
     person = sample_identity(identity_rng(seed, identity))

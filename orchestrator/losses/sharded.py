@@ -136,6 +136,7 @@ class Sampled:
 def sample_classes(
     labels: torch.Tensor,
     weight: torch.Tensor,
+    *,
     shard: Shard,
     rate: float,
     generator: torch.Generator,
@@ -158,7 +159,7 @@ def sample_classes(
 
 
 def embedding_gradient(
-    stats: ShardStats, global_max: torch.Tensor, global_sum: torch.Tensor, scale: float
+    stats: ShardStats, *, global_max: torch.Tensor, global_sum: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """This shard's part of sum_i dL_i/de_i (unnormalised by B): (B, d).
 
@@ -216,7 +217,7 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
         with_grad = bool(ctx.needs_input_grad[0])
         if sampling is not None:
             rate, generator = sampling
-            sampled = sample_classes(global_y, weight, shard, rate, generator)
+            sampled = sample_classes(global_y, weight, shard=shard, rate=rate, generator=generator)
             weight, global_y, shard = sampled.weight, sampled.labels, sampled.shard
         stats = shard_stats(
             global_e,
@@ -236,7 +237,9 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
         global_sum, global_target = summed[0], summed[1]
         loss = losses_from(global_max, global_sum, global_target).mean()
         if with_grad:
-            part = embedding_gradient(stats, global_max, global_sum, margin.scale)  # (B_global, d)
+            part = embedding_gradient(
+                stats, global_max=global_max, global_sum=global_sum, scale=margin.scale
+            )  # (B_global, d)
             local = _reduce_scatter(part, world_size, group)  # (B_local, d)
             factor = (world_size if sync is GradientSync.DDP_MEAN else 1) / global_e.shape[0]
             ctx.save_for_backward((local * factor).to(embeddings.dtype))

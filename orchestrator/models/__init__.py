@@ -13,7 +13,7 @@ __all__ = ["ModelProfile", "build_backbone", "profile_model"]
 
 
 def build_backbone(
-    arch: Arch, emb_dim: int, dropout: float = 0.0, input_size: int = 112
+    arch: Arch, emb_dim: int, *, dropout: float = 0.0, input_size: int = 112
 ) -> nn.Module:
     """The backbone for ``arch``: (B, 3, input_size, input_size) -> (B, emb_dim)."""
     if input_size % 16 != 0:

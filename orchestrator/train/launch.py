@@ -92,7 +92,7 @@ class RunOutcome:
 
 
 def fit(
-    config: ExperimentConfig, spec: TrainSpec, name: str, callbacks: Sequence[Any] = ()
+    config: ExperimentConfig, spec: TrainSpec, *, name: str, callbacks: Sequence[Any] = ()
 ) -> RunOutcome:
     """Run ``train_loop_per_worker`` on ``config.scaling.num_workers`` workers.
 
@@ -102,6 +102,8 @@ def fit(
     itself, not inside Ray's wrappers.
     """
     # Train V2's classes (what ray.train.* resolves to at run time), named so types agree.
+    from ray.data import ExecutionOptions
+    from ray.train import DataConfig
     from ray.train.v2.api.config import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.v2.torch.torch_trainer import TorchTrainer
 
@@ -115,6 +117,9 @@ def fit(
             resources_per_worker={"CPU": config.scaling.cpus_per_worker},
         ),
         datasets={"train": training_dataset(config.data, input_plan(config), config.seed)},
+        # Explicit ingest options: Train's defaults copy the deprecated
+        # ExecutionOptions.exclude_resources (a RayDeprecationWarning on every run).
+        dataset_config=DataConfig(execution_options=ExecutionOptions()),
         run_config=RunConfig(
             name=name,
             callbacks=list(callbacks),
@@ -164,7 +169,7 @@ def distill(
         teacher_backbone=config.teacher.backbone if method.needs_teacher_embeddings else None,
         eval_uri=config.data.eval,
     )
-    outcome = fit(config, spec, name, callbacks)
+    outcome = fit(config, spec, name=name, callbacks=callbacks)
     export = StudentExport.from_state(
         outcome.state,
         arch=config.student.arch,
@@ -236,7 +241,7 @@ def train_teacher(config: ExperimentConfig, name: str | None = None) -> RunOutco
         num_images=meta.num_images,
         eval_uri=config.data.eval,
     )
-    outcome = fit(config, spec, name)
+    outcome = fit(config, spec, name=name)
     export_teacher(config, outcome.state, meta)
     return outcome
 
@@ -253,7 +258,9 @@ def export_teacher(config: ExperimentConfig, state: TrainingState, meta: fmt.Dat
     )
     save_teacher(config.teacher.backbone, teacher)
     classifier_from_checkpoint(
-        config.teacher.backbone, config.teacher.classifier, meta.label_map_fingerprint
+        config.teacher.backbone,
+        config.teacher.classifier,
+        dataset_fingerprint=meta.label_map_fingerprint,
     )
     print(
         f"teacher -> {config.teacher.backbone}; classifier {head.shape[0]} x {head.shape[1]} -> {config.teacher.classifier}"

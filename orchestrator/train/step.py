@@ -21,7 +21,7 @@ from orchestrator.losses import LossOutput
 from orchestrator.losses.margins import at_least_fp32
 
 
-def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> float:
+def lr_at(step: int, *, total_steps: int, warmup_steps: int, base_lr: float) -> float:
     """Linear warm-up to ``base_lr``, then cosine decay to zero at ``total_steps``.
 
     A pure function of the step, so a resumed run continues the same schedule.

@@ -7,6 +7,7 @@ when due, report (every rank: it is a barrier), checkpoint when due.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tempfile
@@ -90,7 +91,9 @@ class Schedule:
         )
 
     def lr(self, step: int) -> float:
-        return lr_at(step, self.total_steps, self.warmup_steps, self.base_lr)
+        return lr_at(
+            step, total_steps=self.total_steps, warmup_steps=self.warmup_steps, base_lr=self.base_lr
+        )
 
 
 @dataclass
@@ -156,13 +159,22 @@ def set_up(spec: TrainSpec, config: ExperimentConfig) -> WorkerState:
 
 def quiet_worker_logs() -> None:
     """DDP's "grad strides" notice concerns depthwise-conv gradient layout (a possible
-    slowdown, not an error) and would otherwise print once per worker per run."""
+    slowdown, not an error) and would otherwise print once per worker per run. Ray Train
+    logs every ``report`` at INFO ("Reporting training result N: ...") through a logger
+    named by its file path, which Train's own LoggingConfig does not reach: our epoch lines
+    already say what each report holds."""
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    from ray.train.v2._internal.execution import context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
 def build_student(spec: TrainSpec, config: ExperimentConfig, device: torch.device) -> nn.Module:
     model = build_backbone(
-        spec.model.arch, spec.model.emb_dim, spec.model.dropout, config.data.image_size
+        spec.model.arch,
+        spec.model.emb_dim,
+        dropout=spec.model.dropout,
+        input_size=config.data.image_size,
     ).to(device)
     if config.run.channels_last:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -177,7 +189,9 @@ def build_worker_loss(
     source = spec.classifier
     if isinstance(source, ShardedClassifier):
         shard = Shard.for_rank(source.meta.num_classes, world_size, rank)
-        rows = clf.read_rows(source.ref.uri, source.meta, shard.class_start, shard.local_classes)
+        rows = clf.read_rows(
+            source.ref.uri, source.meta, start=shard.class_start, size=shard.local_classes
+        )
         bf16 = config.sharding.matmul_precision is Precision.BF16
         return ShardedProxylessLoss(
             torch.from_numpy(rows),
