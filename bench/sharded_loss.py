@@ -79,7 +79,7 @@ def rss_peak_mb() -> float:
 
 def estimate_gb(method: str, c: int, d: int, world: int) -> float:
     """Rough per-machine memory (all ranks) of a method, to skip what cannot fit."""
-    c_r = -(-c // world)
+    c_r = Shard.for_rank(c, world, 0).local_classes  # rank 0 holds the largest shard
     w_r = c_r * d * 4
     b = GLOBAL_BATCH
     per_rank = {
@@ -323,7 +323,7 @@ def run_config(
             per_rank = spawn(method, c, d, world, args)
             row["seconds"] = max(r["seconds"] for r in per_rank)  # the slowest rank sets the pace
             row["peak_mb_per_rank"] = max(r["peak_mb"] for r in per_rank)
-            row["w_r_mb"] = -(-c // world) * d * 4 / 2**20
+            row["w_r_mb"] = Shard.for_rank(c, world, 0).local_classes * d * 4 / 2**20
         rows.append(row)
     if train:
         per_rank = spawn("train(ours)", c, d, world, args, train)

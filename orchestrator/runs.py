@@ -37,6 +37,8 @@ def ensure_ray() -> None:
         # Nothing scrapes a private cluster's metrics: collecting them only costs a
         # harvester thread in every worker (one crashed once in a read task; see README).
         os.environ.setdefault("RAY_enable_metrics_collection", "0")
+        # Ray Data's per-epoch INFO lines ("execution finished in ...") in every process.
+        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
         ray.init(address="local", logging_level=logging.WARNING)
     quiet_data_logs()
 
@@ -48,6 +50,7 @@ def quiet_data_logs() -> None:
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # this process's read planning
 
 
 def storage_root(config: ExperimentConfig) -> str:

@@ -134,12 +134,15 @@ def fit(
         ),
     )
     started = time.monotonic()
-    result = trainer.fit()
-    if result.error is not None:
-        cause = user_error_in(result.error)
+    try:
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+    except Exception as err:  # Train V2 raises a failed run's error from fit()
+        cause = user_error_in(err)
         if cause is not None:
             raise cause from None
-        raise result.error
+        raise
     if result.checkpoint is None:
         raise RuntimeError(f"run {name} finished without a checkpoint")
     with result.checkpoint.as_directory() as directory:
