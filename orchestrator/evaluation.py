@@ -81,21 +81,23 @@ def embed_images(
     flip: bool = False,
     label: str = "embed",
 ) -> npt.NDArray[np.float32]:
-    """(N, H, W, 3) uint8 -> (N, d) float32 embeddings, model in eval mode.
+    """(N, H, W, 3) uint8 -> (N, d) float32 embeddings, model in eval mode, on the device
+    of the model's parameters (the batches go there, the embeddings come back to the host).
 
     With ``flip``, each embedding is the sum of the image's and its mirror's (flip test).
     """
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     out = []
     progress = Progress(label, len(images), every_s=10.0)
     try:
         for lo in range(0, len(images), batch_size):
-            x = to_model_input(images[lo : lo + batch_size])
+            x = to_model_input(images[lo : lo + batch_size]).to(device)
             emb = model(x)
             if flip:
                 emb = emb + model(torch.flip(x, dims=[3]))
-            out.append(emb.float().numpy())
+            out.append(emb.float().cpu().numpy())
             progress.update(x.shape[0])
     finally:
         model.train(was_training)

@@ -92,7 +92,8 @@ def shard_stats(
     owned = (labels >= shard.class_start) & (labels < shard.class_start + shard.local_classes)
     local = torch.where(owned, labels - shard.class_start, torch.zeros_like(labels))
     # Target logits, their slopes and rows, exactly (not in the chunk dtype).
-    target_row = torch.zeros(batch, dim, dtype=acc)
+    device = embeddings.device
+    target_row = torch.zeros(batch, dim, dtype=acc, device=device)
     if shard.local_classes:  # a rank may own no classes at all (C < N)
         target_row = torch.where(owned.unsqueeze(1), weight[local].to(acc), target_row)
     cos_t = (e * target_row).sum(dim=1)  # (B,)
@@ -100,13 +101,14 @@ def shard_stats(
         c = cos_t.detach().requires_grad_(True)
         z_t = target_logit(c, margin)
         (slope,) = torch.autograd.grad(z_t.sum(), c)
-    target = torch.where(owned, z_t.detach().to(acc), torch.zeros((), dtype=acc))
-    slope = torch.where(owned, slope.to(acc), torch.zeros((), dtype=acc))
+    zero = torch.zeros((), dtype=acc, device=device)
+    target = torch.where(owned, z_t.detach().to(acc), zero)
+    slope = torch.where(owned, slope.to(acc), zero)
 
-    row_max = torch.full((batch,), float("-inf"), dtype=acc)
-    sum_exp = torch.zeros(batch, dtype=acc)
-    weighted = torch.zeros(batch, dim, dtype=acc) if with_grad else None
-    rows = torch.arange(batch)
+    row_max = torch.full((batch,), float("-inf"), dtype=acc, device=device)
+    sum_exp = torch.zeros(batch, dtype=acc, device=device)
+    weighted = torch.zeros(batch, dim, dtype=acc, device=device) if with_grad else None
+    rows = torch.arange(batch, device=device)
     for start in range(0, shard.local_classes, chunk_size):
         stop = min(start + chunk_size, shard.local_classes)
         w = weight[start:stop].to(mm)  # (chunk, d)
@@ -148,7 +150,8 @@ def sample_classes(
     owned = (labels >= shard.class_start) & (labels < shard.class_start + shard.local_classes)
     positives = torch.unique(labels[owned] - shard.class_start)
     count = min(shard.local_classes, max(round(rate * shard.local_classes), positives.numel()))
-    scores = torch.rand(shard.local_classes, generator=generator)
+    # The generator must live where the weights do (torch.Generator(device=weight.device)).
+    scores = torch.rand(shard.local_classes, generator=generator, device=weight.device)
     scores[positives] = 2.0  # above any random score: always kept
     index = torch.topk(scores, count).indices.sort().values
     position = torch.searchsorted(
@@ -341,12 +344,25 @@ class ShardedProxylessLoss(nn.Module):
         self.shard, self.margin, self.chunk_size = shard, margin, chunk_size
         self.matmul_dtype, self.group = matmul_dtype, group
         self.sample_rate = sample_rate
-        # Each shard draws its own negatives: seed by the shard's first class.
-        self.generator = torch.Generator().manual_seed(seed * 1_000_003 + shard.class_start)
+        # Each shard draws its own negatives: seeded by the shard's first class and the call.
+        self.seed = seed * 1_000_003 + shard.class_start
+        self.calls = 0
+
+    def sampling_generator(self) -> torch.Generator:
+        """The generator of this call's negatives, on the weights' device (CUDA draws need a
+        CUDA generator), seeded from (seed, shard, call number): reproducible per rank and
+        step, and independent of what else used a random stream."""
+        generator = torch.Generator(device=self.weight.device)
+        generator.manual_seed(self.seed * 1_000_033 + self.calls)
+        self.calls += 1
+        return generator
 
     def forward(
         self, embeddings: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None = None
     ) -> LossOutput:
+        sampling = None
+        if self.sample_rate < 1.0:
+            sampling = (self.sample_rate, self.sampling_generator())
         loss = sharded_margin_loss(
             embeddings,
             labels,
@@ -357,6 +373,6 @@ class ShardedProxylessLoss(nn.Module):
             matmul_dtype=self.matmul_dtype,
             sync=GradientSync.DDP_MEAN,
             group=self.group,
-            sampling=(self.sample_rate, self.generator) if self.sample_rate < 1.0 else None,
+            sampling=sampling,
         )
         return LossOutput(loss, {"ce": float(loss.detach())})
