@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import functools
 import math
 import re
 import types
@@ -22,8 +23,6 @@ import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
-
-import yaml
 
 
 class ConfigError(ValueError):
@@ -142,10 +141,6 @@ def to_dict(config: Any) -> dict[str, Any]:
 # --- YAML ---------------------------------------------------------------------------------
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2-style floats (``1e-4``) and duplicate keys refused."""
-
-
 _FLOAT = re.compile(
     r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
     |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
@@ -154,32 +149,46 @@ _FLOAT = re.compile(
     |\.(?:nan|NaN|NAN))$""",
     re.VERBOSE,
 )
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:float"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
 
 
-def _mapping_without_duplicates(loader: _Loader, node: yaml.MappingNode) -> dict[Any, Any]:
-    seen: dict[Any, int] = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node)
-        line = key_node.start_mark.line + 1
-        if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"key {key!r} appears twice (lines {seen[key]} and {line})",
-                key_node.start_mark,
-            )  # fmt: skip
-        seen[key] = line
-    return loader.construct_mapping(node)
+@functools.cache
+def _loader() -> Any:
+    """SafeLoader with YAML 1.2-style floats (``1e-4``) and duplicate keys refused. Built on
+    first use, so importing the schema needs no YAML library (bench/gpu_check.py)."""
+    import yaml
 
+    class Loader(yaml.SafeLoader):
+        pass
 
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+    Loader.yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:float"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+
+    def mapping_without_duplicates(loader: Any, node: Any) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (lines {seen[key]} and {line})",
+                    key_node.start_mark,
+                )  # fmt: skip
+            seen[key] = line
+        return dict(loader.construct_mapping(node))
+
+    Loader.add_constructor(
+        yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping_without_duplicates
+    )
+    return Loader
 
 
 def parse_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)
+    import yaml
+
+    return yaml.load(text, Loader=_loader())
 
 
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
@@ -191,7 +200,7 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{source}: cannot read config: {err.strerror}") from None
     try:
         loaded = parse_yaml(text)
-    except yaml.YAMLError as err:
+    except _yaml_error() as err:
         raise ConfigError(f"{source}: not valid YAML: {err}") from None
     if loaded is None:
         return {}
@@ -200,7 +209,15 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     return loaded
 
 
+def _yaml_error() -> type[Exception]:
+    import yaml
+
+    return yaml.YAMLError
+
+
 def dump_yaml(config: Any) -> str:
+    import yaml
+
     return yaml.safe_dump(to_dict(config), sort_keys=False)
 
 
@@ -214,7 +231,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"--set {text!r}: expected section.key=value")
     try:
         value = parse_yaml(raw) if raw.strip() else ""
-    except yaml.YAMLError as err:
+    except _yaml_error() as err:
         raise ConfigError(f"--set {text!r}: value is not valid YAML: {err}") from None
     return key.strip().split("."), value
 

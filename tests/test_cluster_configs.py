@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,8 @@ import ray
 import yaml
 from jsonschema.exceptions import ValidationError
 
+from orchestrator.config import load_config
+from orchestrator.data.ray_input import decode_plan
 from tests.conftest import REPO
 
 CLUSTER = REPO / "cluster"
@@ -88,8 +91,9 @@ def test_kuberay_manifests_match_the_pinned_versions(path: Path) -> None:
         if doc["kind"] == "CronJob":
             check_cronjob(doc)
             continue
-        assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] in ("RayCluster", "RayJob")
-        spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+        assert doc["apiVersion"] == "ray.io/v1"
+        assert doc["kind"] in ("RayCluster", "RayJob", "RayCronJob")
+        spec = cluster_spec(doc)
         assert spec["rayVersion"] == ray.__version__
         groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
         for group in groups:
@@ -101,9 +105,10 @@ def test_kuberay_manifests_match_the_pinned_versions(path: Path) -> None:
             for c in g["template"]["spec"]["containers"]
         ]
         assert all(gpus)
-        if doc["kind"] == "RayJob":
-            assert doc["spec"]["entrypoint"].startswith("python -m jobs.")
-            module = doc["spec"]["entrypoint"].split()[2]
+        if doc["kind"] in ("RayJob", "RayCronJob"):
+            entrypoint = job_spec(doc)["entrypoint"]
+            assert entrypoint.startswith("python -m jobs.")
+            module = entrypoint.split()[2]
             assert (REPO / (module.replace(".", "/") + ".py")).exists()
 
 
@@ -122,9 +127,83 @@ def check_cronjob(doc: dict[str, Any]) -> None:
 
 def test_there_is_a_scheduled_retraining_manifest() -> None:
     kinds = {d["kind"] for p in KUBERAY for d in yaml.safe_load_all(p.read_text()) if d}
-    assert {"RayCluster", "RayJob", "CronJob"} <= kinds
+    assert {"RayCluster", "RayJob", "CronJob", "RayCronJob"} <= kinds
 
 
-def test_dockerfile_pins_the_same_ray_and_python() -> None:
-    text = (CLUSTER / "Dockerfile").read_text()
-    assert f"FROM rayproject/ray:{ray.__version__}-{PYTHON}-gpu" in text
+def job_spec(doc: dict[str, Any]) -> dict[str, Any]:
+    """The RayJob spec of a RayJob, or of each run of a RayCronJob."""
+    return doc["spec"]["jobTemplate"] if doc["kind"] == "RayCronJob" else doc["spec"]
+
+
+def cluster_spec(doc: dict[str, Any]) -> dict[str, Any]:
+    return doc["spec"] if doc["kind"] == "RayCluster" else job_spec(doc)["rayClusterSpec"]
+
+
+def quantity(value: Any) -> float:
+    text = str(value)
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+@dataclass(frozen=True)
+class Pods:
+    """What the Ray cluster of a manifest holds at most: worker pods of each group."""
+
+    pods: tuple[tuple[int, float, float], ...]  # (count, CPUs, GPUs) per worker group
+
+    @classmethod
+    def of(cls, spec: dict[str, Any]) -> Pods:
+        groups = []
+        for group in spec["workerGroupSpecs"]:
+            (container,) = group["template"]["spec"]["containers"]
+            limits = container["resources"]["limits"]
+            count = int(group.get("maxReplicas", group.get("replicas", 0)))
+            gpus = quantity(limits.get("nvidia.com/gpu", 0))
+            groups.append((count, quantity(limits["cpu"]), gpus))
+        return cls(tuple(groups))
+
+    @property
+    def cpus(self) -> float:
+        return sum(n * cpu for n, cpu, _ in self.pods)
+
+    def train_workers(self, cpus_per_worker: float, use_gpu: bool) -> int:
+        """How many Train workers fit, one GPU (if used) and cpus_per_worker each."""
+        total = 0
+        for n, cpu, gpu in self.pods:
+            per_pod = int(cpu // cpus_per_worker)
+            total += n * (min(per_pod, int(gpu)) if use_gpu else per_pod)
+        return total
+
+
+def submitted_jobs() -> list[tuple[str, str, Pods]]:
+    """(manifest, config path, cluster) for every job a KubeRay manifest runs: a RayJob's or
+    RayCronJob's entrypoint on its own cluster, a CronJob's `ray job submit` on the
+    RayCluster of raycluster.yaml."""
+    docs = [(p.name, d) for p in KUBERAY for d in yaml.safe_load_all(p.read_text()) if d]
+    (shared,) = [d for _, d in docs if d["kind"] == "RayCluster"]
+    jobs = []
+    for name, doc in docs:
+        if doc["kind"] in ("RayJob", "RayCronJob"):
+            words = job_spec(doc)["entrypoint"].split()
+            jobs.append((name, words[words.index("--config") + 1], Pods.of(cluster_spec(doc))))
+        elif doc["kind"] == "CronJob":
+            (container,) = doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+            words = container["command"]
+            jobs.append((name, words[words.index("--config") + 1], Pods.of(shared["spec"])))
+    return jobs
+
+
+def test_every_kuberay_job_fits_the_cluster_it_runs_on() -> None:
+    """The worker pods hold scaling.num_workers Train workers (a GPU and cpus_per_worker
+    each) plus the decode pool beside them: otherwise the job can never be scheduled."""
+    jobs = submitted_jobs()
+    assert {name for name, _, _ in jobs} >= {"rayjob-distill.yaml", "retrain-cronjob.yaml"}
+    for name, config_path, pods in jobs:
+        config = load_config(REPO / config_path)
+        scaling = config.scaling
+        fits = pods.train_workers(scaling.cpus_per_worker, scaling.use_gpu)
+        assert fits >= scaling.num_workers, (
+            f"{name}: {config_path} needs {scaling.num_workers} workers, the pods hold {fits}"
+        )
+        plan = decode_plan(config.data, scaling, pods.cpus)
+        needed = scaling.num_workers * scaling.cpus_per_worker + plan.cpus
+        assert needed <= pods.cpus, f"{name}: needs {needed} CPUs, the pods have {pods.cpus}"
