@@ -177,6 +177,20 @@ def result(
 # --- 2. the full training step -----------------------------------------------------------
 
 
+class Autocast(torch.nn.Module):
+    """The trainable classifier's GEMMs in bf16 on CUDA, as the frozen loss's are (Partial FC
+    also runs its logits under autocast): the comparison is between the methods, not dtypes."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, teacher: Any = None) -> Any:
+        enabled = embeddings.device.type == "cuda"
+        with torch.autocast(embeddings.device.type, dtype=torch.bfloat16, enabled=enabled):
+            return self.inner(embeddings, labels)
+
+
 class BackboneOnly(torch.nn.Module):
     """No classifier at all: a trivial loss on the embeddings (the step's lower bound)."""
 
@@ -200,7 +214,7 @@ def step_rates(shapes: Shapes, device: torch.device, clock: Clock) -> dict[str, 
 
     variants: dict[str, Callable[[], torch.nn.Module]] = {
         "frozen": lambda: frozen(1.0),
-        "trainable": lambda: ScratchLoss(c, d, MARGIN),
+        "trainable": lambda: Autocast(ScratchLoss(c, d, MARGIN)),
         "backbone_only": BackboneOnly,
         "frozen_sampled_0.1": lambda: frozen(0.1),
     }
