@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 from dataclasses import replace
+from typing import Any
 
 from orchestrator import storage
 from orchestrator.artifacts import STUDENT_FILE
@@ -23,7 +25,13 @@ def use_object_store_config(config: ExperimentConfig) -> None:
 
 
 def ensure_ray() -> None:
-    """Connect to ``RAY_ADDRESS`` (set inside ``ray job submit``), else start a local cluster."""
+    """The one way a job gets its Ray cluster, before anything touches Ray.
+
+    With ``RAY_ADDRESS`` set (as inside ``ray job submit``), connect there. Otherwise start
+    a private cluster for this process (:func:`start_private_cluster`), never a cluster
+    found by auto-discovery (a stale ``/tmp/ray/ray_current_cluster`` or another user's
+    ``ray start --head``).
+    """
     import ray
 
     if ray.is_initialized():
@@ -32,15 +40,38 @@ def ensure_ray() -> None:
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
-        # A private local cluster started by this process (auth is issue 19's work).
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        # Nothing scrapes a private cluster's metrics: collecting them only costs a
-        # harvester thread in every worker (one crashed once in a read task; see README).
-        os.environ.setdefault("RAY_enable_metrics_collection", "0")
-        # Ray Data's per-epoch INFO lines ("execution finished in ...") in every process.
-        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
-        ray.init(address="local", logging_level=logging.WARNING)
+        start_private_cluster()
+        print(f"[ray] private local cluster (token auth) at {gcs_address()}", flush=True)
     quiet_data_logs()
+
+
+def start_private_cluster(**init_kwargs: Any) -> None:
+    """A new local Ray cluster that only this process and its children can use.
+
+    Ray 2.60 binds its gRPC servers (GCS, raylet, workers) to every interface whatever
+    node address is asked for, so the cluster runs with Ray's token authentication and a
+    fresh random token that exists only in this process's environment (inherited by the
+    cluster's processes, written nowhere): a client elsewhere that reaches a port is
+    refused. The dashboard listens on 127.0.0.1 only.
+    """
+    import ray
+    from ray._raylet import Config  # type: ignore[attr-defined]
+
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    # Nothing scrapes a private cluster's metrics: collecting them only costs a
+    # harvester thread in every worker (one crashed once in a read task; see README).
+    os.environ.setdefault("RAY_enable_metrics_collection", "0")
+    # Ray Data's per-epoch INFO lines ("execution finished in ...") in every process.
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+    Config.initialize("")  # Ray reads RAY_AUTH_MODE once at import: make it see token mode
+    ray.init(address="local", logging_level=logging.WARNING, **init_kwargs)
+
+
+def gcs_address() -> str:
+    import ray
+
+    return str(ray.get_runtime_context().gcs_address)
 
 
 def quiet_data_logs() -> None:

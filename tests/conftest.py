@@ -58,11 +58,11 @@ _RAY_STARTED_WITH: dict[str, str | None] = {}
 
 
 def _start_ray() -> None:
-    import ray
+    """The jobs' own private cluster (token auth), sized like the CI machine."""
+    from orchestrator.runs import start_private_cluster
 
-    os.environ["RAY_AUTH_MODE"] = "disabled"
     os.environ.pop("RAY_ADDRESS", None)
-    ray.init(address="local", num_cpus=2, log_to_driver=False)
+    start_private_cluster(num_cpus=2, log_to_driver=False)
     _RAY_STARTED_WITH["endpoint"] = os.environ.get("AWS_ENDPOINT_URL")
 
 

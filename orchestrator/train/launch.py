@@ -160,6 +160,7 @@ def distill(
     config = absolute_paths(config)
     use_object_store_config(config)
     meta = check_inputs(config)
+    ensure_ray()  # before the classifier's ray.put: every method gets the same cluster
     method = config.loss.method
     spec = TrainSpec(
         role=Role.STUDENT,
