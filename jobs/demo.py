@@ -10,12 +10,15 @@ report on it, under s3://demo/: the same code path as a cloud bucket.
 Phases: generate the synthetic dataset (reused when present), train the teacher on Ray
 Train and export its classifier, distil three students at equal budget (`proxyless`,
 `l2`, `scratch`), evaluate them all on held-out identities, print the table and write
-report.json, report.md and roc.png to <storage_path> (runs/demo). Each run starts fresh.
+report.json, report.md and roc.png to <storage_path> (runs/demo). Each run starts fresh: it
+removes what an earlier demo made there (listed in <storage_path>/.proxylesskd-demo.json),
+after checking every input, and nothing else.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -26,12 +29,13 @@ from typing import Any
 from orchestrator import cli, storage
 from orchestrator.config import ExperimentConfig, Method
 from orchestrator.data.prepare import write_synthetic
+from orchestrator.errors import UsageError
 from orchestrator.evaluation import evaluate_students, write_report
 from orchestrator.objectstore import EmbeddedObjectStore
 from orchestrator.progress import format_seconds
 from orchestrator.runs import absolute_paths, ensure_ray, student_uri
 from orchestrator.teacher import load_teacher_backbone
-from orchestrator.train.launch import distill, train_teacher
+from orchestrator.train.launch import check_inputs, distill, train_teacher
 
 DEMO_BUCKET = "demo"
 
@@ -84,8 +88,16 @@ def on_object_store(config: ExperimentConfig) -> ExperimentConfig:
     )
 
 
+def parse_methods(method_names: str) -> list[Method]:
+    known = ", ".join(m.value for m in Method)
+    try:
+        return [Method(m.strip()) for m in method_names.split(",")]
+    except ValueError:
+        raise UsageError(f"--methods {method_names!r}: expected names from {known}") from None
+
+
 def run_demo(config: ExperimentConfig, method_names: str) -> int:
-    methods = [Method(m) for m in method_names.split(",")]
+    methods = parse_methods(method_names)
     started = time.monotonic()
 
     def phase(title: str) -> None:
@@ -98,7 +110,9 @@ def run_demo(config: ExperimentConfig, method_names: str) -> int:
         print(f"reusing {config.synthetic.out}")
     else:
         write_synthetic(config.synthetic)
-    storage.remove_tree(config.storage_path)  # a fresh demo every time (runs resume by name)
+    check_inputs(absolute_paths(config))  # every input is checked before anything is removed
+    entries = ["teacher", *(m.value for m in methods), *REPORT_FILES]
+    clear_previous_demo(config.storage_path, entries)  # a fresh demo (runs resume by name)
     ensure_ray()
 
     phase(f"2/4 teacher ({config.teacher.arch.value}, {config.teacher_optim.epochs} epochs)")
@@ -124,6 +138,32 @@ def run_demo(config: ExperimentConfig, method_names: str) -> int:
         f"report: {config.storage_path}/report.json, report.md, roc.png  (total {format_seconds(time.monotonic() - started)})"
     )
     return 0
+
+
+MARKER = ".proxylesskd-demo.json"
+REPORT_FILES = ("report.json", "report.md", "roc.png")
+
+
+def clear_previous_demo(root: str, entries: Sequence[str]) -> None:
+    """Remove what an earlier demo made under ``root`` (its marker file lists it) and record
+    what this one will make. Anything else is left alone, and an entry this demo would
+    write that no demo made (a run of the same name, say) is an error: the demo would train
+    over it or delete it."""
+    marker = storage.join(root, MARKER)
+    made = (
+        set(json.loads(storage.read_text(marker))["entries"]) if storage.exists(marker) else set()
+    )
+    for name in entries:
+        uri = storage.join(root, name)
+        if name not in made and storage.exists(uri):
+            raise UsageError(
+                f"{uri} exists and was not made by jobs.demo: it would be trained over or "
+                "deleted; remove it yourself or pass --set storage_path=<another directory>"
+            )
+    for name in sorted(made):
+        storage.remove_tree(storage.join(root, name))
+    storage.makedirs(root)
+    storage.write_text_atomic(marker, json.dumps({"entries": sorted(set(entries))}, indent=2))
 
 
 def verdict(report: dict[str, Any]) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -68,8 +69,13 @@ def default_chunk_rows(emb_dim: int, dtype: str) -> int:
 
 class ClassifierWriter:
     """Streams rows (normalised here, in float64) into chunks; :meth:`publish` writes
-    meta.json last. Writing over an existing classifier first removes its meta.json, so
-    during the rewrite it is simply not loadable."""
+    meta.json last.
+
+    Writing over an existing classifier never touches it until the new one is complete:
+    the new chunks get names of their own (``rows-<generation>-NNNNN.bin``), the old
+    meta.json keeps pointing at the old chunks, and only :meth:`publish` replaces it (one
+    atomic write) and then deletes the chunks it no longer names. A rewrite that fails
+    leaves the old classifier as it was, loadable."""
 
     def __init__(
         self,
@@ -91,8 +97,8 @@ class ClassifierWriter:
         self._chunks: list[ChunkInfo] = []
         self._rows = 0
         storage.makedirs(out)
-        meta_uri = storage.join(out, META_FILE)
-        storage.delete(meta_uri)
+        self._previous = previous_chunks(out)
+        self._prefix = f"rows-{uuid.uuid4().hex[:12]}-" if self._previous else "rows-"
 
     def append(self, rows: npt.ArrayLike) -> None:
         block = np.asarray(rows, dtype=np.float64)
@@ -116,7 +122,7 @@ class ClassifierWriter:
         self._pending = [rest] if rest.shape[0] else []
         self._pending_rows = rest.shape[0]
         data = np.ascontiguousarray(chunk).tobytes()
-        name = f"rows-{len(self._chunks):05d}.bin"
+        name = f"{self._prefix}{len(self._chunks):05d}.bin"
         storage.write_bytes_atomic(storage.join(self.out, name), data)
         self._chunks.append(ChunkInfo(name, int(chunk.shape[0]), hashlib.sha256(data).hexdigest()))
 
@@ -137,7 +143,19 @@ class ClassifierWriter:
         )
         text = json.dumps(asdict(meta), indent=2, sort_keys=True) + "\n"
         storage.write_text_atomic(storage.join(self.out, META_FILE), text)
+        for name in self._previous - {c.file for c in self._chunks}:
+            storage.delete(storage.join(self.out, name))
         return meta
+
+
+def previous_chunks(out: str) -> set[str]:
+    """The chunk files of the classifier published at ``out``, if any."""
+    if not storage.exists(storage.join(out, META_FILE)):
+        return set()
+    try:
+        return {c.file for c in read_meta(out).chunks}
+    except ClassifierError:
+        return set()  # not a readable classifier: nothing of it to keep or clean up
 
 
 def write_classifier(

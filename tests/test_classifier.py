@@ -261,3 +261,26 @@ def test_teacher_backbone_errors(tmp_path: Path) -> None:
         ValueError, match="neither a proxylesskd-teacher checkpoint nor a TorchScript module"
     ):
         load_teacher_backbone(str(junk))
+
+
+def test_a_failed_rewrite_leaves_the_old_classifier_as_it_was(tmp_path: Path) -> None:
+    """Publish-last also over an existing classifier: the old one stays loadable, byte for
+    byte, until the new meta.json replaces it; then its chunks are removed."""
+    uri = str(tmp_path / "w")
+    old = np.random.default_rng(3).normal(size=(12, 4))
+    clf.write_classifier(uri, old, label_map_fingerprint=FP, source={}, chunk_rows=5)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "w").iterdir()}
+    writer = clf.ClassifierWriter(uri, 4, label_map_fingerprint=FP, source={}, chunk_rows=5)
+    writer.append(np.ones((7, 4)))  # one new chunk written beside the old ones
+    with pytest.raises(clf.ClassifierError, match="is zero or not finite"):
+        writer.append(np.zeros((1, 4)))
+    meta = clf.read_meta(uri)
+    assert {c.file for c in meta.chunks} == {n for n in before if n != "meta.json"}
+    assert all((tmp_path / "w" / n).read_bytes() == data for n, data in before.items())
+    np.testing.assert_allclose(
+        clf.read_rows(uri, meta, start=0, size=12), normalised(old), atol=1e-3
+    )
+    new = clf.write_classifier(uri, np.ones((3, 4)), label_map_fingerprint=FP, source={})
+    assert clf.read_meta(uri) == new and new.num_classes == 3
+    names = {p.name for p in (tmp_path / "w").iterdir()}
+    assert not names & ({n for n in before if n != "meta.json"}), "old chunks are removed"

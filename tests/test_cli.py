@@ -7,8 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
+from orchestrator import classifier as clf
+from orchestrator.data import format as fmt
+from orchestrator.data.prepare import SyntheticDatasets
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.e2e
@@ -73,3 +78,53 @@ def test_every_job_docstring_shows_ray_job_submit() -> None:
             continue
         doc = path.read_text().split('"""')[1]
         assert "ray job submit --working-dir . -- python -m jobs." + path.stem in doc, path.name
+
+
+def test_build_classifier_failing_over_a_good_classifier_keeps_it(
+    tmp_path: Path, tiny_synthetic: SyntheticDatasets
+) -> None:
+    meta = fmt.read_meta(tiny_synthetic.train_uri)
+    out = tmp_path / "classifier"
+    good = np.random.default_rng(0).normal(size=(meta.num_classes, 8))
+    clf.write_classifier(
+        str(out), good, label_map_fingerprint=meta.label_map_fingerprint, source={"kind": "test"}
+    )
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    run_dir = tmp_path / "arcface"
+    run_dir.mkdir()
+    torch.save(torch.randn(3, 8), run_dir / "rank_0_softmax_weight.pt")  # 6 classes, 2 ranks
+    torch.save(torch.randn(2, 8), run_dir / "rank_1_softmax_weight.pt")  # rank 1 should have 3
+    result = run(
+        "jobs.build_classifier", "arcface-torch", "--run-dir", str(run_dir),
+        "--dataset", tiny_synthetic.train_uri, "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "rank 1 of 2 has 2 rows, but num_classes=6 gives that rank 3" in result.stderr
+    assert all((out / name).read_bytes() == data for name, data in before.items())
+    assert clf.read_meta(str(out)).num_classes == meta.num_classes
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_demo_checks_inputs_first_and_deletes_nothing_it_did_not_make(
+    tmp_path: Path, tiny_synthetic: SyntheticDatasets
+) -> None:
+    root = tmp_path / "demo"
+    (root / "my-student").mkdir(parents=True)
+    (root / "my-student" / "student.pt").write_bytes(b"another run's student")
+    before = tree(root)
+    common = ["--set", f"storage_path={root}", "--set", f"data.eval={tiny_synthetic.eval_uri}"]
+    bad = run("jobs.demo", *common, "--set", f"data.train={tmp_path / 'nothing'}")
+    assert bad.returncode == 2 and "dataset.json not found" in bad.stderr, bad.stderr
+    assert tree(root) == before, "a bad input deleted nothing"
+    # A run of a name the demo trains, not made by a demo: refused, untouched.
+    (root / "proxyless").mkdir()
+    (root / "proxyless" / "keep.txt").write_text("mine")
+    before = tree(root)
+    clash = run("jobs.demo", *common, "--set", f"data.train={tiny_synthetic.train_uri}")
+    assert clash.returncode == 2 and "was not made by jobs.demo" in clash.stderr, clash.stderr
+    assert f"{root / 'proxyless'}" in clash.stderr and tree(root) == before
+    typo = run("jobs.demo", *common, "--methods", "proxyless,scrach")
+    assert typo.returncode == 2 and "expected names from proxyless, scratch" in typo.stderr
