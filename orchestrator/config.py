@@ -497,6 +497,11 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         require(bool(self.name.strip()), "name", "must not be empty")
+        require(
+            is_single_component(self.name),
+            "name",
+            f"must be a single path component (no '/', '\\', ':', '..'), found {self.name!r}",
+        )
         # The inherited classifier (and the L2 target) live in the teacher's embedding space.
         require(
             not self.loss.method.needs_teacher_width
@@ -510,6 +515,16 @@ class ExperimentConfig:
             "sharding.mode",
             f"sharded is implemented for loss.method proxyless, found {self.loss.method.value}",
         )
+        sampling = self.sharding.sample_rate < 1.0
+        require(
+            not sampling
+            or (self.sharding.mode is not ClassifierMode.DENSE and self.loss.method.shardable),
+            "sharding.sample_rate",
+            f"{self.sharding.sample_rate} has no effect with sharding.mode "
+            f"{self.sharding.mode.value} and loss.method {self.loss.method.value}: negative "
+            "sampling exists only in the sharded layout (sharding.mode sharded or auto, method "
+            "proxyless); remove it or change the mode",
+        )
         require(
             self.optim.batch_size % self.scaling.num_workers == 0,
             "optim.batch_size",
@@ -522,6 +537,12 @@ class ExperimentConfig:
             f"the global batch {self.teacher_optim.batch_size} must split evenly over "
             f"scaling.num_workers={self.scaling.num_workers}",
         )
+
+
+def is_single_component(name: str) -> bool:
+    """One path component, never a path that leaves its parent: what run names (one
+    directory under storage_path) and a dataset's file names must be."""
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\:\0")
 
 
 # --- loading, with the keys of earlier releases --------------------------------------------

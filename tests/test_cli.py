@@ -128,3 +128,24 @@ def test_demo_checks_inputs_first_and_deletes_nothing_it_did_not_make(
     assert f"{root / 'proxyless'}" in clash.stderr and tree(root) == before
     typo = run("jobs.demo", *common, "--methods", "proxyless,scrach")
     assert typo.returncode == 2 and "expected names from proxyless, scratch" in typo.stderr
+
+
+def test_names_and_shard_paths_stay_inside_their_roots(
+    tmp_path: Path, tiny_synthetic: SyntheticDatasets
+) -> None:
+    storage_path = tmp_path / "a" / "b" / "runs"
+    result = run(
+        "jobs.distill", "--set", f"storage_path={storage_path}", "--name", "../../escaped-run"
+    )
+    assert result.returncode == 2 and "a single path component" in result.stderr, result.stderr
+    assert not (tmp_path / "a" / "escaped-run").exists() and not storage_path.exists()
+    result = run("jobs.synthesize", "--set", "name=../up")
+    assert result.returncode == 2 and "name: must be a single path component" in result.stderr
+    for bad in ("/etc/passwd", "../../outside.parquet", "s3://other/x.parquet"):
+        copy = tmp_path / f"copy{abs(hash(bad))}"
+        copy.mkdir()
+        data = json.loads((Path(tiny_synthetic.train_uri) / "dataset.json").read_text())
+        data["files"][0]["name"] = bad
+        (copy / "dataset.json").write_text(json.dumps(data))
+        with pytest.raises(fmt.DatasetError, match=r"is not a plain file name inside the dataset"):
+            fmt.read_meta(str(copy))

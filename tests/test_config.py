@@ -202,3 +202,20 @@ def test_student_width_rule_follows_the_method(method: Method) -> None:
 def test_real_data_configs_need_no_synthetic_section() -> None:
     config = from_dict(ExperimentConfig, {"data": {"image_size": 96}})
     assert config.data.image_size == 96 and config.synthetic.image_size == 112
+
+
+def test_options_without_effect_are_refused() -> None:
+    with pytest.raises(
+        ConfigError, match=r"sharding.sample_rate: 0.1 has no effect with sharding.mode dense"
+    ):
+        load_config(None, ["sharding.mode=dense", "sharding.sample_rate=0.1"])
+    with pytest.raises(
+        ConfigError, match=r"and loss.method scratch: negative sampling exists only"
+    ):
+        load_config(None, ["loss.method=scratch", "sharding.sample_rate=0.1"])
+    assert (
+        load_config(
+            None, ["sharding.mode=sharded", "sharding.sample_rate=0.1"]
+        ).sharding.sample_rate
+        == 0.1
+    )

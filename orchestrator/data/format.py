@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from orchestrator import storage
+from orchestrator.config import is_single_component
 
 FORMAT_VERSION = 1
 META_FILE = "dataset.json"
@@ -241,6 +242,12 @@ def read_meta(uri: str) -> DatasetMeta:
         raise DatasetError(
             f"{meta_uri}: format_version {meta.format_version}, this code reads {FORMAT_VERSION}"
         )
+    for name in [*(f.name for f in meta.files), *([meta.pairs] if meta.pairs else [])]:
+        if not is_single_component(name):
+            raise DatasetError(
+                f"{meta_uri}: file name {name!r} is not a plain file name inside the dataset "
+                "(no directories, '..', absolute paths or URIs): refusing to open it"
+            )
     return meta
 
 

@@ -7,6 +7,7 @@ outside [0, C), a classifier whose size, embedding width or label map does not m
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -24,10 +25,17 @@ from orchestrator.artifacts import (
     save_teacher,
     write_student_export,
 )
-from orchestrator.config import ClassifierMode, ExperimentConfig, Method, Metric, to_dict
+from orchestrator.config import (
+    ClassifierMode,
+    ExperimentConfig,
+    Method,
+    Metric,
+    is_single_component,
+    to_dict,
+)
 from orchestrator.data import format as fmt
 from orchestrator.data.ray_input import DecodePlan, decode_plan, training_dataset
-from orchestrator.errors import user_error_in
+from orchestrator.errors import UsageError, user_error_in
 from orchestrator.runs import (
     absolute_paths,
     ensure_ray,
@@ -156,7 +164,7 @@ def distill(
     config: ExperimentConfig, name: str | None = None, callbacks: Sequence[Any] = ()
 ) -> RunOutcome:
     """Train the student with ``config.loss.method``; export it to ``<storage>/<name>/student.pt``."""
-    name = name or config.name
+    name = checked_run_name(name or config.name)
     config = absolute_paths(config)
     use_object_store_config(config)
     meta = check_inputs(config)
@@ -184,6 +192,15 @@ def distill(
     return outcome
 
 
+def checked_run_name(name: str) -> str:
+    if not is_single_component(name):
+        raise UsageError(
+            f"run name {name!r}: expected a single path component under storage_path "
+            "(no '/', '\\', '..')"
+        )
+    return name
+
+
 def place_classifier(config: ExperimentConfig, meta: fmt.DatasetMeta) -> ClassifierSource:
     """Validate the teacher classifier against the dataset and the teacher's width, then
     either ``ray.put`` it once (dense: each node holds one shared copy and workers get
@@ -209,6 +226,14 @@ def place_classifier(config: ExperimentConfig, meta: fmt.DatasetMeta) -> Classif
             flush=True,
         )
         return ShardedClassifier(ref, cmeta, config.sharding.sample_rate)
+    if config.sharding.sample_rate < 1.0:
+        print(
+            f"warning: sharding.sample_rate {config.sharding.sample_rate} has no effect: "
+            f"sharding.mode auto chose the dense layout for W of {cmeta.num_classes} x "
+            f"{cmeta.emb_dim} (set sharding.mode: sharded to sample negatives)",
+            file=sys.stderr,
+            flush=True,
+        )
     # Unit fp32 rows (the reader normalises), so workers use the node's copy as it is.
     return DenseClassifier(ref, ray.put(clf.load_full(uri, cmeta)))
 
@@ -232,7 +257,7 @@ def use_sharded(config: ExperimentConfig, meta: clf.ClassifierMeta) -> bool:
 def train_teacher(config: ExperimentConfig, name: str | None = None) -> RunOutcome:
     """Train the teacher with its own margin classifier, then export its backbone and head
     to ``teacher.backbone`` and its classifier (contract format) to ``teacher.classifier``."""
-    name = name or f"{config.name}-teacher"
+    name = checked_run_name(name or f"{config.name}-teacher")
     config = absolute_paths(config)
     use_object_store_config(config)
     meta = check_inputs(config)
