@@ -285,9 +285,13 @@ class ScalingConfig:
     num_workers: int = 2
     cpus_per_worker: float = 0.5  # leave CPUs for Ray Data (DESIGN.md section 5)
     use_gpu: bool = False
+    # On a cluster reached by RAY_ADDRESS (it may autoscale): how long to wait for the
+    # resources the run needs before refusing it. A private local cluster never waits.
+    resources_wait_s: float = 600.0
 
     def __post_init__(self) -> None:
         require(self.num_workers >= 1, "num_workers", f"must be >= 1, found {self.num_workers}")
+        require(self.resources_wait_s >= 0, "resources_wait_s", "must be >= 0")
         require(self.cpus_per_worker > 0, "cpus_per_worker", "must be > 0")
 
 
@@ -331,6 +335,9 @@ class RunConfig:
 
     max_failures: int = 0  # worker-group restarts from the last checkpoint before giving up
     checkpoint_every_epochs: int = 1
+    # Checkpoints kept per run: the most recent ones (Ray Train keeps the latest whatever
+    # this says, so a resume always has one). 0: every checkpoint is kept.
+    keep_checkpoints: int = 2
     eval_every_epochs: int = 1  # 0: evaluate only after the last epoch
     precision: Precision = Precision.FP32
     channels_last: bool = False
@@ -343,6 +350,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         require(self.max_failures >= -1, "max_failures", "must be >= 0, or -1 for unlimited")
         require(self.checkpoint_every_epochs >= 1, "checkpoint_every_epochs", "must be >= 1")
+        require(self.keep_checkpoints >= 0, "keep_checkpoints", "must be >= 0 (0: keep all)")
         require(self.eval_every_epochs >= 0, "eval_every_epochs", "must be >= 0")
         require(self.log_every_s > 0, "log_every_s", "must be > 0")
         require(self.shuffle_buffer >= 0, "shuffle_buffer", "must be >= 0")

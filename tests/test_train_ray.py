@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -326,9 +328,12 @@ def test_a_short_run_learns(tmp_path: Path) -> None:
         setup.base,
         name="learns",
         optim=OptimConfig(lr=0.1, epochs=3, batch_size=32),
-        run=RunConfig(eval_every_epochs=0, log_every_s=30.0),
+        run=RunConfig(eval_every_epochs=0, log_every_s=30.0, keep_checkpoints=2),
     )
     distill(config)
+    # Three epochs, a checkpoint after each; run.keep_checkpoints keeps the last two.
+    kept = sorted((Path(config.storage_path) / "learns").glob("checkpoint_*"))
+    assert len(kept) == 2, kept
     eval_set = load_eval_set(data.eval_uri)
     torch.manual_seed(config.seed)
     start = build_backbone(config.student.arch, 64, input_size=112).eval()
@@ -360,3 +365,30 @@ def test_a_tampered_checkpoint_is_refused_on_resume(
     assert "state.pt: refusing to load it as a training checkpoint" in err, err[-2000:]
     assert "weights_only=False" not in err
     assert not marker.exists(), "the crafted checkpoint ran code in a worker"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"use_gpu": True}, r"\+ 1 GPU and the decode pool 1 CPU: the cluster has 0 GPU"),
+        ({"num_workers": 1, "cpus_per_worker": 100.0}, r"= 101 CPU: the cluster has 2"),
+    ],
+    ids=["gpu-without-gpus", "too-many-cpus"],
+)
+def test_unsatisfiable_resources_are_refused_at_once(
+    train_setup: TrainSetup,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    overrides: dict[str, Any],
+    expected: str,
+) -> None:
+    config = replace(
+        train_setup.base, name="too-big", scaling=replace(train_setup.base.scaling, **overrides)
+    )
+    path = tmp_path / "big.yaml"
+    path.write_text(dump_yaml(config))
+    assert cli.run(distill_job.main, ["--config", str(path)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and re.search(expected, lines[0]), lines
+    assert "it can never be scheduled" in lines[0]
+    assert not (Path(config.storage_path) / "too-big").exists()
