@@ -9,7 +9,10 @@ On a cluster:
 The classifier reaches the workers through Ray's object store (one copy per node) and is
 never trained, never in DDP and never saved in checkpoints (they name it by URI and
 checksum). Outputs: the run under <storage_path>/<name> and <storage_path>/<name>/student.pt.
-Rerunning with the same name resumes from the latest checkpoint.
+Rerunning with the same name resumes from the latest checkpoint; a rerun whose training
+settings differ from the run's (recorded in <storage_path>/<name>/run.json) is refused
+unless --resume-anyway or --force-new says what to do, and a second live run of the same
+name is refused (exit 2, naming the lock's holder).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import sys
 from collections.abc import Sequence
 
 from orchestrator import cli
-from orchestrator.runs import student_uri
+from orchestrator.runs import RerunPolicy, student_uri
 from orchestrator.train.launch import distill, summary
 
 
@@ -30,10 +33,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     cli.add_config_args(parser)
     parser.add_argument("--name", help="run name (default: the config's name); reuse it to resume")
+    rerun = parser.add_mutually_exclusive_group()
+    rerun.add_argument(
+        "--resume-anyway",
+        action="store_true",
+        help="continue a run of this name although its training settings differ",
+    )
+    rerun.add_argument(
+        "--force-new",
+        action="store_true",
+        help="discard an existing run of this name (its checkpoints and student) and train anew",
+    )
     args = parser.parse_args(argv)
     config = cli.config_from_args(args)
     name = args.name or config.name
-    outcome = distill(config, name)
+    policy = RerunPolicy.REFUSE
+    if args.resume_anyway:
+        policy = RerunPolicy.RESUME_ANYWAY
+    elif args.force_new:
+        policy = RerunPolicy.FORCE_NEW
+    outcome = distill(config, name, rerun=policy)
     print(f"student -> {student_uri(config, name)}")
     print(json.dumps(summary(outcome)))
     return 0

@@ -338,6 +338,11 @@ class RunConfig:
     # Checkpoints kept per run: the most recent ones (Ray Train keeps the latest whatever
     # this says, so a resume always has one). 0: every checkpoint is kept.
     keep_checkpoints: int = 2
+    # The run lock (<storage_path>/.locks/<name>.json): a crashed run's lock expires after
+    # lock_ttl_s (a live run's heartbeat keeps pushing it forward); lock_settle_s is the
+    # wait between writing the lock and reading it back (two runs that raced see one owner).
+    lock_ttl_s: float = 600.0
+    lock_settle_s: float = 1.0
     eval_every_epochs: int = 1  # 0: evaluate only after the last epoch
     precision: Precision = Precision.FP32
     channels_last: bool = False
@@ -351,6 +356,8 @@ class RunConfig:
         require(self.max_failures >= -1, "max_failures", "must be >= 0, or -1 for unlimited")
         require(self.checkpoint_every_epochs >= 1, "checkpoint_every_epochs", "must be >= 1")
         require(self.keep_checkpoints >= 0, "keep_checkpoints", "must be >= 0 (0: keep all)")
+        require(self.lock_ttl_s > 0, "lock_ttl_s", "must be > 0")
+        require(self.lock_settle_s >= 0, "lock_settle_s", "must be >= 0")
         require(self.eval_every_epochs >= 0, "eval_every_epochs", "must be >= 0")
         require(self.log_every_s > 0, "log_every_s", "must be > 0")
         require(self.shuffle_buffer >= 0, "shuffle_buffer", "must be >= 0")

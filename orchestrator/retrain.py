@@ -23,10 +23,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
-import os
-import socket
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -35,6 +32,7 @@ from typing import Any
 from orchestrator import storage
 from orchestrator.config import ConfigError, ExperimentConfig, Metric, RetrainConfig
 from orchestrator.data import format as fmt
+from orchestrator.locks import LockHeldError, expiring_lock
 
 CHAMPION = "champion.json"
 LOCK = "lock.json"
@@ -102,40 +100,14 @@ def append_history(registry: str, entry: dict[str, Any]) -> None:
     storage.write_text_atomic(uri, old + json.dumps(entry, sort_keys=True) + "\n")
 
 
-class LockHeldError(RuntimeError):
-    pass
-
-
 @contextmanager
 def registry_lock(registry: str, retrain: RetrainConfig) -> Iterator[str]:
-    """Hold ``lock.json`` for the whole run: check, write, wait ``lock_settle_s``, read back.
-
-    A second run that checked before our write became visible writes its own lock within
-    moments of ours; after the wait each reads back the last writer, so at most one goes
-    on. A lock older than ``lock_ttl_s`` (a crashed run) is taken over.
-    """
-    uri = storage.join(registry, LOCK)
-    current = read_json(uri)
-    if current is not None and current["expires_at"] > time.time():
-        raise LockHeldError(
-            f"{uri} is held by {current['owner']} until "
-            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(current['expires_at']))} UTC"
-        )
-    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    """Hold ``lock.json`` for the whole run (:func:`orchestrator.locks.expiring_lock`): a
+    lock older than ``lock_ttl_s`` (a crashed run) is taken over."""
     storage.makedirs(registry)
-    storage.write_text_atomic(
-        uri, json.dumps({"owner": owner, "expires_at": time.time() + retrain.lock_ttl_s})
-    )
-    time.sleep(retrain.lock_settle_s)
-    holder = read_json(uri)
-    if holder is None or holder["owner"] != owner:
-        raise LockHeldError(f"{uri} was taken by {None if holder is None else holder['owner']}")
-    try:
+    uri = storage.join(registry, LOCK)
+    with expiring_lock(uri, ttl_s=retrain.lock_ttl_s, settle_s=retrain.lock_settle_s) as owner:
         yield owner
-    finally:
-        holder = read_json(uri)
-        if holder is not None and holder["owner"] == owner:
-            storage.delete(uri)
 
 
 def check(retrain: RetrainConfig) -> None:

@@ -3,15 +3,22 @@ driver, Tune and the retraining pipeline share (none of them is training itself)
 
 from __future__ import annotations
 
+import enum
+import hashlib
+import importlib.metadata
+import json
 import logging
 import os
 import secrets
+import subprocess
 from dataclasses import replace
 from typing import Any
 
 from orchestrator import storage
 from orchestrator.artifacts import STUDENT_FILE
-from orchestrator.config import ExperimentConfig
+from orchestrator.config import ExperimentConfig, to_dict
+from orchestrator.errors import UsageError
+from orchestrator.locks import expiring_lock
 
 
 def object_store_env(config: ExperimentConfig) -> dict[str, str]:
@@ -118,3 +125,122 @@ def run_dir(config: ExperimentConfig, name: str) -> str:
 
 def student_uri(config: ExperimentConfig, name: str) -> str:
     return storage.join(run_dir(config, name), STUDENT_FILE)
+
+
+# --- run identity and the run lock -----------------------------------------------------
+
+RUN_RECORD = "run.json"
+LOCKS_DIR = ".locks"
+# Settings that do not change what is trained: where things live, how it is scheduled,
+# logged and checkpointed, how fast the input is decoded, and the epoch count (a run is
+# extended by resuming it with more epochs). The classifier's location is left out too:
+# its content is what counts, and every checkpoint records and checks its checksum.
+NOT_TRAINING = (
+    "name", "storage_path", "storage", "synthetic", "tune", "retrain", "scaling", "run",
+    "teacher.classifier",
+    "optim.epochs", "teacher_optim.epochs", "data.decode_actors", "data.decode_cpus",
+    "data.decode_batch", "sharding.mode", "sharding.auto_min_bytes", "sharding.chunk_size",
+)  # fmt: skip
+
+
+class RerunPolicy(enum.StrEnum):
+    REFUSE = "refuse"  # a rerun with other training settings is an error (the default)
+    RESUME_ANYWAY = "resume-anyway"  # continue the run with the new settings
+    FORCE_NEW = "force-new"  # discard the old run and train anew under its name
+
+
+class RunConflictError(UsageError):
+    """A run of this name exists and was trained with other settings."""
+
+
+def training_settings(config: ExperimentConfig, role: str) -> dict[str, Any]:
+    """Every setting that changes what a run trains, by dotted key."""
+    flat = _flatten(to_dict(config))
+    other = "optim" if role == "teacher" else "teacher_optim"
+    return {
+        key: value
+        for key, value in flat.items()
+        if not any(key == n or key.startswith(n + ".") for n in (*NOT_TRAINING, other))
+    }
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def fingerprint(settings: dict[str, Any]) -> str:
+    text = json.dumps(settings, sort_keys=True, default=str)
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def code_version() -> str:
+    """The package version, and the git commit when run from a checkout."""
+    try:
+        version = importlib.metadata.version("proxylesskd-orchestrator")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=os.path.dirname(os.path.abspath(__file__)), check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{version}+{commit}" if commit else version
+
+
+def claim_run(
+    config: ExperimentConfig, name: str, *, role: str, policy: RerunPolicy = RerunPolicy.REFUSE
+) -> None:
+    """Record what run ``name`` trains (``<run>/run.json``), or check a rerun against the
+    record: the same settings resume, others are refused unless ``policy`` says otherwise."""
+    root = run_dir(config, name)
+    uri = storage.join(root, RUN_RECORD)
+    settings = training_settings(config, role)
+    if storage.exists(uri):
+        recorded = json.loads(storage.read_text(uri))
+        if recorded["fingerprint"] != fingerprint(settings):
+            if policy is RerunPolicy.REFUSE:
+                raise RunConflictError(conflict_message(root, name, recorded["settings"], settings))
+            if policy is RerunPolicy.FORCE_NEW:
+                print(f"[run] {name}: --force-new: removing the old run at {root}", flush=True)
+                storage.remove_tree(root)
+    record = {
+        "name": name,
+        "role": role,
+        "fingerprint": fingerprint(settings),
+        "settings": settings,
+        "code_version": code_version(),
+    }
+    storage.makedirs(root)
+    storage.write_text_atomic(uri, json.dumps(record, indent=2, sort_keys=True, default=str))
+
+
+def conflict_message(root: str, name: str, old: dict[str, Any], new: dict[str, Any]) -> str:
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    changes = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:6])
+    more = f" and {len(keys) - 6} more" if len(keys) > 6 else ""
+    return (
+        f"run {name!r} at {root} was trained with other settings ({changes}{more}): pass "
+        "--name <new name> for a new run, --resume-anyway to continue this one with the new "
+        "settings, or --force-new to discard it and train anew"
+    )
+
+
+def run_lock(config: ExperimentConfig, name: str) -> Any:
+    """The run's expiring lock (``<storage_path>/.locks/<name>.json``): a second live run of
+    the same name is refused, naming the holder. Kept alive by a heartbeat while held."""
+    locks = storage.join(storage_root(config), LOCKS_DIR)
+    storage.makedirs(locks)
+    return expiring_lock(
+        storage.join(locks, f"{name}.json"),
+        ttl_s=config.run.lock_ttl_s,
+        settle_s=config.run.lock_settle_s,
+        heartbeat=True,
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -392,3 +393,43 @@ def test_unsatisfiable_resources_are_refused_at_once(
     assert len(lines) == 1 and re.search(expected, lines[0]), lines
     assert "it can never be scheduled" in lines[0]
     assert not (Path(config.storage_path) / "too-big").exists()
+
+
+def test_a_rerun_with_other_settings_is_refused_unless_told(
+    train_setup: TrainSetup, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = replace(
+        train_setup.base, name="identity", optim=replace(train_setup.base.optim, epochs=1)
+    )
+    path = tmp_path / "identity.yaml"
+    path.write_text(dump_yaml(config))
+    assert cli.run(distill_job.main, ["--config", str(path)]) == 0
+    student = Path(student_uri(config, "identity"))
+    trained = student.read_bytes()
+    record = json.loads((student.parent / "run.json").read_text())
+    assert record["fingerprint"].startswith("sha256:") and record["code_version"]
+    capsys.readouterr()
+    other = [
+        "--config",
+        str(path),
+        "--set",
+        "loss.margin.type=cosface",
+        "--set",
+        "loss.margin.m=0.4",
+    ]
+    assert cli.run(distill_job.main, other) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "run 'identity'" in lines[0], lines
+    assert (
+        "loss.margin.m: 0.5 -> 0.4" in lines[0]
+        and "loss.margin.type: 'arcface' -> 'cosface'" in lines[0]
+    )
+    assert "--name" in lines[0] and "--resume-anyway" in lines[0] and "--force-new" in lines[0]
+    assert student.read_bytes() == trained
+    # Continuing a finished run with other settings trains nothing and rewrites nothing.
+    assert cli.run(distill_job.main, [*other, "--resume-anyway"]) == 0
+    assert student.read_bytes() == trained
+    # Discarding it trains anew, and the export says so.
+    assert cli.run(distill_job.main, [*other, "--force-new"]) == 0
+    export = read_student_export(str(student))
+    assert export.config["loss"]["margin"]["type"] == "cosface" and export.epochs_done == (0,)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from orchestrator import classifier as clf
+from orchestrator import storage
 from orchestrator.artifacts import (
     ClassifierRef,
     StudentExport,
@@ -38,9 +39,12 @@ from orchestrator.data import format as fmt
 from orchestrator.data.ray_input import DecodePlan, decode_plan, training_dataset
 from orchestrator.errors import UsageError, user_error_in
 from orchestrator.runs import (
+    RerunPolicy,
     absolute_paths,
+    claim_run,
     ensure_ray,
     object_store_env,
+    run_lock,
     storage_root,
     student_uri,
     use_object_store_config,
@@ -173,6 +177,31 @@ def fit(
     An input error raised in a worker (a corrupt image, a bad label) is re-raised here as
     itself, not inside Ray's wrappers.
     """
+    ensure_ray()
+    preflight(config)
+    trainer = torch_trainer(config, spec, name=name, callbacks=callbacks)
+    started = time.monotonic()
+    try:
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+    except Exception as err:  # Train V2 raises a failed run's error from fit()
+        cause = user_error_in(err)
+        if cause is not None:
+            raise cause from None
+        raise
+    if result.checkpoint is None:
+        raise RuntimeError(f"run {name} finished without a checkpoint")
+    with result.checkpoint.as_directory() as directory:
+        state = load_state(directory)
+    return RunOutcome(
+        name, result.checkpoint.path, state, dict(result.metrics or {}), time.monotonic() - started
+    )
+
+
+def torch_trainer(
+    config: ExperimentConfig, spec: TrainSpec, *, name: str, callbacks: Sequence[Any]
+) -> Any:
     # Train V2's classes (what ray.train.* resolves to at run time), named so types agree.
     from ray.data import ExecutionOptions
     from ray.train import DataConfig
@@ -185,9 +214,7 @@ def fit(
     )
     from ray.train.v2.torch.torch_trainer import TorchTrainer
 
-    ensure_ray()
-    preflight(config)
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": to_dict(config), "spec": spec},
         scaling_config=ScalingConfig(
@@ -213,33 +240,32 @@ def fit(
             },
         ),
     )
-    started = time.monotonic()
-    try:
-        result = trainer.fit()
-        if result.error is not None:
-            raise result.error
-    except Exception as err:  # Train V2 raises a failed run's error from fit()
-        cause = user_error_in(err)
-        if cause is not None:
-            raise cause from None
-        raise
-    if result.checkpoint is None:
-        raise RuntimeError(f"run {name} finished without a checkpoint")
-    with result.checkpoint.as_directory() as directory:
-        state = load_state(directory)
-    return RunOutcome(
-        name, result.checkpoint.path, state, dict(result.metrics or {}), time.monotonic() - started
-    )
 
 
 def distill(
-    config: ExperimentConfig, name: str | None = None, callbacks: Sequence[Any] = ()
+    config: ExperimentConfig,
+    name: str | None = None,
+    callbacks: Sequence[Any] = (),
+    *,
+    rerun: RerunPolicy = RerunPolicy.REFUSE,
 ) -> RunOutcome:
-    """Train the student with ``config.loss.method``; export it to ``<storage>/<name>/student.pt``."""
+    """Train the student with ``config.loss.method``; export it to ``<storage>/<name>/student.pt``.
+
+    The run holds its lock for the whole fit (a second live run of the name is refused),
+    and a rerun of a name trained with other settings is refused unless ``rerun`` says
+    otherwise (:func:`orchestrator.runs.claim_run`)."""
     name = checked_run_name(name or config.name)
     config = absolute_paths(config)
     use_object_store_config(config)
     meta = check_inputs(config)
+    with run_lock(config, name):
+        claim_run(config, name, role=Role.STUDENT.value, policy=rerun)
+        return distill_locked(config, name, meta, callbacks)
+
+
+def distill_locked(
+    config: ExperimentConfig, name: str, meta: fmt.DatasetMeta, callbacks: Sequence[Any]
+) -> RunOutcome:
     ensure_ray()  # before the classifier's ray.put: every method gets the same cluster
     method = config.loss.method
     spec = TrainSpec(
@@ -254,14 +280,23 @@ def distill(
         eval_uri=config.data.eval,
     )
     outcome = fit(config, spec, name=name, callbacks=callbacks)
+    uri = student_uri(config, name)
+    if trained_nothing(outcome) and storage.exists(uri):
+        print(f"[run] {name}: finished already, nothing trained; {uri} left as it is")
+        return outcome
     export = StudentExport.from_state(
         outcome.state,
         arch=config.student.arch,
         emb_dim=config.student.emb_dim,
         image_size=config.data.image_size,
     )
-    write_student_export(student_uri(config, name), export)
+    write_student_export(uri, export)
     return outcome
+
+
+def trained_nothing(outcome: RunOutcome) -> bool:
+    """A rerun of a finished run: its exports stay those of the run that trained them."""
+    return outcome.metrics.get("epochs_this_attempt", 1) == 0
 
 
 def checked_run_name(name: str) -> str:
@@ -333,6 +368,12 @@ def train_teacher(config: ExperimentConfig, name: str | None = None) -> RunOutco
     config = absolute_paths(config)
     use_object_store_config(config)
     meta = check_inputs(config)
+    with run_lock(config, name):
+        claim_run(config, name, role=Role.TEACHER.value)
+        return train_teacher_locked(config, name, meta)
+
+
+def train_teacher_locked(config: ExperimentConfig, name: str, meta: fmt.DatasetMeta) -> RunOutcome:
     spec = TrainSpec(
         role=Role.TEACHER,
         model=ModelSpec(config.teacher.arch, config.teacher.emb_dim, config.teacher.dropout),
@@ -343,6 +384,9 @@ def train_teacher(config: ExperimentConfig, name: str | None = None) -> RunOutco
         eval_uri=config.data.eval,
     )
     outcome = fit(config, spec, name=name)
+    if trained_nothing(outcome) and storage.exists(config.teacher.backbone):
+        print(f"[run] {name}: finished already; {config.teacher.backbone} left as it is")
+        return outcome
     export_teacher(config, outcome.state, meta)
     return outcome
 

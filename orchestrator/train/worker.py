@@ -433,6 +433,8 @@ def report(state: WorkerState, stats: EpochStats, *, validate: bool, save: bool)
         "resumed_at": list(history.resumed_at),
         "world_sizes": list(history.world_sizes),
         "train_seconds": history.train_seconds,
+        # Epochs trained by this attempt (0: a rerun of a finished run trained nothing).
+        "epochs_this_attempt": stats.epoch + 1 - state.start_epoch if stats.global_batch else 0,
         **state.validation,
     }
     if stats.global_batch:  # an epoch was trained (not the rerun of a finished run)
