@@ -94,6 +94,24 @@ def _ref(value: Any) -> ClassifierRef | None:
     return None if value is None else ClassifierRef(**value)
 
 
+def model_from(
+    where: str, weights: dict[str, torch.Tensor], *, arch: Arch, emb_dim: int, image_size: int
+) -> torch.nn.Module:
+    """The backbone ``arch`` with ``weights`` loaded, in eval mode; weights that do not fit
+    are an :class:`ArtifactError` naming ``where``."""
+    from orchestrator.models import build_backbone
+
+    model = build_backbone(arch, emb_dim, input_size=image_size)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        raise ArtifactError(
+            f"{where}: its weights do not fit arch {arch.value} emb_dim {emb_dim} "
+            f"({str(err).splitlines()[0]})"
+        ) from None
+    return model.eval()
+
+
 # --- training state (inside each Ray Train checkpoint) ---------------------------------
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from orchestrator import storage
-from orchestrator.artifacts import ArtifactError, StudentExport, read_student_export
+from orchestrator.artifacts import StudentExport, model_from, read_student_export
 from orchestrator.data import format as fmt
 from orchestrator.data.images import decode_jpeg, to_model_input
 from orchestrator.metrics import (
@@ -143,18 +143,11 @@ def evaluate_model(
 
 def load_student(uri: str) -> tuple[nn.Module, StudentExport]:
     """A student exported by jobs.distill (student.pt), in eval mode, and its metadata."""
-    from orchestrator.models import build_backbone
-
     export = read_student_export(uri)
-    model = build_backbone(export.arch, export.emb_dim, input_size=export.image_size)
-    try:
-        model.load_state_dict(export.student)
-    except RuntimeError as err:
-        raise ArtifactError(
-            f"{uri}: its weights do not fit arch {export.arch.value} emb_dim {export.emb_dim} "
-            f"({str(err).splitlines()[0]})"
-        ) from None
-    return model.eval(), export
+    model = model_from(
+        uri, export.student, arch=export.arch, emb_dim=export.emb_dim, image_size=export.image_size
+    )
+    return model, export
 
 
 @dataclass(frozen=True)

@@ -29,11 +29,11 @@ from orchestrator.artifacts import (
     archive_kind,
     load_data,
     load_teacher,
+    model_from,
     read_teacher_bytes,
 )
 from orchestrator.data import format as fmt
 from orchestrator.data.images import decode_jpeg, to_model_input
-from orchestrator.models import build_backbone
 from orchestrator.progress import Progress
 from orchestrator.shards import Shard
 
@@ -58,15 +58,13 @@ def load_teacher_backbone(uri: str) -> nn.Module:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ArtifactError(f"{uri}: unreadable TorchScript module ({first})") from None
     teacher = load_teacher(uri, raw)
-    model = build_backbone(teacher.arch, teacher.emb_dim, input_size=teacher.image_size)
-    try:
-        model.load_state_dict(teacher.backbone)
-    except RuntimeError as err:
-        raise ArtifactError(
-            f"{uri}: its backbone does not fit arch {teacher.arch.value} emb_dim {teacher.emb_dim}"
-            f" ({str(err).splitlines()[0]})"
-        ) from None
-    return model.eval()
+    return model_from(
+        uri,
+        teacher.backbone,
+        arch=teacher.arch,
+        emb_dim=teacher.emb_dim,
+        image_size=teacher.image_size,
+    )
 
 
 def _where(uri: str) -> str:
