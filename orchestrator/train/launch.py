@@ -178,7 +178,7 @@ def fit(
     itself, not inside Ray's wrappers.
     """
     ensure_ray()
-    preflight(config)
+    preflight(config)  # again: a Tune trial or a caller may reach fit directly
     trainer = torch_trainer(config, spec, name=name, callbacks=callbacks)
     started = time.monotonic()
     try:
@@ -258,15 +258,22 @@ def distill(
     config = absolute_paths(config)
     use_object_store_config(config)
     meta = check_inputs(config)
+    uses_w = config.loss.method.uses_teacher_classifier
+    cmeta = check_classifier(config, meta) if uses_w else None
+    ensure_ray()  # before the classifier's ray.put: every method gets the same cluster
+    preflight(config)  # every input and the cluster's size checked before a run exists
     with run_lock(config, name):
         claim_run(config, name, role=Role.STUDENT.value, policy=rerun)
-        return distill_locked(config, name, meta, callbacks)
+        return distill_locked(config, name, meta, cmeta, callbacks)
 
 
 def distill_locked(
-    config: ExperimentConfig, name: str, meta: fmt.DatasetMeta, callbacks: Sequence[Any]
+    config: ExperimentConfig,
+    name: str,
+    meta: fmt.DatasetMeta,
+    cmeta: clf.ClassifierMeta | None,
+    callbacks: Sequence[Any],
 ) -> RunOutcome:
-    ensure_ray()  # before the classifier's ray.put: every method gets the same cluster
     method = config.loss.method
     spec = TrainSpec(
         role=Role.STUDENT,
@@ -275,7 +282,7 @@ def distill_locked(
         optim=config.optim,
         num_classes=meta.num_classes,
         num_images=meta.num_images,
-        classifier=place_classifier(config, meta) if method.uses_teacher_classifier else None,
+        classifier=None if cmeta is None else place_classifier(config, cmeta),
         teacher_backbone=config.teacher.backbone if method.needs_teacher_embeddings else None,
         eval_uri=config.data.eval,
     )
@@ -308,12 +315,9 @@ def checked_run_name(name: str) -> str:
     return name
 
 
-def place_classifier(config: ExperimentConfig, meta: fmt.DatasetMeta) -> ClassifierSource:
-    """Validate the teacher classifier against the dataset and the teacher's width, then
-    either ``ray.put`` it once (dense: each node holds one shared copy and workers get
-    read-only views) or leave it in storage for each worker to read its own rows."""
-    import ray
-
+def check_classifier(config: ExperimentConfig, meta: fmt.DatasetMeta) -> clf.ClassifierMeta:
+    """The teacher classifier against the dataset (size, label map) and the teacher's width,
+    before any run is started."""
     uri = config.teacher.classifier
     cmeta = clf.read_meta(uri)
     clf.validate(
@@ -325,6 +329,16 @@ def place_classifier(config: ExperimentConfig, meta: fmt.DatasetMeta) -> Classif
         dataset=f"dataset {config.data.train}",
         model="the teacher (teacher.emb_dim)",
     )
+    return cmeta
+
+
+def place_classifier(config: ExperimentConfig, cmeta: clf.ClassifierMeta) -> ClassifierSource:
+    """Either ``ray.put`` the (checked) classifier once (dense: each node holds one shared
+    copy and workers get read-only views) or leave it in storage for each worker to read
+    its own rows."""
+    import ray
+
+    uri = config.teacher.classifier
     ref = ClassifierRef(uri, clf.checksum(cmeta))
     if use_sharded(config, cmeta):
         print(
@@ -368,6 +382,8 @@ def train_teacher(config: ExperimentConfig, name: str | None = None) -> RunOutco
     config = absolute_paths(config)
     use_object_store_config(config)
     meta = check_inputs(config)
+    ensure_ray()
+    preflight(config)
     with run_lock(config, name):
         claim_run(config, name, role=Role.TEACHER.value)
         return train_teacher_locked(config, name, meta)
