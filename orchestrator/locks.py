@@ -2,8 +2,8 @@
 
 Object stores have no atomic create-if-absent that every S3 server supports, so the lock is
 taken by writing it, waiting ``settle_s`` and reading it back: of two writers that raced,
-both read the last write and only its owner goes on. A lock past its expiry (a crashed
-holder) is taken over. While held, a heartbeat thread pushes the expiry forward, so a long
+both read the last write and only its owner goes on. A lock past its expiry, or one whose
+holder ran on this host and is no longer alive (killed, crashed), is taken over. While held, a heartbeat thread pushes the expiry forward, so a long
 run keeps its lock however long it takes, and a dead one loses it after ``ttl_s``.
 """
 
@@ -37,6 +37,22 @@ def read_lock(uri: str) -> dict[str, Any] | None:
     return data if isinstance(data, dict) and "owner" in data else None
 
 
+def holder_died(lock: dict[str, Any]) -> bool:
+    """The holder ran on this host and its process is gone (killed, crashed): its lock is
+    stale at once, not only after it expires. Holders elsewhere are trusted until then."""
+    host, _, rest = str(lock["owner"]).partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, another user's
+    return False
+
+
 def _utc(seconds: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(seconds))
 
@@ -47,7 +63,7 @@ def expiring_lock(
 ) -> Iterator[str]:
     """Hold the lock file ``uri`` for the block; yields this holder's id."""
     current = read_lock(uri)
-    if current is not None and current["expires_at"] > time.time():
+    if current is not None and current["expires_at"] > time.time() and not holder_died(current):
         raise LockHeldError(
             f"{uri} is held by {current['owner']} until {_utc(current['expires_at'])} UTC"
         )

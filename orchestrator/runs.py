@@ -146,7 +146,7 @@ NOT_TRAINING = (
 class RerunPolicy(enum.StrEnum):
     REFUSE = "refuse"  # a rerun with other training settings is an error (the default)
     RESUME_ANYWAY = "resume-anyway"  # continue the run with the new settings
-    FORCE_NEW = "force-new"  # discard the old run and train anew under its name
+    FORCE_NEW = "force-new"  # discard any old run of the name and train anew
 
 
 class RunConflictError(UsageError):
@@ -203,14 +203,14 @@ def claim_run(
     root = run_dir(config, name)
     uri = storage.join(root, RUN_RECORD)
     settings = training_settings(config, role)
-    if storage.exists(uri):
+    if policy is RerunPolicy.FORCE_NEW and storage.exists(root):
+        print(f"[run] {name}: --force-new: removing the old run at {root}", flush=True)
+        storage.remove_tree(root)
+    elif storage.exists(uri):
         recorded = json.loads(storage.read_text(uri))
-        if recorded["fingerprint"] != fingerprint(settings):
-            if policy is RerunPolicy.REFUSE:
-                raise RunConflictError(conflict_message(root, name, recorded["settings"], settings))
-            if policy is RerunPolicy.FORCE_NEW:
-                print(f"[run] {name}: --force-new: removing the old run at {root}", flush=True)
-                storage.remove_tree(root)
+        differs = recorded["fingerprint"] != fingerprint(settings)
+        if differs and policy is RerunPolicy.REFUSE:
+            raise RunConflictError(conflict_message(root, name, recorded["settings"], settings))
     record = {
         "name": name,
         "role": role,
