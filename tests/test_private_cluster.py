@@ -199,35 +199,3 @@ def test_a_job_never_attaches_to_a_discovered_cluster(
             current.unlink(missing_ok=True)
         else:
             current.write_text(saved)
-
-
-def test_two_live_runs_of_one_name_one_runs_the_other_exits_2(
-    train_setup: TrainSetup, tmp_path: Path
-) -> None:
-    config = replace(
-        train_setup.base,
-        name="same",
-        storage_path=str(tmp_path / "runs"),
-        optim=replace(train_setup.base.optim, epochs=1),
-    )
-    path = tmp_path / "same.yaml"
-    path.write_text(dump_yaml(config))
-    command = [sys.executable, "-m", "jobs.distill", "--config", str(path)]
-    runs = [
-        subprocess.Popen(
-            command,
-            cwd=REPO,
-            env=env_without_ray_address(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(2)
-    ]
-    outputs = [r.communicate(timeout=500) for r in runs]
-    codes = sorted(r.returncode for r in runs)
-    assert codes == [0, 2], outputs
-    refused = outputs[[r.returncode for r in runs].index(2)][1]
-    assert re.search(r"error: .*\.locks/same\.json (is held by|was taken by) \S+", refused), refused
-    assert (tmp_path / "runs" / "same" / "student.pt").exists()
-    assert not (tmp_path / "runs" / ".locks" / "same.json").exists(), "released after the run"

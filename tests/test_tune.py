@@ -174,11 +174,13 @@ def test_two_trials_ran_at_the_same_time(search: dict) -> None:
     spans = []
     for run_dir in (search["root"] / "runs").glob("search-*_*"):
         times = checkpoint_times(run_dir)
-        if times:
-            spans.append((times[0], times[-1]))
+        if times and (run_dir / "run.json").exists():
+            # From the trial's claim of its run (before training) to its last checkpoint.
+            started = datetime.fromtimestamp((run_dir / "run.json").stat().st_mtime)
+            spans.append((started, times[-1]))
     overlapping = [
         (a, b) for a in spans for b in spans if a < b and b[0] <= a[1]
-    ]  # b's first epoch ended before a's last one did
+    ]  # b started before a's last checkpoint
     assert overlapping, spans
 
 
