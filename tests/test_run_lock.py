@@ -4,7 +4,6 @@ that no other test's Ray cluster is alive beside the two (2 cores)."""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -15,13 +14,9 @@ import pytest
 
 from orchestrator.config import dump_yaml
 from tests.conftest import REPO, TrainSetup
+from tests.test_private_cluster import env_without_ray_address
 
 pytestmark = pytest.mark.e2e
-
-
-def env_without_ray_address() -> dict[str, str]:
-    drop = ("RAY_ADDRESS", "RAY_AUTH_TOKEN")
-    return {k: v for k, v in os.environ.items() if k not in drop}
 
 
 def test_two_live_runs_of_one_name_one_runs_the_other_exits_2(

@@ -153,7 +153,7 @@ def set_up(spec: TrainSpec, config: ExperimentConfig) -> WorkerState:
         schedule=Schedule.of(spec, world_size),
         data=ray.train.get_dataset_shard("train"),
         previous=previous,
-        history=History.start(previous, 0 if previous is None else previous.epoch + 1, world_size),
+        history=History.start(previous, world_size),
     )
 
 
@@ -489,12 +489,13 @@ class History:
     train_seconds: float
 
     @classmethod
-    def start(cls, previous: TrainingState | None, start_epoch: int, world_size: int) -> History:
+    def start(cls, previous: TrainingState | None, world_size: int) -> History:
+        """A new attempt: from scratch, or resumed at the epoch after ``previous``'s."""
         if previous is None:
             return cls((), (), (world_size,), 0.0)
         return cls(
             previous.epochs_done,
-            (*previous.resumed_at, start_epoch),
+            (*previous.resumed_at, previous.epoch + 1),
             (*previous.world_sizes, world_size),
             previous.train_seconds,
         )
