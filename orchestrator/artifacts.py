@@ -13,6 +13,7 @@ storage path could otherwise run code in every worker on resume.
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import re
@@ -139,6 +140,12 @@ class TrainingState:
 
 
 def save_state(directory: str, state: TrainingState) -> None:
+    with open(os.path.join(directory, STATE_FILE), "wb") as handle:
+        handle.write(state_bytes(state))
+
+
+def state_bytes(state: TrainingState) -> bytes:
+    buffer = io.BytesIO()
     torch.save(
         {
             "epoch": state.epoch,
@@ -153,13 +160,17 @@ def save_state(directory: str, state: TrainingState) -> None:
             "train_seconds": state.train_seconds,
             "extra": state.extra,
         },
-        os.path.join(directory, STATE_FILE),
+        buffer,
     )
+    return buffer.getvalue()
 
 
 def load_state(directory: str) -> TrainingState:
     where = os.path.join(directory, STATE_FILE)
-    data = load_data(where, where, "a training checkpoint")
+    return state_from_data(load_data(where, where, "a training checkpoint"), where)
+
+
+def state_from_data(data: Any, where: str) -> TrainingState:
     if not isinstance(data, dict):
         raise ArtifactError(f"{where}: expected a training checkpoint, found {type(data).__name__}")
     try:
@@ -178,6 +189,60 @@ def load_state(directory: str) -> TrainingState:
         )
     except (KeyError, TypeError, ValueError) as err:
         raise ArtifactError(f"{where}: malformed training checkpoint ({err!r})") from None
+
+
+# --- the best checkpoint of a run (<run>/best/) -------------------------------------------
+
+BEST_DIR = "best"
+BEST_RECORD = "best.json"
+
+
+@dataclass(frozen=True)
+class BestRecord:
+    """Which epoch's state ``<run>/best/`` holds, and its validation ``metric`` (higher is
+    better for every :class:`orchestrator.config.Metric`)."""
+
+    metric: str
+    epoch: int
+    value: float
+
+    @property
+    def state_file(self) -> str:
+        return f"state_epoch{self.epoch:04d}.pt"
+
+    def improved_by(self, metric: str, value: float) -> bool:
+        """A new validation beats this one (a record of another metric is always beaten:
+        the run's ``run.best_metric`` changed)."""
+        return metric != self.metric or value > self.value
+
+
+def write_best(uri: str, state: TrainingState, record: BestRecord) -> None:
+    """Publish-last: the new state under its own name, then the record that names it,
+    then the old state goes. A crash at any point leaves a record and the state it names."""
+    old = read_best(uri)
+    storage.write_bytes_atomic(storage.join(uri, record.state_file), state_bytes(state))
+    storage.write_text_atomic(storage.join(uri, BEST_RECORD), json.dumps(vars(record)))
+    if old is not None and old.state_file != record.state_file:
+        storage.delete(storage.join(uri, old.state_file))
+
+
+def read_best(uri: str) -> BestRecord | None:
+    """The record of ``<run>/best`` (None before a run's first validation)."""
+    where = storage.join(uri, BEST_RECORD)
+    if not storage.exists(where):
+        return None
+    try:
+        data = json.loads(storage.read_text(where))
+        return BestRecord(str(data["metric"]), int(data["epoch"]), float(data["value"]))
+    except (KeyError, TypeError, ValueError) as err:
+        raise ArtifactError(f"{where}: malformed best-checkpoint record ({err!r})") from None
+
+
+def load_best_state(uri: str, record: BestRecord) -> TrainingState:
+    where = storage.join(uri, record.state_file)
+    return state_from_data(
+        load_data(storage.read_bytes(where), where, "a training checkpoint"), where
+    )
 
 
 def verify_same_classifier(

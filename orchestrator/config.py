@@ -329,15 +329,47 @@ class ShardingConfig:
         require(self.chunk_size >= 1, "chunk_size", f"must be >= 1, found {self.chunk_size}")
 
 
+class Metric(enum.StrEnum):
+    """The evaluation report's headline numbers (``report.json``: the first three at the top
+    of a model's entry, TAR@FAR under ``tar_at_far``). Tune ranks trials by the validation
+    copy a training run reports, ``val_<name>``; retraining compares reports."""
+
+    ACC_10FOLD = "acc_10fold"
+    AUC = "auc"
+    RANK1 = "rank1"
+    TAR_AT_FAR_1E_1 = "tar_at_far_1e-1"
+    TAR_AT_FAR_1E_2 = "tar_at_far_1e-2"
+    TAR_AT_FAR_1E_3 = "tar_at_far_1e-3"
+    TAR_AT_FAR_1E_4 = "tar_at_far_1e-4"
+
+    @property
+    def validation_key(self) -> str:
+        """The key of this metric in a training run's per-epoch report."""
+        return f"val_{self.value}"
+
+    def read(self, report: dict[str, Any]) -> float | None:
+        """This metric from one model's entry of an evaluation report (None: not measured,
+        e.g. too few negative pairs for the FAR)."""
+        if self.value.startswith("tar_at_far_"):
+            value = (report.get("tar_at_far") or {}).get(self.value.removeprefix("tar_at_far_"))
+        else:
+            value = report.get(self.value)
+        return None if value is None else float(value)
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """How a training run executes: fault tolerance, checkpoints, evaluation, devices."""
 
     max_failures: int = 0  # worker-group restarts from the last checkpoint before giving up
     checkpoint_every_epochs: int = 1
-    # Checkpoints kept per run: the most recent ones (Ray Train keeps the latest whatever
-    # this says, so a resume always has one). 0: every checkpoint is kept.
+    # Checkpoints kept per run: the most recent ones (Ray Train's CheckpointConfig; the
+    # latest is kept whatever this says, so a resume always has one). 0: every one is kept.
     keep_checkpoints: int = 2
+    # Besides those, <storage>/<name>/best/ holds the state of the epoch with the highest
+    # validation best_metric so far (written when a validation improves on it).
+    keep_best: bool = True
+    best_metric: Metric = Metric.ACC_10FOLD
     # The run lock (<storage_path>/.locks/<name>.json): a crashed run's lock expires after
     # lock_ttl_s (a live run's heartbeat keeps pushing it forward); lock_settle_s is the
     # wait between writing the lock and reading it back (two runs that raced see one owner).
@@ -367,34 +399,6 @@ class SearchAlgorithm(enum.StrEnum):
     RANDOM = "random"  # num_samples draws from the lists / ranges
     GRID = "grid"  # every combination of the lists, num_samples times
     OPTUNA = "optuna"  # Optuna's TPE over the lists / ranges (needs `pip install optuna`)
-
-
-class Metric(enum.StrEnum):
-    """The evaluation report's headline numbers (``report.json``: the first three at the top
-    of a model's entry, TAR@FAR under ``tar_at_far``). Tune ranks trials by the validation
-    copy a training run reports, ``val_<name>``; retraining compares reports."""
-
-    ACC_10FOLD = "acc_10fold"
-    AUC = "auc"
-    RANK1 = "rank1"
-    TAR_AT_FAR_1E_1 = "tar_at_far_1e-1"
-    TAR_AT_FAR_1E_2 = "tar_at_far_1e-2"
-    TAR_AT_FAR_1E_3 = "tar_at_far_1e-3"
-    TAR_AT_FAR_1E_4 = "tar_at_far_1e-4"
-
-    @property
-    def validation_key(self) -> str:
-        """The key of this metric in a training run's per-epoch report."""
-        return f"val_{self.value}"
-
-    def read(self, report: dict[str, Any]) -> float | None:
-        """This metric from one model's entry of an evaluation report (None: not measured,
-        e.g. too few negative pairs for the FAR)."""
-        if self.value.startswith("tar_at_far_"):
-            value = (report.get("tar_at_far") or {}).get(self.value.removeprefix("tar_at_far_"))
-        else:
-            value = report.get(self.value)
-        return None if value is None else float(value)
 
 
 @dataclass(frozen=True)

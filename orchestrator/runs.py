@@ -15,7 +15,7 @@ from dataclasses import replace
 from typing import Any
 
 from orchestrator import storage
-from orchestrator.artifacts import STUDENT_FILE
+from orchestrator.artifacts import BEST_DIR, STUDENT_FILE
 from orchestrator.config import ExperimentConfig, to_dict
 from orchestrator.errors import UsageError
 from orchestrator.locks import expiring_lock
@@ -125,6 +125,11 @@ def run_dir(config: ExperimentConfig, name: str) -> str:
 
 def student_uri(config: ExperimentConfig, name: str) -> str:
     return storage.join(run_dir(config, name), STUDENT_FILE)
+
+
+def best_uri(config: ExperimentConfig, name: str) -> str:
+    """``<run>/best``: the best validated state (``run.keep_best``) and its student export."""
+    return storage.join(run_dir(config, name), BEST_DIR)
 
 
 # --- run identity and the run lock -----------------------------------------------------

@@ -13,7 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.artifacts import ArtifactError, load_state, read_student_export
+from orchestrator.artifacts import (
+    ArtifactError,
+    BestRecord,
+    TrainingState,
+    load_best_state,
+    load_state,
+    read_best,
+    read_student_export,
+    write_best,
+)
 from orchestrator.data.prepare import SyntheticDatasets
 from tests.conftest import REPO
 
@@ -108,3 +117,39 @@ def test_unreadable_files_are_input_errors_naming_the_file(tmp_path: Path) -> No
     result = run("jobs.export", "--student", str(other), "--out", str(tmp_path / "out"))
     assert result.returncode == 2
     assert "expected a proxylesskd-student file, found 'something-else'" in result.stderr
+
+
+def _state(epoch: int) -> TrainingState:
+    weight = torch.full((2, 2), float(epoch))
+    return TrainingState(epoch, {"w": weight}, {}, {}, None, {})
+
+
+def test_best_record_replaces_its_state_publish_last(tmp_path: Path) -> None:
+    """``<run>/best``: each improvement writes its own state file, then the record naming
+    it, then removes the beaten one; the state read back is the recorded epoch's."""
+    where = str(tmp_path / "best")
+    assert read_best(where) is None
+    first = BestRecord("auc", 0, 0.5)
+    write_best(where, _state(0), first)
+    assert BestRecord("auc", 0, 0.5).improved_by("auc", 0.6)
+    assert not first.improved_by("auc", 0.5)  # a tie keeps the earlier epoch
+    assert first.improved_by("rank1", 0.1)  # another metric: the old record says nothing
+    write_best(where, _state(3), BestRecord("auc", 3, 0.7))
+    record = read_best(where)
+    assert record == BestRecord("auc", 3, 0.7)
+    assert sorted(p.name for p in (tmp_path / "best").iterdir()) == [
+        "best.json",
+        "state_epoch0003.pt",
+    ]
+    state = load_best_state(where, record)
+    assert state.epoch == 3 and torch.equal(state.student["w"], torch.full((2, 2), 3.0))
+
+
+def test_crafted_best_state_is_refused(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    where = tmp_path / "best"
+    write_best(str(where), _state(1), BestRecord("auc", 1, 0.5))
+    (where / "state_epoch0001.pt").write_bytes(crafted("ignored", marker))
+    with pytest.raises(ArtifactError, match=r"state_epoch0001\.pt: refusing to load it"):
+        load_best_state(str(where), BestRecord("auc", 1, 0.5))
+    assert not marker.exists()

@@ -19,9 +19,10 @@ import torch
 from jobs import distill as distill_job
 from orchestrator import classifier as clf
 from orchestrator import cli
-from orchestrator.artifacts import read_student_export
+from orchestrator.artifacts import load_state, read_best, read_student_export
 from orchestrator.config import (
     Method,
+    Metric,
     OptimConfig,
     RunConfig,
     ScalingConfig,
@@ -329,12 +330,13 @@ def test_a_short_run_learns(tmp_path: Path) -> None:
         setup.base,
         name="learns",
         optim=OptimConfig(lr=0.1, epochs=5, batch_size=32),
-        run=RunConfig(eval_every_epochs=0, log_every_s=30.0, keep_checkpoints=2),
+        run=RunConfig(eval_every_epochs=1, log_every_s=30.0, keep_checkpoints=2),
     )
     distill(config)
-    # Five epochs, a checkpoint after each; run.keep_checkpoints keeps the last two.
+    # Five epochs, a checkpoint after each; run.keep_checkpoints keeps the last two, and
+    # best/ the epoch validated best (run.keep_best).
     kept = sorted((Path(config.storage_path) / "learns").glob("checkpoint_2*"))
-    assert len(kept) == 2, kept
+    assert sorted(load_state(str(k)).epoch for k in kept) == [3, 4], kept
     eval_set = load_eval_set(data.eval_uri)
     torch.manual_seed(config.seed)
     start = build_backbone(config.student.arch, 64, input_size=112).eval()
@@ -344,6 +346,8 @@ def test_a_short_run_learns(tmp_path: Path) -> None:
     numbers = {k: (before[k], after[k]) for k in ("auc", "rank1", "acc_10fold")}
     assert after["auc"] >= before["auc"] + 0.05, numbers
     assert after["rank1"] >= before["rank1"] + 0.03, numbers
+    best, _ = load_student(str(Path(config.storage_path) / "learns" / "best" / "student.pt"))
+    assert evaluate_model(best, eval_set)["acc_10fold"] >= after["acc_10fold"] - 1e-6
 
 
 def test_a_tampered_checkpoint_is_refused_on_resume(
@@ -434,3 +438,40 @@ def test_a_rerun_with_other_settings_is_refused_unless_told(
     assert cli.run(distill_job.main, [*other, "--force-new"]) == 0
     export = read_student_export(str(student))
     assert export.config["loss"]["margin"]["type"] == "cosface" and export.epochs_done == (0,)
+
+
+def test_the_best_validated_epoch_is_kept_beside_the_last_checkpoints(
+    train_setup: TrainSetup,
+) -> None:
+    """``run.keep_best``: ``<run>/best`` holds the epoch whose validation metric is highest,
+    recomputed here from every checkpoint the run kept (``keep_checkpoints: 0`` keeps all),
+    and its ``student.pt`` is that epoch's student."""
+    config = replace(
+        train_setup.base,
+        name="best-kept",
+        optim=replace(train_setup.base.optim, epochs=3, lr=0.2),
+        run=replace(train_setup.base.run, eval_every_epochs=1, keep_checkpoints=0),
+    )
+    distill(config)
+    run = Path(config.storage_path) / "best-kept"
+    record = read_best(str(run / "best"))
+    assert record is not None and record.metric == Metric.ACC_10FOLD.value
+    eval_set = load_eval_set(config.data.eval)
+    scores: dict[int, float] = {}
+    students: dict[int, dict[str, torch.Tensor]] = {}
+    for directory in run.glob("checkpoint_2*"):  # checkpoint_<date>, not Ray's snapshot
+        state = load_state(str(directory))
+        model = build_backbone(config.student.arch, config.student.emb_dim, input_size=112)
+        model.load_state_dict(state.student)
+        scores[state.epoch] = evaluate_model(model.eval(), eval_set)["acc_10fold"]
+        students[state.epoch] = state.student
+    assert sorted(scores) == [0, 1, 2]
+    assert record.value == pytest.approx(scores[record.epoch], abs=1e-6), (record, scores)
+    assert record.value >= max(scores.values()) - 1e-6, (record, scores)
+    # Only the best state is in best/ (an older best's file was removed when it was beaten).
+    assert sorted(p.name for p in (run / "best").iterdir()) == sorted(
+        ["best.json", record.state_file, "student.pt"]
+    )
+    best = read_student_export(str(run / "best" / "student.pt"))
+    for key, tensor in students[record.epoch].items():
+        assert torch.equal(best.student[key], tensor), key

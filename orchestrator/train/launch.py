@@ -19,11 +19,14 @@ import numpy as np
 from orchestrator import classifier as clf
 from orchestrator import storage
 from orchestrator.artifacts import (
+    STUDENT_FILE,
     ClassifierRef,
     StudentExport,
     TeacherCheckpoint,
     TrainingState,
+    load_best_state,
     load_state,
+    read_best,
     save_teacher,
     write_student_export,
 )
@@ -41,6 +44,7 @@ from orchestrator.errors import UsageError, user_error_in
 from orchestrator.runs import (
     RerunPolicy,
     absolute_paths,
+    best_uri,
     claim_run,
     ensure_ray,
     object_store_env,
@@ -285,6 +289,7 @@ def distill_locked(
         classifier=None if cmeta is None else place_classifier(config, cmeta),
         teacher_backbone=config.teacher.backbone if method.needs_teacher_embeddings else None,
         eval_uri=config.data.eval,
+        best_uri=best_uri(config, name) if config.run.keep_best else None,
     )
     outcome = fit(config, spec, name=name, callbacks=callbacks)
     uri = student_uri(config, name)
@@ -298,7 +303,28 @@ def distill_locked(
         image_size=config.data.image_size,
     )
     write_student_export(uri, export)
+    export_best(config, name)
     return outcome
+
+
+def export_best(config: ExperimentConfig, name: str) -> None:
+    """``<run>/best/student.pt`` from the best validated state, when the run kept one."""
+    where = best_uri(config, name)
+    record = read_best(where) if config.run.keep_best else None
+    if record is None:
+        return
+    export = StudentExport.from_state(
+        load_best_state(where, record),
+        arch=config.student.arch,
+        emb_dim=config.student.emb_dim,
+        image_size=config.data.image_size,
+    )
+    write_student_export(storage.join(where, STUDENT_FILE), export)
+    print(
+        f"[run] {name}: best epoch {record.epoch} ({record.metric} {record.value:.4f}) "
+        f"-> {storage.join(where, STUDENT_FILE)}",
+        flush=True,
+    )
 
 
 def trained_nothing(outcome: RunOutcome) -> bool:
@@ -398,6 +424,7 @@ def train_teacher_locked(config: ExperimentConfig, name: str, meta: fmt.DatasetM
         num_classes=meta.num_classes,
         num_images=meta.num_images,
         eval_uri=config.data.eval,
+        best_uri=best_uri(config, name) if config.run.keep_best else None,
     )
     outcome = fit(config, spec, name=name)
     if trained_nothing(outcome) and storage.exists(config.teacher.backbone):
@@ -430,7 +457,7 @@ def export_teacher(config: ExperimentConfig, state: TrainingState, meta: fmt.Dat
 
 def summary(outcome: RunOutcome) -> dict[str, Any]:
     headline = (Metric.ACC_10FOLD, Metric.AUC, Metric.RANK1)
-    keep = ("loss", "samples_per_s", *(m.validation_key for m in headline))
+    keep = ("loss", "samples_per_s", "best_epoch", *(m.validation_key for m in headline))
     return {
         "name": outcome.name,
         "checkpoint": outcome.checkpoint_path,

@@ -60,6 +60,7 @@ class TrainSpec:
     classifier: ClassifierSource | None = None  # the teacher's W, when the method uses it
     teacher_backbone: str | None = None  # when the method needs teacher embeddings
     eval_uri: str | None = None
+    best_uri: str | None = None  # <run>/best: the best validated state is kept there
 
     @property
     def classifier_ref(self) -> ClassifierRef | None:

@@ -27,7 +27,15 @@ from torch import nn
 
 from orchestrator import classifier as clf
 from orchestrator import storage
-from orchestrator.artifacts import TrainingState, load_state, save_state, verify_same_classifier
+from orchestrator.artifacts import (
+    BestRecord,
+    TrainingState,
+    load_state,
+    read_best,
+    save_state,
+    verify_same_classifier,
+    write_best,
+)
 from orchestrator.config import ExperimentConfig, Metric, Precision, from_dict, to_dict
 from orchestrator.data import format as fmt
 from orchestrator.data.images import CorruptImageError, to_model_input
@@ -116,6 +124,7 @@ class WorkerState:
     history: History
     validation: dict[str, float] = field(default_factory=dict)
     eval_set: EvalSet | None = None
+    best: BestRecord | None = None  # rank 0: what <run>/best holds
 
     @property
     def start_epoch(self) -> int:
@@ -154,6 +163,7 @@ def set_up(spec: TrainSpec, config: ExperimentConfig) -> WorkerState:
         data=ray.train.get_dataset_shard("train"),
         previous=previous,
         history=History.start(previous, world_size),
+        best=read_best(spec.best_uri) if spec.best_uri and rank == 0 else None,
     )
 
 
@@ -426,6 +436,7 @@ def report(state: WorkerState, stats: EpochStats, *, validate: bool, save: bool)
     checkpoint when one is due. The latest validation metrics ride along every report."""
     if validate and state.rank == 0 and state.spec.eval_uri:
         state.validation = validation_metrics(state)
+        keep_if_best(state, stats.epoch)
     history = state.history
     metrics: dict[str, Any] = {
         "epoch": stats.epoch,
@@ -436,6 +447,7 @@ def report(state: WorkerState, stats: EpochStats, *, validate: bool, save: bool)
         # Epochs trained by this attempt (0: a rerun of a finished run trained nothing).
         "epochs_this_attempt": stats.epoch + 1 - state.start_epoch if stats.global_batch else 0,
         **state.validation,
+        **({"best_epoch": state.best.epoch} if state.best else {}),
     }
     if stats.global_batch:  # an epoch was trained (not the rerun of a finished run)
         metrics.update(loss=stats.mean_loss, samples_per_s=stats.samples_per_s, lr=stats.lr)
@@ -446,6 +458,20 @@ def report(state: WorkerState, stats: EpochStats, *, validate: bool, save: bool)
     with tempfile.TemporaryDirectory() as directory:
         save_state(directory, training_state(state, stats.epoch))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def keep_if_best(state: WorkerState, epoch: int) -> None:
+    """Rank 0, after a validation: copy the state to ``<run>/best`` when its
+    ``run.best_metric`` beats the best so far (``run.keep_best``)."""
+    metric = state.config.run.best_metric
+    value = state.validation.get(metric.validation_key)
+    if not (state.config.run.keep_best and state.spec.best_uri) or value is None:
+        return
+    if state.best is not None and not state.best.improved_by(metric.value, value):
+        return
+    record = BestRecord(metric.value, epoch, value)
+    write_best(state.spec.best_uri, training_state(state, epoch), record)
+    state.best = record
 
 
 def training_state(state: WorkerState, epoch: int) -> TrainingState:
