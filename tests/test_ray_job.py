@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -42,15 +44,27 @@ def cluster_env() -> dict[str, str]:
     return env
 
 
+@dataclass(frozen=True)
+class Head:
+    dashboard: str  # the job server, http://127.0.0.1:<port>
+    gcs: str  # what RAY_ADDRESS names, 127.0.0.1:<port>
+
+
 @pytest.fixture
 def head_node() -> Iterator[str]:
     """A separate Ray head node on free ports; yields the job-server address."""
+    with running_head() as head:
+        yield head.dashboard
+
+
+@contextlib.contextmanager
+def running_head() -> Iterator[Head]:
     env = cluster_env()
     temp_dir = tempfile.mkdtemp(prefix="rayhead", dir="/tmp")  # short: unix socket paths
-    dashboard = free_port()
+    dashboard, gcs = free_port(), free_port()
     args = [
         RAY, "start", "--head", "--block", "--num-cpus=2", "--node-ip-address=127.0.0.1",
-        f"--port={free_port()}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
+        f"--port={gcs}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
         f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
         f"--temp-dir={temp_dir}", "--include-dashboard=true",
     ]  # fmt: skip
@@ -70,7 +84,7 @@ def head_node() -> Iterator[str]:
             assert head.poll() is None, "ray start --head exited"
             assert time.monotonic() < deadline, "the job server did not come up"
             time.sleep(1)
-        yield address
+        yield Head(address, f"127.0.0.1:{gcs}")
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
@@ -126,3 +140,73 @@ def test_ray_job_submit_distill(head_node: str, train_setup: TrainSetup, tmp_pat
     again = evaluate_model(student, load_eval_set(base["data"]["eval"]))
     assert summary["val_acc_10fold"] == pytest.approx(round(again["acc_10fold"], 4), abs=1e-9)
     assert summary["val_auc"] == pytest.approx(round(again["auc"], 4), abs=1e-9)
+
+
+# The record a cloud autoscaler reports to the GCS (ReportClusterConfig): a 2-CPU head and
+# at most two 4-CPU, 1-GPU workers. No autoscaler can launch nodes here, so this test
+# reports the record itself, into a real head's GCS, through Ray's own GCS client.
+REPORT_LIMITS = """
+import ray
+from ray.core.generated import autoscaler_pb2
+ray.init()
+config = autoscaler_pb2.ClusterConfig()
+head = config.node_group_configs.add(name="head", max_count=1)
+head.resources["CPU"] = 2
+gpu = config.node_group_configs.add(name="gpu", max_count=2)
+gpu.resources["CPU"] = 4
+gpu.resources["GPU"] = 1
+ray._private.worker.global_worker.gcs_client.report_cluster_config(config.SerializeToString())
+print(ray._private.state.state.get_max_resources_from_cluster_config())
+"""
+
+
+def test_preflight_reads_the_autoscalers_limits_and_waits_bounded(
+    train_setup: TrainSetup, tmp_path: Path
+) -> None:
+    """On a cluster reached by RAY_ADDRESS: a run above the autoscaler's limits is refused
+    at once; one within them but above what is up now waits scaling.resources_wait_s, with
+    a line saying so, then is refused; neither leaves a run behind."""
+    base = to_dict(train_setup.base)
+    storage = tmp_path / "runs"
+    with running_head() as head:
+        env = {**cluster_env(), "RAY_ADDRESS": head.gcs}
+        reported = subprocess.run(
+            [sys.executable, "-c", REPORT_LIMITS], env=env, capture_output=True, text=True,
+            timeout=120,
+        )  # fmt: skip
+        assert reported.returncode == 0, reported.stderr[-2000:]
+        assert "'GPU': 2" in reported.stdout and "'CPU': 10" in reported.stdout, reported.stdout
+
+        def distill(name: str, workers: int, wait_s: float) -> subprocess.CompletedProcess[str]:
+            overrides = {
+                "name": name,
+                "storage_path": str(storage),
+                "data.train": base["data"]["train"],
+                "data.eval": base["data"]["eval"],
+                "teacher.classifier": base["teacher"]["classifier"],
+                "teacher.backbone": base["teacher"]["backbone"],
+                "student.emb_dim": 16,
+                "teacher.emb_dim": 16,
+                "optim.batch_size": 12,
+                "teacher_optim.batch_size": 12,
+                "scaling.num_workers": workers,
+                "scaling.use_gpu": "true",
+                "scaling.resources_wait_s": wait_s,
+            }
+            sets = [arg for k, v in overrides.items() for arg in ("--set", f"{k}={v}")]
+            return subprocess.run(
+                [sys.executable, "-m", "jobs.distill", "--config", "configs/demo.yaml", *sets],
+                cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+            )  # fmt: skip
+
+        # 3 GPU workers: above the limits (2 GPUs at most); refused without the 600 s wait.
+        never = distill("above-limits", 3, 600)
+        assert never.returncode == 2, never.stderr[-2000:]
+        assert "the autoscaler's limits allow 2 GPU(s): it can never be scheduled" in never.stderr
+        assert "waiting" not in never.stdout
+        # 2 GPU workers: within the limits, none up: a bounded wait, then a clear refusal.
+        later = distill("within-limits", 2, 3)
+        assert later.returncode == 2, later.stderr[-2000:]
+        assert "[ray] waiting up to 3s for the cluster to grow" in later.stdout, later.stdout
+        assert "not there after waiting 3s (scaling.resources_wait_s)" in later.stderr
+    assert not (storage / "above-limits").exists() and not (storage / "within-limits").exists()

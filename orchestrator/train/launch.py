@@ -7,7 +7,6 @@ outside [0, C), a classifier whose size, embedding width or label map does not m
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -54,6 +53,7 @@ from orchestrator.runs import (
     use_object_store_config,
 )
 from orchestrator.teacher import classifier_from_checkpoint
+from orchestrator.train.resources import preflight
 from orchestrator.train.spec import (
     ClassifierSource,
     DenseClassifier,
@@ -77,69 +77,6 @@ def input_plan(config: ExperimentConfig) -> DecodePlan:
         flush=True,
     )
     return plan
-
-
-class ResourceError(UsageError):
-    """The run asks for more than the cluster can ever give it."""
-
-
-@dataclass(frozen=True)
-class ClusterSize:
-    cpus: float
-    gpus: float
-    node_cpus: float  # the largest node's
-    node_gpus: float
-
-    @classmethod
-    def now(cls) -> ClusterSize:
-        import ray
-
-        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-        return cls(
-            cpus=sum(n.get("CPU", 0.0) for n in nodes),
-            gpus=sum(n.get("GPU", 0.0) for n in nodes),
-            node_cpus=max((n.get("CPU", 0.0) for n in nodes), default=0.0),
-            node_gpus=max((n.get("GPU", 0.0) for n in nodes), default=0.0),
-        )
-
-
-def shortfall(config: ExperimentConfig, size: ClusterSize) -> str | None:
-    """Why the run's workers (a GPU each if used, ``cpus_per_worker`` each) and the smallest
-    decode pool (one actor and one read slot) cannot be placed on ``size``; None if they can."""
-    scaling = config.scaling
-    decode = 2 * config.data.decode_cpus
-    cpus = scaling.num_workers * scaling.cpus_per_worker + decode
-    asked = (
-        f"scaling asks for {scaling.num_workers} worker(s) x {scaling.cpus_per_worker:g} CPU"
-        f"{' + 1 GPU' if scaling.use_gpu else ''} and the decode pool {decode:g} CPU"
-    )
-    if scaling.use_gpu and size.gpus < scaling.num_workers:
-        return f"{asked}: the cluster has {size.gpus:g} GPU(s)"
-    if cpus > size.cpus + 1e-9:
-        return f"{asked} = {cpus:g} CPU: the cluster has {size.cpus:g}"
-    if scaling.cpus_per_worker > size.node_cpus + 1e-9:
-        return f"{asked}: no node has more than {size.node_cpus:g} CPU for one worker"
-    return None
-
-
-def preflight(config: ExperimentConfig) -> None:
-    """Refuse a run that can never be scheduled (Train would otherwise retry its worker
-    group forever). A private cluster is what it is; a cluster reached by RAY_ADDRESS may
-    autoscale, so there the check waits up to ``scaling.resources_wait_s`` for capacity."""
-    deadline = time.monotonic() + (
-        config.scaling.resources_wait_s if os.environ.get("RAY_ADDRESS") else 0.0
-    )
-    announced = False
-    while (why := shortfall(config, ClusterSize.now())) is not None:
-        if time.monotonic() >= deadline:
-            raise ResourceError(
-                f"{why}: it can never be scheduled; lower scaling.num_workers / "
-                "cpus_per_worker, set scaling.use_gpu as the cluster allows, or add nodes"
-            )
-        if not announced:
-            print(f"[ray] waiting up to {config.scaling.resources_wait_s:g}s: {why}", flush=True)
-            announced = True
-        time.sleep(5.0)
 
 
 def check_inputs(config: ExperimentConfig) -> fmt.DatasetMeta:
