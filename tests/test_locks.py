@@ -12,7 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator import storage
+from orchestrator.config import ExperimentConfig, RunConfig
 from orchestrator.locks import LockHeldError, expiring_lock, read_lock
+from orchestrator.objectstore import EmbeddedObjectStore
+from orchestrator.runs import run_lock
+from tests.conftest import BUCKET
 
 
 def held_by(path: Path, owner: str) -> None:
@@ -57,3 +62,25 @@ def test_the_heartbeat_pushes_the_expiry_forward(tmp_path: Path) -> None:
         later = read_lock(str(lock))
         assert first is not None and later is not None
         assert later["expires_at"] > first["expires_at"] and later["owner"] == first["owner"]
+
+
+def test_the_run_lock_on_object_storage(object_store: EmbeddedObjectStore) -> None:
+    """``run_lock`` under an ``s3://`` storage path (the real S3 server on loopback): while
+    one run holds ``<storage>/.locks/<name>.json`` a second is refused naming it; released
+    at the end, the name can be taken again."""
+    config = ExperimentConfig(
+        storage_path=f"s3://{BUCKET}/lock-runs",
+        run=RunConfig(lock_ttl_s=60, lock_settle_s=0.2),
+    )
+    where = f"s3://{BUCKET}/lock-runs/.locks/same.json"
+    with run_lock(config, "same") as owner:
+        holder = read_lock(where)
+        assert holder is not None and holder["owner"] == owner
+        refused = pytest.raises(LockHeldError, match=rf"same\.json is held by {owner}")
+        with refused, run_lock(config, "same"):
+            pass
+        with run_lock(config, "other"):  # another name is another lock
+            assert read_lock(f"s3://{BUCKET}/lock-runs/.locks/other.json") is not None
+    assert not storage.exists(where)
+    with run_lock(config, "same"):
+        assert read_lock(where) is not None
