@@ -1,13 +1,16 @@
 """Evaluate the teacher and any set of students on held-out identities: verification
 (10-fold accuracy, TAR@FAR, AUC, EER), identification (rank-1/5) and the cross-model mode
-(teacher-embedded gallery, student-embedded probes).
+(teacher-embedded gallery, student-embedded probes); and on the standard benchmarks:
+insightface's .bin verification sets (LFW, CFP-FP, AgeDB-30, CALFW, CPLFW) and IJB-B/IJB-C.
 
 Locally:
     python -m jobs.evaluate --config configs/demo.yaml --student proxyless=runs/demo/proxyless/student.pt --out runs/demo/report
+    python -m jobs.evaluate --config configs/demo.yaml --student proxyless=runs/demo/proxyless/student.pt --no-eval --benchmark /data/lfw.bin --benchmark /data/cfp_fp.bin --ijb /data/IJB/IJBC --ijb-set IJBC
 On a cluster:
-    ray job submit --working-dir . -- python -m jobs.evaluate --config configs/demo.yaml --student proxyless=s3://bucket/runs/demo/proxyless/student.pt --out /tmp/report
+    ray job submit --working-dir . -- python -m jobs.evaluate --config configs/demo.yaml --student proxyless=s3://bucket/runs/demo/proxyless/student.pt --benchmark s3://bucket/bench/agedb_30.bin --out /tmp/report
 
 Writes report.json, report.md and roc.png to --out (default <storage_path>/<name>/report).
+The .bin sets use the flip test (--flip, default sum); IJB embeds on the Ray cluster.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ import sys
 from collections.abc import Sequence
 
 from orchestrator import cli, storage
-from orchestrator.evaluation import evaluate_students, write_report
+from orchestrator.benchmarks.ijb import IjbOptions, IjbSet
+from orchestrator.benchmarks.suite import BenchmarkPlan, run_benchmarks
+from orchestrator.evaluation import EvaluationReport, Flip, evaluate_students, write_report
 from orchestrator.teacher import load_teacher_backbone
 
 
@@ -36,7 +41,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--no-teacher", action="store_true", help="skip the teacher and the cross-model mode"
     )
-    parser.add_argument("--flip", action="store_true", help="flip-test embeddings (image + mirror)")
+    parser.add_argument(
+        "--flip",
+        nargs="?",
+        const=Flip.SUM.value,
+        choices=[f.value for f in Flip],
+        help="flip test (image + mirror) for data.eval (default none; --flip alone: sum) "
+        "and the .bin sets (default sum)",
+    )
+    parser.add_argument("--no-eval", action="store_true", help="skip data.eval (benchmarks only)")
+    parser.add_argument(
+        "--benchmark", action="append", default=[], metavar="BIN", help="a .bin set (repeatable)"
+    )
+    parser.add_argument("--ijb", default="", metavar="DIR", help="an IJB-B/IJB-C directory")
+    parser.add_argument("--ijb-set", choices=[s.value for s in IjbSet], default=IjbSet.IJBC.value)
+    parser.add_argument(
+        "--ijb-flip", choices=[f.value for f in Flip], default=Flip.CONCAT.value,
+        help="IJB features from image + mirror: concat (default), sum, none",
+    )  # fmt: skip
+    parser.add_argument(
+        "--no-detector-score", action="store_true", help="IJB: do not weight faces by score"
+    )
+    parser.add_argument("--ijb-actors", type=int, default=1, help="IJB embedding actors")
+    parser.add_argument("--ijb-batch", type=int, default=64, help="IJB faces per actor batch")
     parser.add_argument("--out", help="report directory")
     args = parser.parse_args(argv)
     config = cli.config_from_args(args)
@@ -48,8 +75,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not storage.exists(uri):
             raise FileNotFoundError(f"--student {name}: {uri} does not exist")
         students[name] = uri
-    teacher = None if args.no_teacher else load_teacher_backbone(config.teacher.backbone)
-    result = evaluate_students(config.data.eval, teacher, students, flip=args.flip)
+    if args.no_eval and not (args.benchmark or args.ijb):
+        parser.error("--no-eval leaves nothing to evaluate: add --benchmark or --ijb")
+    teacher_uri = None if args.no_teacher else config.teacher.backbone
+    plan = BenchmarkPlan(
+        bins=tuple(args.benchmark),
+        ijb_root=args.ijb,
+        ijb_set=IjbSet(args.ijb_set),
+        flip=Flip(args.flip or Flip.SUM.value),
+        ijb=IjbOptions(
+            flip=Flip(args.ijb_flip),
+            detector_score=not args.no_detector_score,
+            batch_size=args.ijb_batch,
+            actors=args.ijb_actors,
+        ),
+        image_size=config.data.image_size,
+    )
+    if args.no_eval:
+        result = EvaluationReport({"dataset": None, "teacher": None, "students": {}}, {})
+    else:
+        teacher = load_teacher_backbone(teacher_uri) if teacher_uri else None
+        flip = Flip(args.flip or Flip.NONE.value)
+        result = evaluate_students(config.data.eval, teacher, students, flip=flip)
+    if plan.bins or plan.ijb_root:
+        benchmarks, curves = run_benchmarks(plan, teacher_uri=teacher_uri, students=students)
+        result.report["benchmarks"] = benchmarks
+        result.curves.update(curves)
     out = args.out or storage.join(config.storage_path, config.name, "report")
     print(write_report(result, out))
     print(f"report: {out}/report.json, {out}/report.md, {out}/roc.png")

@@ -7,6 +7,7 @@ embedded by the teacher, second by the student).
 
 from __future__ import annotations
 
+import enum
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -22,10 +23,37 @@ from orchestrator.data.images import decode_jpeg, to_model_input
 from orchestrator.metrics import (
     gallery_probe_split,
     identification_rank_k,
+    kfold_accuracy,
     pair_scores,
     verification_metrics,
 )
 from orchestrator.progress import Progress
+
+
+class Flip(enum.StrEnum):
+    """Flip test: each image's embedding from the image and its mirror, summed (the
+    .bin protocol's usual choice) or concatenated (twice the width), before L2
+    normalisation; or the image alone."""
+
+    NONE = "none"
+    SUM = "sum"
+    CONCAT = "concat"
+
+    @classmethod
+    def of(cls, value: Flip | bool) -> Flip:
+        if isinstance(value, Flip):
+            return value
+        return cls.SUM if value else cls.NONE
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """Verification pairs over an embedded image array: rows ``index_a[i]``, ``index_b[i]``."""
+
+    index_a: npt.NDArray[np.int64]
+    index_b: npt.NDArray[np.int64]
+    same: npt.NDArray[np.bool_]
+    fold: npt.NDArray[np.int64]
 
 
 @dataclass(frozen=True)
@@ -37,6 +65,10 @@ class EvalSet:
     same: npt.NDArray[np.bool_]
     fold: npt.NDArray[np.int64]
     num_classes: int
+
+    @property
+    def pairs(self) -> Pairs:
+        return Pairs(self.index_a, self.index_b, self.same, self.fold)
 
 
 def load_eval_set(uri: str) -> EvalSet:
@@ -78,14 +110,16 @@ def embed_images(
     images: npt.NDArray[np.uint8],
     *,
     batch_size: int = 128,
-    flip: bool = False,
+    flip: Flip | bool = Flip.NONE,
     label: str = "embed",
 ) -> npt.NDArray[np.float32]:
     """(N, H, W, 3) uint8 -> (N, d) float32 embeddings, model in eval mode, on the device
     of the model's parameters (the batches go there, the embeddings come back to the host).
 
-    With ``flip``, each embedding is the sum of the image's and its mirror's (flip test).
+    ``flip`` (:class:`Flip`; True is ``sum``): each embedding from the image and its mirror,
+    summed, or concatenated to (N, 2d).
     """
+    flip = Flip.of(flip)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -95,8 +129,10 @@ def embed_images(
         for lo in range(0, len(images), batch_size):
             x = to_model_input(images[lo : lo + batch_size]).to(device)
             emb = model(x)
-            if flip:
+            if flip is Flip.SUM:
                 emb = emb + model(torch.flip(x, dims=[3]))
+            elif flip is Flip.CONCAT:
+                emb = torch.cat([emb, model(torch.flip(x, dims=[3]))], dim=1)
             out.append(emb.float().cpu().numpy())
             progress.update(x.shape[0])
     finally:
@@ -114,8 +150,7 @@ def embedding_metrics(
     the student's as probe gives the cross-model numbers.
     """
     gallery = probe if gallery is None else gallery
-    scores = pair_scores(gallery[eval_set.index_a], probe[eval_set.index_b])
-    verification = verification_metrics(scores, eval_set.same, folds=eval_set.fold)
+    verification = pair_verification(eval_set.pairs, probe, gallery)
     g_idx, p_idx = gallery_probe_split(eval_set.labels)
     ident = identification_rank_k(
         gallery[g_idx],
@@ -123,7 +158,30 @@ def embedding_metrics(
         probes=probe[p_idx],
         probe_labels=eval_set.labels[p_idx],
     )
-    return {**asdict(verification), **ident}
+    return {**verification, **ident}
+
+
+def pair_verification(
+    pairs: Pairs, probe: np.ndarray, gallery: np.ndarray | None = None
+) -> dict[str, Any]:
+    """10-fold accuracy, TAR@FAR, AUC, EER of the cosine scores of ``pairs``: the first
+    image of each pair from ``gallery`` (default ``probe``), the second from ``probe``."""
+    gallery = probe if gallery is None else gallery
+    scores = pair_scores(gallery[pairs.index_a], probe[pairs.index_b])
+    return asdict(verification_metrics(scores, pairs.same, folds=pairs.fold))
+
+
+def pair_decisions(
+    pairs: Pairs, probe: np.ndarray, gallery: np.ndarray | None = None
+) -> npt.NDArray[np.bool_]:
+    """Each pair accepted or not by its fold's threshold (chosen on the other folds): what
+    the 10-fold accuracy counts."""
+    gallery = probe if gallery is None else gallery
+    scores = pair_scores(gallery[pairs.index_a], probe[pairs.index_b])
+    kfold = kfold_accuracy(scores, pairs.same, pairs.fold)
+    folds = np.unique(pairs.fold)
+    thresholds = np.asarray(kfold.thresholds)[np.searchsorted(folds, pairs.fold)]
+    return np.asarray(scores >= thresholds)
 
 
 def evaluate_model(
@@ -157,7 +215,10 @@ class EvaluationReport:
 
 
 def evaluate_students(
-    eval_uri: str, teacher: nn.Module | None, students: dict[str, str], flip: bool = False
+    eval_uri: str,
+    teacher: nn.Module | None,
+    students: dict[str, str],
+    flip: Flip | bool = Flip.NONE,
 ) -> EvaluationReport:
     """The teacher, each student, and each student's cross-model numbers on one eval set."""
     from orchestrator.metrics import roc_curve
@@ -170,7 +231,7 @@ def evaluate_students(
             "num_identities": eval_set.num_classes,
             "num_images": int(eval_set.labels.size),
             "num_pairs": int(eval_set.same.size),
-            "flip_test": flip,
+            "flip_test": Flip.of(flip).value,
         },
         "teacher": None,
         "students": {},
@@ -211,9 +272,10 @@ def evaluate_students(
 
 
 def write_report(result: EvaluationReport, out_dir: str) -> str:
-    """report.json, report.md (table) and roc.png into ``out_dir``; returns the table."""
+    """report.json, report.md (tables) and roc.png into ``out_dir``; returns the tables."""
     import json
 
+    from orchestrator.benchmarks.suite import standard_table
     from orchestrator.report import markdown_table, roc_plot
 
     storage.makedirs(out_dir)
@@ -224,12 +286,14 @@ def write_report(result: EvaluationReport, out_dir: str) -> str:
     if result.report["teacher"] is not None:
         rows["teacher"] = result.report["teacher"]
     rows.update(result.report["students"])
-    table = markdown_table(rows)
-    storage.write_text_atomic(
-        storage.join(out_dir, "report.md"),
-        f"# Evaluation on {result.report['dataset']['eval']}\n\n{table}",
-    )
-    roc_plot(
-        result.curves, storage.join(out_dir, "roc.png"), "verification ROC, held-out identities"
-    )
-    return table
+    sections = []
+    if result.report["dataset"] is not None:
+        sections.append(
+            f"# Evaluation on {result.report['dataset']['eval']}\n\n{markdown_table(rows)}"
+        )
+    if result.report.get("benchmarks"):
+        sections.append(f"# Standard benchmarks\n\n{standard_table(result.report['benchmarks'])}")
+    text = "\n".join(sections)
+    storage.write_text_atomic(storage.join(out_dir, "report.md"), text)
+    roc_plot(result.curves, storage.join(out_dir, "roc.png"), "verification ROC")
+    return text

@@ -9,7 +9,7 @@ from typing import Any
 from orchestrator import storage
 
 
-def _fmt(value: Any) -> str:
+def fmt_value(value: Any) -> str:
     if value is None:
         return "n/a"
     if isinstance(value, float):
@@ -39,14 +39,14 @@ def markdown_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
         cells = [
             name,
             acc,
-            _fmt(tar.get("1e-1")),
-            _fmt(tar.get("1e-2")),
-            _fmt(m["auc"]),
-            _fmt(m["eer"]),
-            _fmt(m["rank1"]),
-            _fmt(m["rank5"]),
-            _fmt(cross.get("acc_10fold")),
-            _fmt(cross.get("rank1")),
+            fmt_value(tar.get("1e-1")),
+            fmt_value(tar.get("1e-2")),
+            fmt_value(m["auc"]),
+            fmt_value(m["eer"]),
+            fmt_value(m["rank1"]),
+            fmt_value(m["rank5"]),
+            fmt_value(cross.get("acc_10fold")),
+            fmt_value(cross.get("rank1")),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

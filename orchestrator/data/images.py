@@ -46,6 +46,20 @@ def decode_jpeg(
         raise CorruptImageError(f"{where}: cannot decode JPEG ({len(data)} bytes): {err}") from None
 
 
+def decode_image(data: bytes, where: str) -> Uint8Image:
+    """JPEG (simplejpeg) or any other format Pillow reads (PNG, ...) -> (H, W, 3) uint8 RGB."""
+    if data[:2] == b"\xff\xd8":
+        return decode_jpeg(data, where)
+    try:
+        with Image.open(io.BytesIO(data)) as raw:
+            raw.load()
+            return np.asarray(raw.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise CorruptImageError(
+            f"{where}: cannot decode image ({len(data)} bytes): {err}"
+        ) from None
+
+
 def load_image_file(path: str, size: int) -> Uint8Image:
     """Any Pillow-readable file (JPEG/PNG/PGM...) -> (size, size, 3) uint8.
 
