@@ -22,6 +22,7 @@ import sys
 from collections.abc import Sequence
 
 from orchestrator import cli
+from orchestrator.config import validation_key
 from orchestrator.tune import run_search
 
 
@@ -38,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stopped = sum(r.status == "stopped early" for r in outcome.rows)
     print(
         f"{len(outcome.rows)} trials ({stopped} stopped early by ASHA); best {outcome.best.trial_id}: "
-        f"{config.tune.metric.validation_key} {outcome.best.metric:.4f}"
+        f"{validation_key(config.tune.metric)} {outcome.best.metric:.4f}"
     )
     print(f"best config: {outcome.best_yaml}  (python -m jobs.distill --config <it>)")
     print(f"best student: {outcome.best.student}")

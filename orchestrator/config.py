@@ -131,6 +131,8 @@ class DataConfig:
     decode_actors: int = 0
     decode_cpus: float = 0.5  # CPUs reserved per decode actor and per read task
     decode_batch: int = 256  # images per decode call
+    # Where the names in run.val_targets resolve: <val_dir>/<name>.bin (insightface's sets).
+    val_dir: str = ""
 
     def __post_init__(self) -> None:
         require(self.crop_pad >= 0, "crop_pad", f"must be >= 0, found {self.crop_pad}")
@@ -369,7 +371,12 @@ class RunConfig:
     # Besides those, <storage>/<name>/best/ holds the state of the epoch with the highest
     # validation best_metric so far (written when a validation improves on it).
     keep_best: bool = True
-    best_metric: Metric = Metric.ACC_10FOLD
+    best_metric: str = Metric.ACC_10FOLD.value  # a Metric, or <val target>_acc
+    # Benchmarks validated with data.eval, like arcface_torch's val_targets: names of
+    # insightface .bin sets under data.val_dir (lfw, cfp_fp, agedb_30, ...) or paths/URIs to
+    # .bin files. Each reports val_<name>_acc per validation (usable as tune.metric,
+    # retrain.metric, run.best_metric: <name>_acc).
+    val_targets: tuple[str, ...] = ()
     # The run lock (<storage_path>/.locks/<name>.json): a crashed run's lock expires after
     # lock_ttl_s (a live run's heartbeat keeps pushing it forward); lock_settle_s is the
     # wait between writing the lock and reading it back (two runs that raced see one owner).
@@ -449,7 +456,7 @@ class TuneConfig:
 
     search: SearchAlgorithm = SearchAlgorithm.RANDOM
     num_samples: int = 8
-    metric: Metric = Metric.ACC_10FOLD
+    metric: str = Metric.ACC_10FOLD.value  # a Metric, or <run.val_targets name>_acc
     space: SearchSpace = field(default_factory=SearchSpace)
     early_stopping: bool = True  # ASHA
     grace_period: int = 1  # epochs before ASHA may stop a trial
@@ -485,7 +492,7 @@ class RetrainConfig:
     snapshots: str = ""
     benchmark: str = ""
     registry: str = ""
-    metric: Metric = Metric.ACC_10FOLD
+    metric: str = Metric.ACC_10FOLD.value  # a Metric, or <run.val_targets name>_acc
     min_improvement: float = 0.0
     lock_ttl_s: float = 12 * 3600.0  # a crashed run's lock expires after this
     lock_settle_s: float = 2.0  # wait after writing the lock before trusting it
@@ -550,12 +557,57 @@ class ExperimentConfig:
             f"the global batch {self.optim.batch_size} must split evenly over "
             f"scaling.num_workers={self.scaling.num_workers}",
         )
+        targets = val_targets(self)
+        require(
+            len(targets) == len(self.run.val_targets),
+            "run.val_targets",
+            f"two targets have one name: {list(self.run.val_targets)}",
+        )
+        for key, metric in (
+            ("tune.metric", self.tune.metric),
+            ("retrain.metric", self.retrain.metric),
+            ("run.best_metric", self.run.best_metric),
+        ):
+            known = [m.value for m in Metric] + [f"{name}{BENCHMARK_METRIC}" for name in targets]
+            require(
+                metric in known,
+                key,
+                f"expected one of {', '.join(known)} (benchmarks: <run.val_targets name>_acc), "
+                f"found {metric!r}",
+            )
         require(
             self.teacher_optim.batch_size % self.scaling.num_workers == 0,
             "teacher_optim.batch_size",
             f"the global batch {self.teacher_optim.batch_size} must split evenly over "
             f"scaling.num_workers={self.scaling.num_workers}",
         )
+
+
+BENCHMARK_METRIC = "_acc"  # a .bin benchmark's metric: <name>_acc, its 10-fold accuracy
+
+
+def validation_key(metric: str) -> str:
+    """The key of ``metric`` (a :class:`Metric` or ``<val target>_acc``) in a training
+    run's per-epoch report."""
+    return f"val_{metric}"
+
+
+def val_targets(config: ExperimentConfig) -> dict[str, str]:
+    """``run.val_targets`` by benchmark name: a bare name is ``<data.val_dir>/<name>.bin``;
+    a path or URI is itself, named by its file's stem."""
+    out: dict[str, str] = {}
+    for target in config.run.val_targets:
+        if target.endswith(".bin"):
+            out[target.rstrip("/").rsplit("/", 1)[-1].removesuffix(".bin")] = target
+            continue
+        require(
+            bool(config.data.val_dir) and is_single_component(target),
+            "run.val_targets",
+            f"{target!r}: a bare name needs data.val_dir (the folder of <name>.bin files); "
+            "or give the .bin's path",
+        )
+        out[target] = f"{config.data.val_dir.rstrip('/')}/{target}.bin"
+    return out
 
 
 def is_single_component(name: str) -> bool:

@@ -30,7 +30,14 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from orchestrator import storage
-from orchestrator.config import ConfigError, ExperimentConfig, Metric, RetrainConfig
+from orchestrator.config import (
+    BENCHMARK_METRIC,
+    ConfigError,
+    ExperimentConfig,
+    Metric,
+    RetrainConfig,
+    val_targets,
+)
 from orchestrator.data import format as fmt
 from orchestrator.locks import LockHeldError, expiring_lock
 
@@ -154,7 +161,7 @@ def decide(config: ExperimentConfig, snapshot: Snapshot) -> Decision:
         record(registry, snapshot, decision="skipped", metrics={}, why=message)
         return Decision(Outcome.SKIPPED, snapshot, {}, message)
     candidate = train_and_evaluate(config, snapshot, champion)
-    metric, margin = config.retrain.metric.value, config.retrain.min_improvement
+    metric, margin = config.retrain.metric, config.retrain.min_improvement
     new = candidate["metrics"][metric]
     old = None if champion is None else candidate["champion_metrics"].get(metric)
     if old is None or new >= old + margin:
@@ -194,6 +201,7 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
     """The snapshot's candidate: trained unless its student exists, evaluated on the
     benchmark next to the champion. Saved in the registry before any decision."""
+    from orchestrator.benchmarks.suite import BenchmarkPlan, run_benchmarks
     from orchestrator.evaluation import evaluate_students
     from orchestrator.runs import student_uri
     from orchestrator.train.launch import distill
@@ -209,13 +217,27 @@ def train_and_evaluate(
     if champion is not None and storage.exists(champion["student"]):
         students["champion"] = champion["student"]
     report = evaluate_students(config.retrain.benchmark, None, students).report
+    targets = val_targets(config)
+    benchmarks: dict[str, Any] = {}
+    if targets:  # run.val_targets: the .bin sets, for a gate on <name>_acc
+        plan = BenchmarkPlan(bins=tuple(targets.values()), image_size=config.data.image_size)
+        benchmarks, _ = run_benchmarks(plan, teacher_uri=None, students=students)
+
+    def metrics_of(model: str) -> dict[str, Any]:
+        values = summary_metrics(report["students"].get(model, {}))
+        for name, result in benchmarks.items():
+            if model in result["students"]:
+                values[name + BENCHMARK_METRIC] = result["students"][model]["acc_10fold"]
+        return values
+
     candidate = {
         "fingerprint": snapshot.fingerprint,
         "snapshot": snapshot.uri,
         "student": student,
         "benchmark": config.retrain.benchmark,
-        "metrics": summary_metrics(report["students"]["candidate"]),
-        "champion_metrics": summary_metrics(report["students"].get("champion", {})),
+        "val_targets": targets,
+        "metrics": metrics_of("candidate"),
+        "champion_metrics": metrics_of("champion"),
     }
     uri = storage.join(config.retrain.registry, "candidates", f"{snapshot.short}.json")
     storage.write_text_atomic(uri, json.dumps(candidate, indent=2))

@@ -109,7 +109,16 @@ def absolute_paths(config: ExperimentConfig) -> ExperimentConfig:
     return replace(
         config,
         storage_path=fix(config.storage_path),
-        data=replace(config.data, train=fix(config.data.train), eval=fix(config.data.eval)),
+        data=replace(
+            config.data,
+            train=fix(config.data.train),
+            eval=fix(config.data.eval),
+            val_dir=fix(config.data.val_dir),
+        ),
+        run=replace(
+            config.run,
+            val_targets=tuple(fix(t) if t.endswith(".bin") else t for t in config.run.val_targets),
+        ),
         teacher=replace(
             config.teacher,
             classifier=fix(config.teacher.classifier),

@@ -31,6 +31,7 @@ from orchestrator.config import (
     dump_yaml,
     from_dict,
     to_dict,
+    validation_key,
 )
 
 SUMMARY_DIR = "summary"
@@ -162,7 +163,7 @@ def run_search(config: ExperimentConfig, resume: bool = False) -> SearchOutcome:
     resources = cluster_resources()
     plan = trial_resources(trial_config(config), *resources)
     print(
-        f"[tune] {config.name}: {config.tune.search.value} search, metric {config.tune.metric.validation_key}, "
+        f"[tune] {config.name}: {config.tune.search.value} search, metric {validation_key(config.tune.metric)}, "
         f"{plan.concurrent} trial(s) at a time ({plan.cpus:g} CPU each of {resources[0]:g}); "
         f"state in {path}",
         flush=True,
@@ -185,7 +186,7 @@ def run_search(config: ExperimentConfig, resume: bool = False) -> SearchOutcome:
             trainable,
             param_space=param_space(config.tune),
             tune_config=rt.TuneConfig(
-                metric=config.tune.metric.validation_key,
+                metric=validation_key(config.tune.metric),
                 mode="max",
                 search_alg=search_algorithm(config.tune),
                 scheduler=scheduler(config),
@@ -246,7 +247,7 @@ def trial_row(result: Any, config: ExperimentConfig) -> TrialRow:
     # Our reports carry the epoch index; Tune's iteration count restarts when a trial is
     # restored, so it is not the epoch.
     epochs = int(metrics["epoch"]) + 1 if "epoch" in metrics else 0
-    metric = metrics.get(config.tune.metric.validation_key)
+    metric = metrics.get(validation_key(config.tune.metric))
     # A trial is complete when its run returned and exported the student. ASHA may stop a
     # trial at any milestone, the last epoch included (then it trained every epoch but
     # ranked below the cutoff, and was stopped before its export).
@@ -279,7 +280,7 @@ def summarize(config: ExperimentConfig, rows: list[TrialRow], path: str) -> Sear
     best = max(done, key=lambda r: r.metric if r.metric is not None else -math.inf)
     out = storage.join(path, SUMMARY_DIR)
     storage.makedirs(out)
-    table = markdown(rows, config.tune.metric.validation_key, best)
+    table = markdown(rows, validation_key(config.tune.metric), best)
     storage.write_text_atomic(storage.join(out, "trials.md"), table)
     storage.write_text_atomic(storage.join(out, "trials.csv"), as_csv(rows))
     storage.write_text_atomic(
@@ -289,14 +290,14 @@ def summarize(config: ExperimentConfig, rows: list[TrialRow], path: str) -> Sear
     best_yaml = storage.join(out, "best.yaml")
     header = (
         f"# Best of search {config.name}: trial {best.trial_id}, "
-        f"{config.tune.metric.validation_key} = {best.metric:.4f}\n# student: {best.student}\n"
+        f"{validation_key(config.tune.metric)} = {best.metric:.4f}\n# student: {best.student}\n"
     )
     storage.write_text_atomic(best_yaml, header + dump_yaml(best_config))
     margin = config.loss.margin
     base = {"loss.margin.m": margin.m, "loss.margin.scale": margin.scale}
     plot(
         rows,
-        metric=config.tune.metric.validation_key,
+        metric=validation_key(config.tune.metric),
         base=base,
         uri=storage.join(out, "metric_vs_margin_scale.png"),
     )

@@ -15,6 +15,8 @@ from orchestrator.config import (
     dump_yaml,
     from_dict,
     load_config,
+    val_targets,
+    validation_key,
 )
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
@@ -110,7 +112,7 @@ def test_old_keys_still_load_with_one_warning_each(
     config = load_config(path, ["loss.margin=0.45", "loss.margin_type=cosface"])
     assert config.loss.margin == MarginConfig(type=MarginType.COSFACE, scale=32.0, m=0.45)
     assert config.storage.endpoint_url == "http://127.0.0.1:9"
-    assert config.tune.metric is Metric.AUC and config.tune.space.lr.range == (0.01, 0.1)
+    assert config.tune.metric == Metric.AUC.value and config.tune.space.lr.range == (0.01, 0.1)
     warnings = capsys.readouterr().err.splitlines()
     assert f"warning: {path}: loss.scale is deprecated; write loss.margin.scale" in warnings
     assert f"warning: {path}: data.endpoint_url is deprecated; write storage.endpoint_url" in (
@@ -219,3 +221,28 @@ def test_options_without_effect_are_refused() -> None:
         ).sharding.sample_rate
         == 0.1
     )
+
+
+def test_val_targets_resolve_and_name_the_metrics_they_add() -> None:
+    config = load_config(
+        None,
+        [
+            "data.val_dir=s3://bucket/bench",
+            "run.val_targets=[lfw, /data/cfp_fp.bin]",
+            "tune.metric=lfw_acc",
+            "retrain.metric=cfp_fp_acc",
+            "run.best_metric=auc",
+        ],
+    )
+    assert val_targets(config) == {"lfw": "s3://bucket/bench/lfw.bin", "cfp_fp": "/data/cfp_fp.bin"}
+    assert validation_key(config.tune.metric) == "val_lfw_acc"
+    with pytest.raises(
+        ConfigError, match=r"tune\.metric: expected one of .*lfw_acc.*found 'agedb_30_acc'"
+    ):
+        load_config(None, ["data.val_dir=/b", "run.val_targets=[lfw]", "tune.metric=agedb_30_acc"])
+    with pytest.raises(
+        ConfigError, match=r"run\.val_targets: 'lfw': a bare name needs data\.val_dir"
+    ):
+        load_config(None, ["run.val_targets=[lfw]"])
+    with pytest.raises(ConfigError, match="two targets have one name"):
+        load_config(None, ["data.val_dir=/b", "run.val_targets=[lfw, /other/lfw.bin]"])

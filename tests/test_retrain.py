@@ -15,8 +15,11 @@ from pathlib import Path
 import pytest
 
 from orchestrator import storage
+from orchestrator.benchmarks.suite import bin_from_eval_set, load_bin_benchmark
+from orchestrator.benchmarks.verification_bin import write_bin
 from orchestrator.config import ExperimentConfig, OptimConfig, RetrainConfig, SyntheticConfig
 from orchestrator.data.prepare import SyntheticDatasets, write_synthetic
+from orchestrator.evaluation import Flip, embed_images, load_student, pair_verification
 from orchestrator.objectstore import EmbeddedObjectStore
 from orchestrator.retrain import Outcome, candidate_config, newest_snapshot
 from orchestrator.runs import student_uri
@@ -188,3 +191,29 @@ def test_two_overlapping_runs_never_both_decide(
     assert decisions == ["promoted"]
     locked = outputs[[r.returncode for r in runs].index(Outcome.LOCKED)]
     assert "another run is in progress" in locked, locked
+
+
+def test_the_gate_can_be_a_bin_benchmark(
+    base: ExperimentConfig, object_store: EmbeddedObjectStore, tiny_synthetic: SyntheticDatasets
+) -> None:
+    """``retrain.metric: <name>_acc`` with ``run.val_targets``: the candidate is scored on
+    the ``.bin`` set (on object storage here), and the recorded value is the exported
+    student's 10-fold accuracy on it."""
+    vb = bin_from_eval_set(tiny_synthetic.eval_uri)
+    bin_uri = f"{ROOT}/bench/frozen.bin"
+    write_bin(bin_uri, list(vb.images), vb.issame)
+    gated = replace(base, run=replace(base.run, val_targets=(bin_uri,)))
+    config = configured(gated, "bin-gate", metric="frozen_acc")
+    publish_snapshot(object_store, config.retrain.snapshots, "2026-01", seed=11)
+    assert run(config) is Outcome.PROMOTED
+    record = champion(config)
+    student, _ = load_student(record["student"])
+    bench = load_bin_benchmark(bin_uri)
+    again = pair_verification(bench.pairs, embed_images(student, bench.images, flip=Flip.SUM))
+    assert record["metrics"]["frozen_acc"] == pytest.approx(again["acc_10fold"], abs=1e-9)
+    # The next snapshot is judged on that metric (an unreachable margin: rejected).
+    publish_snapshot(object_store, config.retrain.snapshots, "2026-02", seed=12)
+    strict = replace(config, retrain=replace(config.retrain, min_improvement=2.0))
+    assert run(strict) is Outcome.REJECTED
+    why = history(config)[-1]["why"]
+    assert why.startswith("frozen_acc ") and "< champion" in why, why

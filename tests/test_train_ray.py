@@ -20,6 +20,8 @@ from jobs import distill as distill_job
 from orchestrator import classifier as clf
 from orchestrator import cli
 from orchestrator.artifacts import load_state, read_best, read_student_export
+from orchestrator.benchmarks.suite import bin_from_eval_set, load_bin_benchmark
+from orchestrator.benchmarks.verification_bin import write_bin
 from orchestrator.config import (
     Method,
     Metric,
@@ -30,8 +32,15 @@ from orchestrator.config import (
     dump_yaml,
 )
 from orchestrator.data import format as fmt
-from orchestrator.data.prepare import write_synthetic
-from orchestrator.evaluation import evaluate_model, load_eval_set, load_student
+from orchestrator.data.prepare import SyntheticDatasets, write_synthetic
+from orchestrator.evaluation import (
+    Flip,
+    embed_images,
+    evaluate_model,
+    load_eval_set,
+    load_student,
+    pair_verification,
+)
 from orchestrator.models import build_backbone
 from orchestrator.runs import student_uri
 from orchestrator.train.launch import RunOutcome, distill, train_teacher
@@ -475,3 +484,35 @@ def test_the_best_validated_epoch_is_kept_beside_the_last_checkpoints(
     best = read_student_export(str(run / "best" / "student.pt"))
     for key, tensor in students[record.epoch].items():
         assert torch.equal(best.student[key], tensor), key
+
+
+def test_val_targets_are_validated_each_epoch_and_can_pick_the_best(
+    train_setup: TrainSetup, tiny_synthetic: SyntheticDatasets, tmp_path: Path
+) -> None:
+    """``run.val_targets``: a ``.bin`` set validated with ``data.eval``; its
+    ``val_<name>_acc`` is the 10-fold accuracy of the exported student on it (flip sum),
+    and ``run.best_metric: <name>_acc`` keeps the epoch it ranks best."""
+    vb = bin_from_eval_set(tiny_synthetic.eval_uri)
+    bin_uri = str(tmp_path / "frozen_eval.bin")
+    write_bin(bin_uri, list(vb.images), vb.issame)
+    config = replace(
+        train_setup.base,
+        name="val-targets",
+        optim=replace(train_setup.base.optim, epochs=2),
+        run=replace(
+            train_setup.base.run,
+            eval_every_epochs=1,
+            val_targets=(bin_uri,),
+            best_metric="frozen_eval_acc",
+        ),
+    )
+    outcome = distill(config)
+    student, _ = load_student(student_uri(config, "val-targets"))
+    bench = load_bin_benchmark(bin_uri)
+    again = pair_verification(bench.pairs, embed_images(student, bench.images, flip=Flip.SUM))
+    assert outcome.metrics["val_frozen_eval_acc"] == pytest.approx(again["acc_10fold"], abs=1e-9)
+    record = read_best(str(Path(config.storage_path) / "val-targets" / "best"))
+    assert record is not None and record.metric == "frozen_eval_acc" and record.epoch in (0, 1)
+    assert record.value >= again["acc_10fold"] - 1e-9  # the best is never below the last
+    if record.epoch == 1:
+        assert record.value == pytest.approx(again["acc_10fold"], abs=1e-9)

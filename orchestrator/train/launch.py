@@ -29,6 +29,7 @@ from orchestrator.artifacts import (
     save_teacher,
     write_student_export,
 )
+from orchestrator.benchmarks.verification_bin import read_bin
 from orchestrator.config import (
     ClassifierMode,
     ExperimentConfig,
@@ -36,6 +37,7 @@ from orchestrator.config import (
     Metric,
     is_single_component,
     to_dict,
+    val_targets,
 )
 from orchestrator.data import format as fmt
 from orchestrator.data.ray_input import DecodePlan, decode_plan, training_dataset
@@ -90,6 +92,9 @@ def check_inputs(config: ExperimentConfig) -> fmt.DatasetMeta:
         )
     check_labels(config.data.train, meta)
     fmt.read_pairs(config.data.eval, fmt.read_meta(config.data.eval))
+    for name, uri in val_targets(config).items():  # read (safely) before any worker starts
+        bench = read_bin(uri)
+        print(f"[data] run.val_targets {name}: {bench.num_pairs} pairs from {uri}", flush=True)
     return meta
 
 

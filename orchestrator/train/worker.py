@@ -36,11 +36,28 @@ from orchestrator.artifacts import (
     verify_same_classifier,
     write_best,
 )
-from orchestrator.config import ExperimentConfig, Metric, Precision, from_dict, to_dict
+from orchestrator.benchmarks.suite import BinBenchmark, load_bin_benchmark
+from orchestrator.config import (
+    BENCHMARK_METRIC,
+    ExperimentConfig,
+    Metric,
+    Precision,
+    from_dict,
+    to_dict,
+    val_targets,
+    validation_key,
+)
 from orchestrator.data import format as fmt
 from orchestrator.data.images import CorruptImageError, to_model_input
 from orchestrator.data.ray_input import epoch_batches
-from orchestrator.evaluation import EvalSet, evaluate_model, load_eval_set
+from orchestrator.evaluation import (
+    EvalSet,
+    Flip,
+    embed_images,
+    evaluate_model,
+    load_eval_set,
+    pair_verification,
+)
 from orchestrator.losses import Margin, build_loss
 from orchestrator.losses.sharded import ShardedProxylessLoss
 from orchestrator.models import build_backbone
@@ -125,6 +142,7 @@ class WorkerState:
     validation: dict[str, float] = field(default_factory=dict)
     eval_set: EvalSet | None = None
     best: BestRecord | None = None  # rank 0: what <run>/best holds
+    val_benches: dict[str, BinBenchmark] = field(default_factory=dict)  # run.val_targets
 
     @property
     def start_epoch(self) -> int:
@@ -428,6 +446,16 @@ def validation_metrics(state: WorkerState) -> dict[str, float]:
     state.eval_set = state.eval_set or load_eval_set(state.spec.eval_uri)
     report = evaluate_model(unwrap(state.student), state.eval_set)
     values = {metric.validation_key: metric.read(report) for metric in Metric}
+    for name, uri in val_targets(state.config).items():
+        if name not in state.val_benches:
+            state.val_benches[name] = load_bin_benchmark(
+                uri, image_size=state.config.data.image_size
+            )
+        bench = state.val_benches[name]
+        emb = embed_images(unwrap(state.student), bench.images, flip=Flip.SUM, label=f"val {name}")
+        values[validation_key(name + BENCHMARK_METRIC)] = pair_verification(bench.pairs, emb)[
+            "acc_10fold"
+        ]
     return {key: value for key, value in values.items() if value is not None}
 
 
@@ -464,12 +492,12 @@ def keep_if_best(state: WorkerState, epoch: int) -> None:
     """Rank 0, after a validation: copy the state to ``<run>/best`` when its
     ``run.best_metric`` beats the best so far (``run.keep_best``)."""
     metric = state.config.run.best_metric
-    value = state.validation.get(metric.validation_key)
+    value = state.validation.get(validation_key(metric))
     if not (state.config.run.keep_best and state.spec.best_uri) or value is None:
         return
-    if state.best is not None and not state.best.improved_by(metric.value, value):
+    if state.best is not None and not state.best.improved_by(metric, value):
         return
-    record = BestRecord(metric.value, epoch, value)
+    record = BestRecord(metric, epoch, value)
     write_best(state.spec.best_uri, training_state(state, epoch), record)
     state.best = record
 
