@@ -4,6 +4,7 @@ Locally, from an image folder (one sub-folder per identity) or an insightface Re
     python -m jobs.prepare_dataset --input ../shared/datasets/orl_faces --out runs/data/orl/train --identities 0:20
     python -m jobs.prepare_dataset --input ../shared/datasets/orl_faces --out runs/data/orl/eval --identities 20: --pairs-per-fold 20
     python -m jobs.prepare_dataset --recordio /data/faces_emore/train.rec --out s3://bucket/emore
+    python -m jobs.prepare_dataset --eval-set runs/data/orl/eval --out runs/bench/orl_eval.bin
 On a cluster:
     ray job submit --working-dir . -- python -m jobs.prepare_dataset --recordio s3://bucket/raw/train.rec --out s3://bucket/faces
 
@@ -17,6 +18,10 @@ is scaled to fit --image-size and centred on a black square. RecordIO mode (no M
 train.idx is read from beside train.rec unless --idx is given; labels are kept as stored;
 JPEGs already at --image-size are kept byte for byte. An undecodable image stops the import
 naming it, unless --on-corrupt skip (then it is counted and listed in dataset.json).
+
+Eval-set mode freezes one of our eval sets (with pairs) as an insightface .bin, the format
+jobs.evaluate --benchmark and run.val_targets read: pairs ordered by fold, so a set whose
+folds are equal keeps them under the .bin protocol (10 contiguous folds in file order).
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import sys
 from collections.abc import Sequence
 
 from orchestrator import cli
+from orchestrator.benchmarks.suite import bin_from_eval_set
+from orchestrator.benchmarks.verification_bin import write_bin
 from orchestrator.config import OnCorrupt
 from orchestrator.data.format import DatasetMeta
 from orchestrator.data.prepare import (
@@ -34,6 +41,7 @@ from orchestrator.data.prepare import (
     write_image_folder,
     write_recordio,
 )
+from orchestrator.errors import UsageError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -43,6 +51,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", help="folder with one sub-folder per identity")
     source.add_argument("--recordio", help="insightface train.rec (local path or URI)")
+    source.add_argument(
+        "--eval-set",
+        help="one of our eval sets with pairs: written to --out as an insightface .bin",
+    )
     parser.add_argument("--idx", default="", help="the .idx of --recordio (default: beside it)")
     parser.add_argument("--out", required=True, help="output directory or object-store URI")
     parser.add_argument("--image-size", type=int, default=112)
@@ -74,6 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "jpeg_quality": args.jpeg_quality,
         "shard_bytes": max(1, int(args.shard_mb * 2**20)),
     }
+    if args.eval_set:
+        return freeze_bin(args.eval_set, args.out)
     meta: DatasetMeta
     if args.input:
         meta = write_image_folder(
@@ -87,6 +101,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for reason in meta.skipped:
         print(f"  skipped: {reason}")
+    return 0
+
+
+def freeze_bin(eval_set: str, out: str) -> int:
+    """An eval set's pairs as a .bin (pairs ordered by fold, JPEGs byte for byte)."""
+    if not out.endswith(".bin"):
+        raise UsageError(
+            f"--eval-set writes an insightface .bin: --out must end in .bin, found {out!r}"
+        )
+    vb = bin_from_eval_set(eval_set)
+    write_bin(out, list(vb.images), vb.issame)
+    print(f"{vb.num_pairs} pairs ({int(vb.issame.sum())} same) from {eval_set} -> {out}")
     return 0
 
 

@@ -402,3 +402,20 @@ def test_evaluate_benchmarks_through_the_cli(
     assert "# Standard benchmarks" in text and "| mbf cross |" in text
     assert "IJBC TAR@1e-4" in text and "agedb_30" in text
     assert (out / "roc.png").stat().st_size > 1000
+
+
+def test_prepare_dataset_freezes_an_eval_set_as_a_bin(
+    tiny_synthetic: SyntheticDatasets, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from jobs import prepare_dataset
+
+    out = tmp_path / "frozen.bin"
+    argv = ["--eval-set", tiny_synthetic.eval_uri, "--out", str(out)]
+    assert cli.run(prepare_dataset.main, argv) == 0
+    assert "40 pairs (20 same)" in capsys.readouterr().out
+    written, expected = read_bin(str(out)), bin_from_eval_set(tiny_synthetic.eval_uri)
+    assert written.images == expected.images
+    assert written.issame.tolist() == expected.issame.tolist()
+    assert (
+        cli.run(prepare_dataset.main, ["--eval-set", tiny_synthetic.eval_uri, "--out", "x.pt"]) == 2
+    )
