@@ -137,6 +137,8 @@ class TrainingState:
     world_sizes: tuple[int, ...] = ()  # the worker count of each attempt
     train_seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    # Per trained epoch (as epochs_done): (samples/s, share of the time waiting for input).
+    throughput: tuple[tuple[float, float], ...] = ()
 
 
 def save_state(directory: str, state: TrainingState) -> None:
@@ -159,6 +161,7 @@ def state_bytes(state: TrainingState) -> bytes:
             "world_sizes": list(state.world_sizes),
             "train_seconds": state.train_seconds,
             "extra": state.extra,
+            "throughput": [list(t) for t in state.throughput],
         },
         buffer,
     )
@@ -185,6 +188,9 @@ def state_from_data(data: Any, where: str) -> TrainingState:
             resumed_at=tuple(data["resumed_at"]),
             world_sizes=tuple(data["world_sizes"]),
             train_seconds=float(data["train_seconds"]),
+            throughput=tuple(
+                (float(rate), float(wait)) for rate, wait in data.get("throughput", [])
+            ),
             extra=dict(data.get("extra", {})),
         )
     except (KeyError, TypeError, ValueError) as err:
@@ -273,6 +279,7 @@ class StudentExport:
     config: dict[str, Any]
     epochs_done: tuple[int, ...]
     train_seconds: float
+    throughput: tuple[tuple[float, float], ...] = ()  # per epoch: samples/s, input wait share
 
     @classmethod
     def from_state(
@@ -287,6 +294,7 @@ class StudentExport:
             config=state.config,
             epochs_done=state.epochs_done,
             train_seconds=state.train_seconds,
+            throughput=state.throughput,
         )
 
 
@@ -304,6 +312,7 @@ def write_student_export(uri: str, export: StudentExport) -> None:
             "config": export.config,
             "epochs_done": list(export.epochs_done),
             "train_seconds": export.train_seconds,
+            "throughput": [list(t) for t in export.throughput],
         },
         buffer,
     )
@@ -326,6 +335,7 @@ def read_student_export(uri: str) -> StudentExport:
             config=dict(data.get("config") or {}),
             epochs_done=tuple(data.get("epochs_done") or ()),
             train_seconds=float(data.get("train_seconds") or 0.0),
+            throughput=tuple((float(r), float(w)) for r, w in data.get("throughput", [])),
         )
     except (TypeError, ValueError) as err:
         raise ArtifactError(f"{uri}: malformed student export ({err})") from None

@@ -133,12 +133,16 @@ class DataConfig:
     decode_batch: int = 256  # images per decode call
     # Where the names in run.val_targets resolve: <val_dir>/<name>.bin (insightface's sets).
     val_dir: str = ""
+    # Hold the training input at or below this many images/s over all workers (0: off):
+    # a slow store simulated, to see what input-bound training looks like.
+    throttle_images_per_s: float = 0.0
 
     def __post_init__(self) -> None:
         require(self.crop_pad >= 0, "crop_pad", f"must be >= 0, found {self.crop_pad}")
         require(self.decode_actors >= 0, "decode_actors", "must be >= 0 (0: derived)")
         require(self.decode_cpus > 0, "decode_cpus", f"must be > 0, found {self.decode_cpus}")
         require(self.decode_batch >= 1, "decode_batch", "must be >= 1")
+        require(self.throttle_images_per_s >= 0, "throttle_images_per_s", "must be >= 0 (0: off)")
         require(
             self.image_size >= 16 and self.image_size % 16 == 0,
             "image_size",

@@ -264,6 +264,11 @@ def evaluate_students(
             params=profile_model(model).params,
             train_seconds=export.train_seconds,
             epochs=len(export.epochs_done),
+            # Per trained epoch: images/s and the share of the time waiting for input.
+            throughput=[
+                {"samples_per_s": round(rate, 1), "input_wait_share": round(wait, 3)}
+                for rate, wait in export.throughput
+            ],
             checkpoint=uri,
         )
         report["students"][name] = entry

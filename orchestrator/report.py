@@ -18,7 +18,8 @@ def fmt_value(value: Any) -> str:
 
 
 def markdown_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
-    """One row per model: 10-fold accuracy, TAR@FAR, AUC, EER, rank-1/5, cross-model."""
+    """One row per model: 10-fold accuracy, TAR@FAR, AUC, EER, rank-1/5, cross-model, and
+    for a trained student its last epoch's images/s and input-wait share."""
     header = [
         "model",
         "acc 10-fold",
@@ -30,6 +31,8 @@ def markdown_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
         "rank-5",
         "cross acc",
         "cross rank-1",
+        "img/s",
+        "input wait",
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, m in rows.items():
@@ -47,9 +50,19 @@ def markdown_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
             fmt_value(m["rank5"]),
             fmt_value(cross.get("acc_10fold")),
             fmt_value(cross.get("rank1")),
+            *last_epoch_throughput(m),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def last_epoch_throughput(entry: Mapping[str, Any]) -> list[str]:
+    """A trained model's last epoch: images/s and the share of it spent waiting for input."""
+    epochs = entry.get("throughput") or []
+    if not epochs:
+        return ["n/a", "n/a"]
+    last = epochs[-1]
+    return [f"{last['samples_per_s']:.0f}", f"{last['input_wait_share']:.0%}"]
 
 
 def roc_plot(curves: Mapping[str, tuple[Any, Any]], path: str, title: str) -> None:

@@ -65,7 +65,7 @@ def start_private_cluster(**init_kwargs: Any) -> None:
     from ray._raylet import Config  # type: ignore[attr-defined]
 
     os.environ["RAY_AUTH_MODE"] = "token"
-    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    os.environ["RAY_AUTH_TOKEN"] = process_token()
     # Nothing scrapes a private cluster's metrics: collecting them only costs a
     # harvester thread in every worker (one crashed once in a read task; see README).
     os.environ.setdefault("RAY_enable_metrics_collection", "0")
@@ -73,6 +73,18 @@ def start_private_cluster(**init_kwargs: Any) -> None:
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     Config.initialize("")  # Ray reads RAY_AUTH_MODE once at import: make it see token mode
     ray.init(address="local", logging_level=logging.WARNING, **init_kwargs)
+
+
+_TOKEN: list[str] = []
+
+
+def process_token() -> str:
+    """This process's private-cluster token: random, made once. A cluster restarted in the
+    same process (after ``ray.shutdown()``) keeps it: Ray's client side reads the token once
+    per process, so a new one would lock this process out of its own new cluster."""
+    if not _TOKEN:
+        _TOKEN.append(secrets.token_hex(32))
+    return _TOKEN[0]
 
 
 def gcs_address() -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,13 @@ import pytest
 from orchestrator.config import DataConfig, ScalingConfig, SyntheticConfig
 from orchestrator.data.images import CorruptImageError, decode_jpeg, encode_jpeg
 from orchestrator.data.prepare import SyntheticDatasets, write_synthetic
-from orchestrator.data.ray_input import DecodePlan, decode_augmented, decode_plan, training_dataset
+from orchestrator.data.ray_input import (
+    DecodePlan,
+    TimedBatches,
+    decode_augmented,
+    decode_plan,
+    training_dataset,
+)
 
 
 def face_jpegs(count: int, size: int) -> tuple[list[bytes], np.ndarray]:
@@ -156,3 +164,30 @@ def test_paths_in_the_plan_come_from_dataset_json(tmp_path: Path) -> None:
     # pairs.parquet sits beside the shards of the eval set; only the shards are read.
     assert [Path(u).name for u in shard_uris(data.eval_uri)] == [f.name for f in data.eval.files]
     assert (Path(data.eval_uri) / "pairs.parquet").exists()
+
+
+def test_timed_batches_measure_the_wait_and_hold_the_rate() -> None:
+    """The wait counted is the time spent inside ``next`` (a slow source: most of it; a
+    ready one: little), the first batch's apart; a throttle holds the rows per second."""
+
+    def source(delay: float) -> Iterator[dict[str, np.ndarray]]:
+        for _ in range(6):
+            time.sleep(delay)
+            yield {"label": np.zeros(4)}
+
+    def consume(timed: TimedBatches, work: float) -> float:
+        started = time.monotonic()
+        for _ in timed:
+            time.sleep(work)
+        return time.monotonic() - started
+
+    slow, ready = TimedBatches(source(0.05)), TimedBatches(source(0.0))
+    slow_total, ready_total = consume(slow, 0.0), consume(ready, 0.02)
+    assert slow.count == ready.count == 6 and slow.rows == 24
+    assert slow.waited / slow_total > 0.5 > ready.waited / ready_total
+    assert 0.0 < slow.first_wait < slow.waited
+    # 24 rows at 80 rows/s: the hold makes the waits add up to at least 0.3 s (a lower
+    # bound that sleeping guarantees, not a speed).
+    held = TimedBatches(source(0.0), max_rows_per_s=80.0)
+    consume(held, 0.0)
+    assert held.waited >= 24 / 80.0 - 1e-3

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -166,6 +167,42 @@ def epoch_batches(shard: Any, batch_size: int, shuffle_buffer: int) -> Iterator[
             local_shuffle_buffer_size=shuffle_buffer or None,
         )
     )
+
+
+class TimedBatches:
+    """``batches``, with the time spent waiting for each one (inside ``next``) added up in
+    ``waited``: the part of an epoch a worker is input-bound. With ``max_rows_per_s``, the
+    rate is also held at or below that (``data.throttle_images_per_s``: a slow store or
+    decode, simulated; the hold counts as waiting, as a slow input would)."""
+
+    def __init__(self, batches: Iterable[dict[str, Any]], *, max_rows_per_s: float = 0.0) -> None:
+        self.batches = batches
+        self.max_rows_per_s = max_rows_per_s
+        self.waited = 0.0  # in all, the first batch included
+        self.first_wait = 0.0  # the first batch: the pipeline's start-up for this epoch
+        self.rows = 0
+        self.count = 0  # batches handed out
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        it = iter(self.batches)
+        started = time.monotonic()
+        while True:
+            asked = time.monotonic()
+            try:
+                batch = next(it)
+            except StopIteration:
+                self.waited += time.monotonic() - asked
+                return
+            self.rows += len(next(iter(batch.values())))
+            if self.max_rows_per_s > 0:
+                hold = started + self.rows / self.max_rows_per_s - time.monotonic()
+                if hold > 0:
+                    time.sleep(hold)
+            self.waited += time.monotonic() - asked
+            self.count += 1
+            if self.count == 1:
+                self.first_wait = self.waited
+            yield batch
 
 
 def ray_path(uri: str) -> str:

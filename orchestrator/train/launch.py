@@ -114,18 +114,25 @@ class RunOutcome:
 
 
 def fit(
-    config: ExperimentConfig, spec: TrainSpec, *, name: str, callbacks: Sequence[Any] = ()
+    config: ExperimentConfig,
+    spec: TrainSpec,
+    *,
+    name: str,
+    callbacks: Sequence[Any] = (),
+    dataset: Any = None,
 ) -> RunOutcome:
     """Run ``train_loop_per_worker`` on ``config.scaling.num_workers`` workers.
 
     Reusing ``name`` under the same storage path resumes from its latest checkpoint.
     ``callbacks`` go to Train's RunConfig (a Tune trial passes ``TuneReportCallback``).
+    ``dataset`` replaces the Parquet input (a Ray Dataset with ``image``, ``label`` and
+    ``image_id`` columns: ``bench/train_throughput.py`` feeds decoded images from memory).
     An input error raised in a worker (a corrupt image, a bad label) is re-raised here as
     itself, not inside Ray's wrappers.
     """
     ensure_ray()
     preflight(config)  # again: a Tune trial or a caller may reach fit directly
-    trainer = torch_trainer(config, spec, name=name, callbacks=callbacks)
+    trainer = torch_trainer(config, spec, name=name, callbacks=callbacks, dataset=dataset)
     started = time.monotonic()
     try:
         result = trainer.fit()
@@ -146,7 +153,12 @@ def fit(
 
 
 def torch_trainer(
-    config: ExperimentConfig, spec: TrainSpec, *, name: str, callbacks: Sequence[Any]
+    config: ExperimentConfig,
+    spec: TrainSpec,
+    *,
+    name: str,
+    callbacks: Sequence[Any],
+    dataset: Any = None,
 ) -> Any:
     # Train V2's classes (what ray.train.* resolves to at run time), named so types agree.
     from ray.data import ExecutionOptions
@@ -168,7 +180,11 @@ def torch_trainer(
             use_gpu=config.scaling.use_gpu,
             resources_per_worker={"CPU": config.scaling.cpus_per_worker},
         ),
-        datasets={"train": training_dataset(config.data, input_plan(config), config.seed)},
+        datasets={
+            "train": dataset
+            if dataset is not None
+            else training_dataset(config.data, input_plan(config), config.seed)
+        },
         # Explicit ingest options: Train's defaults copy the deprecated
         # ExecutionOptions.exclude_resources (a RayDeprecationWarning on every run).
         dataset_config=DataConfig(execution_options=ExecutionOptions()),
@@ -220,19 +236,7 @@ def distill_locked(
     cmeta: clf.ClassifierMeta | None,
     callbacks: Sequence[Any],
 ) -> RunOutcome:
-    method = config.loss.method
-    spec = TrainSpec(
-        role=Role.STUDENT,
-        model=ModelSpec(config.student.arch, config.student.emb_dim, config.student.dropout),
-        loss=config.loss,
-        optim=config.optim,
-        num_classes=meta.num_classes,
-        num_images=meta.num_images,
-        classifier=None if cmeta is None else place_classifier(config, cmeta),
-        teacher_backbone=config.teacher.backbone if method.needs_teacher_embeddings else None,
-        eval_uri=config.data.eval,
-        best_uri=best_uri(config, name) if config.run.keep_best else None,
-    )
+    spec = student_spec(config, name, meta, cmeta)
     outcome = fit(config, spec, name=name, callbacks=callbacks)
     uri = student_uri(config, name)
     if trained_nothing(outcome) and storage.exists(uri):
@@ -247,6 +251,29 @@ def distill_locked(
     write_student_export(uri, export)
     export_best(config, name)
     return outcome
+
+
+def student_spec(
+    config: ExperimentConfig,
+    name: str,
+    meta: fmt.DatasetMeta,
+    cmeta: clf.ClassifierMeta | None,
+) -> TrainSpec:
+    """What the workers of student run ``name`` train (the classifier placed on the
+    cluster: put in the object store, or read per rank)."""
+    method = config.loss.method
+    return TrainSpec(
+        role=Role.STUDENT,
+        model=ModelSpec(config.student.arch, config.student.emb_dim, config.student.dropout),
+        loss=config.loss,
+        optim=config.optim,
+        num_classes=meta.num_classes,
+        num_images=meta.num_images,
+        classifier=None if cmeta is None else place_classifier(config, cmeta),
+        teacher_backbone=config.teacher.backbone if method.needs_teacher_embeddings else None,
+        eval_uri=config.data.eval or None,
+        best_uri=best_uri(config, name) if config.run.keep_best else None,
+    )
 
 
 def export_best(config: ExperimentConfig, name: str) -> None:
@@ -399,15 +426,32 @@ def export_teacher(config: ExperimentConfig, state: TrainingState, meta: fmt.Dat
 
 def summary(outcome: RunOutcome) -> dict[str, Any]:
     headline = (Metric.ACC_10FOLD, Metric.AUC, Metric.RANK1)
-    keep = ("loss", "samples_per_s", "best_epoch", *(m.validation_key for m in headline))
+    keep = (
+        "loss",
+        "samples_per_s",
+        "input_wait_share",
+        "best_epoch",
+        *(m.validation_key for m in headline),
+    )
     return {
         "name": outcome.name,
         "checkpoint": outcome.checkpoint_path,
         "epochs_done": list(outcome.state.epochs_done),
         "train_seconds": round(outcome.state.train_seconds, 1),
+        "throughput": [
+            {"epoch": epoch, "samples_per_s": round(rate, 1), "input_wait_share": round(wait, 3)}
+            for epoch, (rate, wait) in throughput_by_epoch(outcome.state)
+        ],
         **{
             k: (round(v, 4) if isinstance(v, float) and np.isfinite(v) else v)
             for k, v in outcome.metrics.items()
             if k in keep
         },
     }
+
+
+def throughput_by_epoch(state: TrainingState) -> list[tuple[int, tuple[float, float]]]:
+    """(epoch, (samples/s, input wait share)) for the epochs that recorded it (a run
+    resumed from a checkpoint older than the record has none for its first epochs)."""
+    measured = state.epochs_done[len(state.epochs_done) - len(state.throughput) :]
+    return list(zip(measured, state.throughput, strict=True))

@@ -49,7 +49,7 @@ from orchestrator.config import (
 )
 from orchestrator.data import format as fmt
 from orchestrator.data.images import CorruptImageError, to_model_input
-from orchestrator.data.ray_input import epoch_batches
+from orchestrator.data.ray_input import TimedBatches, epoch_batches
 from orchestrator.evaluation import (
     EvalSet,
     Flip,
@@ -81,7 +81,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         return
     for epoch in range(state.start_epoch, spec.optim.epochs):
         stats = run_epoch(state, epoch)
-        state.history = state.history.after_epoch(epoch, stats.seconds)
+        state.history = state.history.after_epoch(epoch, stats)
         report(
             state,
             stats,
@@ -289,6 +289,23 @@ class EpochStats:
     seconds: float = 0.0
     lr: float = float("nan")
     global_batch: int = 0
+    input_wait_s: float = 0.0  # time blocked on the input iterator, after the first batch
+    input_startup_s: float = 0.0  # the wait for the first batch (the pipeline's start-up)
+    after_first_step_s: float = 0.0  # the epoch's time after its first step
+
+    @property
+    def steady_samples_per_s(self) -> float:
+        """The rate after the first step (start-up, first-batch compilation and allocation
+        left out): what the loop sustains."""
+        steps = len(self.losses) - 1
+        return steps * self.global_batch / self.after_first_step_s if steps > 0 else 0.0
+
+    @property
+    def input_wait_share(self) -> float:
+        """The share of the epoch after its first batch that this worker spent waiting for
+        input (0..1): near 0 compute-bound, near 1 input-bound. The start-up before the
+        first batch is ``input_startup_s``, apart: on short epochs it would swamp the rest."""
+        return self.input_wait_s / max(self.seconds - self.input_startup_s, 1e-9)
 
     @property
     def mean_loss(self) -> float:
@@ -306,32 +323,42 @@ def run_epoch(state: WorkerState, epoch: int) -> EpochStats:
     step = epoch * schedule.steps_per_epoch
     losses: list[float] = []
     seen_ids: list[str] = []
-    started = time.monotonic()
+    started = first_step_done = time.monotonic()
     progress = ProgressLine(state, epoch)
-    batches = epoch_batches(state.data, schedule.local_batch, config.run.shuffle_buffer)
-    for batch in input_errors_named(batches):
+    timed = TimedBatches(
+        epoch_batches(state.data, schedule.local_batch, config.run.shuffle_buffer),
+        max_rows_per_s=config.data.throttle_images_per_s / state.world_size,
+    )
+    for batch in input_errors_named(timed):
         if config.run.audit_ids:
             seen_ids.extend(batch["image_id"].tolist())
         if len(batch["label"]) < schedule.local_batch:
             continue  # the epoch's remainder: every rank has the same count, so skips it
         losses.append(train_batch(state, batch, lr=schedule.lr(step)))
+        if len(losses) == 1:
+            first_step_done = time.monotonic()
         check_finite(state, losses, epoch)
         step += 1
         progress.after_step(losses)
     if config.run.audit_ids:
         write_audit(config, epoch=epoch, rank=state.rank, image_ids=seen_ids)
+    ended = time.monotonic()
     stats = EpochStats(
         epoch=epoch,
         losses=tuple(losses),
-        seconds=time.monotonic() - started,
+        seconds=ended - started,
+        after_first_step_s=ended - first_step_done if losses else 0.0,
         lr=schedule.lr(step),
         global_batch=schedule.local_batch * state.world_size,
+        input_wait_s=timed.waited - timed.first_wait,
+        input_startup_s=timed.first_wait,
     )
     if state.rank == 0:
         print(
             f"{state.tag} epoch {epoch + 1}/{state.spec.optim.epochs} done: loss "
             f"{stats.mean_loss:.4f}  {stats.samples_per_s:.0f} samples/s  "
-            f"{format_seconds(stats.seconds)}",
+            f"{format_seconds(stats.seconds)}  input: {stats.input_startup_s:.1f}s start-up, "
+            f"then {stats.input_wait_share:.0%} of the time waiting",
             flush=True,
         )
     return stats
@@ -479,6 +506,11 @@ def report(state: WorkerState, stats: EpochStats, *, validate: bool, save: bool)
     }
     if stats.global_batch:  # an epoch was trained (not the rerun of a finished run)
         metrics.update(loss=stats.mean_loss, samples_per_s=stats.samples_per_s, lr=stats.lr)
+        metrics.update(
+            input_wait_share=stats.input_wait_share,
+            input_startup_s=stats.input_startup_s,
+            steady_samples_per_s=stats.steady_samples_per_s,
+        )
         metrics.update(memory_mb())
     if not save:
         ray.train.report(metrics)
@@ -515,6 +547,7 @@ def training_state(state: WorkerState, epoch: int) -> TrainingState:
         resumed_at=history.resumed_at,
         world_sizes=history.world_sizes,
         train_seconds=history.train_seconds,
+        throughput=history.throughput,
         extra=state.spec.provenance(),
     )
 
@@ -541,6 +574,7 @@ class History:
     resumed_at: tuple[int, ...]
     world_sizes: tuple[int, ...]
     train_seconds: float
+    throughput: tuple[tuple[float, float], ...] = ()  # per epoch: samples/s, input wait share
 
     @classmethod
     def start(cls, previous: TrainingState | None, world_size: int) -> History:
@@ -552,9 +586,13 @@ class History:
             (*previous.resumed_at, previous.epoch + 1),
             (*previous.world_sizes, world_size),
             previous.train_seconds,
+            previous.throughput,
         )
 
-    def after_epoch(self, epoch: int, seconds: float) -> History:
+    def after_epoch(self, epoch: int, stats: EpochStats) -> History:
         return replace(
-            self, epochs_done=(*self.epochs_done, epoch), train_seconds=self.train_seconds + seconds
+            self,
+            epochs_done=(*self.epochs_done, epoch),
+            train_seconds=self.train_seconds + stats.seconds,
+            throughput=(*self.throughput, (stats.samples_per_s, stats.input_wait_share)),
         )
