@@ -43,7 +43,7 @@ from orchestrator.evaluation import (
 )
 from orchestrator.models import build_backbone
 from orchestrator.runs import student_uri
-from orchestrator.train.launch import RunOutcome, distill, train_teacher
+from orchestrator.train.launch import RunOutcome, distill, summary, train_teacher
 from tests.conftest import TrainSetup, make_train_setup
 from tests.test_safe_loading import crafted
 
@@ -516,3 +516,26 @@ def test_val_targets_are_validated_each_epoch_and_can_pick_the_best(
     assert record.value >= again["acc_10fold"] - 1e-9  # the best is never below the last
     if record.epoch == 1:
         assert record.value == pytest.approx(again["acc_10fold"], abs=1e-9)
+
+
+def test_a_slowed_input_shows_in_the_input_wait_share(train_setup: TrainSetup) -> None:
+    """Two one-epoch runs, one with its input held to 8 images/s: the share of the epoch
+    (after its first batch) spent waiting for input is higher there, and the per-epoch
+    figures reach the summary, the checkpoint and student.pt."""
+    shares = {}
+    for name, throttle in (("fed", 0.0), ("starved", 8.0)):
+        config = replace(
+            train_setup.base,
+            name=f"wait-{name}",
+            data=replace(train_setup.base.data, throttle_images_per_s=throttle),
+            optim=replace(train_setup.base.optim, epochs=1),
+        )
+        outcome = distill(config)
+        shares[name] = outcome.metrics["input_wait_share"]
+        ((rate, wait),) = outcome.state.throughput
+        assert wait == shares[name] and rate == outcome.metrics["samples_per_s"]
+        export = read_student_export(student_uri(config, f"wait-{name}"))
+        assert export.throughput == outcome.state.throughput
+        assert summary(outcome)["throughput"][0]["input_wait_share"] == round(wait, 3)
+    assert shares["starved"] > shares["fed"], shares
+    assert shares["starved"] > 0.5, shares  # held 0.5 s per 2-image batch, steps of ~ms

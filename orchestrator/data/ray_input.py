@@ -185,7 +185,7 @@ class TimedBatches:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         it = iter(self.batches)
-        started = time.monotonic()
+        first_at = 0.0  # the throttle's clock starts when the first batch arrives
         while True:
             asked = time.monotonic()
             try:
@@ -193,13 +193,16 @@ class TimedBatches:
             except StopIteration:
                 self.waited += time.monotonic() - asked
                 return
-            self.rows += len(next(iter(batch.values())))
-            if self.max_rows_per_s > 0:
-                hold = started + self.rows / self.max_rows_per_s - time.monotonic()
+            rows = len(next(iter(batch.values())))
+            if self.count == 0:
+                first_at = time.monotonic()
+            elif self.max_rows_per_s > 0:
+                hold = first_at + self.rows / self.max_rows_per_s - time.monotonic()
                 if hold > 0:
                     time.sleep(hold)
-            self.waited += time.monotonic() - asked
+            self.rows += rows
             self.count += 1
+            self.waited += time.monotonic() - asked
             if self.count == 1:
                 self.first_wait = self.waited
             yield batch
