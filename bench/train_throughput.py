@@ -15,6 +15,9 @@ Paths (rows of the table):
   d ray-s3    our full path: Parquet of JPEG bytes on the embedded S3 server, the decode
               actor pool, Ray Train
 
+CPU columns: the shares of the machine's CPU time during each Ray fit used by the Train
+workers and by everything else (Ray's own processes, decode actors, the store server), read
+from /proc: where (c) trails (b), this says how much of the gap is other processes' CPU.
 Rates are images/s after warm-up: (a) and (b) time --steps steps after --warmup steps; (c)
 and (d) report the steady rate of their last epoch (after its first step, so the epoch's
 input start-up is left out; the start-up and the input-wait share are columns of their
@@ -279,6 +282,68 @@ def write_inputs(
     return Written(config, images)
 
 
+class CpuSampler:
+    """CPU seconds used during a run by the Train workers and by everything else (Ray's
+    own processes: raylet, GCS, the Train controller, the split coordinator, the decode
+    actors, the store server), from /proc, sampled twice a second (a process that ends
+    keeps its last sample). Linux only; empty elsewhere."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.last: dict[int, tuple[str, float]] = {}
+        self.start: dict[int, float] = {}
+        self.workers: set[int] = set()  # pids seen as a Train worker in any sample
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    @staticmethod
+    def read() -> dict[int, tuple[str, float]]:
+        out = {}
+        tick = os.sysconf("SC_CLK_TCK")
+        for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    fields = handle.read().rsplit(")", 1)[1].split()
+                with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                    command = handle.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            out[int(entry)] = (command, (int(fields[11]) + int(fields[12])) / tick)
+        return out
+
+    def sample(self) -> None:
+        now = self.read()
+        self.workers |= {pid for pid, (command, _) in now.items() if "RayTrainWorker" in command}
+        self.last.update(now)
+
+    def run(self) -> None:
+        while not self.stop_event.wait(0.5):
+            self.sample()
+
+    def __enter__(self) -> CpuSampler:
+        self.start = {pid: cpu for pid, (_, cpu) in self.read().items()}
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_event.set()
+        self.thread.join()
+        self.sample()
+
+    def split(self) -> dict[str, float]:
+        me = os.getpid()
+        totals = {"workers": 0.0, "other": 0.0}
+        for pid, (_, cpu) in self.last.items():
+            used = cpu - self.start.get(pid, 0.0)
+            if pid == me or used <= 0:
+                continue
+            totals["workers" if pid in self.workers else "other"] += used
+        return totals
+
+
 def ray_rates(written: Written, method: str, *, in_memory: bool, run: int) -> dict[str, float]:
     """Steady images/s of the last epoch, its input start-up and input-wait share."""
     import ray
@@ -303,12 +368,19 @@ def ray_rates(written: Written, method: str, *, in_memory: bool, run: int) -> di
             for i, (image, label) in enumerate(zip(written.images, labels_of(config), strict=True))
         ]
         dataset = ray.data.from_items(rows).materialize()
-    outcome = fit(config, spec, name=name, dataset=dataset)
-    m = outcome.metrics
+    started = time.monotonic()
+    with CpuSampler() as cpu:
+        outcome = fit(config, spec, name=name, dataset=dataset)
+    wall = time.monotonic() - started
+    m, used = outcome.metrics, cpu.split()
+    cores = os.cpu_count() or 1
     return {
         "rate": float(m["steady_samples_per_s"]),
         "startup_s": float(m["input_startup_s"]),
         "input_wait": float(m["input_wait_share"]),
+        # Shares of the machine's CPU time during the whole fit (start-up included).
+        "workers_cpu": used["workers"] / (wall * cores),
+        "other_cpu": used["other"] / (wall * cores),
     }
 
 
@@ -380,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
                             row[path] = got["rate"]
                             row[f"{path}_startup_s"] = got["startup_s"]
                             row[f"{path}_input_wait"] = got["input_wait"]
+                            row[f"{path}_workers_cpu"] = got["workers_cpu"]
+                            row[f"{path}_other_cpu"] = got["other_cpu"]
                     results.append(row)
                     print(
                         "[bench] "
@@ -399,7 +473,10 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 def report(results: list[dict[str, Any]], setup: Setup, cores: int) -> None:
-    head = "| method | C | a single | b ddp | c ray-mem | d ray-s3 | c/b | d/b | d start-up s | d input wait |"
+    head = (
+        "| method | C | a single | b ddp | c ray-mem | d ray-s3 | c/b | d/b | d start-up s "
+        "| d input wait | c CPU workers / other | d CPU workers / other |"
+    )
     print(
         f"\nimages/s, global batch {setup.batch}, {setup.workers} workers x {setup.threads} threads, {cores} cores\n"
     )
@@ -413,7 +490,9 @@ def report(results: list[dict[str, Any]], setup: Setup, cores: int) -> None:
         print(
             f"| {r['method']} | {r['classes']} | {cell(r.get('a'))} | {cell(r.get('b'))} | {cell(r.get('c'))} | "
             f"{cell(r.get('d'))} | {cell(ratio(r.get('c'), r.get('b')), 2)} | {cell(ratio(r.get('d'), r.get('b')), 2)} | "
-            f"{cell(r.get('d_startup_s'))} | {cell(r.get('d_input_wait'), 2)} |"
+            f"{cell(r.get('d_startup_s'))} | {cell(r.get('d_input_wait'), 2)} | "
+            f"{cell(r.get('c_workers_cpu'), 2)} / {cell(r.get('c_other_cpu'), 2)} | "
+            f"{cell(r.get('d_workers_cpu'), 2)} / {cell(r.get('d_other_cpu'), 2)} |"
         )
     by = {(r["method"], r["classes"]): r for r in results}
     targets: dict[str, Any] = {}

@@ -496,7 +496,12 @@ class RetrainConfig:
     snapshots: str = ""
     benchmark: str = ""
     registry: str = ""
-    metric: str = Metric.ACC_10FOLD.value  # a Metric, or <run.val_targets name>_acc
+    # a Metric, <run.val_targets name>_acc, or with ijb: <ijb_set>_tar_at_far_<far>
+    metric: str = Metric.ACC_10FOLD.value
+    # An IJB-B/IJB-C directory the candidate and the champion are also scored on (1:1
+    # verification; gate on e.g. IJBC_tar_at_far_1e-4).
+    ijb: str = ""
+    ijb_set: str = "IJBC"
     min_improvement: float = 0.0
     lock_ttl_s: float = 12 * 3600.0  # a crashed run's lock expires after this
     lock_settle_s: float = 2.0  # wait after writing the lock before trusting it
@@ -504,6 +509,15 @@ class RetrainConfig:
     def __post_init__(self) -> None:
         require(self.lock_ttl_s > 0, "lock_ttl_s", "must be > 0")
         require(self.lock_settle_s >= 0, "lock_settle_s", "must be >= 0")
+        require(
+            self.ijb_set in IJB_SETS,
+            "ijb_set",
+            f"expected one of {IJB_SETS}, found {self.ijb_set!r}",
+        )
+
+    def ijb_metrics(self) -> list[str]:
+        """The gate metrics ``ijb`` adds: TAR at each FAR of the IJB protocol."""
+        return [f"{self.ijb_set}_tar_at_far_{far}" for far in IJB_FAR_KEYS] if self.ijb else []
 
 
 @dataclass(frozen=True)
@@ -573,6 +587,8 @@ class ExperimentConfig:
             ("run.best_metric", self.run.best_metric),
         ):
             known = [m.value for m in Metric] + [f"{name}{BENCHMARK_METRIC}" for name in targets]
+            if key == "retrain.metric":
+                known += self.retrain.ijb_metrics()
             require(
                 metric in known,
                 key,
@@ -588,6 +604,8 @@ class ExperimentConfig:
 
 
 BENCHMARK_METRIC = "_acc"  # a .bin benchmark's metric: <name>_acc, its 10-fold accuracy
+IJB_SETS = ("IJBB", "IJBC")
+IJB_FAR_KEYS = ("1e-6", "1e-5", "1e-4", "1e-3", "1e-2", "1e-1")  # the FARs IJB reports
 
 
 def validation_key(metric: str) -> str:

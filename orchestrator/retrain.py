@@ -201,6 +201,7 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
     """The snapshot's candidate: trained unless its student exists, evaluated on the
     benchmark next to the champion. Saved in the registry before any decision."""
+    from orchestrator.benchmarks.ijb import IjbSet
     from orchestrator.benchmarks.suite import BenchmarkPlan, run_benchmarks
     from orchestrator.evaluation import evaluate_students
     from orchestrator.runs import student_uri
@@ -219,15 +220,27 @@ def train_and_evaluate(
     report = evaluate_students(config.retrain.benchmark, None, students).report
     targets = val_targets(config)
     benchmarks: dict[str, Any] = {}
-    if targets:  # run.val_targets: the .bin sets, for a gate on <name>_acc
-        plan = BenchmarkPlan(bins=tuple(targets.values()), image_size=config.data.image_size)
+    if targets or config.retrain.ijb:  # the .bin sets (<name>_acc) and IJB (TAR@FAR)
+        plan = BenchmarkPlan(
+            bins=tuple(targets.values()),
+            ijb_root=config.retrain.ijb,
+            ijb_set=IjbSet(config.retrain.ijb_set),
+            image_size=config.data.image_size,
+        )
         benchmarks, _ = run_benchmarks(plan, teacher_uri=None, students=students)
 
     def metrics_of(model: str) -> dict[str, Any]:
         values = summary_metrics(report["students"].get(model, {}))
         for name, result in benchmarks.items():
-            if model in result["students"]:
-                values[name + BENCHMARK_METRIC] = result["students"][model]["acc_10fold"]
+            entry = result["students"].get(model)
+            if entry is None:
+                continue
+            if result.get("kind") == "ijb":
+                for far, tar in entry["tar_at_far"].items():
+                    if tar is not None:
+                        values[f"{name}_tar_at_far_{far}"] = tar
+            else:
+                values[name + BENCHMARK_METRIC] = entry["acc_10fold"]
         return values
 
     candidate = {

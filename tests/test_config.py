@@ -246,3 +246,14 @@ def test_val_targets_resolve_and_name_the_metrics_they_add() -> None:
         load_config(None, ["run.val_targets=[lfw]"])
     with pytest.raises(ConfigError, match="two targets have one name"):
         load_config(None, ["data.val_dir=/b", "run.val_targets=[lfw, /other/lfw.bin]"])
+
+
+def test_an_ijb_gate_needs_retrain_ijb() -> None:
+    config = load_config(None, ["retrain.ijb=/data/IJBC", "retrain.metric=IJBC_tar_at_far_1e-4"])
+    assert config.retrain.metric == "IJBC_tar_at_far_1e-4"
+    with pytest.raises(
+        ConfigError, match=r"retrain\.metric: expected one of .*found 'IJBC_tar_at_far_1e-4'"
+    ):
+        load_config(None, ["retrain.metric=IJBC_tar_at_far_1e-4"])
+    with pytest.raises(ConfigError, match=r"retrain\.ijb_set: expected one of"):
+        load_config(None, ["retrain.ijb_set=IJBA"])

@@ -25,6 +25,7 @@ from orchestrator.retrain import Outcome, candidate_config, newest_snapshot
 from orchestrator.runs import student_uri
 from orchestrator.train.launch import distill
 from tests.conftest import BUCKET, REPO, make_train_setup
+from tests.test_benchmarks import independent_ijb, write_ijb_tree
 
 pytestmark = pytest.mark.usefixtures("ray_with_store")
 ROOT = f"s3://{BUCKET}/retrain"
@@ -194,7 +195,10 @@ def test_two_overlapping_runs_never_both_decide(
 
 
 def test_the_gate_can_be_a_bin_benchmark(
-    base: ExperimentConfig, object_store: EmbeddedObjectStore, tiny_synthetic: SyntheticDatasets
+    base: ExperimentConfig,
+    object_store: EmbeddedObjectStore,
+    tiny_synthetic: SyntheticDatasets,
+    tmp_path: Path,
 ) -> None:
     """``retrain.metric: <name>_acc`` with ``run.val_targets``: the candidate is scored on
     the ``.bin`` set (on object storage here), and the recorded value is the exported
@@ -202,8 +206,10 @@ def test_the_gate_can_be_a_bin_benchmark(
     vb = bin_from_eval_set(tiny_synthetic.eval_uri)
     bin_uri = f"{ROOT}/bench/frozen.bin"
     write_bin(bin_uri, list(vb.images), vb.issame)
+    ijb = tmp_path / "IJBC"  # a local IJB tree beside the S3 registry
+    write_ijb_tree(ijb)
     gated = replace(base, run=replace(base.run, val_targets=(bin_uri,)))
-    config = configured(gated, "bin-gate", metric="frozen_acc")
+    config = configured(gated, "bin-gate", metric="frozen_acc", ijb=str(ijb))
     publish_snapshot(object_store, config.retrain.snapshots, "2026-01", seed=11)
     assert run(config) is Outcome.PROMOTED
     record = champion(config)
@@ -211,6 +217,14 @@ def test_the_gate_can_be_a_bin_benchmark(
     bench = load_bin_benchmark(bin_uri)
     again = pair_verification(bench.pairs, embed_images(student, bench.images, flip=Flip.SUM))
     assert record["metrics"]["frozen_acc"] == pytest.approx(again["acc_10fold"], abs=1e-9)
+    # retrain.ijb: the IJB TARs are recorded too (a gate may name them), as computed here.
+    expected = independent_ijb(ijb, student)["tar_at_far"]
+    recorded = {
+        k.removeprefix("IJBC_tar_at_far_"): v
+        for k, v in record["metrics"].items()
+        if k.startswith("IJBC_")
+    }
+    assert recorded == pytest.approx({k: v for k, v in expected.items() if v is not None})
     # The next snapshot is judged on that metric (an unreachable margin: rejected).
     publish_snapshot(object_store, config.retrain.snapshots, "2026-02", seed=12)
     strict = replace(config, retrain=replace(config.retrain, min_improvement=2.0))

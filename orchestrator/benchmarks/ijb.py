@@ -37,6 +37,7 @@ import numpy.typing as npt
 
 from orchestrator import storage
 from orchestrator.benchmarks.verification_bin import BenchmarkError
+from orchestrator.config import IJB_FAR_KEYS
 from orchestrator.evaluation import Flip
 from orchestrator.metrics import roc_auc, roc_curve, tar_at_far
 
@@ -53,10 +54,10 @@ ARCFACE_TEMPLATE = np.array(
     dtype=np.float64,
 )
 ALIGNED_SIZE = 112
-IJB_FARS: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+IJB_FARS: tuple[float, ...] = tuple(float(key) for key in IJB_FAR_KEYS)
 
 
-class IjbSet(enum.StrEnum):
+class IjbSet(enum.StrEnum):  # the values of orchestrator.config.IJB_SETS
     IJBB = "IJBB"
     IJBC = "IJBC"
 
