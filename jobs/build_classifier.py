@@ -3,12 +3,16 @@
 Three sources:
     python -m jobs.build_classifier checkpoint --teacher runs/teacher/teacher.pt --dataset runs/data/synthetic/train --out runs/teacher/classifier
     python -m jobs.build_classifier arcface-torch --run-dir /path/to/arcface_torch/output --dataset DATA --out OUT
-    python -m jobs.build_classifier mean-embedding --teacher backbone.pt --dataset DATA --out OUT
+    python -m jobs.build_classifier mean-embedding --teacher backbone.onnx --dataset DATA --out OUT
 On a cluster:
     ray job submit --working-dir . -- python -m jobs.build_classifier checkpoint --teacher ... --dataset s3://... --out s3://...
+    ray job submit --working-dir . -- python -m jobs.build_classifier mean-embedding --config configs/my.yaml --teacher s3://.../r50.onnx --dataset s3://... --out s3://... --actors 8
 
 mean-embedding is an approximation (class centres of the teacher's features instead of its
-trained classifier) for teachers whose head is lost; meta.json records it as such.
+trained classifier) for teachers whose head is lost; meta.json records it as such. The
+teacher may be in any format (teacher.format, teacher.input from --config/--set; README
+"Bring your own teacher"). It runs on Ray (an actor pool embeds, reducers sum per identity
+range, so nothing holds all of W); --local runs it in this one process instead.
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 
 from orchestrator import cli
 from orchestrator.data import format as fmt
+from orchestrator.mean_embedding import MeanEmbeddingPlan, build_on_ray
 from orchestrator.teacher import (
     classifier_from_arcface_torch,
     classifier_from_checkpoint,
@@ -41,6 +47,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--run-dir", help="arcface_torch output directory (arcface-torch)")
     parser.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    me = parser.add_argument_group("mean-embedding")
+    me.add_argument("--local", action="store_true", help="one process instead of Ray")
+    me.add_argument("--actors", type=int, default=1, help="embedding actors (a GPU each if any)")
+    me.add_argument("--actor-cpus", type=float, default=1.0, help="CPUs per CPU actor")
+    me.add_argument("--batch-size", type=int, default=64, help="images per actor batch")
+    me.add_argument(
+        "--identities-per-range",
+        type=int,
+        default=0,
+        help="identities per reducer (default: one 64 MiB chunk's rows)",
+    )
+    cli.add_config_args(parser)
     args = parser.parse_args(argv)
     meta = fmt.read_meta(args.dataset)
     if args.source == "arcface-torch":
@@ -64,10 +82,28 @@ def main(argv: Sequence[str] | None = None) -> int:
                 dtype=args.dtype,
             )
         else:
-            backbone = load_teacher_backbone(args.teacher)
-            built = classifier_from_mean_embeddings(
-                backbone, args.dataset, out=args.out, dtype=args.dtype
-            )
+            config = cli.config_from_args(args)
+            teacher = replace(config.teacher, backbone=args.teacher)
+            if args.local:
+                backbone = load_teacher_backbone(teacher, image_size=config.data.image_size)
+                built = classifier_from_mean_embeddings(
+                    backbone, args.dataset, out=args.out, dtype=args.dtype
+                )
+            else:
+                plan = MeanEmbeddingPlan(
+                    actors=args.actors,
+                    batch_size=args.batch_size,
+                    actor_cpus=args.actor_cpus,
+                    identities_per_range=args.identities_per_range,
+                    dtype=args.dtype,
+                )
+                built = build_on_ray(
+                    teacher,
+                    args.dataset,
+                    out=args.out,
+                    image_size=config.data.image_size,
+                    plan=plan,
+                )
     print(f"classifier {built.num_classes} x {built.emb_dim} ({built.dtype}) -> {args.out}")
     return 0
 

@@ -34,7 +34,7 @@ from orchestrator.evaluation import evaluate_students, write_report
 from orchestrator.objectstore import EmbeddedObjectStore
 from orchestrator.progress import format_seconds
 from orchestrator.runs import absolute_paths, ensure_ray, student_uri
-from orchestrator.teacher import load_teacher_backbone
+from orchestrator.teacher_models import load_teacher_backbone
 from orchestrator.train.launch import check_inputs, distill, train_teacher
 
 DEMO_BUCKET = "demo"
@@ -129,7 +129,7 @@ def run_demo(config: ExperimentConfig, method_names: str) -> int:
 
     phase("4/4 evaluation on held-out identities")
     result = evaluate_students(
-        config.data.eval, load_teacher_backbone(absolute_paths(config).teacher.backbone), students
+        config.data.eval, load_teacher_backbone(absolute_paths(config).teacher), students
     )
     table = write_report(result, config.storage_path)
     print(table)

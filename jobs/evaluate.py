@@ -23,7 +23,7 @@ from orchestrator import cli, storage
 from orchestrator.benchmarks.ijb import IjbOptions, IjbSet
 from orchestrator.benchmarks.suite import BenchmarkPlan, run_benchmarks
 from orchestrator.evaluation import EvaluationReport, Flip, evaluate_students, write_report
-from orchestrator.teacher import load_teacher_backbone
+from orchestrator.teacher_models import load_teacher_backbone
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -77,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         students[name] = uri
     if args.no_eval and not (args.benchmark or args.ijb):
         parser.error("--no-eval leaves nothing to evaluate: add --benchmark or --ijb")
-    teacher_uri = None if args.no_teacher else config.teacher.backbone
+    teacher_config = None if args.no_teacher else config.teacher
     plan = BenchmarkPlan(
         bins=tuple(args.benchmark),
         ijb_root=args.ijb,
@@ -94,11 +94,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.no_eval:
         result = EvaluationReport({"dataset": None, "teacher": None, "students": {}}, {})
     else:
-        teacher = load_teacher_backbone(teacher_uri) if teacher_uri else None
+        teacher = (
+            None
+            if teacher_config is None
+            else load_teacher_backbone(teacher_config, image_size=config.data.image_size)
+        )
         flip = Flip(args.flip or Flip.NONE.value)
         result = evaluate_students(config.data.eval, teacher, students, flip=flip)
     if plan.bins or plan.ijb_root:
-        benchmarks, curves = run_benchmarks(plan, teacher_uri=teacher_uri, students=students)
+        benchmarks, curves = run_benchmarks(plan, teacher=teacher_config, students=students)
         result.report["benchmarks"] = benchmarks
         result.curves.update(curves)
     out = args.out or storage.join(config.storage_path, config.name, "report")

@@ -96,21 +96,11 @@ class ClassifierWriter:
         self._pending_rows = 0
         self._chunks: list[ChunkInfo] = []
         self._rows = 0
-        storage.makedirs(out)
-        self._previous = previous_chunks(out)
-        self._prefix = f"rows-{uuid.uuid4().hex[:12]}-" if self._previous else "rows-"
+        self._prefix, self._previous = new_generation(out)
 
     def append(self, rows: npt.ArrayLike) -> None:
-        block = np.asarray(rows, dtype=np.float64)
-        if block.ndim != 2 or block.shape[1] != self.emb_dim:
-            raise ClassifierError(f"rows must be (n, emb_dim={self.emb_dim}), found {block.shape}")
-        norms = np.linalg.norm(block, axis=1, keepdims=True)
-        if not np.all(np.isfinite(block)) or np.any(norms == 0):
-            bad = int(np.flatnonzero(~np.isfinite(block).all(1) | (norms[:, 0] == 0))[0])
-            raise ClassifierError(
-                f"row {self._rows + bad} is zero or not finite: cannot normalise it"
-            )
-        self._pending.append((block / norms).astype(DTYPES[self.dtype]))
+        block = normalized_rows(rows, emb_dim=self.emb_dim, dtype=self.dtype, first=self._rows)
+        self._pending.append(block)
         self._pending_rows += block.shape[0]
         self._rows += block.shape[0]
         while self._pending_rows >= self.chunk_rows:
@@ -121,10 +111,9 @@ class ClassifierWriter:
         chunk, rest = merged[:rows], merged[rows:]
         self._pending = [rest] if rest.shape[0] else []
         self._pending_rows = rest.shape[0]
-        data = np.ascontiguousarray(chunk).tobytes()
-        name = f"{self._prefix}{len(self._chunks):05d}.bin"
-        storage.write_bytes_atomic(storage.join(self.out, name), data)
-        self._chunks.append(ChunkInfo(name, int(chunk.shape[0]), hashlib.sha256(data).hexdigest()))
+        self._chunks.append(
+            write_chunk(self.out, chunk_name(self._prefix, len(self._chunks)), chunk)
+        )
 
     def publish(self) -> ClassifierMeta:
         if self._pending_rows:
@@ -141,11 +130,51 @@ class ClassifierWriter:
             label_map_fingerprint=self.fingerprint,
             source=self.source,
         )
-        text = json.dumps(asdict(meta), indent=2, sort_keys=True) + "\n"
-        storage.write_text_atomic(storage.join(self.out, META_FILE), text)
-        for name in self._previous - {c.file for c in self._chunks}:
-            storage.delete(storage.join(self.out, name))
+        publish(self.out, meta, previous=self._previous)
         return meta
+
+
+def new_generation(out: str) -> tuple[str, set[str]]:
+    """(the chunk-name prefix for a new classifier at ``out``, the chunks of the one
+    published there now): new chunks never overwrite a published classifier's."""
+    storage.makedirs(out)
+    previous = previous_chunks(out)
+    return (f"rows-{uuid.uuid4().hex[:12]}-" if previous else "rows-"), previous
+
+
+def chunk_name(prefix: str, index: int) -> str:
+    return f"{prefix}{index:05d}.bin"
+
+
+def normalized_rows(
+    rows: npt.ArrayLike, *, emb_dim: int, dtype: str, first: int = 0
+) -> npt.NDArray[Any]:
+    """Rows scaled to unit length (in float64) and cast to ``dtype``; a zero or non-finite
+    row is an error naming its index (``first`` + its position)."""
+    block = np.asarray(rows, dtype=np.float64)
+    if block.ndim != 2 or block.shape[1] != emb_dim:
+        raise ClassifierError(f"rows must be (n, emb_dim={emb_dim}), found {block.shape}")
+    norms = np.linalg.norm(block, axis=1, keepdims=True)
+    if not np.all(np.isfinite(block)) or np.any(norms == 0):
+        bad = int(np.flatnonzero(~np.isfinite(block).all(1) | (norms[:, 0] == 0))[0])
+        raise ClassifierError(f"row {first + bad} is zero or not finite: cannot normalise it")
+    return (block / norms).astype(DTYPES[dtype])
+
+
+def write_chunk(out: str, name: str, rows: npt.NDArray[Any]) -> ChunkInfo:
+    """One chunk file (rows already normalised and cast, :func:`normalized_rows`)."""
+    data = np.ascontiguousarray(rows).tobytes()
+    storage.write_bytes_atomic(storage.join(out, name), data)
+    return ChunkInfo(name, int(rows.shape[0]), hashlib.sha256(data).hexdigest())
+
+
+def publish(out: str, meta: ClassifierMeta, *, previous: set[str]) -> None:
+    """Write meta.json (one atomic write: the classifier switches over), then delete the
+    ``previous`` chunks it no longer names."""
+    text = json.dumps(asdict(meta), indent=2, sort_keys=True) + "\n"
+    storage.write_text_atomic(storage.join(out, META_FILE), text)
+    for name in previous - {c.file for c in meta.chunks}:
+        storage.delete(storage.join(out, name))
 
 
 def previous_chunks(out: str) -> set[str]:

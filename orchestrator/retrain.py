@@ -227,7 +227,7 @@ def train_and_evaluate(
             ijb_set=IjbSet(config.retrain.ijb_set),
             image_size=config.data.image_size,
         )
-        benchmarks, _ = run_benchmarks(plan, teacher_uri=None, students=students)
+        benchmarks, _ = run_benchmarks(plan, teacher=None, students=students)
 
     def metrics_of(model: str) -> dict[str, Any]:
         values = summary_metrics(report["students"].get(model, {}))

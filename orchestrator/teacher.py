@@ -11,7 +11,6 @@ build the inherited classifier (DESIGN.md section 4):
 
 from __future__ import annotations
 
-import io
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -19,52 +18,22 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from orchestrator import classifier as clf
 from orchestrator import storage
-from orchestrator.artifacts import (
-    TEACHER_KIND,
-    ArtifactError,
-    archive_kind,
-    load_data,
-    load_teacher,
-    model_from,
-    read_teacher_bytes,
-)
+from orchestrator.artifacts import load_data, load_teacher
 from orchestrator.data import format as fmt
 from orchestrator.data.images import decode_jpeg, to_model_input
 from orchestrator.progress import Progress
 from orchestrator.shards import Shard
+from orchestrator.teacher_models import load_teacher_backbone
 
-
-def load_teacher_backbone(uri: str) -> nn.Module:
-    """A teacher backbone in eval mode from a local path or URI: this project's checkpoint,
-    or any TorchScript module mapping (B, 3, H, W) in [-1, 1] to (B, d).
-
-    The checkpoint is read as data only (:func:`orchestrator.artifacts.load_data`); a file
-    that is neither raises :class:`ArtifactError` naming it."""
-    raw = read_teacher_bytes(uri)
-    kind = archive_kind(raw)
-    if kind is None:
-        raise ArtifactError(
-            f"{uri}: neither a {TEACHER_KIND} checkpoint nor a TorchScript module "
-            "(not a PyTorch zip archive)"
-        )
-    if kind == "torchscript":
-        try:
-            return torch.jit.load(io.BytesIO(raw), map_location="cpu").eval()
-        except (RuntimeError, ValueError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ArtifactError(f"{uri}: unreadable TorchScript module ({first})") from None
-    teacher = load_teacher(uri, raw)
-    return model_from(
-        uri,
-        teacher.backbone,
-        arch=teacher.arch,
-        emb_dim=teacher.emb_dim,
-        image_size=teacher.image_size,
-    )
+__all__ = [
+    "classifier_from_arcface_torch",
+    "classifier_from_checkpoint",
+    "classifier_from_mean_embeddings",
+    "load_teacher_backbone",
+]
 
 
 def _where(uri: str) -> str:

@@ -37,7 +37,7 @@ import numpy.typing as npt
 
 from orchestrator import storage
 from orchestrator.benchmarks.verification_bin import BenchmarkError
-from orchestrator.config import IJB_FAR_KEYS
+from orchestrator.config import IJB_FAR_KEYS, TeacherConfig
 from orchestrator.evaluation import Flip
 from orchestrator.metrics import roc_auc, roc_curve, tar_at_far
 
@@ -251,10 +251,12 @@ def ijb_metrics(scores: npt.ArrayLike, same: npt.ArrayLike) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class ModelSource:
-    """A model an actor loads itself (read as data only): a ``student.pt`` or a teacher."""
+    """A model an actor loads itself (read as data only): a ``student.pt`` or a teacher
+    (``teacher`` says its format and input convention; unset: detected, ours)."""
 
     kind: str  # "student" | "teacher"
     uri: str
+    teacher: TeacherConfig | None = None
 
 
 class AlignAndEmbed:
@@ -264,12 +266,12 @@ class AlignAndEmbed:
         import torch
 
         from orchestrator.evaluation import load_student
-        from orchestrator.teacher import load_teacher_backbone
+        from orchestrator.teacher_models import load_teacher_backbone
 
         model = (
             load_student(source.uri)[0]
             if source.kind == "student"
-            else load_teacher_backbone(source.uri)
+            else load_teacher_backbone(source.teacher or source.uri)
         )
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = model.to(self.device).eval()

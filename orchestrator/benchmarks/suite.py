@@ -18,6 +18,7 @@ from orchestrator.benchmarks.verification_bin import (
     file_order_folds,
     read_bin,
 )
+from orchestrator.config import TeacherConfig
 from orchestrator.data import format as fmt
 from orchestrator.errors import UsageError
 from orchestrator.evaluation import Flip, Pairs, embed_images, pair_verification
@@ -134,17 +135,19 @@ class BenchmarkPlan:
 
 
 def run_benchmarks(
-    plan: BenchmarkPlan, *, teacher_uri: str | None, students: dict[str, str]
+    plan: BenchmarkPlan, *, teacher: TeacherConfig | None, students: dict[str, str]
 ) -> tuple[dict[str, Any], dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """Every set of ``plan`` on the teacher (None: none) and the students (name -> a
-    ``student.pt``): ``{set name: result}`` and the IJB ROC curves."""
+    """Every set of ``plan`` on the teacher (None: none; any format) and the students
+    (name -> a ``student.pt``): ``{set name: result}`` and the IJB ROC curves."""
     from orchestrator.evaluation import load_student
-    from orchestrator.teacher import load_teacher_backbone
+    from orchestrator.teacher_models import load_teacher_backbone
 
     results: dict[str, Any] = {}
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if plan.bins:
-        teacher = load_teacher_backbone(teacher_uri) if teacher_uri else None
+        model = (
+            None if teacher is None else load_teacher_backbone(teacher, image_size=plan.image_size)
+        )
         models = {name: load_student(uri)[0] for name, uri in students.items()}
         for uri in plan.bins:
             bench = load_bin_benchmark(uri, image_size=plan.image_size)
@@ -153,7 +156,7 @@ def run_benchmarks(
             results[bench.name] = {
                 "kind": "bin",
                 "flip": plan.flip.value,
-                **bin_report(bench, teacher=teacher, students=models, flip=plan.flip),
+                **bin_report(bench, teacher=model, students=models, flip=plan.flip),
             }
     if plan.ijb_root:
         meta = read_ijb_meta(plan.ijb_root, plan.ijb_set)
@@ -164,7 +167,7 @@ def run_benchmarks(
         )
         report, ijb_curves = ijb_report(
             meta,
-            teacher=ModelSource("teacher", teacher_uri) if teacher_uri else None,
+            teacher=None if teacher is None else ModelSource("teacher", teacher.backbone, teacher),
             students={name: ModelSource("student", uri) for name, uri in students.items()},
             options=plan.ijb,
         )

@@ -41,7 +41,7 @@ def build_backbone(
                 dropout=dropout,
                 input_size=input_size,
             )
-        case Arch.IRESNET18 | Arch.IRESNET34 | Arch.IRESNET50 | Arch.IRESNET100:
+        case Arch.IRESNET18 | Arch.IRESNET34 | Arch.IRESNET50 | Arch.IRESNET100 | Arch.IRESNET200:
             return IResNet(
                 STAGE_DEPTHS[arch.value], emb_dim=emb_dim, dropout=dropout, input_size=input_size
             )

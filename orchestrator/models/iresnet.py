@@ -2,8 +2,8 @@
 
 Improved residual blocks (Duta et al., "Improved Residual Networks", 2020) as used by
 ArcFace: a 3x3 stem at 112x112, four stages that halve the resolution to 7x7, and the
-BN-Dropout-FC-BN embedding head. Depths 18/34/50/100 follow the insightface model zoo
-(stage depths 2-2-2-2, 3-4-6-3, 3-4-14-3, 3-13-30-3).
+BN-Dropout-FC-BN embedding head. Depths 18/34/50/100/200 follow the insightface model zoo
+(stage depths 2-2-2-2, 3-4-6-3, 3-4-14-3, 3-13-30-3, 6-26-60-6).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ STAGE_DEPTHS: dict[str, tuple[int, int, int, int]] = {
     "iresnet34": (3, 4, 6, 3),
     "iresnet50": (3, 4, 14, 3),
     "iresnet100": (3, 13, 30, 3),
+    "iresnet200": (6, 26, 60, 6),
 }
 
 

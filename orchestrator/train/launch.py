@@ -270,7 +270,7 @@ def student_spec(
         num_classes=meta.num_classes,
         num_images=meta.num_images,
         classifier=None if cmeta is None else place_classifier(config, cmeta),
-        teacher_backbone=config.teacher.backbone if method.needs_teacher_embeddings else None,
+        teacher=config.teacher if method.needs_teacher_embeddings else None,
         eval_uri=config.data.eval or None,
         best_uri=best_uri(config, name) if config.run.keep_best else None,
     )

@@ -13,7 +13,7 @@ from typing import Any
 
 from orchestrator.artifacts import ClassifierRef
 from orchestrator.classifier import ClassifierMeta
-from orchestrator.config import Arch, LossConfig, OptimConfig
+from orchestrator.config import Arch, LossConfig, OptimConfig, TeacherConfig
 
 
 class Role(enum.StrEnum):
@@ -58,7 +58,7 @@ class TrainSpec:
     num_classes: int
     num_images: int
     classifier: ClassifierSource | None = None  # the teacher's W, when the method uses it
-    teacher_backbone: str | None = None  # when the method needs teacher embeddings
+    teacher: TeacherConfig | None = None  # its backbone, when the method needs teacher embeddings
     eval_uri: str | None = None
     best_uri: str | None = None  # <run>/best: the best validated state is kept there
 

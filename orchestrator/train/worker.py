@@ -63,7 +63,7 @@ from orchestrator.losses.sharded import ShardedProxylessLoss
 from orchestrator.models import build_backbone
 from orchestrator.progress import format_seconds
 from orchestrator.shards import Shard
-from orchestrator.teacher import load_teacher_backbone
+from orchestrator.teacher_models import load_teacher_backbone
 from orchestrator.train.spec import DenseClassifier, ShardedClassifier, TrainSpec
 from orchestrator.train.step import lr_at, train_step
 
@@ -175,7 +175,7 @@ def set_up(spec: TrainSpec, config: ExperimentConfig) -> WorkerState:
         device=device,
         student=ray.train.torch.prepare_model(student),  # DDP over the workers (not W)
         loss_fn=loss_fn,
-        teacher=load_teacher(spec, device),
+        teacher=load_teacher(spec, device, image_size=config.data.image_size),
         optimizer=optimizer,
         schedule=Schedule.of(spec, world_size),
         data=ray.train.get_dataset_shard("train"),
@@ -248,10 +248,11 @@ def shared_classifier(source: DenseClassifier) -> torch.Tensor:
         return torch.from_numpy(array)
 
 
-def load_teacher(spec: TrainSpec, device: torch.device) -> nn.Module | None:
-    if spec.teacher_backbone is None:
+def load_teacher(spec: TrainSpec, device: torch.device, *, image_size: int) -> nn.Module | None:
+    """The frozen teacher in any format (:mod:`orchestrator.teacher_models`), on ``device``."""
+    if spec.teacher is None:
         return None
-    teacher = load_teacher_backbone(spec.teacher_backbone).to(device)
+    teacher = load_teacher_backbone(spec.teacher, image_size=image_size).to(device)
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher

@@ -1,0 +1,279 @@
+"""The mean-embedding classifier built on a Ray cluster, for any number of identities.
+
+Row c of W is the normalised mean of the teacher's normalised embeddings of identity c
+(:func:`orchestrator.teacher.classifier_from_mean_embeddings` is the single-process form
+and the reference). Here:
+
+1. Ray Data reads the dataset's Parquet shards and an actor pool (:class:`EmbedAndSum`, a
+   GPU each when the cluster has GPUs) decodes, embeds with the teacher in any format and
+   sums each batch's normalised embeddings per label: (labels, float64 sums, counts).
+2. The driver streams those partial sums, one batch at a time, to reducer actors
+   (:class:`RangeSums`), each owning one identity range ``[start, start + size)``: no
+   process holds more than its range (``size x d`` float64) and nobody holds all of W.
+3. Each reducer normalises its rows and writes them as chunks of the classifier format
+   (ranges are whole chunks, so chunk ``k`` of the published classifier is written by the
+   reducer whose range holds its rows); the driver publishes ``meta.json`` last.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from orchestrator import classifier as clf
+from orchestrator import storage
+from orchestrator.config import TeacherConfig
+from orchestrator.data import format as fmt
+from orchestrator.progress import Progress
+
+
+@dataclass(frozen=True)
+class MeanEmbeddingPlan:
+    """``actors`` embedding actors of ``batch_size`` images; reducers of
+    ``identities_per_range`` identities (0: one chunk's rows; rounded up to whole chunks)."""
+
+    actors: int = 1
+    batch_size: int = 64
+    actor_cpus: float = 1.0  # CPU actors only; on a GPU cluster each actor takes one GPU
+    identities_per_range: int = 0
+    dtype: str = "float16"
+    chunk_rows: int | None = None  # the classifier's chunk size (default: 64 MiB chunks)
+
+    def __post_init__(self) -> None:
+        if self.actors < 1 or self.batch_size < 1 or self.identities_per_range < 0:
+            raise ValueError(
+                f"actors and batch_size must be >= 1 and identities_per_range >= 0, found "
+                f"{self.actors}, {self.batch_size}, {self.identities_per_range}"
+            )
+
+
+class EmbedAndSum:
+    """A Ray Data actor: JPEG bytes -> teacher embeddings -> per-label sums of the batch."""
+
+    def __init__(self, teacher: TeacherConfig, image_size: int, dataset: str) -> None:
+        import torch
+
+        from orchestrator.teacher_models import load_teacher_backbone
+
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = load_teacher_backbone(teacher, image_size=image_size).to(self.device)
+        self.dataset = dataset
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, npt.NDArray[Any]]:
+        import torch
+
+        from orchestrator.data.images import decode_jpeg, to_model_input
+
+        images = np.stack(
+            [
+                decode_jpeg(data, f"{self.dataset} image {image_id}")
+                for data, image_id in zip(batch["image"], batch["image_id"], strict=True)
+            ]
+        )
+        with torch.no_grad():
+            emb = self.model(to_model_input(images).to(self.device))
+            emb = torch.nn.functional.normalize(emb.double(), dim=1).cpu().numpy()
+        labels, inverse = np.unique(np.asarray(batch["label"], dtype=np.int64), return_inverse=True)
+        sums = np.zeros((labels.size, emb.shape[1]), dtype=np.float64)
+        np.add.at(sums, inverse, emb)
+        return {"label": labels, "sum": sums, "count": np.bincount(inverse).astype(np.int64)}
+
+
+class RangeSums:
+    """A reducer (a Ray actor): the sums and counts of identities ``[start, start + size)``."""
+
+    def __init__(self, start: int, size: int, emb_dim: int) -> None:
+        self.start, self.size = start, size
+        self.sums = np.zeros((size, emb_dim), dtype=np.float64)  # (size, d)
+        self.counts = np.zeros(size, dtype=np.int64)
+
+    def add(
+        self,
+        labels: npt.NDArray[np.int64],
+        sums: npt.NDArray[np.float64],
+        counts: npt.NDArray[np.int64],
+    ) -> int:
+        local = labels - self.start
+        np.add.at(self.sums, local, sums)
+        np.add.at(self.counts, local, counts)
+        return int(counts.sum())
+
+    def write(
+        self, out: str, *, prefix: str, chunk_rows: int, dtype: str
+    ) -> tuple[list[clf.ChunkInfo], list[int]]:
+        """(the chunks written, the labels of this range that had no image: then nothing
+        is written)."""
+        empty = (np.flatnonzero(self.counts == 0) + self.start).tolist()
+        if empty:
+            return [], empty
+        chunks = []
+        first_chunk = self.start // chunk_rows
+        for k, lo in enumerate(range(0, self.size, chunk_rows)):
+            rows = clf.normalized_rows(
+                self.sums[lo : lo + chunk_rows],
+                emb_dim=self.sums.shape[1],
+                dtype=dtype,
+                first=self.start + lo,
+            )
+            chunks.append(clf.write_chunk(out, clf.chunk_name(prefix, first_chunk + k), rows))
+        return chunks, []
+
+
+@dataclass(frozen=True)
+class Ranges:
+    """Identity ranges of whole chunks: range r is ``[r * size, min(C, (r + 1) * size))``."""
+
+    num_classes: int
+    size: int
+
+    @staticmethod
+    def of(num_classes: int, chunk_rows: int, wanted: int) -> Ranges:
+        chunks = max(1, math.ceil((wanted or chunk_rows) / chunk_rows))
+        return Ranges(num_classes, chunks * chunk_rows)
+
+    @property
+    def count(self) -> int:
+        return math.ceil(self.num_classes / self.size)
+
+    def bounds(self, r: int) -> tuple[int, int]:
+        return r * self.size, min(self.num_classes, (r + 1) * self.size)
+
+
+def _dataset(uri: str, meta: fmt.DatasetMeta, read_cpus: float) -> Any:
+    import ray.data
+
+    from orchestrator.data.ray_input import ray_path, shard_uris
+
+    # The V1 Parquet reader takes num_cpus as given (see ray_input.training_dataset).
+    context = ray.data.DataContext.get_current()
+    previous, context.use_datasource_v2 = context.use_datasource_v2, False
+    try:
+        return ray.data.read_parquet(
+            [ray_path(u) for u in shard_uris(uri, meta)], num_cpus=read_cpus
+        ).select_columns(["image", "label", "image_id"])
+    finally:
+        context.use_datasource_v2 = previous
+
+
+def build_on_ray(
+    teacher: TeacherConfig,
+    dataset_uri: str,
+    *,
+    out: str,
+    image_size: int = 112,
+    plan: MeanEmbeddingPlan | None = None,
+) -> clf.ClassifierMeta:
+    """Write the mean-embedding classifier of ``dataset_uri`` under ``out`` (any teacher
+    format), on the Ray cluster of :func:`orchestrator.runs.ensure_ray`."""
+    import ray
+
+    from orchestrator.runs import ensure_ray
+
+    plan = plan or MeanEmbeddingPlan()
+    meta = fmt.read_meta(dataset_uri)
+    ensure_ray()
+    use_gpu = float(ray.cluster_resources().get("GPU", 0)) >= 1
+    embedded = _dataset(dataset_uri, meta, read_cpus=min(plan.actor_cpus, 0.5)).map_batches(
+        EmbedAndSum,
+        fn_constructor_args=(teacher, image_size, dataset_uri),
+        batch_size=plan.batch_size,
+        batch_format="numpy",
+        concurrency=plan.actors,
+        num_gpus=1 if use_gpu else 0,
+        num_cpus=0 if use_gpu else plan.actor_cpus,
+    )
+    prefix, previous = clf.new_generation(out)
+    progress = Progress("mean embeddings", meta.num_images)
+    started = time.monotonic()
+    reducers: list[Any] = []
+    ranges: Ranges | None = None
+    pending: list[Any] = []
+    chunk_rows = emb_dim = 0
+    for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
+        labels, sums, counts = batch["label"], batch["sum"], batch["count"]
+        if labels.size and (labels.min() < 0 or labels.max() >= meta.num_classes):
+            raise clf.ClassifierError(
+                f"{dataset_uri}: label {int(labels.max())} outside [0, {meta.num_classes}) "
+                "(dataset.json's num_classes)"
+            )
+        if ranges is None:
+            emb_dim = sums.shape[1]
+            chunk_rows = plan.chunk_rows or clf.default_chunk_rows(emb_dim, plan.dtype)
+            ranges = Ranges.of(meta.num_classes, chunk_rows, plan.identities_per_range)
+            reducers = _start_reducers(ranges, emb_dim)
+            print(
+                f"[mean embeddings] {meta.num_classes} identities in {ranges.count} range(s) of "
+                f"{ranges.size}; {plan.actors} {'GPU' if use_gpu else 'CPU'} actor(s)",
+                flush=True,
+            )
+        which = labels // ranges.size
+        for r in np.unique(which):
+            mask = which == r
+            pending.append(reducers[int(r)].add.remote(labels[mask], sums[mask], counts[mask]))
+        if len(pending) > 4 * len(reducers):  # bound what waits in the reducers' queues
+            done, pending = ray.wait(pending, num_returns=len(pending) - 2 * len(reducers))
+            progress.update(sum(ray.get(done)))
+    progress.update(sum(ray.get(pending)))
+    progress.close()
+    if ranges is None:
+        raise clf.ClassifierError(f"{dataset_uri}: no images; no mean to take")
+    if progress.done != meta.num_images:
+        raise clf.ClassifierError(
+            f"{dataset_uri}: embedded {progress.done} images, dataset.json lists {meta.num_images}"
+        )
+    written = ray.get(
+        [
+            reducer.write.remote(out, prefix=prefix, chunk_rows=chunk_rows, dtype=plan.dtype)
+            for reducer in reducers
+        ]
+    )
+    chunks = [c for chunk_list, _ in written for c in chunk_list]
+    empty = sorted(label for _, labels in written for label in labels)
+    if empty:
+        for chunk in chunks:  # never published: remove what this attempt wrote
+            storage.delete(storage.join(out, chunk.file))
+        raise clf.ClassifierError(
+            f"{dataset_uri}: labels {empty[:5]} ({len(empty)} in all) have no images; no mean to take"
+        )
+    result = clf.ClassifierMeta(
+        num_classes=meta.num_classes,
+        emb_dim=emb_dim,
+        dtype=plan.dtype,
+        normalized=True,
+        chunk_rows=chunk_rows,
+        chunks=tuple(chunks),  # reducers in range order, each its chunks in order
+        label_map_fingerprint=meta.label_map_fingerprint,
+        source={
+            "kind": "mean_teacher_embedding",
+            "dataset": dataset_uri,
+            "approximation": True,
+            "teacher": teacher.backbone,
+            "teacher_format": teacher.format.value,
+            "builder": f"ray ({ranges.count} ranges of {ranges.size})",
+        },
+    )
+    clf.publish(out, result, previous=previous)
+    print(
+        f"[mean embeddings] {meta.num_classes} x {result.emb_dim} -> {out} in "
+        f"{time.monotonic() - started:.1f}s",
+        flush=True,
+    )
+    return result
+
+
+def _start_reducers(ranges: Ranges, emb_dim: int) -> list[Any]:
+    import ray
+
+    actor = ray.remote(RangeSums)
+    out = []
+    for r in range(ranges.count):
+        start, end = ranges.bounds(r)
+        held = (end - start) * (emb_dim + 1) * 8
+        # Memory as a resource spreads big ranges over nodes; no CPU (the reducers idle).
+        out.append(actor.options(num_cpus=0, memory=held).remote(start, end - start, emb_dim))
+    return out
