@@ -257,9 +257,7 @@ def test_teacher_backbone_errors(tmp_path: Path) -> None:
         load_teacher_backbone(str(tmp_path / "missing.pt"))
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a model")
-    with pytest.raises(
-        ValueError, match=r"junk\.pt: neither a PyTorch file .* nor an ONNX graph"
-    ):
+    with pytest.raises(ValueError, match=r"junk\.pt: neither a PyTorch file .* nor an ONNX graph"):
         load_teacher_backbone(str(junk))
 
 

@@ -19,6 +19,7 @@ from orchestrator import classifier as clf
 from orchestrator import storage
 from orchestrator.artifacts import (
     STUDENT_FILE,
+    ArtifactError,
     ClassifierRef,
     StudentExport,
     TeacherCheckpoint,
@@ -96,6 +97,32 @@ def check_inputs(config: ExperimentConfig) -> fmt.DatasetMeta:
         bench = read_bin(uri)
         print(f"[data] run.val_targets {name}: {bench.num_pairs} pairs from {uri}", flush=True)
     return meta
+
+
+def check_teacher(config: ExperimentConfig) -> None:
+    """When the method runs the teacher per batch: load it here once (any format, its input
+    convention applied) and check its width, so a teacher that does not fit fails before
+    any worker starts rather than in every worker."""
+    if not config.loss.method.needs_teacher_embeddings:
+        return
+    import torch
+
+    from orchestrator.teacher_models import load_teacher_backbone
+
+    size = config.data.image_size
+    teacher = load_teacher_backbone(config.teacher, image_size=size)
+    with torch.no_grad():
+        width = int(teacher(torch.zeros(2, 3, size, size)).shape[1])
+    if width != config.teacher.emb_dim:
+        raise ArtifactError(
+            f"{config.teacher.backbone}: the teacher gives {width}-d embeddings, "
+            f"teacher.emb_dim is {config.teacher.emb_dim}"
+        )
+    print(
+        f"[teacher] {config.teacher.backbone}: {type(teacher).__name__}, {width}-d, "
+        f"format {config.teacher.format.value}",
+        flush=True,
+    )
 
 
 def check_labels(uri: str, meta: fmt.DatasetMeta) -> None:
@@ -222,6 +249,7 @@ def distill(
     meta = check_inputs(config)
     uses_w = config.loss.method.uses_teacher_classifier
     cmeta = check_classifier(config, meta) if uses_w else None
+    check_teacher(config)
     ensure_ray()  # before the classifier's ray.put: every method gets the same cluster
     preflight(config)  # every input and the cluster's size checked before a run exists
     with run_lock(config, name):
