@@ -8,6 +8,7 @@ embedded by the teacher, second by the student).
 from __future__ import annotations
 
 import enum
+import itertools
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -122,7 +123,9 @@ def embed_images(
     flip = Flip.of(flip)
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    # The model's device; a module without weights (an ONNX teacher) takes CPU input.
+    held = next(itertools.chain(model.parameters(), model.buffers()), None)
+    device = held.device if held is not None else torch.device("cpu")
     out = []
     progress = Progress(label, len(images), every_s=10.0)
     try:

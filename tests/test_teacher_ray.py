@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from jobs import build_classifier, import_teacher
+from jobs import build_classifier, evaluate, import_teacher
 from orchestrator import classifier as clf
 from orchestrator.artifacts import ArtifactError
 from orchestrator.config import (
@@ -27,6 +27,7 @@ from orchestrator.config import (
 from orchestrator.data import format as fmt
 from orchestrator.export import to_onnx
 from orchestrator.mean_embedding import MeanEmbeddingPlan, build_on_ray
+from orchestrator.runs import student_uri
 from orchestrator.teacher import classifier_from_mean_embeddings
 from orchestrator.teacher_models import load_teacher_backbone
 from orchestrator.train.launch import distill
@@ -125,6 +126,29 @@ def test_an_onnx_teacher_trains_l2_and_its_centroids_train_proxyless(
     )
     assert l2.state.epochs_done == (0,) and l2.state.world_sizes == (2,)
     assert np.isfinite(l2.metrics["loss"])
+
+    # Evaluation and cross-model evaluation with the ONNX teacher: the numbers of the
+    # PyTorch checkpoint it was exported from.
+    reports = {}
+    for label, teacher_set in [
+        ("onnx", [f"teacher.backbone={onnx_teacher}", "teacher.format=onnx"]),
+        ("checkpoint", [f"teacher.backbone={base.teacher.backbone}"]),
+    ]:
+        out = tmp_path / f"report-{label}"
+        sets = [
+            f"data.eval={base.data.eval}",
+            "teacher.emb_dim=16",
+            "student.emb_dim=16",
+            *teacher_set,
+        ]
+        args = [a for s in sets for a in ("--set", s)]
+        student = f"l2={student_uri(base, 'onnx-l2')}"
+        assert evaluate.main([*args, "--student", student, "--out", str(out)]) == 0
+        reports[label] = json.loads((out / "report.json").read_text())
+    onnx_report, reference = reports["onnx"], reports["checkpoint"]
+    assert onnx_report["teacher"]["auc"] == pytest.approx(reference["teacher"]["auc"], abs=0.01)
+    cross = onnx_report["students"]["l2"]["cross_model"]["auc"]
+    assert cross == pytest.approx(reference["students"]["l2"]["cross_model"]["auc"], abs=0.01)
 
     proxyless = distill(
         replace(
