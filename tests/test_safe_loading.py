@@ -89,7 +89,7 @@ def test_crafted_teacher_checkpoint_is_refused(tmp_path: Path) -> None:
     evil.write_bytes(crafted("proxylesskd-teacher", marker))
     result = run("jobs.evaluate", "--set", f"teacher.backbone={evil}")
     assert_refused(result, evil, marker)
-    assert "refusing to load it as a teacher checkpoint" in result.stderr
+    assert "refusing to load it as a teacher backbone: it asks for io.open" in result.stderr
 
 
 def test_crafted_training_state_is_refused(tmp_path: Path) -> None:
@@ -110,7 +110,10 @@ def test_unreadable_files_are_input_errors_naming_the_file(tmp_path: Path) -> No
     assert "Traceback" not in result.stderr
     result = run("jobs.evaluate", "--set", f"teacher.backbone={junk}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert f"{junk}: neither a proxylesskd-teacher checkpoint nor a TorchScript" in result.stderr
+    assert (
+        f"{junk}: neither a PyTorch file (checkpoint, TorchScript, insightface state dict) nor an ONNX graph"
+        in result.stderr
+    )
     # A torch file of the wrong kind: expected and found are both named.
     other = tmp_path / "other.pt"
     torch.save({"kind": "something-else"}, other)
