@@ -396,7 +396,12 @@ def archive_kind(data: bytes) -> str | None:
 def load_teacher(uri: str, data: bytes | None = None) -> TeacherCheckpoint:
     """This project's teacher checkpoint from a local path or an object-store URI."""
     raw = read_teacher_bytes(uri) if data is None else data
-    saved = _kind_checked(load_data(raw, uri, "a teacher checkpoint"), TEACHER_KIND, uri)
+    return teacher_from_data(load_data(raw, uri, "a teacher checkpoint"), uri)
+
+
+def teacher_from_data(data: Any, uri: str) -> TeacherCheckpoint:
+    """A teacher checkpoint from what :func:`load_data` read out of ``uri``."""
+    saved = _kind_checked(data, TEACHER_KIND, uri)
     try:
         return TeacherCheckpoint(
             arch=_arch(_field(saved, "arch", uri), uri),

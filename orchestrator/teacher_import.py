@@ -29,8 +29,7 @@ from orchestrator.teacher import classifier_from_arcface_torch, find_arcface_sha
 from orchestrator.teacher_models import (
     OnnxBackbone,
     TeacherInput,
-    detect_format,
-    load_teacher_backbone,
+    backbone_from_bytes,
 )
 
 CARD_JSON = "model_card.json"
@@ -85,12 +84,7 @@ def import_teacher(
     if partial_fc and not dataset:
         raise UsageError("--partial-fc needs --dataset (the labels W's rows refer to)")
     source, raw = source_file(teacher.backbone)
-    chosen = (
-        detect_format(raw, teacher.backbone)
-        if teacher.format is TeacherFormat.AUTO
-        else teacher.format
-    )
-    model = load_teacher_backbone(replace(teacher, format=chosen), image_size=image_size)
+    model, chosen = backbone_from_bytes(raw, teacher, image_size=image_size)
     with torch.no_grad():
         width = int(model(torch.zeros(2, 3, image_size, image_size)).shape[1])
     if width != teacher.emb_dim:

@@ -27,9 +27,9 @@ from orchestrator.artifacts import (
     ArtifactError,
     archive_kind,
     load_data,
-    load_teacher,
     model_from,
     read_teacher_bytes,
+    teacher_from_data,
 )
 from orchestrator.config import ChannelOrder, TeacherConfig, TeacherFormat, TeacherInputConfig
 
@@ -165,18 +165,19 @@ class OnnxBackbone(nn.Module):
 # --- detection and loading -------------------------------------------------------------------
 
 
-def detect_format(raw: bytes, where: str) -> TeacherFormat:
-    """What ``raw`` is, looking at its container and (for torch.save files) its data only."""
+def detect_format(raw: bytes, where: str) -> tuple[TeacherFormat, Any]:
+    """What ``raw`` is, looking at its container and (for torch.save files) its data only:
+    (the format, the data of a torch.save file, read once here, else None)."""
     kind = archive_kind(raw)
     if kind == "torchscript":
-        return TeacherFormat.TORCHSCRIPT
+        return TeacherFormat.TORCHSCRIPT, None
     if kind is None and looks_like_onnx(raw):
-        return TeacherFormat.ONNX
+        return TeacherFormat.ONNX, None
     data = _torch_data(raw, where)  # a zip archive, or the legacy (pre-1.6) torch.save format
     if isinstance(data, dict) and data.get("kind") == TEACHER_KIND:
-        return TeacherFormat.CHECKPOINT
+        return TeacherFormat.CHECKPOINT, data
     if isinstance(data, dict) and data:
-        return TeacherFormat.INSIGHTFACE
+        return TeacherFormat.INSIGHTFACE, data
     raise ArtifactError(
         f"{where}: neither a {TEACHER_KIND} checkpoint, a TorchScript module, an insightface "
         f"state dict nor an ONNX graph (found {type(data).__name__}); set teacher.format"
@@ -203,11 +204,10 @@ def _torchscript(raw: bytes, where: str) -> nn.Module:
         raise ArtifactError(f"{where}: unreadable TorchScript module ({first})") from None
 
 
-def _insightface(raw: bytes, teacher: TeacherConfig, where: str) -> nn.Module:
+def _insightface(data: Any, teacher: TeacherConfig, where: str) -> nn.Module:
     from orchestrator.models import build_backbone
     from orchestrator.models.insightface import InsightfaceKeyError, load_insightface
 
-    data = load_data(raw, where, "an insightface backbone state dict")
     if not isinstance(data, dict):
         raise ArtifactError(
             f"{where}: expected an insightface backbone state dict, found {type(data).__name__}"
@@ -246,9 +246,21 @@ def load_teacher_backbone(teacher: TeacherConfig | str, *, image_size: int = 112
     detected, our input convention). Any unusable file is an :class:`ArtifactError` naming it.
     """
     config = TeacherConfig(backbone=teacher) if isinstance(teacher, str) else teacher
+    model, _ = backbone_from_bytes(
+        read_teacher_bytes(config.backbone), config, image_size=image_size
+    )
+    return model
+
+
+def backbone_from_bytes(
+    raw: bytes, config: TeacherConfig, *, image_size: int
+) -> tuple[nn.Module, TeacherFormat]:
+    """:func:`load_teacher_backbone` of the file's bytes ``raw`` (read once, unpickled at
+    most once); also returns the format it was read as."""
     where = config.backbone
-    raw = read_teacher_bytes(where)
-    chosen = detect_format(raw, where) if config.format is TeacherFormat.AUTO else config.format
+    chosen, data = (
+        detect_format(raw, where) if config.format is TeacherFormat.AUTO else (config.format, None)
+    )
     inside = False
     match chosen:
         case TeacherFormat.TORCHSCRIPT:
@@ -256,7 +268,9 @@ def load_teacher_backbone(teacher: TeacherConfig | str, *, image_size: int = 112
                 raise ArtifactError(f"{where}: not a TorchScript module (teacher.format)")
             model = _torchscript(raw, where)
         case TeacherFormat.CHECKPOINT:
-            saved = load_teacher(where, raw)
+            if data is None:
+                data = load_data(raw, where, "a teacher checkpoint")
+            saved = teacher_from_data(data, where)
             model = model_from(
                 where,
                 saved.backbone,
@@ -265,7 +279,9 @@ def load_teacher_backbone(teacher: TeacherConfig | str, *, image_size: int = 112
                 image_size=saved.image_size,
             )
         case TeacherFormat.INSIGHTFACE:
-            model = _insightface(raw, config, where)
+            if data is None:
+                data = load_data(raw, where, "an insightface backbone state dict")
+            model = _insightface(data, config, where)
         case TeacherFormat.ONNX:
             model, inside = _onnx(raw, config, where)
         case TeacherFormat.AUTO:  # detect_format never answers auto
@@ -274,7 +290,6 @@ def load_teacher_backbone(teacher: TeacherConfig | str, *, image_size: int = 112
     for p in model.parameters():
         p.requires_grad_(False)
     if config.input.is_ours(image_size) and not inside:
-        return model
-    return TeacherInput(
-        model, config.input, normalization(config.input, inside_graph=inside)
-    ).eval()
+        return model, chosen
+    adapted = TeacherInput(model, config.input, normalization(config.input, inside_graph=inside))
+    return adapted.eval(), chosen
