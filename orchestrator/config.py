@@ -13,6 +13,7 @@ Validation of single values and of combinations lives in each dataclass's
 from __future__ import annotations
 
 import enum
+import itertools
 import math
 import sys
 from collections.abc import Sequence
@@ -42,6 +43,8 @@ class Method(enum.StrEnum):
     L2 = "l2"  # own classifier + squared L2 to the teacher's embeddings
     LOGIT = "logit"  # own classifier + Hinton KD on the teacher's logits
     PROXYLESS_L2 = "proxyless+l2"  # inherited classifier + squared L2 to the teacher
+    CCKD = "cckd"  # own classifier + L2 + correlation congruence (Peng et al. 2019)
+    MULTISTEP = "multistep"  # own classifier + L2 to a teacher checkpoint per stage (PocketNet)
 
     # The facts about each method, in one place: config validation, the driver, the loss
     # factory and the tests all ask these properties.
@@ -60,7 +63,13 @@ class Method(enum.StrEnum):
     @property
     def needs_teacher_embeddings(self) -> bool:
         """Each batch also goes through the teacher backbone."""
-        return self in (Method.L2, Method.LOGIT, Method.PROXYLESS_L2)
+        return self in (
+            Method.L2,
+            Method.LOGIT,
+            Method.PROXYLESS_L2,
+            Method.CCKD,
+            Method.MULTISTEP,
+        )
 
     @property
     def needs_teacher_width(self) -> bool:
@@ -69,7 +78,7 @@ class Method(enum.StrEnum):
         ``logit`` does not: Hinton KD compares class probabilities, the teacher's from W on
         the teacher's embeddings and the student's from its own head, so the student's
         width is free."""
-        return self.inherits_classifier or self is Method.L2
+        return self.inherits_classifier or self in (Method.L2, Method.CCKD, Method.MULTISTEP)
 
     @property
     def uses_l2(self) -> bool:
@@ -298,9 +307,17 @@ class TeacherConfig:
     backbone: str = "runs/teacher/teacher.pt"
     format: TeacherFormat = TeacherFormat.AUTO
     input: TeacherInputConfig = field(default_factory=TeacherInputConfig)
+    # jobs.train_teacher also keeps the backbone after each of these epochs (1-based) as
+    # <backbone without .pt>.epochNNNN.pt: the intermediate teachers of loss.method multistep.
+    snapshot_epochs: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         require(self.emb_dim > 0, "emb_dim", f"must be > 0, found {self.emb_dim}")
+        require(
+            all(e >= 1 for e in self.snapshot_epochs),
+            "snapshot_epochs",
+            f"epochs are 1-based, found {list(self.snapshot_epochs)}",
+        )
         require(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), found {self.dropout}")
 
 
@@ -326,6 +343,92 @@ class MarginConfig:
 
 
 @dataclass(frozen=True)
+class CckdConfig:
+    """``cckd``'s terms (Peng et al., "Correlation Congruence for Knowledge Distillation",
+    ICCV 2019): the correlation between two unit embeddings is the Gaussian RBF kernel
+    exp(-gamma |x - y|^2), taken as its Taylor expansion to ``order``; the paper's
+    gamma = 0.4, order = 2."""
+
+    gamma: float = 0.4
+    order: int = 2
+    # The weights are ours (the paper tunes its own per task): the instance term as
+    # loss.l2_weight's default, the correlation term at 1; search them with jobs.tune.
+    instance_weight: float = 1.0  # the instance-level L2 to the teacher's embeddings
+    cc_weight: float = 1.0  # the congruence of the batch correlation matrices
+
+    def __post_init__(self) -> None:
+        require(self.gamma > 0, "gamma", f"must be > 0, found {self.gamma}")
+        require(self.order >= 0, "order", f"must be >= 0, found {self.order}")
+        require(self.instance_weight >= 0, "instance_weight", "must be >= 0")
+        require(self.cc_weight >= 0, "cc_weight", "must be >= 0")
+
+
+FINAL_TEACHER = "final"  # multistep: teacher.backbone itself
+TEACHER_EPOCH_PREFIX = "epoch:"  # multistep: the snapshot jobs.train_teacher kept of epoch N
+
+
+@dataclass(frozen=True)
+class MultistepStage:
+    """From student epoch ``from_epoch`` (0-based) on, distil from ``teacher``: ``final``
+    (teacher.backbone), ``epoch:N`` (the snapshot ``jobs.train_teacher`` kept after its
+    epoch N, see ``teacher.snapshot_epochs``) or the path/URI of a teacher file."""
+
+    from_epoch: int
+    teacher: str = FINAL_TEACHER
+
+    def __post_init__(self) -> None:
+        require(self.from_epoch >= 0, "from_epoch", f"must be >= 0, found {self.from_epoch}")
+        require(bool(self.teacher.strip()), "teacher", "must not be empty")
+        if self.teacher.startswith(TEACHER_EPOCH_PREFIX):
+            number = self.teacher.removeprefix(TEACHER_EPOCH_PREFIX)
+            require(
+                number.isdigit() and int(number) >= 1,
+                "teacher",
+                f"expected epoch:N with N >= 1 (a teacher epoch, 1-based), found {self.teacher!r}",
+            )
+
+    @property
+    def teacher_epoch(self) -> int | None:
+        """N of ``epoch:N``, else None."""
+        if not self.teacher.startswith(TEACHER_EPOCH_PREFIX):
+            return None
+        return int(self.teacher.removeprefix(TEACHER_EPOCH_PREFIX))
+
+
+@dataclass(frozen=True)
+class MultistepConfig:
+    """``multistep`` (Boutros et al., "PocketNet: Extreme Lightweight Face Recognition
+    Network using Neural Architecture Search and Multi-Step Knowledge Distillation", IEEE
+    Access 2022): the student's own margin loss plus ``kd_weight`` times the mean squared
+    error between the unit student and teacher embeddings (PocketNet's w = 100), the
+    teacher changing along ``schedule``. Empty schedule: the final teacher throughout."""
+
+    kd_weight: float = 100.0
+    schedule: tuple[MultistepStage, ...] = ()
+
+    def __post_init__(self) -> None:
+        require(self.kd_weight > 0, "kd_weight", f"must be > 0, found {self.kd_weight}")
+        starts = [stage.from_epoch for stage in self.schedule]
+        require(
+            not starts or starts[0] == 0,
+            "schedule",
+            f"the first stage must start at student epoch 0, found {starts[:1]}",
+        )
+        require(
+            all(a < b for a, b in itertools.pairwise(starts)),
+            "schedule",
+            f"from_epoch must increase from stage to stage, found {starts}",
+        )
+
+    def stages(self) -> tuple[MultistepStage, ...]:
+        return self.schedule or (MultistepStage(0, FINAL_TEACHER),)
+
+    def stage_at(self, epoch: int) -> MultistepStage:
+        """The stage that student epoch ``epoch`` (0-based) distils from."""
+        return [stage for stage in self.stages() if stage.from_epoch <= epoch][-1]
+
+
+@dataclass(frozen=True)
 class LossConfig:
     """The training objective: the method (DESIGN.md section 3), its margin and the weights
     of the baselines' extra terms."""
@@ -335,6 +438,8 @@ class LossConfig:
     l2_weight: float = 1.0  # l2 and proxyless+l2
     kd_temperature: float = 4.0  # logit
     kd_weight: float = 1.0  # logit
+    cckd: CckdConfig = field(default_factory=CckdConfig)
+    multistep: MultistepConfig = field(default_factory=MultistepConfig)
 
     def __post_init__(self) -> None:
         require(
@@ -602,6 +707,47 @@ class RetrainConfig:
 
 
 @dataclass(frozen=True)
+class CompareConfig:
+    """``python -m jobs.compare``: every method of ``methods`` trained once per seed of
+    ``seeds`` at the experiment's budget (optim, data, student), one Ray Tune grid; each
+    method is compared with ``baseline`` seed by seed (paired t-interval at
+    ``confidence``)."""
+
+    methods: tuple[Method, ...] = tuple(Method)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    metrics: tuple[str, ...] = (Metric.ACC_10FOLD.value, Metric.AUC.value)
+    baseline: Method = Method.PROXYLESS
+    confidence: float = 0.95
+    max_concurrent_trials: int = 0  # 0: as many as the cluster holds
+    storage_path: str = ""  # empty: <experiment storage_path>/compare
+
+    def __post_init__(self) -> None:
+        names = [m.value for m in self.methods]
+        require(bool(names), "methods", "must name at least one method")
+        require(len(set(names)) == len(names), "methods", f"a method is named twice: {names}")
+        require(
+            self.baseline in self.methods,
+            "baseline",
+            f"{self.baseline.value} is not among compare.methods {names}",
+        )
+        require(bool(self.seeds), "seeds", "must name at least one seed")
+        require(
+            len(set(self.seeds)) == len(self.seeds),
+            "seeds",
+            f"a seed is named twice: {list(self.seeds)}",
+        )
+        known = [m.value for m in Metric]
+        for metric in self.metrics:
+            require(metric in known, "metrics", f"expected names from {known}, found {metric!r}")
+        require(
+            0.0 < self.confidence < 1.0,
+            "confidence",
+            f"must be in (0, 1), found {self.confidence}",
+        )
+        require(self.max_concurrent_trials >= 0, "max_concurrent_trials", "must be >= 0")
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     name: str = "experiment"
     seed: int = 0
@@ -618,6 +764,7 @@ class ExperimentConfig:
     run: RunConfig = field(default_factory=RunConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)  # jobs.tune
+    compare: CompareConfig = field(default_factory=CompareConfig)  # jobs.compare
     retrain: RetrainConfig = field(default_factory=RetrainConfig)  # jobs.retrain
 
     def __post_init__(self) -> None:
@@ -655,6 +802,13 @@ class ExperimentConfig:
             "optim.batch_size",
             f"the global batch {self.optim.batch_size} must split evenly over "
             f"scaling.num_workers={self.scaling.num_workers}",
+        )
+        last_stage = self.loss.multistep.stages()[-1].from_epoch
+        require(
+            self.loss.method is not Method.MULTISTEP or last_stage < self.optim.epochs,
+            "loss.multistep.schedule",
+            f"a stage starts at student epoch {last_stage} (0-based), but optim.epochs is "
+            f"{self.optim.epochs}",
         )
         crop = self.teacher.input.crop
         require(

@@ -22,6 +22,7 @@ import torch
 from orchestrator import classifier as clf
 from orchestrator import storage
 from orchestrator.artifacts import load_data, load_teacher
+from orchestrator.config import FINAL_TEACHER, MultistepStage, TeacherConfig
 from orchestrator.data import format as fmt
 from orchestrator.data.images import decode_jpeg, to_model_input
 from orchestrator.progress import Progress
@@ -192,3 +193,44 @@ def classifier_from_mean_embeddings(
     return clf.write_classifier(
         out, sums, label_map_fingerprint=meta.label_map_fingerprint, source=source, dtype=dtype
     )
+
+
+# --- multi-step distillation: the teacher's intermediate snapshots ----------------------
+
+
+def snapshot_uri(backbone: str, epoch: int) -> str:
+    """Where ``jobs.train_teacher`` keeps the teacher after its (1-based) ``epoch``:
+    beside ``backbone``, ``teacher.pt`` -> ``teacher.epoch0003.pt``."""
+    stem = backbone[:-3] if backbone.endswith(".pt") else backbone
+    return f"{stem}.epoch{epoch:04d}.pt"
+
+
+def stage_backbone(teacher: TeacherConfig, stage: MultistepStage) -> str:
+    """The file a ``loss.multistep.schedule`` stage names: ``final`` is
+    ``teacher.backbone``, ``epoch:N`` its snapshot of epoch N, anything else a path/URI."""
+    if stage.teacher == FINAL_TEACHER:
+        return teacher.backbone
+    if stage.teacher_epoch is not None:
+        return snapshot_uri(teacher.backbone, stage.teacher_epoch)
+    return stage.teacher
+
+
+def check_stage_files(teacher: TeacherConfig, stages: tuple[MultistepStage, ...]) -> list[str]:
+    """Each stage's file, checked to exist, in schedule order; a missing snapshot names
+    the setting that makes it."""
+    uris = []
+    for i, stage in enumerate(stages):
+        uri = stage_backbone(teacher, stage)
+        if not storage.exists(uri):
+            hint = (
+                f"; jobs.train_teacher keeps it with teacher.snapshot_epochs containing "
+                f"{stage.teacher_epoch}"
+                if stage.teacher_epoch is not None
+                else ""
+            )
+            raise FileNotFoundError(
+                f"loss.multistep.schedule[{i}] (from student epoch {stage.from_epoch}, teacher "
+                f"{stage.teacher!r}): {uri} does not exist{hint}"
+            )
+        uris.append(uri)
+    return uris

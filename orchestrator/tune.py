@@ -152,7 +152,6 @@ class SearchOutcome:
 
 def run_search(config: ExperimentConfig, resume: bool = False) -> SearchOutcome:
     """Run (or, with ``resume``, continue) the search of ``config.tune``."""
-    import ray
     from ray import tune as rt
 
     from orchestrator.runs import absolute_paths, ensure_ray
@@ -168,31 +167,64 @@ def run_search(config: ExperimentConfig, resume: bool = False) -> SearchOutcome:
         f"state in {path}",
         flush=True,
     )
-    trainable = rt.with_parameters(run_trial, base=to_dict(config))
+
+    def tune_config() -> Any:
+        return rt.TuneConfig(
+            metric=validation_key(config.tune.metric),
+            mode="max",
+            search_alg=search_algorithm(config.tune),
+            scheduler=scheduler(config),
+            num_samples=config.tune.num_samples,
+            max_concurrent_trials=plan.concurrent,
+        )
+
+    grid = fit_trials(
+        run_trial,
+        config,
+        path=path,
+        space=param_space(config.tune),
+        tune_config=tune_config,
+        resume=resume,
+        what="search",
+    )
+    rows = [trial_row(grid[i], config) for i in range(len(grid))]
+    return summarize(config, rows, path)
+
+
+def fit_trials(
+    trial: Any,
+    config: ExperimentConfig,
+    *,
+    path: str,
+    space: dict[str, Any],
+    tune_config: Any,
+    resume: bool,
+    what: str,
+) -> Any:
+    """Run (or, with ``resume``, continue) Tune trials of the function ``trial(params,
+    base)`` over ``space``, state in ``path``; Tune's ResultGrid. ``tune_config``: a
+    callable making the TuneConfig (a restored search keeps its own)."""
+    import ray
+    from ray import tune as rt
+
+    trainable = rt.with_parameters(trial, base=to_dict(config))
     # The trial's driver only waits on its TorchTrainer: Train reserves the real resources
     # (Tune refuses an empty request, hence a token share).
     trainable = rt.with_resources(trainable, {"CPU": TRIAL_DRIVER_CPU})
     if resume:
         if not rt.Tuner.can_restore(path):
-            raise FileNotFoundError(f"--resume: no search to resume at {path}")
+            raise FileNotFoundError(f"--resume: no {what} to resume at {path}")
         tuner = rt.Tuner.restore(path, trainable=trainable, resume_errored=True)
     else:
         if storage.exists(storage.join(path, "tuner.pkl")):
             raise ConfigError(
-                f"a search named {config.name!r} already exists at {path}: pass --resume to "
+                f"a {what} named {config.name!r} already exists at {path}: pass --resume to "
                 "continue it, or choose another name"
             )
         tuner = rt.Tuner(
             trainable,
-            param_space=param_space(config.tune),
-            tune_config=rt.TuneConfig(
-                metric=validation_key(config.tune.metric),
-                mode="max",
-                search_alg=search_algorithm(config.tune),
-                scheduler=scheduler(config),
-                num_samples=config.tune.num_samples,
-                max_concurrent_trials=plan.concurrent,
-            ),
+            param_space=space,
+            tune_config=tune_config(),
             run_config=rt.RunConfig(
                 name=config.name,
                 storage_path=path.rsplit("/", 1)[0],
@@ -200,9 +232,7 @@ def run_search(config: ExperimentConfig, resume: bool = False) -> SearchOutcome:
                 failure_config=ray.tune.FailureConfig(max_failures=0),
             ),
         )
-    grid = tuner.fit()
-    rows = [trial_row(grid[i], config) for i in range(len(grid))]
-    return summarize(config, rows, path)
+    return tuner.fit()
 
 
 def cluster_resources() -> tuple[float, float]:

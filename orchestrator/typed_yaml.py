@@ -128,6 +128,8 @@ def to_dict(config: Any) -> dict[str, Any]:
             return value.value
         if isinstance(value, tuple):
             return [plain(v) for v in value]
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return to_dict(value)
         return value
 
     assert dataclasses.is_dataclass(config) and not isinstance(config, type)

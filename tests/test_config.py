@@ -178,7 +178,10 @@ def test_method_facts() -> None:
         Method.SCRATCH: (False, False, False, False, False),
         Method.L2: (False, False, True, True, False),
         Method.LOGIT: (False, True, True, False, False),
+        Method.CCKD: (False, False, True, True, False),
+        Method.MULTISTEP: (False, False, True, True, False),
     }
+    assert set(facts) == set(Method)
     for method, expected in facts.items():
         got = (
             method.inherits_classifier,

@@ -178,8 +178,16 @@ def test_every_method_builds_and_trains_the_right_parameters(method: Method) -> 
     out = loss_fn(emb, torch.tensor([0, 1, 2, 3]), torch.randn(4, EMB_DIM))
     out.loss.backward()
     assert math.isfinite(float(out.loss.detach())) and emb.grad is not None
-    # Default weights are 1.0, so the total is the sum of the logged terms.
-    assert float(out.loss.detach()) == pytest.approx(sum(out.terms.values()), rel=1e-5)
+    # The total is the weighted sum of the logged terms (each weight its config default).
+    config = LossConfig()
+    weights = {
+        "ce": 1.0,
+        "l2": config.cckd.instance_weight if method is Method.CCKD else config.l2_weight,
+        "kd": config.multistep.kd_weight if method is Method.MULTISTEP else config.kd_weight,
+        "cc": config.cckd.cc_weight,
+    }
+    expected = sum(weights[name] * value for name, value in out.terms.items())
+    assert float(out.loss.detach()) == pytest.approx(expected, rel=1e-5)
 
 
 def test_methods_needing_the_teacher_say_so() -> None:

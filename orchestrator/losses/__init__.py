@@ -14,9 +14,11 @@ from orchestrator.losses.heads import (
 )
 from orchestrator.losses.margins import Margin, margin_logits, target_logit
 from orchestrator.losses.objectives import (
+    CckdLoss,
     L2Loss,
     LogitLoss,
     LossOutput,
+    MultistepLoss,
     ProxylessL2Loss,
     ProxylessLoss,
     ScratchLoss,
@@ -86,3 +88,16 @@ def build_loss(
             return ProxylessL2Loss(
                 classifier(), margin, l2_weight=config.l2_weight, normalized=normalized
             )
+        case Method.CCKD:
+            cckd = config.cckd
+            return CckdLoss(
+                num_classes,
+                emb_dim,
+                margin,
+                gamma=cckd.gamma,
+                order=cckd.order,
+                instance_weight=cckd.instance_weight,
+                cc_weight=cckd.cc_weight,
+            )
+        case Method.MULTISTEP:
+            return MultistepLoss(num_classes, emb_dim, margin, kd_weight=config.multistep.kd_weight)

@@ -7,6 +7,7 @@ method needs them, the teacher's embeddings of the same images (B, d), and retur
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -184,3 +185,105 @@ class ProxylessL2Loss(nn.Module):
         l2 = embedding_l2(embeddings, _need_teacher(teacher, "proxyless+l2"))
         loss = ce + self.l2_weight * l2
         return LossOutput(loss, {"ce": float(ce.detach()), "l2": float(l2.detach())})
+
+
+def rbf_correlation(embeddings: torch.Tensor, *, gamma: float, order: int) -> torch.Tensor:
+    """The (B, B) correlation matrix of a batch under the Gaussian RBF kernel, to ``order``.
+
+    For unit rows x, y: exp(-gamma |x - y|^2) = e^{-2 gamma} e^{2 gamma <x, y>}, and the
+    second factor is taken as its Taylor series to ``order``:
+
+        k(x, y) ~= sum_{p=0}^{P} e^{-2 gamma} (2 gamma)^p / p! <x, y>^p
+
+    (Peng et al., "Correlation Congruence for Knowledge Distillation", ICCV 2019, eq. 9).
+    The rows of ``embeddings`` are normalised first.
+    """
+    unit = F.normalize(at_least_fp32(embeddings), dim=1)
+    sim = unit @ unit.T
+    kernel = torch.zeros_like(sim)
+    power = torch.ones_like(sim)
+    for p in range(order + 1):
+        if p:
+            power = power * sim
+        kernel = kernel + math.exp(-2.0 * gamma) * (2.0 * gamma) ** p / math.factorial(p) * power
+    return kernel
+
+
+def correlation_congruence(
+    student: torch.Tensor, teacher: torch.Tensor, *, gamma: float, order: int
+) -> torch.Tensor:
+    """L_CC = 1/B^2 ||psi(S) - psi(T)||_F^2, psi the RBF correlation matrix of the batch
+    (:func:`rbf_correlation`); the teacher's side carries no gradient."""
+    diff = rbf_correlation(student, gamma=gamma, order=order) - rbf_correlation(
+        teacher.detach(), gamma=gamma, order=order
+    )
+    return diff.pow(2).mean()
+
+
+def unit_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean over the B x d entries of (s/|s| - t/|t|)^2: PocketNet's KD term (an MSE of
+    the normalised embeddings), which is :func:`embedding_l2` divided by d."""
+    diff = F.normalize(student, dim=1) - F.normalize(teacher.detach(), dim=1)
+    return diff.pow(2).mean()
+
+
+class CckdLoss(nn.Module):
+    """Baseline CCKD: own margin classifier + instance congruence + correlation congruence.
+
+        L = CE_margin(s) + a * 1/B sum_i |s_i/|s_i| - t_i/|t_i||^2 + b * L_CC(S, T)
+
+    with L_CC of :func:`correlation_congruence` (Peng, Jin, Liu, Zhou, Wu, Liu, Li, Zhang,
+    "Correlation Congruence for Knowledge Distillation", ICCV 2019). The paper's instance
+    term is a KD loss; ours is the embedding L2 of our ``l2`` baseline (the student's width
+    is the teacher's), so ``cckd`` is ``l2`` plus the correlation term and the two isolate
+    what the correlation adds. The batch is each worker's local batch: with
+    several workers the correlation matrix is that of the local batch, as in the paper's
+    per-GPU implementation, and the gradient is the mean of the workers'.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        emb_dim: int,
+        margin: Margin,
+        *,
+        gamma: float,
+        order: int,
+        instance_weight: float,
+        cc_weight: float,
+    ) -> None:
+        super().__init__()
+        self.scratch = ScratchLoss(num_classes, emb_dim, margin)
+        self.gamma, self.order = gamma, order
+        self.instance_weight, self.cc_weight = instance_weight, cc_weight
+
+    def forward(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None = None
+    ) -> LossOutput:
+        target = _need_teacher(teacher, "cckd")
+        ce = self.scratch(embeddings, labels).loss
+        l2 = embedding_l2(embeddings, target)
+        cc = correlation_congruence(embeddings, target, gamma=self.gamma, order=self.order)
+        loss = ce + self.instance_weight * l2 + self.cc_weight * cc
+        terms = {"ce": float(ce.detach()), "l2": float(l2.detach()), "cc": float(cc.detach())}
+        return LossOutput(loss, terms)
+
+
+class MultistepLoss(nn.Module):
+    """Baseline multi-step KD (PocketNet): own margin classifier + w * MSE of the unit
+    embeddings, w = 100 in PocketNet (Boutros, Siebke, Klemt, Damer, Kirchbuchner, Kuijper,
+    IEEE Access 2022). Which teacher made ``teacher`` changes with the student's epoch
+    (``loss.multistep.schedule``); the worker swaps it, the loss does not know."""
+
+    def __init__(self, num_classes: int, emb_dim: int, margin: Margin, *, kd_weight: float) -> None:
+        super().__init__()
+        self.scratch = ScratchLoss(num_classes, emb_dim, margin)
+        self.kd_weight = kd_weight
+
+    def forward(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None = None
+    ) -> LossOutput:
+        ce = self.scratch(embeddings, labels).loss
+        kd = unit_mse(embeddings, _need_teacher(teacher, "multistep"))
+        loss = ce + self.kd_weight * kd
+        return LossOutput(loss, {"ce": float(ce.detach()), "kd": float(kd.detach())})

@@ -55,7 +55,7 @@ from orchestrator.runs import (
     student_uri,
     use_object_store_config,
 )
-from orchestrator.teacher import classifier_from_checkpoint
+from orchestrator.teacher import check_stage_files, classifier_from_checkpoint, snapshot_uri
 from orchestrator.train.resources import preflight
 from orchestrator.train.spec import (
     ClassifierSource,
@@ -63,6 +63,8 @@ from orchestrator.train.spec import (
     ModelSpec,
     Role,
     ShardedClassifier,
+    TeacherSnapshots,
+    TeacherStage,
     TrainSpec,
 )
 from orchestrator.train.worker import train_loop_per_worker
@@ -110,19 +112,32 @@ def check_teacher(config: ExperimentConfig) -> None:
     from orchestrator.teacher_models import load_teacher_backbone
 
     size = config.data.image_size
-    teacher = load_teacher_backbone(config.teacher, image_size=size)
-    with torch.no_grad():
-        width = int(teacher(torch.zeros(2, 3, size, size)).shape[1])
-    if width != config.teacher.emb_dim:
-        raise ArtifactError(
-            f"{config.teacher.backbone}: the teacher gives {width}-d embeddings, "
-            f"teacher.emb_dim is {config.teacher.emb_dim}"
+    for stage in teacher_stages(config) or (TeacherStage(0, config.teacher.backbone),):
+        teacher = load_teacher_backbone(
+            replace(config.teacher, backbone=stage.backbone), image_size=size
         )
-    print(
-        f"[teacher] {config.teacher.backbone}: {type(teacher).__name__}, {width}-d, "
-        f"format {config.teacher.format.value}",
-        flush=True,
-    )
+        with torch.no_grad():
+            width = int(teacher(torch.zeros(2, 3, size, size)).shape[1])
+        if width != config.teacher.emb_dim:
+            raise ArtifactError(
+                f"{stage.backbone}: the teacher gives {width}-d embeddings, "
+                f"teacher.emb_dim is {config.teacher.emb_dim}"
+            )
+        print(
+            f"[teacher] {stage.backbone}: {type(teacher).__name__}, {width}-d, "
+            f"format {config.teacher.format.value}",
+            flush=True,
+        )
+
+
+def teacher_stages(config: ExperimentConfig) -> tuple[TeacherStage, ...]:
+    """``multistep``: each stage of ``loss.multistep.schedule`` with its file (checked to
+    exist); other methods: none."""
+    if config.loss.method is not Method.MULTISTEP:
+        return ()
+    stages = config.loss.multistep.stages()
+    uris = check_stage_files(config.teacher, stages)
+    return tuple(TeacherStage(s.from_epoch, uri) for s, uri in zip(stages, uris, strict=True))
 
 
 def check_labels(uri: str, meta: fmt.DatasetMeta) -> None:
@@ -301,6 +316,7 @@ def student_spec(
         teacher=config.teacher if method.needs_teacher_embeddings else None,
         eval_uri=config.data.eval or None,
         best_uri=best_uri(config, name) if config.run.keep_best else None,
+        teacher_stages=teacher_stages(config),
     )
 
 
@@ -422,6 +438,7 @@ def train_teacher_locked(config: ExperimentConfig, name: str, meta: fmt.DatasetM
         num_images=meta.num_images,
         eval_uri=config.data.eval,
         best_uri=best_uri(config, name) if config.run.keep_best else None,
+        snapshots=teacher_snapshots(config, meta),
     )
     outcome = fit(config, spec, name=name)
     if trained_nothing(outcome) and storage.exists(config.teacher.backbone):
@@ -429,6 +446,25 @@ def train_teacher_locked(config: ExperimentConfig, name: str, meta: fmt.DatasetM
         return outcome
     export_teacher(config, outcome.state, meta)
     return outcome
+
+
+def teacher_snapshots(config: ExperimentConfig, meta: fmt.DatasetMeta) -> TeacherSnapshots | None:
+    """``teacher.snapshot_epochs``: the intermediate teachers this run keeps, and where."""
+    epochs = tuple(sorted(set(config.teacher.snapshot_epochs)))
+    beyond = [e for e in epochs if e > config.teacher_optim.epochs]
+    if beyond:
+        raise UsageError(
+            f"teacher.snapshot_epochs {list(epochs)}: epochs {beyond} are past the teacher's "
+            f"last, teacher_optim.epochs = {config.teacher_optim.epochs}"
+        )
+    if not epochs:
+        return None
+    return TeacherSnapshots(
+        epochs=epochs,
+        uris=tuple(snapshot_uri(config.teacher.backbone, e) for e in epochs),
+        label_map_fingerprint=meta.label_map_fingerprint,
+        image_size=config.data.image_size,
+    )
 
 
 def export_teacher(config: ExperimentConfig, state: TrainingState, meta: fmt.DatasetMeta) -> None:

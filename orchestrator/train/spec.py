@@ -8,7 +8,7 @@ part of the experiment config applied.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from orchestrator.artifacts import ClassifierRef
@@ -50,6 +50,30 @@ ClassifierSource = DenseClassifier | ShardedClassifier
 
 
 @dataclass(frozen=True)
+class TeacherStage:
+    """``multistep``: from student epoch ``from_epoch`` (0-based) the teacher is the file
+    ``backbone`` (resolved by the driver from ``loss.multistep.schedule``)."""
+
+    from_epoch: int
+    backbone: str
+
+
+@dataclass(frozen=True)
+class TeacherSnapshots:
+    """Role teacher: rank 0 also saves the backbone after each of ``epochs`` (1-based) to
+    ``uris[i]``, as a teacher checkpoint of its own (``teacher.snapshot_epochs``)."""
+
+    epochs: tuple[int, ...]
+    uris: tuple[str, ...]
+    label_map_fingerprint: str
+    image_size: int
+
+    def uri_after(self, epoch: int) -> str | None:
+        """Where the snapshot of 0-based ``epoch`` goes, if one is kept."""
+        return dict(zip(self.epochs, self.uris, strict=True)).get(epoch + 1)
+
+
+@dataclass(frozen=True)
 class TrainSpec:
     role: Role
     model: ModelSpec
@@ -61,6 +85,16 @@ class TrainSpec:
     teacher: TeacherConfig | None = None  # its backbone, when the method needs teacher embeddings
     eval_uri: str | None = None
     best_uri: str | None = None  # <run>/best: the best validated state is kept there
+    teacher_stages: tuple[TeacherStage, ...] = ()  # multistep: the teacher per student epoch
+    snapshots: TeacherSnapshots | None = None  # role teacher: intermediate backbones kept
+
+    def teacher_at(self, epoch: int) -> TeacherConfig | None:
+        """The teacher student epoch ``epoch`` (0-based) distils from: ``teacher``, with the
+        backbone of its stage for ``multistep``."""
+        if self.teacher is None or not self.teacher_stages:
+            return self.teacher
+        stage = [s for s in self.teacher_stages if s.from_epoch <= epoch][-1]
+        return replace(self.teacher, backbone=stage.backbone)
 
     @property
     def classifier_ref(self) -> ClassifierRef | None:

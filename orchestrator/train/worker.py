@@ -29,10 +29,12 @@ from orchestrator import classifier as clf
 from orchestrator import storage
 from orchestrator.artifacts import (
     BestRecord,
+    TeacherCheckpoint,
     TrainingState,
     load_state,
     read_best,
     save_state,
+    save_teacher,
     verify_same_classifier,
     write_best,
 )
@@ -64,7 +66,12 @@ from orchestrator.models import build_backbone
 from orchestrator.progress import format_seconds
 from orchestrator.shards import Shard
 from orchestrator.teacher_models import load_teacher_backbone
-from orchestrator.train.spec import DenseClassifier, ShardedClassifier, TrainSpec
+from orchestrator.train.spec import (
+    DenseClassifier,
+    ShardedClassifier,
+    TeacherSnapshots,
+    TrainSpec,
+)
 from orchestrator.train.step import lr_at, train_step
 
 
@@ -80,8 +87,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         report(state, final, validate=True, save=state.rank == 0)
         return
     for epoch in range(state.start_epoch, spec.optim.epochs):
+        use_teacher_of(state, epoch)
         stats = run_epoch(state, epoch)
-        state.history = state.history.after_epoch(epoch, stats)
+        state.history = state.history.after_epoch(epoch, stats, state.teacher_backbone)
+        if spec.snapshots is not None and state.rank == 0:
+            save_snapshot(state, spec.snapshots, epoch)
         report(
             state,
             stats,
@@ -134,6 +144,7 @@ class WorkerState:
     student: nn.Module  # wrapped in DDP
     loss_fn: nn.Module
     teacher: nn.Module | None
+    teacher_backbone: str | None  # the file ``teacher`` was loaded from
     optimizer: torch.optim.Optimizer
     schedule: Schedule
     data: Any  # this worker's ray.data DataIterator
@@ -175,7 +186,8 @@ def set_up(spec: TrainSpec, config: ExperimentConfig) -> WorkerState:
         device=device,
         student=ray.train.torch.prepare_model(student),  # DDP over the workers (not W)
         loss_fn=loss_fn,
-        teacher=load_teacher(spec, device, image_size=config.data.image_size),
+        teacher=None,  # loaded per epoch by use_teacher_of (multistep changes it)
+        teacher_backbone=None,
         optimizer=optimizer,
         schedule=Schedule.of(spec, world_size),
         data=ray.train.get_dataset_shard("train"),
@@ -248,14 +260,40 @@ def shared_classifier(source: DenseClassifier) -> torch.Tensor:
         return torch.from_numpy(array)
 
 
-def load_teacher(spec: TrainSpec, device: torch.device, *, image_size: int) -> nn.Module | None:
-    """The frozen teacher in any format (:mod:`orchestrator.teacher_models`), on ``device``."""
-    if spec.teacher is None:
-        return None
-    teacher = load_teacher_backbone(spec.teacher, image_size=image_size).to(device)
-    for p in teacher.parameters():
+def use_teacher_of(state: WorkerState, epoch: int) -> None:
+    """Load the frozen teacher of ``epoch`` (any format, :mod:`orchestrator.teacher_models`)
+    onto the worker's device, unless it is the one loaded already: once per run, or once
+    per ``multistep`` stage."""
+    teacher = state.spec.teacher_at(epoch)
+    if teacher is None or teacher.backbone == state.teacher_backbone:
+        return
+    model = load_teacher_backbone(teacher, image_size=state.config.data.image_size)
+    model = model.to(state.device).eval()
+    for p in model.parameters():
         p.requires_grad_(False)
-    return teacher
+    if state.teacher_backbone is not None and state.rank == 0:
+        print(f"{state.tag} epoch {epoch + 1}: distilling from {teacher.backbone}", flush=True)
+    state.teacher, state.teacher_backbone = model, teacher.backbone
+
+
+def save_snapshot(state: WorkerState, snapshots: TeacherSnapshots, epoch: int) -> None:
+    """Role teacher, rank 0: the backbone and head after ``epoch``, when it is kept."""
+    uri = snapshots.uri_after(epoch)
+    if uri is None:
+        return
+    model = state.spec.model
+    save_teacher(
+        uri,
+        TeacherCheckpoint(
+            arch=model.arch,
+            emb_dim=model.emb_dim,
+            image_size=snapshots.image_size,
+            backbone=unwrap(state.student).state_dict(),
+            classifier=state.loss_fn.state_dict()["classifier.weight"],
+            label_map_fingerprint=snapshots.label_map_fingerprint,
+        ),
+    )
+    print(f"{state.tag} teacher after epoch {epoch + 1} -> {uri}", flush=True)
 
 
 def resume(
@@ -549,7 +587,7 @@ def training_state(state: WorkerState, epoch: int) -> TrainingState:
         world_sizes=history.world_sizes,
         train_seconds=history.train_seconds,
         throughput=history.throughput,
-        extra=state.spec.provenance(),
+        extra={**state.spec.provenance(), TEACHER_BY_EPOCH: list(history.teachers)},
     )
 
 
@@ -576,6 +614,9 @@ class History:
     world_sizes: tuple[int, ...]
     train_seconds: float
     throughput: tuple[tuple[float, float], ...] = ()  # per epoch: samples/s, input wait share
+    # Per trained epoch: the teacher file it distilled from ("" for none); multistep
+    # changes it along its schedule. Kept in the checkpoint's extra as teacher_by_epoch.
+    teachers: tuple[str, ...] = ()
 
     @classmethod
     def start(cls, previous: TrainingState | None, world_size: int) -> History:
@@ -588,12 +629,17 @@ class History:
             (*previous.world_sizes, world_size),
             previous.train_seconds,
             previous.throughput,
+            tuple(previous.extra.get(TEACHER_BY_EPOCH, ())),
         )
 
-    def after_epoch(self, epoch: int, stats: EpochStats) -> History:
+    def after_epoch(self, epoch: int, stats: EpochStats, teacher: str | None = None) -> History:
         return replace(
             self,
             epochs_done=(*self.epochs_done, epoch),
             train_seconds=self.train_seconds + stats.seconds,
             throughput=(*self.throughput, (stats.samples_per_s, stats.input_wait_share)),
+            teachers=(*self.teachers, teacher or ""),
         )
+
+
+TEACHER_BY_EPOCH = "teacher_by_epoch"
