@@ -1,0 +1,250 @@
+"""jobs.compare: the statistics against scipy/numpy, the report's words, and the real CLI
+on tiny data (proxyless and cckd x 2 seeds, 1 epoch), interrupted with Ctrl-C after the
+first run finished and resumed with --resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from orchestrator.compare import (
+    CROSS_MODEL,
+    IMAGES_PER_S,
+    Cell,
+    markdown,
+    paired_interval,
+    spread,
+    summary_data,
+)
+from orchestrator.config import (
+    CompareConfig,
+    ConfigError,
+    DataConfig,
+    Method,
+    OptimConfig,
+    ScalingConfig,
+    dump_yaml,
+    load_config,
+)
+from tests.conftest import REPO, TrainSetup
+
+
+def test_paired_interval_is_scipys_paired_t_interval() -> None:
+    rng = np.random.default_rng(0)
+    a = {k: float(v) for k, v in enumerate(rng.normal(0.8, 0.02, size=5))}
+    b = {k: float(v) for k, v in enumerate(rng.normal(0.78, 0.02, size=5))}
+    b.pop(3)  # seed 3 did not complete for b: the pairs are the other four
+    seeds = sorted(b)
+    reference = stats.ttest_rel([a[k] for k in seeds], [b[k] for k in seeds])
+    low, high = reference.confidence_interval(confidence_level=0.9)
+    got = paired_interval(a, b, 0.9)
+    assert got.n == 4
+    assert got.mean == pytest.approx(np.mean([a[k] - b[k] for k in seeds]), rel=1e-12)
+    assert (got.low, got.high) == (pytest.approx(low, rel=1e-10), pytest.approx(high, rel=1e-10))
+    assert got.significant == (reference.pvalue < 0.1)
+    one = paired_interval({0: 1.0}, {0: 0.5}, 0.95)
+    assert one.n == 1 and np.isnan(one.low) and not one.significant
+
+
+def test_spread_is_the_sample_standard_deviation() -> None:
+    values = [0.91, 0.87, 0.95]
+    s = spread(values)
+    assert (s.mean, s.std, s.n) == (
+        pytest.approx(np.mean(values)),
+        pytest.approx(np.std(values, ddof=1)),
+        3,
+    )
+
+
+def cells_for(values: dict[str, list[float]]) -> list[Cell]:
+    return [
+        Cell(method, seed, f"x-{method}-seed{seed}", "completed", "u", {"acc_10fold": v})
+        for method, per_seed in values.items()
+        for seed, v in enumerate(per_seed)
+    ]
+
+
+def test_report_says_which_differences_are_significant() -> None:
+    config = load_config(
+        None,
+        [
+            "name=x",
+            "compare.methods=[proxyless,l2,scratch]",
+            "compare.seeds=[0,1,2]",
+            "compare.metrics=[acc_10fold]",
+        ],
+    )
+    cells = cells_for(
+        {
+            "proxyless": [0.90, 0.91, 0.92],
+            "l2": [0.80, 0.805, 0.81],  # 0.1 lower at every seed: significant
+            "scratch": [0.95, 0.86, 0.92],  # noisy around proxyless: not significant
+        }
+    )
+    data = summary_data(config, cells, ["acc_10fold"])
+    l2 = data["tables"]["acc_10fold"]["l2"]["vs_baseline"]
+    scratch = data["tables"]["acc_10fold"]["scratch"]["vs_baseline"]
+    assert l2["significant"] and l2["high"] < 0
+    assert not scratch["significant"] and scratch["low"] < 0 < scratch["high"]
+    text = markdown(config, data)
+    assert "l2 is lower than proxyless on acc_10fold at the 95% level" in text
+    assert "scratch and proxyless are not distinguishable on acc_10fold" in text
+
+
+def test_compare_settings_are_checked() -> None:
+    with pytest.raises(ConfigError, match=r"compare\.baseline: proxyless is not among"):
+        load_config(None, ["compare.methods=[l2,scratch]"])
+    with pytest.raises(ConfigError, match=r"compare\.seeds: a seed is named twice"):
+        load_config(None, ["compare.seeds=[1,1]"])
+    with pytest.raises(ConfigError, match=r"compare\.metrics: expected names from"):
+        load_config(None, ["compare.metrics=[accuracy]"])
+    assert CompareConfig().methods == tuple(Method)
+
+
+# --- the real CLI ---------------------------------------------------------------------
+
+
+def compare_cli(config: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "jobs.compare", "--config", str(config), *extra]
+
+
+def clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_AUTH_MODE"] = "disabled"
+    return env
+
+
+def students(root: Path) -> set[str]:
+    return {str(p) for p in (root / "runs").glob("cmp-*-seed*/student.pt")}
+
+
+@pytest.fixture(scope="module")
+def comparison(train_setup: TrainSetup, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("compare")
+    base = train_setup.base
+    config = replace(
+        base,
+        name="cmp",
+        storage_path=str(root / "runs"),
+        data=replace(base.data, decode_actors=1, decode_cpus=0.25),
+        scaling=ScalingConfig(num_workers=1, cpus_per_worker=0.25),
+        optim=OptimConfig(lr=0.05, epochs=1, batch_size=4),
+        compare=CompareConfig(methods=(Method.PROXYLESS, Method.CCKD), seeds=(3, 4)),
+    )
+    path = root / "compare.yaml"
+    path.write_text(dump_yaml(config))
+    interrupted = subprocess.Popen(
+        compare_cli(path),
+        cwd=REPO,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 400
+    while not students(root) and time.monotonic() < deadline:
+        assert interrupted.poll() is None, interrupted.communicate()[0][-3000:]
+        time.sleep(1)
+    finished_before = students(root)
+    assert finished_before, "no run finished in time"
+    interrupted.send_signal(signal.SIGINT)
+    try:
+        interrupted.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(interrupted.pid, signal.SIGKILL)
+        interrupted.communicate()
+    mtimes = {p: Path(p).stat().st_mtime_ns for p in finished_before}
+    resumed = subprocess.run(
+        compare_cli(path, "--resume"),
+        cwd=REPO,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    summary = root / "runs" / "compare" / "cmp" / "summary"
+    return {
+        "root": root,
+        "output": resumed.stdout,
+        "summary": summary,
+        "mtimes": mtimes,
+        "data": json.loads((summary / "comparison.json").read_text()),
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_compare_cli_tables_intervals_and_plot(comparison: dict) -> None:
+    data, summary = comparison["data"], comparison["summary"]
+    assert {(c["method"], c["seed"]) for c in data["cells"]} == {
+        ("proxyless", 3),
+        ("proxyless", 4),
+        ("cckd", 3),
+        ("cckd", 4),
+    }
+    assert all(c["status"] == "completed" for c in data["cells"])
+    rows = list(csv.DictReader((summary / "cells.csv").open()))
+    per = {(r["method"], int(r["seed"])): r for r in rows}
+    for column in ("acc_10fold", "auc", CROSS_MODEL, IMAGES_PER_S):
+        table = data["tables"][column]
+        for method in ("proxyless", "cckd"):
+            values = [float(per[(method, s)][column]) for s in (3, 4)]
+            assert table[method]["mean"] == pytest.approx(np.mean(values), rel=1e-9)
+            assert table[method]["std"] == pytest.approx(
+                np.std(values, ddof=1), rel=1e-9, abs=1e-12
+            )
+        diffs = [
+            float(per[("cckd", s)][column]) - float(per[("proxyless", s)][column]) for s in (3, 4)
+        ]
+        vs = table["cckd"]["vs_baseline"]
+        assert vs["n"] == 2 and vs["mean"] == pytest.approx(np.mean(diffs), rel=1e-9, abs=1e-12)
+        if np.std(diffs) > 0:
+            low, high = stats.t.interval(0.95, df=1, loc=np.mean(diffs), scale=stats.sem(diffs))
+            assert (vs["low"], vs["high"]) == (pytest.approx(low), pytest.approx(high))
+    # cckd lives in the teacher's space (student width = teacher width): cross-model numbers.
+    assert all(per[(m, s)][CROSS_MODEL] != "" for m in ("proxyless", "cckd") for s in (3, 4))
+    report = (summary / "report.md").read_text()
+    assert "## acc_10fold" in report and "paired t-interval" in report
+    assert "cckd" in report and ("not distinguishable" in report or "than proxyless" in report)
+    png = (summary / "comparison.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert "4/4 runs completed" in comparison["output"]
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_compare_resume_keeps_the_runs_that_finished(comparison: dict) -> None:
+    for path, mtime in comparison["mtimes"].items():
+        assert Path(path).stat().st_mtime_ns == mtime, f"{path} was trained again"
+    assert len(students(comparison["root"])) == 4
+
+
+def test_every_cell_config_is_checked_before_training(tmp_path: Path) -> None:
+    """A method that cannot run with the experiment's settings fails at once, naming it."""
+    from orchestrator.compare import check_cells
+
+    config = load_config(
+        None,
+        [
+            "loss.method=scratch",
+            "compare.methods=[proxyless,scratch]",
+            "student.emb_dim=128",
+            "teacher.emb_dim=512",
+        ],
+    )
+    config = replace(config, data=DataConfig(train=str(tmp_path), eval=str(tmp_path)))
+    with pytest.raises(ConfigError, match=r"method proxyless needs student\.emb_dim"):
+        check_cells(config)
