@@ -1,5 +1,5 @@
 """Distil a student on Ray Train: `proxyless` (inherit the teacher's frozen classifier) or a
-baseline (`scratch`, `l2`, `logit`, `proxyless+l2`), chosen by loss.method.
+baseline (`scratch`, `l2`, `logit`, `proxyless+l2`, `cckd`, `multistep`), chosen by loss.method.
 
 Locally (starts a private local Ray cluster unless RAY_ADDRESS is set):
     python -m jobs.distill --config configs/demo.yaml --set loss.method=proxyless
