@@ -51,9 +51,10 @@ def unit(v: torch.Tensor) -> torch.Tensor:
 def reference_kernel(x: torch.Tensor, y: torch.Tensor, gamma: float, order: int) -> torch.Tensor:
     """Peng et al. 2019, eq. 9: sum_{p<=P} e^{-2 gamma} (2 gamma)^p / p! (x.y)^p, unit x, y."""
     c = (unit(x) * unit(y)).sum()
-    return sum(
-        math.exp(-2 * gamma) * (2 * gamma) ** p / math.factorial(p) * c**p for p in range(order + 1)
-    )
+    total = torch.zeros((), dtype=torch.float64)
+    for p in range(order + 1):
+        total = total + math.exp(-2 * gamma) * (2 * gamma) ** p / math.factorial(p) * c**p
+    return total
 
 
 def reference_cc(s: torch.Tensor, t: torch.Tensor, gamma: float, order: int) -> torch.Tensor:
