@@ -363,6 +363,12 @@ class CckdConfig:
         require(self.cc_weight >= 0, "cc_weight", "must be >= 0")
 
 
+def started_by(starts: Sequence[int], epoch: int) -> int:
+    """The index of the last of the increasing ``starts`` (the first 0) at or before
+    ``epoch``: the stage a schedule is in at that epoch."""
+    return max(i for i, start in enumerate(starts) if start <= epoch)
+
+
 FINAL_TEACHER = "final"  # multistep: teacher.backbone itself
 TEACHER_EPOCH_PREFIX = "epoch:"  # multistep: the snapshot jobs.train_teacher kept of epoch N
 
@@ -425,7 +431,8 @@ class MultistepConfig:
 
     def stage_at(self, epoch: int) -> MultistepStage:
         """The stage that student epoch ``epoch`` (0-based) distils from."""
-        return [stage for stage in self.stages() if stage.from_epoch <= epoch][-1]
+        stages = self.stages()
+        return stages[started_by([stage.from_epoch for stage in stages], epoch)]
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -180,3 +180,39 @@ def train_setup(
     tmp_path_factory: pytest.TempPathFactory, tiny_synthetic: SyntheticDatasets
 ) -> TrainSetup:
     return make_train_setup(tmp_path_factory.mktemp("teacher"), tiny_synthetic)
+
+
+def clean_env() -> dict[str, str]:
+    """The environment of a CLI subprocess that starts its own private Ray cluster."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_AUTH_MODE"] = "disabled"
+    return env
+
+
+def interrupt_when(command: list[str], ready: Callable[[], object], what: str) -> str:
+    """Run ``command`` (a Tune job) until ``ready()`` is truthy, then Ctrl-C it (Tune saves
+    its state and stops; killed after 120 s if not); its output."""
+    import signal
+    import subprocess
+    import time
+
+    interrupted = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 400
+    while not ready() and time.monotonic() < deadline:
+        assert interrupted.poll() is None, interrupted.communicate()[0][-3000:]
+        time.sleep(1)
+    assert ready(), f"no {what} finished in time"
+    interrupted.send_signal(signal.SIGINT)
+    try:
+        return interrupted.communicate(timeout=120)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(interrupted.pid, signal.SIGKILL)
+        return interrupted.communicate()[0]

@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -37,7 +34,7 @@ from orchestrator.config import (
     dump_yaml,
     load_config,
 )
-from tests.conftest import REPO, TrainSetup
+from tests.conftest import REPO, TrainSetup, clean_env, interrupt_when
 
 
 def test_paired_interval_is_scipys_paired_t_interval() -> None:
@@ -119,12 +116,6 @@ def compare_cli(config: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "jobs.compare", "--config", str(config), *extra]
 
 
-def clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["RAY_AUTH_MODE"] = "disabled"
-    return env
-
-
 def students(root: Path) -> set[str]:
     return {str(p) for p in (root / "runs").glob("cmp-*-seed*/student.pt")}
 
@@ -144,27 +135,8 @@ def comparison(train_setup: TrainSetup, tmp_path_factory: pytest.TempPathFactory
     )
     path = root / "compare.yaml"
     path.write_text(dump_yaml(config))
-    interrupted = subprocess.Popen(
-        compare_cli(path),
-        cwd=REPO,
-        env=clean_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 400
-    while not students(root) and time.monotonic() < deadline:
-        assert interrupted.poll() is None, interrupted.communicate()[0][-3000:]
-        time.sleep(1)
+    interrupt_when(compare_cli(path), lambda: students(root), "run")
     finished_before = students(root)
-    assert finished_before, "no run finished in time"
-    interrupted.send_signal(signal.SIGINT)
-    try:
-        interrupted.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(interrupted.pid, signal.SIGKILL)
-        interrupted.communicate()
     mtimes = {p: Path(p).stat().st_mtime_ns for p in finished_before}
     resumed = subprocess.run(
         compare_cli(path, "--resume"),

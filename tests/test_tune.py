@@ -4,11 +4,8 @@ interrupted with Ctrl-C after the first trial finished, then resumed with --resu
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
@@ -35,7 +32,7 @@ from orchestrator.config import (
 )
 from orchestrator.evaluation import evaluate_model, load_eval_set, load_student
 from orchestrator.tune import param_space, trial_resources
-from tests.conftest import REPO, TrainSetup
+from tests.conftest import REPO, TrainSetup, clean_env, interrupt_when
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -72,12 +69,6 @@ def tune_cli(config: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "jobs.tune", "--config", str(config), *extra]
 
 
-def clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["RAY_AUTH_MODE"] = "disabled"
-    return env
-
-
 def students(root: Path) -> dict[str, int]:
     return {str(p): p.stat().st_mtime_ns for p in (root / "runs").glob("search-*_*/student.pt")}
 
@@ -86,27 +77,8 @@ def students(root: Path) -> dict[str, int]:
 def search(train_setup: TrainSetup, tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("tune")
     config = search_config(train_setup, root)
-    interrupted = subprocess.Popen(
-        tune_cli(config),
-        cwd=REPO,
-        env=clean_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 400
-    while not students(root) and time.monotonic() < deadline:
-        assert interrupted.poll() is None, interrupted.communicate()[0][-3000:]
-        time.sleep(1)
+    first_output = interrupt_when(tune_cli(config), lambda: students(root), "trial")
     finished_before = students(root)
-    assert finished_before, "no trial finished in time"
-    interrupted.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves its state and stops
-    try:
-        first_output = interrupted.communicate(timeout=120)[0]
-    except subprocess.TimeoutExpired:
-        os.killpg(interrupted.pid, signal.SIGKILL)
-        first_output = interrupted.communicate()[0]
     resumed = subprocess.run(
         tune_cli(config, "--resume"),
         cwd=REPO,

@@ -13,7 +13,7 @@ from typing import Any
 
 from orchestrator.artifacts import ClassifierRef
 from orchestrator.classifier import ClassifierMeta
-from orchestrator.config import Arch, LossConfig, OptimConfig, TeacherConfig
+from orchestrator.config import Arch, LossConfig, OptimConfig, TeacherConfig, started_by
 
 
 class Role(enum.StrEnum):
@@ -93,7 +93,8 @@ class TrainSpec:
         backbone of its stage for ``multistep``."""
         if self.teacher is None or not self.teacher_stages:
             return self.teacher
-        stage = [s for s in self.teacher_stages if s.from_epoch <= epoch][-1]
+        stages = self.teacher_stages
+        stage = stages[started_by([s.from_epoch for s in stages], epoch)]
         return replace(self.teacher, backbone=stage.backbone)
 
     @property
