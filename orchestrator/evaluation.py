@@ -140,7 +140,26 @@ def embed_images(
             progress.update(x.shape[0])
     finally:
         model.train(was_training)
-    return np.concatenate(out)
+    embeddings = np.concatenate(out)
+    check_finite_embeddings(embeddings, label)
+    return embeddings
+
+
+class NonFiniteEmbeddingsError(ValueError):
+    """A model gave NaN or infinite embeddings: nothing can be scored with them."""
+
+
+def check_finite_embeddings(embeddings: npt.NDArray[np.float32], label: str) -> None:
+    """Refuse (N, d) embeddings with a NaN or infinite entry, naming how many rows and which."""
+    bad = np.flatnonzero(~np.isfinite(embeddings).all(axis=1))
+    if bad.size == 0:
+        return
+    raise NonFiniteEmbeddingsError(
+        f"{label}: the model gave NaN or infinite embeddings for {bad.size} of "
+        f"{len(embeddings)} images (rows {bad[:5].tolist()}{'...' if bad.size > 5 else ''}) "
+        "in eval mode; a student trained for a handful of steps can do this, its "
+        "BatchNorm running statistics not yet settled; train longer, or check the weights"
+    )
 
 
 def embedding_metrics(

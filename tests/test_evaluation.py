@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+from types import SimpleNamespace
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +10,13 @@ import torch
 from orchestrator.config import Arch
 from orchestrator.data.images import to_model_input
 from orchestrator.data.prepare import SyntheticDatasets
-from orchestrator.evaluation import embed_images, embedding_metrics, evaluate_model, load_eval_set
+from orchestrator.evaluation import (
+    NonFiniteEmbeddingsError,
+    embed_images,
+    embedding_metrics,
+    evaluate_model,
+    load_eval_set,
+)
 from orchestrator.metrics import pair_scores, verification_metrics
 from orchestrator.models import build_backbone
 
@@ -56,3 +65,55 @@ def test_metrics_and_cross_model(model: torch.nn.Module, tiny_synthetic: Synthet
     rng = np.random.default_rng(0)
     unrelated = embedding_metrics(eval_set, emb, gallery=rng.normal(size=emb.shape))
     assert unrelated["auc"] < report["auc"]
+
+
+class RowBlowsUp(torch.nn.Module):
+    """A 4-d embedding of each image, with row ``row`` of every batch made infinite: an
+    undertrained student's eval-mode overflow, on demand."""
+
+    def __init__(self, row: int) -> None:
+        super().__init__()
+        self.row = row
+        self.scale = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.flatten(1)[:, :4] * self.scale
+        if self.row < len(out):
+            out[self.row] = float("inf")
+        return out
+
+
+def test_non_finite_embeddings_are_refused_naming_the_rows(
+    tiny_synthetic: SyntheticDatasets,
+) -> None:
+    images = load_eval_set(tiny_synthetic.eval_uri).images[:6]
+    with pytest.raises(
+        NonFiniteEmbeddingsError, match=r"val lfw: .* for 2 of 6 images \(rows \[1, 4\]\)"
+    ):
+        embed_images(RowBlowsUp(row=1), images, batch_size=3, label="val lfw")
+    assert embed_images(RowBlowsUp(row=99), images, batch_size=3).shape == (6, 4)
+
+
+def test_validation_without_finite_embeddings_reports_nothing_and_keeps_going(
+    tiny_synthetic: SyntheticDatasets, model: torch.nn.Module, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The worker's validation: a student whose embeddings overflow gets no metrics and a
+    warning (the epoch's checkpoint is saved after it), a sound one gets its metrics."""
+    from orchestrator.config import DataConfig, ExperimentConfig
+    from orchestrator.train.worker import validation_metrics
+
+    def state(student: torch.nn.Module) -> Any:
+        config = ExperimentConfig(data=DataConfig(train="unused", eval=tiny_synthetic.eval_uri))
+        return SimpleNamespace(
+            spec=SimpleNamespace(eval_uri=tiny_synthetic.eval_uri),
+            config=config,
+            eval_set=None,
+            student=student,
+            val_benches={},
+            tag="[run]",
+        )
+
+    assert validation_metrics(state(RowBlowsUp(row=0))) == {}
+    assert "[run] WARNING: no validation metrics this epoch" in capsys.readouterr().out
+    sound = validation_metrics(state(model))
+    assert 0.0 <= sound["val_acc_10fold"] <= 1.0 and "val_rank1" in sound

@@ -55,6 +55,7 @@ from orchestrator.data.ray_input import TimedBatches, epoch_batches
 from orchestrator.evaluation import (
     EvalSet,
     Flip,
+    NonFiniteEmbeddingsError,
     embed_images,
     evaluate_model,
     load_eval_set,
@@ -510,7 +511,16 @@ def validation_metrics(state: WorkerState) -> dict[str, float]:
     """Rank 0 only: the student's metrics on ``spec.eval_uri`` (loaded once per run)."""
     assert state.spec.eval_uri is not None
     state.eval_set = state.eval_set or load_eval_set(state.spec.eval_uri)
-    report = evaluate_model(unwrap(state.student), state.eval_set)
+    try:
+        return validated(state, state.eval_set)
+    except NonFiniteEmbeddingsError as err:
+        # The run's checkpoint matters more than this epoch's numbers: warn, report none.
+        print(f"{state.tag} WARNING: no validation metrics this epoch: {err}", flush=True)
+        return {}
+
+
+def validated(state: WorkerState, eval_set: EvalSet) -> dict[str, float]:
+    report = evaluate_model(unwrap(state.student), eval_set)
     values = {metric.validation_key: metric.read(report) for metric in Metric}
     for name, uri in val_targets(state.config).items():
         if name not in state.val_benches:
