@@ -343,6 +343,8 @@ def read_student_export(uri: str) -> StudentExport:
 
 # --- this project's teacher checkpoint ---------------------------------------------------
 
+TEACHER_HEAD_KEY = "classifier.weight"  # the trained head in the training loss's state dict
+
 
 @dataclass(frozen=True)
 class TeacherCheckpoint:
@@ -352,6 +354,33 @@ class TeacherCheckpoint:
     backbone: dict[str, torch.Tensor]
     classifier: torch.Tensor  # (C, d), the trained head
     label_map_fingerprint: str
+
+    @classmethod
+    def from_training(
+        cls,
+        arch: Arch,
+        emb_dim: int,
+        *,
+        image_size: int,
+        backbone: dict[str, torch.Tensor],
+        loss: dict[str, torch.Tensor],
+        label_map_fingerprint: str,
+    ) -> TeacherCheckpoint:
+        """A teacher from the role-teacher training state: the backbone's weights and the
+        state dict of its margin loss, whose trained head is the classifier."""
+        if TEACHER_HEAD_KEY not in loss:
+            raise ArtifactError(
+                f"the teacher's training loss holds no {TEACHER_HEAD_KEY!r} (found "
+                f"{sorted(loss)}): was it trained with a margin loss of its own?"
+            )
+        return cls(
+            arch=arch,
+            emb_dim=emb_dim,
+            image_size=image_size,
+            backbone=backbone,
+            classifier=loss[TEACHER_HEAD_KEY],
+            label_map_fingerprint=label_map_fingerprint,
+        )
 
 
 def save_teacher(uri: str, teacher: TeacherCheckpoint) -> None:

@@ -15,7 +15,6 @@ import csv
 import io
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -31,8 +30,13 @@ from orchestrator.config import (
     val_targets,
     validation_key,
 )
-from orchestrator.errors import UsageError
-from orchestrator.tune import apply_params, cluster_resources, fit_trials, trial_resources
+from orchestrator.tune import (
+    apply_params,
+    check_trial_fits,
+    cluster_resources,
+    fit_trials,
+    trial_resources,
+)
 
 SUMMARY_DIR = "summary"
 CROSS_MODEL = "cross_model_acc_10fold"  # teacher gallery, student probes
@@ -177,14 +181,7 @@ def run_compare(config: ExperimentConfig, resume: bool = False) -> Comparison:
     compare = config.compare
     resources = cluster_resources()
     plan = trial_resources(cell_config(to_dict(config), compare.baseline.value, 0), *resources)
-    if plan.cpus > resources[0] + 1e-9 and not os.environ.get("RAY_ADDRESS"):
-        # Measured: a cell larger than this fixed local cluster starts its Train workers,
-        # never gets its decode actors scheduled, and Ray Data times out after 30 minutes.
-        raise UsageError(
-            f"one run of the comparison needs {plan.cpus:g} CPUs (scaling.num_workers x "
-            f"scaling.cpus_per_worker + data.decode_actors x data.decode_cpus), the local "
-            f"cluster has {resources[0]:g}: lower scaling.cpus_per_worker or data.decode_cpus"
-        )
+    check_trial_fits(plan, resources, "run of the comparison")
     concurrent = compare.max_concurrent_trials or plan.concurrent
     print(
         f"[compare] {config.name}: {len(compare.methods)} method(s) x {len(compare.seeds)} "

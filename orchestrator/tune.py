@@ -112,6 +112,32 @@ def trial_resources(
     return TrialResources(cpus, gpus, concurrent)
 
 
+def check_trial_fits(plan: TrialResources, cluster: tuple[float, float], what: str) -> None:
+    """Refuse, before anything starts, a trial larger than the local cluster. Measured: such
+    a trial starts its Train workers, never gets its decode actors scheduled, and Ray Data
+    times out after 30 minutes. On a cluster of our own (``RAY_ADDRESS``) the autoscaler
+    may still add the nodes, so the check is left to it."""
+    import os
+
+    from orchestrator.errors import UsageError
+
+    cpus, gpus = cluster
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    if plan.cpus > cpus + 1e-9:
+        raise UsageError(
+            f"one {what} needs {plan.cpus:g} CPUs (scaling.num_workers x "
+            f"scaling.cpus_per_worker + data.decode_actors x data.decode_cpus), the local "
+            f"cluster has {cpus:g}: lower scaling.cpus_per_worker or data.decode_cpus"
+        )
+    if plan.gpus > gpus + 1e-9:
+        raise UsageError(
+            f"one {what} needs {plan.gpus:g} GPUs (scaling.num_workers with "
+            f"scaling.use_gpu), the local cluster has {gpus:g}: lower scaling.num_workers "
+            f"or set scaling.use_gpu=false"
+        )
+
+
 def run_trial(params: dict[str, Any], base: dict[str, Any]) -> None:
     """The Tune function trainable: one full distillation run, reported to Tune per epoch."""
     import ray.tune
@@ -161,6 +187,7 @@ def run_search(config: ExperimentConfig, resume: bool = False) -> SearchOutcome:
     path = search_path(config)
     resources = cluster_resources()
     plan = trial_resources(trial_config(config), *resources)
+    check_trial_fits(plan, resources, "trial of the search")
     print(
         f"[tune] {config.name}: {config.tune.search.value} search, metric {validation_key(config.tune.metric)}, "
         f"{plan.concurrent} trial(s) at a time ({plan.cpus:g} CPU each of {resources[0]:g}); "

@@ -189,3 +189,41 @@ def test_search_space_and_resources() -> None:
         load_config(None, ["tune.search=grid", "tune.lr_range=[0.01,0.1]"])
     # The tune section serialises and loads back to the same config.
     assert from_dict(ExperimentConfig, yaml.safe_load(dump_yaml(base))) == base
+
+
+def test_a_trial_larger_than_the_local_cluster_is_refused_at_once(
+    train_setup: TrainSetup, tmp_path: Path
+) -> None:
+    """Measured before the check: such a trial started its workers and then waited 30
+    minutes for decode actors that could never be scheduled."""
+    import os
+
+    config = search_config(train_setup, tmp_path)
+    too_big = str((os.cpu_count() or 1) + 1)
+    result = subprocess.run(
+        tune_cli(config, "--set", f"scaling.cpus_per_worker={too_big}"),
+        cwd=REPO,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "one trial of the search needs" in result.stderr
+    assert "lower scaling.cpus_per_worker" in result.stderr
+    assert not (tmp_path / "runs" / "tune").exists()  # nothing started, nothing to resume
+
+
+def test_trial_fit_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator.errors import UsageError
+    from orchestrator.tune import TrialResources, check_trial_fits
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    check_trial_fits(TrialResources(cpus=2.0, gpus=0.0, concurrent=1), (2.0, 0.0), "trial")
+    with pytest.raises(UsageError, match=r"one trial needs 2\.51 CPUs .* has 2"):
+        check_trial_fits(TrialResources(cpus=2.51, gpus=0.0, concurrent=1), (2.0, 0.0), "trial")
+    with pytest.raises(UsageError, match=r"needs 4 GPUs .* has 1"):
+        check_trial_fits(TrialResources(cpus=1.0, gpus=4.0, concurrent=1), (8.0, 1.0), "trial")
+    # On a cluster of the user's own the autoscaler may still add nodes: no refusal.
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    check_trial_fits(TrialResources(cpus=64.0, gpus=8.0, concurrent=1), (2.0, 0.0), "trial")

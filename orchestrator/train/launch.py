@@ -468,15 +468,15 @@ def teacher_snapshots(config: ExperimentConfig, meta: fmt.DatasetMeta) -> Teache
 
 
 def export_teacher(config: ExperimentConfig, state: TrainingState, meta: fmt.DatasetMeta) -> None:
-    head = state.loss["classifier.weight"]
-    teacher = TeacherCheckpoint(
-        arch=config.teacher.arch,
-        emb_dim=config.teacher.emb_dim,
+    teacher = TeacherCheckpoint.from_training(
+        config.teacher.arch,
+        config.teacher.emb_dim,
         image_size=config.data.image_size,
         backbone=state.student,
-        classifier=head,
+        loss=state.loss,
         label_map_fingerprint=meta.label_map_fingerprint,
     )
+    head = teacher.classifier
     save_teacher(config.teacher.backbone, teacher)
     classifier_from_checkpoint(
         config.teacher.backbone,

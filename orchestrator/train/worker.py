@@ -285,12 +285,12 @@ def save_snapshot(state: WorkerState, snapshots: TeacherSnapshots, epoch: int) -
     model = state.spec.model
     save_teacher(
         uri,
-        TeacherCheckpoint(
-            arch=model.arch,
-            emb_dim=model.emb_dim,
+        TeacherCheckpoint.from_training(
+            model.arch,
+            model.emb_dim,
             image_size=snapshots.image_size,
             backbone=unwrap(state.student).state_dict(),
-            classifier=state.loss_fn.state_dict()["classifier.weight"],
+            loss=state.loss_fn.state_dict(),
             label_map_fingerprint=snapshots.label_map_fingerprint,
         ),
     )
