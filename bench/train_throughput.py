@@ -14,6 +14,8 @@ Paths (rows of the table):
               fed decoded images from an in-memory Ray Dataset (no Parquet, no JPEG)
   d ray-s3    our full path: Parquet of JPEG bytes on the embedded S3 server, the decode
               actor pool, Ray Train
+  e ray-s3-w  the same with data.decode: worker: no pool, each Train worker decodes its own
+              batches in data.decode_threads threads, one batch ahead of its step
 
 CPU columns: the shares of the machine's CPU time during each Ray fit used by the Train
 workers and by everything else (Ray's own processes, decode actors, the store server), read
@@ -344,22 +346,29 @@ class CpuSampler:
         return totals
 
 
-def ray_rates(written: Written, method: str, *, in_memory: bool, run: int) -> dict[str, float]:
+def ray_rates(
+    written: Written, method: str, *, in_memory: bool, run: int, decode: str = "pool"
+) -> dict[str, float]:
     """Steady images/s of the last epoch, its input start-up and input-wait share."""
     import ray
 
     from orchestrator import classifier as clf
-    from orchestrator.config import LossConfig, Method
+    from orchestrator.config import DecodeAt, LossConfig, Method
     from orchestrator.data import format as fmt
     from orchestrator.runs import absolute_paths, ensure_ray
     from orchestrator.train.launch import check_classifier, fit, student_spec
 
-    config = absolute_paths(replace(written.config, loss=LossConfig(method=Method(method))))
+    config = replace(
+        written.config,
+        loss=LossConfig(method=Method(method)),
+        data=replace(written.config.data, decode=DecodeAt(decode)),
+    )
+    config = absolute_paths(config)
     ensure_ray()
     meta = fmt.read_meta(config.data.train)
     uses_w = config.loss.method.inherits_classifier or config.loss.method.uses_teacher_classifier
     cmeta: clf.ClassifierMeta | None = check_classifier(config, meta) if uses_w else None
-    name = f"bench-{run}-{method}-{meta.num_classes}-{'mem' if in_memory else 's3'}"
+    name = f"bench-{run}-{method}-{meta.num_classes}-{'mem' if in_memory else 's3'}-{decode}"
     spec = student_spec(config, name, meta, cmeta)
     dataset = None
     if in_memory:
@@ -408,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--paths", nargs="+", default=["a", "b", "c", "d"])
+    parser.add_argument("--paths", nargs="+", default=["a", "b", "c", "d", "e"])
     args = parser.parse_args(argv)
     if args.quick:
         args.methods, args.classes, args.steps, args.warmup = ["proxyless", "l2"], [1000], 6, 2
@@ -446,9 +455,19 @@ def main(argv: list[str] | None = None) -> int:
                         row["a"] = plain_rate(case, single, images, labels, weight)
                     if "b" in args.paths:
                         row["b"] = ddp_rate(case, setup, images, labels, weight)
-                    for path, in_memory in (("c", True), ("d", False)):
+                    for path, in_memory, decode in (
+                        ("c", True, "pool"),
+                        ("d", False, "pool"),
+                        ("e", False, "worker"),
+                    ):
                         if path in args.paths:
-                            got = ray_rates(written, method, in_memory=in_memory, run=len(results))
+                            got = ray_rates(
+                                written,
+                                method,
+                                in_memory=in_memory,
+                                run=len(results),
+                                decode=decode,
+                            )
                             row[path] = got["rate"]
                             row[f"{path}_startup_s"] = got["startup_s"]
                             row[f"{path}_input_wait"] = got["input_wait"]
@@ -474,8 +493,9 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 def report(results: list[dict[str, Any]], setup: Setup, cores: int) -> None:
     head = (
-        "| method | C | a single | b ddp | c ray-mem | d ray-s3 | c/b | d/b | d start-up s "
-        "| d input wait | c CPU workers / other | d CPU workers / other |"
+        "| method | C | a single | b ddp | c ray-mem | d ray-s3 | e ray-s3-w | c/b | d/b | e/b "
+        "| d start-up s | e start-up s | d input wait | e input wait | c CPU workers / other "
+        "| d CPU workers / other | e CPU workers / other |"
     )
     print(
         f"\nimages/s, global batch {setup.batch}, {setup.workers} workers x {setup.threads} threads, {cores} cores\n"
@@ -489,10 +509,13 @@ def report(results: list[dict[str, Any]], setup: Setup, cores: int) -> None:
     for r in results:
         print(
             f"| {r['method']} | {r['classes']} | {cell(r.get('a'))} | {cell(r.get('b'))} | {cell(r.get('c'))} | "
-            f"{cell(r.get('d'))} | {cell(ratio(r.get('c'), r.get('b')), 2)} | {cell(ratio(r.get('d'), r.get('b')), 2)} | "
-            f"{cell(r.get('d_startup_s'))} | {cell(r.get('d_input_wait'), 2)} | "
+            f"{cell(r.get('d'))} | {cell(r.get('e'))} | {cell(ratio(r.get('c'), r.get('b')), 2)} | "
+            f"{cell(ratio(r.get('d'), r.get('b')), 2)} | {cell(ratio(r.get('e'), r.get('b')), 2)} | "
+            f"{cell(r.get('d_startup_s'))} | {cell(r.get('e_startup_s'))} | "
+            f"{cell(r.get('d_input_wait'), 2)} | {cell(r.get('e_input_wait'), 2)} | "
             f"{cell(r.get('c_workers_cpu'), 2)} / {cell(r.get('c_other_cpu'), 2)} | "
-            f"{cell(r.get('d_workers_cpu'), 2)} / {cell(r.get('d_other_cpu'), 2)} |"
+            f"{cell(r.get('d_workers_cpu'), 2)} / {cell(r.get('d_other_cpu'), 2)} | "
+            f"{cell(r.get('e_workers_cpu'), 2)} / {cell(r.get('e_other_cpu'), 2)} |"
         )
     by = {(r["method"], r["classes"]): r for r in results}
     targets: dict[str, Any] = {}
@@ -500,9 +523,10 @@ def report(results: list[dict[str, Any]], setup: Setup, cores: int) -> None:
         key = f"{r['method']}@{r['classes']}"
         targets[f"c/b>=0.95 {key}"] = ratio(r.get("c"), r.get("b"))
         targets[f"d/b>=0.85 {key}"] = ratio(r.get("d"), r.get("b"))
+        targets[f"e/b>=0.85 {key}"] = ratio(r.get("e"), r.get("b"))
     for classes in sorted({r["classes"] for r in results}):
         p, l2, scratch = (by.get((m, classes)) for m in ("proxyless", "l2", "scratch"))
-        for path in ("a", "b", "c", "d"):
+        for path in ("a", "b", "c", "d", "e"):
             if p and l2:
                 targets[f"proxyless/l2>=1.3 {path}@{classes}"] = ratio(p.get(path), l2.get(path))
             if p and scratch:

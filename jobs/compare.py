@@ -2,8 +2,8 @@
 Tune grid, evaluated on one held-out set.
 
 Locally:
-    python -m jobs.compare --config configs/demo.yaml
-    python -m jobs.compare --config configs/demo.yaml --resume        # after an interruption
+    python -m jobs.compare --config configs/demo.yaml --set data.decode_cpus=0.25   # 2 CPUs
+    python -m jobs.compare --config configs/demo.yaml --set data.decode_cpus=0.25 --resume
     python -m jobs.compare --config configs/demo.yaml --set compare.methods=[proxyless,l2] --set compare.seeds=[0,1]
 On a cluster:
     ray job submit --working-dir . -- python -m jobs.compare --config configs/webface_r100_to_mbf.yaml --set storage_path=s3://bucket/runs

@@ -136,7 +136,8 @@ def run_demo(config: ExperimentConfig, method_names: str) -> int:
     print(verdict(result.report))
     print(
         "one seed each: for every method x 3 seeds with 95% intervals, run "
-        "`python -m jobs.compare --config configs/demo.yaml` (README: Comparing methods)"
+        "`python -m jobs.compare --config configs/demo.yaml --set data.decode_cpus=0.25` "
+        "(README: Comparing methods)"
     )
     print(
         f"report: {config.storage_path}/report.json, report.md, roc.png  (total {format_seconds(time.monotonic() - started)})"

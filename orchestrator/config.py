@@ -113,6 +113,13 @@ class Precision(enum.StrEnum):
     BF16 = "bf16"  # autocast of the forward pass; on CUDA always worth it, on CPU optional
 
 
+class DecodeAt(enum.StrEnum):
+    """Where the training JPEGs are decoded and augmented."""
+
+    POOL = "pool"  # a Ray Data actor pool beside the Train workers (cores of its own)
+    WORKER = "worker"  # threads inside each Train worker, overlapped with its step
+
+
 class OnCorrupt(enum.StrEnum):
     """What ``jobs.prepare_dataset --on-corrupt`` does with an undecodable input image.
     (Training input has no such option: a dataset holds only images that decoded at
@@ -136,6 +143,11 @@ class DataConfig:
     # Training augmentation, applied by the decode actors (evaluation never augments).
     flip: bool = True  # random horizontal flip, p = 0.5
     crop_pad: int = 0  # random crop: pad by this many pixels, crop back (0: off, aligned faces)
+    # Where JPEGs are decoded and augmented: "pool", an actor pool of the Ray Data pipeline
+    # (below), or "worker", data.decode_threads threads in every Train worker that decode
+    # the next batch while the current one trains (for nodes with no cores to spare).
+    decode: DecodeAt = DecodeAt.POOL
+    decode_threads: int = 2
     # The decode + augment actor pool of the Ray Data pipeline. 0 actors: as many as the
     # CPUs left by the Train workers allow (one slot kept for the Parquet reads).
     decode_actors: int = 0
@@ -152,6 +164,11 @@ class DataConfig:
         require(self.decode_actors >= 0, "decode_actors", "must be >= 0 (0: derived)")
         require(self.decode_cpus > 0, "decode_cpus", f"must be > 0, found {self.decode_cpus}")
         require(self.decode_batch >= 1, "decode_batch", "must be >= 1")
+        require(
+            self.decode_threads >= 1,
+            "decode_threads",
+            f"must be >= 1, found {self.decode_threads}",
+        )
         require(self.throttle_images_per_s >= 0, "throttle_images_per_s", "must be >= 0 (0: off)")
         require(
             self.image_size >= 16 and self.image_size % 16 == 0,

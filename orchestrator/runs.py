@@ -165,7 +165,8 @@ NOT_TRAINING = (
     "name", "storage_path", "storage", "synthetic", "tune", "retrain", "scaling", "run",
     "teacher.classifier",
     "optim.epochs", "teacher_optim.epochs", "data.decode_actors", "data.decode_cpus",
-    "data.decode_batch", "sharding.mode", "sharding.auto_min_bytes", "sharding.chunk_size",
+    "data.decode_batch", "data.decode", "data.decode_threads",
+    "sharding.mode", "sharding.auto_min_bytes", "sharding.chunk_size",
 )  # fmt: skip
 
 

@@ -99,10 +99,10 @@ def trial_resources(
 ) -> TrialResources:
     """How much one trial holds, and how many trials the cluster runs at once: never more
     than fit (a trial beyond that would start a driver that waits, idle, for workers)."""
-    from orchestrator.data.ray_input import DecodePlan
+    from orchestrator.data.ray_input import configured_plan
 
     scaling, data = config.scaling, config.data
-    pipeline = DecodePlan(data.decode_actors, data.decode_cpus)
+    pipeline = configured_plan(data)
     cpus = scaling.num_workers * scaling.cpus_per_worker + pipeline.cpus + TRIAL_DRIVER_CPU
     gpus = float(scaling.num_workers) if scaling.use_gpu else 0.0
     fits = math.floor(cluster_cpus / cpus + 1e-9)

@@ -9,14 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orchestrator.config import DataConfig, ScalingConfig, SyntheticConfig
+from orchestrator.config import DataConfig, DecodeAt, ScalingConfig, SyntheticConfig
 from orchestrator.data.images import CorruptImageError, decode_jpeg, encode_jpeg
 from orchestrator.data.prepare import SyntheticDatasets, write_synthetic
 from orchestrator.data.ray_input import (
     DecodePlan,
     TimedBatches,
+    configured_plan,
     decode_augmented,
     decode_plan,
+    decoded_ahead,
     training_dataset,
 )
 
@@ -193,3 +195,72 @@ def test_timed_batches_measure_the_wait_and_hold_the_rate() -> None:
     held_total = consume(held, 0.0)
     assert held_total >= 20 / 80.0
     assert (held.waited - held.first_wait) / held_total > 0.5
+
+
+def jpeg_batches(jpegs: list[bytes], sizes: list[int]) -> list[dict[str, np.ndarray]]:
+    """Batches of JPEG bytes as a Train worker's shard hands them out (object arrays)."""
+    batches, start = [], 0
+    for size in sizes:
+        chunk = np.empty(size, dtype=object)
+        chunk[:] = jpegs[start : start + size]
+        ids = np.asarray([f"img{i}" for i in range(start, start + size)])
+        batches.append({"image": chunk, "label": np.arange(start, start + size), "image_id": ids})
+        start += size
+    return batches
+
+
+def test_workers_decode_in_order_one_batch_ahead() -> None:
+    """``data.decode: worker``: every image decoded as decode_jpeg decodes it, labels and ids
+    kept in order over uneven batches (one shorter than the thread count), and the next
+    batch already taken from the source when the current one is handed out."""
+    jpegs, plain = face_jpegs(23, 16)
+    data = DataConfig(image_size=16, flip=False, decode=DecodeAt.WORKER, decode_threads=3)
+    taken = 0
+
+    def source() -> Iterator[dict[str, np.ndarray]]:
+        nonlocal taken
+        for batch in jpeg_batches(jpegs, [8, 8, 5, 2]):
+            taken += 1
+            yield batch
+
+    got, taken_when_handed = [], []
+    for batch in decoded_ahead(source(), data, seed=(0, 0, 0)):
+        taken_when_handed.append(taken)
+        got.append(batch)
+    assert taken_when_handed == [2, 3, 4, 4]  # one ahead, until the source ran out
+    assert [len(b["label"]) for b in got] == [8, 8, 5, 2]
+    np.testing.assert_array_equal(np.concatenate([b["image"] for b in got]), plain)
+    np.testing.assert_array_equal(np.concatenate([b["label"] for b in got]), np.arange(23))
+    assert got[2]["image_id"].tolist() == [f"img{i}" for i in range(16, 21)]
+    assert got[0]["image"].dtype == np.uint8 and got[0]["label"].dtype == np.int64
+
+
+def test_workers_augment_reproducibly_and_name_a_corrupt_image() -> None:
+    jpegs, plain = face_jpegs(32, 16)
+    data = DataConfig(image_size=16, flip=True, decode=DecodeAt.WORKER, decode_threads=4)
+
+    def decoded(seed: tuple[int, ...]) -> np.ndarray:
+        batches = decoded_ahead(iter(jpeg_batches(jpegs, [16, 16])), data, seed=seed)
+        return np.concatenate([b["image"] for b in batches])
+
+    first = decoded((0, 1, 2))
+    mirrored = [bool(np.array_equal(o, p[:, ::-1])) for o, p in zip(first, plain, strict=True)]
+    kept = [bool(np.array_equal(o, p)) for o, p in zip(first, plain, strict=True)]
+    assert all(m != k for m, k in zip(mirrored, kept, strict=True))  # one or the other
+    assert 0 < sum(mirrored) < 32
+    np.testing.assert_array_equal(decoded((0, 1, 2)), first)  # same seed, same images
+    assert not np.array_equal(decoded((0, 1, 3)), first)  # another epoch, other draws
+
+    broken = list(jpegs)
+    broken[19] = b"not a jpeg"
+    batches = decoded_ahead(iter(jpeg_batches(broken, [16, 16])), data, seed=(0,))
+    with pytest.raises(CorruptImageError, match=r"dataset .*, image_id img19"):
+        list(batches)
+
+
+def test_worker_decoding_reserves_only_the_read_slot() -> None:
+    worker = DataConfig(decode=DecodeAt.WORKER, decode_actors=3, decode_cpus=0.5)
+    assert configured_plan(worker) == DecodePlan(0, 0.5)
+    assert configured_plan(worker).cpus == 0.5  # the Parquet reads
+    assert decode_plan(worker, ScalingConfig(2, 0.5), 16.0) == DecodePlan(0, 0.5)
+    assert configured_plan(DataConfig(decode_actors=3, decode_cpus=0.5)).cpus == 2.0

@@ -23,6 +23,7 @@ from orchestrator.artifacts import load_state, read_best, read_student_export
 from orchestrator.benchmarks.suite import bin_from_eval_set, load_bin_benchmark
 from orchestrator.benchmarks.verification_bin import write_bin
 from orchestrator.config import (
+    DecodeAt,
     Method,
     Metric,
     OptimConfig,
@@ -543,3 +544,33 @@ def test_a_slowed_input_shows_in_the_input_wait_share(train_setup: TrainSetup) -
         assert summary(outcome)["throughput"][0]["input_wait_share"] == round(wait, 3)
     assert shares["starved"] > shares["fed"], shares
     assert shares["starved"] > 0.5, shares  # held 0.5 s per 2-image batch, steps of ~ms
+
+
+def test_workers_that_decode_their_own_input_see_every_image_once(
+    train_setup: TrainSetup,
+) -> None:
+    """``data.decode: worker``: no decode pool, the JPEG bytes are split between the two
+    workers and decoded there; each image reaches exactly one worker per epoch."""
+    config = replace(
+        train_setup.base,
+        name="decode-in-workers",
+        data=replace(train_setup.base.data, decode=DecodeAt.WORKER, decode_threads=2),
+        run=replace(train_setup.base.run, audit_ids=True, shuffle_buffer=0),
+    )
+    outcome = distill(config)
+    assert outcome.state.epochs_done == tuple(range(config.optim.epochs))
+    assert np.isfinite(outcome.state.throughput[0][0])
+    meta = fmt.read_meta(config.data.train)
+    all_ids = sorted(
+        str(i)
+        for table in fmt.iter_shards(config.data.train, meta, columns=["image_id"])
+        for i in table.column("image_id").to_pylist()
+    )
+    audit = Path(config.storage_path) / "decode-in-workers" / "audit"
+    for epoch in range(config.optim.epochs):
+        parts = [
+            (audit / f"epoch-{epoch:04d}-rank-{rank:03d}.txt").read_text().split()
+            for rank in range(config.scaling.num_workers)
+        ]
+        assert len({len(p) for p in parts}) == 1  # equal parts
+        assert sorted(i for p in parts for i in p) == all_ids  # every image, once

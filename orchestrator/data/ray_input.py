@@ -1,5 +1,7 @@
 """Training input through Ray Data: Parquet (local or object storage) -> JPEG decode and
-augmentation on an actor pool -> ``streaming_split`` into the Train workers.
+augmentation on an actor pool -> ``streaming_split`` into the Train workers. With
+``data.decode: worker`` the JPEG bytes go to the workers as they are and each decodes them
+in threads of its own (:func:`decoded_ahead`), one batch ahead of its training step.
 
 Each epoch reads the shards in a new order (Ray's file shuffle, seeded from the config and
 reseeded per execution, i.e. per epoch); rows are further mixed by each worker's local
@@ -9,17 +11,19 @@ one per worker.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from orchestrator import storage
-from orchestrator.config import DataConfig, ScalingConfig
+from orchestrator.config import DataConfig, DecodeAt, ScalingConfig
 from orchestrator.data import format as fmt
 from orchestrator.data.images import decode_jpeg
 
@@ -47,6 +51,7 @@ def decode_augmented(
     flip: bool,
     crop_pad: int,
     dataset: str,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """JPEG bytes -> (B, size, size, 3) uint8: each image mirrored with p = 0.5 (``flip``)
     and shifted by up to ``crop_pad`` pixels each way with zero fill (a random crop of the
@@ -56,10 +61,11 @@ def decode_augmented(
     of its rows then gives the mirror in RGB. That is one contiguous byte reversal instead
     of a strided 3-byte pixel copy: the mirror adds ~10-15% to the decode instead of ~75%
     (measured on 112x112 faces, 256 per batch). Unaugmented images are decoded straight
-    into the batch.
+    into the batch (``out`` when given: a (B, size, size, 3) uint8 array to fill).
     """
     count = len(jpegs)
-    out = np.empty((count, size, size, 3), dtype=np.uint8)  # (B, H, W, 3)
+    if out is None:
+        out = np.empty((count, size, size, 3), dtype=np.uint8)  # (B, H, W, 3)
     mirrored = rng.random(count) < 0.5 if flip else np.zeros(count, dtype=bool)
     shifts = (
         rng.integers(-crop_pad, crop_pad + 1, size=(count, 2))
@@ -120,14 +126,21 @@ class DecodePlan:
         return (self.actors + 1) * self.cpus_per_actor
 
 
+def configured_plan(data: DataConfig) -> DecodePlan:
+    """The pipeline as ``data`` states it: ``decode_actors`` as given, none when the
+    workers decode (what the read tasks reserve remains)."""
+    actors = 0 if data.decode is DecodeAt.WORKER else data.decode_actors
+    return DecodePlan(actors, data.decode_cpus)
+
+
 def decode_plan(data: DataConfig, scaling: ScalingConfig, cluster_cpus: float) -> DecodePlan:
     """How many decode actors fit beside the Train workers without starving the reads.
 
     The workers take ``num_workers * cpus_per_worker``; of what is left, one
     ``decode_cpus`` slot stays free for the Parquet read tasks and the rest holds actors.
     """
-    if data.decode_actors:
-        return DecodePlan(data.decode_actors, data.decode_cpus)
+    if data.decode_actors or data.decode is DecodeAt.WORKER:
+        return configured_plan(data)
     left = cluster_cpus - scaling.num_workers * scaling.cpus_per_worker
     actors = math.floor((left - data.decode_cpus) / data.decode_cpus + 1e-9)
     return DecodePlan(max(1, actors), data.decode_cpus)
@@ -208,12 +221,68 @@ class TimedBatches:
             yield batch
 
 
+def decoded_ahead(
+    batches: Iterable[dict[str, Any]], data: DataConfig, *, seed: Sequence[int]
+) -> Iterator[dict[str, Any]]:
+    """``data.decode: worker``: batches of JPEG bytes -> batches of decoded, augmented
+    pixels, in order. Each batch is split over ``data.decode_threads`` threads (simplejpeg
+    releases the GIL) and decoded while the caller trains on the batch before it.
+
+    Augmentation draws come from ``seed`` (e.g. the run's seed, the rank and the epoch),
+    the batch's index and the thread's chunk: the same input and settings give the same
+    images. A JPEG that does not decode raises here, naming the dataset and image id.
+    """
+    size, threads = data.image_size, data.decode_threads
+
+    def decode(batch: dict[str, Any], index: int) -> tuple[dict[str, Any], list[Future[Any]]]:
+        jpegs, ids = batch["image"], batch["image_id"]
+        images = np.empty((len(jpegs), size, size, 3), dtype=np.uint8)
+        bounds = np.linspace(0, len(jpegs), min(threads, len(jpegs)) + 1).astype(int)
+        futures = [
+            pool.submit(
+                decode_augmented,
+                jpegs[lo:hi],
+                ids[lo:hi],
+                size=size,
+                rng=np.random.default_rng([*seed, index, chunk]),
+                flip=data.flip,
+                crop_pad=data.crop_pad,
+                dataset=data.train,
+                out=images[lo:hi],
+            )
+            for chunk, (lo, hi) in enumerate(itertools.pairwise(bounds))
+        ]
+        out = {
+            "image": images,
+            "label": np.asarray(batch["label"], dtype=np.int64),
+            "image_id": np.asarray(ids),
+        }
+        return out, futures
+
+    def finished(pending: tuple[dict[str, Any], list[Future[Any]]]) -> dict[str, Any]:
+        out, futures = pending
+        for future in futures:
+            future.result()  # re-raises a decode error as itself
+        return out
+
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode") as pool:
+        ahead: tuple[dict[str, Any], list[Future[Any]]] | None = None
+        for index, batch in enumerate(batches):
+            submitted = decode(batch, index)
+            if ahead is not None:
+                yield finished(ahead)
+            ahead = submitted
+        if ahead is not None:
+            yield finished(ahead)
+
+
 def ray_path(uri: str) -> str:
     return uri if not storage.is_local(uri) else storage.filesystem(uri)[1]
 
 
 def training_dataset(data: DataConfig, plan: DecodePlan, seed: int) -> Any:
-    """A Ray Dataset of augmented images, labels and image ids, re-read every epoch."""
+    """A Ray Dataset of augmented images, labels and image ids, re-read every epoch (of JPEG
+    bytes, labels and image ids with ``data.decode: worker``)."""
     import ray.data
 
     # Ray 2.60's DataSourceV2 Parquet path adds a ListFiles task that asks for a whole CPU
@@ -231,6 +300,8 @@ def training_dataset(data: DataConfig, plan: DecodePlan, seed: int) -> Any:
         ).select_columns(COLUMNS)
     finally:
         context.use_datasource_v2 = previous
+    if data.decode is DecodeAt.WORKER:
+        return ds  # the workers decode (decoded_ahead)
     return ds.map_batches(
         DecodeAugment,
         fn_constructor_kwargs={

@@ -33,6 +33,7 @@ from orchestrator.artifacts import (
 from orchestrator.benchmarks.verification_bin import read_bin
 from orchestrator.config import (
     ClassifierMode,
+    DecodeAt,
     ExperimentConfig,
     Method,
     Metric,
@@ -75,10 +76,14 @@ def input_plan(config: ExperimentConfig) -> DecodePlan:
 
     cpus = float(ray.cluster_resources().get("CPU", 1.0))
     plan = decode_plan(config.data, config.scaling, cpus)
+    decode = (
+        f"decoded in the workers ({config.data.decode_threads} thread(s) each)"
+        if config.data.decode is DecodeAt.WORKER
+        else f"{plan.actors} decode actor(s) x {plan.cpus_per_actor} CPU"
+    )
     print(
-        f"[data] {config.data.train}: {plan.actors} decode actor(s) x {plan.cpus_per_actor} CPU "
-        f"beside {config.scaling.num_workers} worker(s) x {config.scaling.cpus_per_worker} CPU "
-        f"on {cpus:g} CPUs",
+        f"[data] {config.data.train}: {decode} beside {config.scaling.num_workers} worker(s) "
+        f"x {config.scaling.cpus_per_worker} CPU on {cpus:g} CPUs",
         flush=True,
     )
     return plan

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from orchestrator.config import ExperimentConfig
+from orchestrator.config import DecodeAt, ExperimentConfig
 from orchestrator.errors import UsageError
 
 BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
@@ -153,9 +153,10 @@ def shortfall(
     config: ExperimentConfig, size: ClusterSize, *, has: str = "the cluster has"
 ) -> str | None:
     """Why the run's workers (a GPU each if used, ``cpus_per_worker`` each) and the smallest
-    decode pool (one actor and one read slot) cannot be placed on ``size``; None if they can."""
+    decode pool (one actor and one read slot; the read slot alone when the workers decode)
+    cannot be placed on ``size``; None if they can."""
     scaling = config.scaling
-    decode = 2 * config.data.decode_cpus
+    decode = (2 if config.data.decode is DecodeAt.POOL else 1) * config.data.decode_cpus
     cpus = scaling.num_workers * scaling.cpus_per_worker + decode
     asked = (
         f"scaling asks for {scaling.num_workers} worker(s) x {scaling.cpus_per_worker:g} CPU"

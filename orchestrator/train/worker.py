@@ -41,6 +41,7 @@ from orchestrator.artifacts import (
 from orchestrator.benchmarks.suite import BinBenchmark, load_bin_benchmark
 from orchestrator.config import (
     BENCHMARK_METRIC,
+    DecodeAt,
     ExperimentConfig,
     Metric,
     Precision,
@@ -51,7 +52,7 @@ from orchestrator.config import (
 )
 from orchestrator.data import format as fmt
 from orchestrator.data.images import CorruptImageError, to_model_input
-from orchestrator.data.ray_input import TimedBatches, epoch_batches
+from orchestrator.data.ray_input import TimedBatches, decoded_ahead, epoch_batches
 from orchestrator.evaluation import (
     EvalSet,
     Flip,
@@ -366,7 +367,7 @@ def run_epoch(state: WorkerState, epoch: int) -> EpochStats:
     started = first_step_done = time.monotonic()
     progress = ProgressLine(state, epoch)
     timed = TimedBatches(
-        epoch_batches(state.data, schedule.local_batch, config.run.shuffle_buffer),
+        epoch_input(state, epoch),
         max_rows_per_s=config.data.throttle_images_per_s / state.world_size,
     )
     for batch in input_errors_named(timed):
@@ -402,6 +403,16 @@ def run_epoch(state: WorkerState, epoch: int) -> EpochStats:
             flush=True,
         )
     return stats
+
+
+def epoch_input(state: WorkerState, epoch: int) -> Iterator[dict[str, Any]]:
+    """This worker's decoded batches of ``epoch``: from the decode pool as they come, or
+    decoded here, one batch ahead of the step (``data.decode: worker``)."""
+    config = state.config
+    batches = epoch_batches(state.data, state.schedule.local_batch, config.run.shuffle_buffer)
+    if config.data.decode is not DecodeAt.WORKER:
+        return batches
+    return decoded_ahead(batches, config.data, seed=(config.seed, state.rank, epoch))
 
 
 def train_batch(state: WorkerState, batch: dict[str, Any], *, lr: float) -> float:
