@@ -25,6 +25,7 @@ import torch
 from orchestrator import storage
 from orchestrator.classifier import ClassifierError
 from orchestrator.config import Arch
+from orchestrator.data.consumed import EpochProgress
 
 STATE_FILE = "state.pt"
 STUDENT_FILE = "student.pt"
@@ -139,6 +140,9 @@ class TrainingState:
     extra: dict[str, Any] = field(default_factory=dict)
     # Per trained epoch (as epochs_done): (samples/s, share of the time waiting for input).
     throughput: tuple[tuple[float, float], ...] = ()
+    # A checkpoint inside an epoch (run.checkpoint_every_steps): how far into epoch + 1 the
+    # run is and which of its images are trained on. None at the end of an epoch.
+    progress: EpochProgress | None = None
 
 
 def save_state(directory: str, state: TrainingState) -> None:
@@ -162,6 +166,7 @@ def state_bytes(state: TrainingState) -> bytes:
             "train_seconds": state.train_seconds,
             "extra": state.extra,
             "throughput": [list(t) for t in state.throughput],
+            "progress": None if state.progress is None else state.progress.to_data(),
         },
         buffer,
     )
@@ -192,6 +197,9 @@ def state_from_data(data: Any, where: str) -> TrainingState:
                 (float(rate), float(wait)) for rate, wait in data.get("throughput", [])
             ),
             extra=dict(data.get("extra", {})),
+            progress=None
+            if data.get("progress") is None
+            else EpochProgress.from_data(data["progress"], where),
         )
     except (KeyError, TypeError, ValueError) as err:
         raise ArtifactError(f"{where}: malformed training checkpoint ({err!r})") from None

@@ -59,7 +59,7 @@ def cell_config(base: Mapping[str, Any], method: str, seed: int) -> ExperimentCo
     config = apply_params(base, {"loss.method": method, "seed": seed})
     return replace(
         config,
-        run=replace(config.run, checkpoint_every_epochs=1),
+        run=replace(config.run, checkpoint_every_epochs=1, checkpoint_every_steps=0),
         data=replace(config.data, decode_actors=config.data.decode_actors or 1),
     )
 

@@ -579,6 +579,10 @@ class RunConfig:
 
     max_failures: int = 0  # worker-group restarts from the last checkpoint before giving up
     checkpoint_every_epochs: int = 1
+    # Also checkpoint every this many steps inside an epoch (0: off). A run resumed from such
+    # a checkpoint trains on exactly the images of that epoch it had not trained on yet;
+    # the checkpoint holds 8 bytes per image trained so far in the epoch.
+    checkpoint_every_steps: int = 0
     # Checkpoints kept per run: the most recent ones (Ray Train's CheckpointConfig; the
     # latest is kept whatever this says, so a resume always has one). 0: every one is kept.
     keep_checkpoints: int = 2
@@ -608,6 +612,11 @@ class RunConfig:
     def __post_init__(self) -> None:
         require(self.max_failures >= -1, "max_failures", "must be >= 0, or -1 for unlimited")
         require(self.checkpoint_every_epochs >= 1, "checkpoint_every_epochs", "must be >= 1")
+        require(
+            self.checkpoint_every_steps >= 0,
+            "checkpoint_every_steps",
+            f"must be >= 0 (0: only at epoch ends), found {self.checkpoint_every_steps}",
+        )
         require(self.keep_checkpoints >= 0, "keep_checkpoints", "must be >= 0 (0: keep all)")
         require(self.lock_ttl_s > 0, "lock_ttl_s", "must be > 0")
         require(self.lock_settle_s >= 0, "lock_settle_s", "must be >= 0")

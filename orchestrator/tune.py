@@ -78,11 +78,14 @@ def apply_params(base: Mapping[str, Any], params: Mapping[str, Any]) -> Experime
 
 
 def trial_config(config: ExperimentConfig) -> ExperimentConfig:
-    """What every trial runs: evaluated and checkpointed after each epoch (ASHA compares
-    epochs), with a decode pool of its own size instead of one sized to the whole cluster."""
+    """What every trial runs: evaluated and checkpointed after each epoch and only then (ASHA
+    compares epochs and counts reports as them), with a decode pool of its own size instead
+    of one sized to the whole cluster."""
     return replace(
         config,
-        run=replace(config.run, eval_every_epochs=1, checkpoint_every_epochs=1),
+        run=replace(
+            config.run, eval_every_epochs=1, checkpoint_every_epochs=1, checkpoint_every_steps=0
+        ),
         data=replace(config.data, decode_actors=config.data.decode_actors or 1),
     )
 

@@ -216,9 +216,20 @@ def longer_setup(tmp_path_factory: pytest.TempPathFactory) -> TrainSetup:
     return make_train_setup(root, data)
 
 
-def test_killed_worker_resumes_from_last_checkpoint(longer_setup: TrainSetup) -> None:
+def train_worker_pids() -> list[int]:
+    """The process ids of the live Ray Train workers of this session's cluster (named by its
+    address: another cluster on the machine is not asked)."""
+    import ray
     from ray.util.state import list_actors
 
+    workers = list_actors(
+        address=ray.get_runtime_context().gcs_address,
+        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+    )
+    return [a.pid for a in workers if a.pid is not None]
+
+
+def test_killed_worker_resumes_from_last_checkpoint(longer_setup: TrainSetup) -> None:
     epochs = 6
     config = replace(
         longer_setup.base,
@@ -248,8 +259,7 @@ def test_killed_worker_resumes_from_last_checkpoint(longer_setup: TrainSetup) ->
     while checkpoints() < 2 and time.monotonic() < deadline and thread.is_alive():
         time.sleep(0.1)
     assert checkpoints() >= 2, f"no checkpoints appeared ({errors})"
-    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-    pids = [a.pid for a in workers if a.pid is not None]
+    pids = train_worker_pids()
     assert len(pids) == 2
     os.kill(pids[1], signal.SIGKILL)
     thread.join(timeout=400)
@@ -260,6 +270,95 @@ def test_killed_worker_resumes_from_last_checkpoint(longer_setup: TrainSetup) ->
     assert len(state.resumed_at) == 1 and 1 <= state.resumed_at[0] < epochs
     assert state.epochs_done == tuple(range(epochs))
     assert state.world_sizes == (2, 2)
+
+
+def test_a_worker_killed_inside_an_epoch_loses_no_image_and_repeats_none(
+    longer_setup: TrainSetup,
+) -> None:
+    """Checkpoints every 4 of an epoch's 24 steps; a worker is killed once Ray Train has
+    registered one of them, inside epoch 1. The run resumes inside that epoch, and the audit segments the
+    checkpoints kept hold every image of every epoch exactly once."""
+    config = replace(
+        longer_setup.base,
+        name="killed-inside",
+        optim=OptimConfig(lr=0.05, epochs=2, batch_size=8),  # 192 images: 24 steps an epoch
+        run=RunConfig(
+            max_failures=1,
+            eval_every_epochs=0,
+            shuffle_buffer=0,
+            checkpoint_every_steps=4,
+            keep_checkpoints=0,
+            audit_ids=True,
+        ),
+    )
+    outcome: dict[str, RunOutcome] = {}
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            outcome["result"] = distill(config)
+        except BaseException as err:  # surfaced by the assertions below
+            errors.append(err)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    run_dir = Path(config.storage_path) / "killed-inside"
+
+    def registered_inside() -> list[int]:
+        """The steps of the checkpoints inside epoch 1 that Ray Train has registered (a
+        checkpoint directory is written before the controller collects it, and one whose
+        worker dies first is never used)."""
+        try:
+            snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return []
+        return [
+            r["metrics"]["steps_in_epoch"]
+            for r in snapshot["checkpoint_results"]
+            if r["metrics"].get("epoch") == -1 and "steps_in_epoch" in r["metrics"]
+        ]
+
+    deadline = time.monotonic() + 240
+    while not registered_inside() and time.monotonic() < deadline and thread.is_alive():
+        time.sleep(0.05)
+    assert registered_inside(), f"no checkpoint inside the epoch was registered ({errors})"
+    pids = train_worker_pids()
+    assert len(pids) == 2
+    killed_at = time.time()
+    os.kill(pids[1], signal.SIGKILL)
+    thread.join(timeout=400)
+    assert not errors, errors
+    state = outcome["result"].state
+    # From the loss to training again, bounded above by the first checkpoint the resumed
+    # attempt wrote (4 steps after it started training).
+    resumed = [
+        (path.stat().st_mtime, path)
+        for path in run_dir.glob("checkpoint_*/state.pt")
+        if load_state(str(path.parent)).resumed_at
+    ]
+    first_after = min(resumed)[0] - killed_at
+    print(f"worker killed -> first checkpoint of the resumed attempt: {first_after:.1f}s")
+    assert first_after > 0
+    assert state.epochs_done == (0, 1) and state.world_sizes == (2, 2)
+    assert state.resumed_at == (0,), state.resumed_at  # inside the first epoch
+    (inside,) = state.extra["resumed_at_step"]
+    assert inside in (4, 8, 12, 16, 20), inside  # at a checkpoint inside the epoch
+
+    meta = fmt.read_meta(config.data.train)
+    all_ids = sorted(
+        str(i)
+        for table in fmt.iter_shards(config.data.train, meta, columns=["image_id"])
+        for i in table.column("image_id").to_pylist()
+    )
+    for epoch in (0, 1):
+        trained = [
+            i
+            for path in sorted((run_dir / "audit").glob(f"epoch-{epoch:04d}-rank-*-from-step-*"))
+            for i in path.read_text().split()
+        ]
+        assert len(trained) == len(set(trained)), f"epoch {epoch}: images trained twice"
+        assert sorted(trained) == all_ids, f"epoch {epoch}: images never trained"
+    assert not (run_dir / "input" / "skip.json").exists()  # cleared after the epoch
 
 
 def test_sharded_classifier_layout_in_a_real_run(train_setup: TrainSetup) -> None:

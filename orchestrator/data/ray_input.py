@@ -11,6 +11,7 @@ one per worker.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
@@ -280,9 +281,12 @@ def ray_path(uri: str) -> str:
     return uri if not storage.is_local(uri) else storage.filesystem(uri)[1]
 
 
-def training_dataset(data: DataConfig, plan: DecodePlan, seed: int) -> Any:
+def training_dataset(
+    data: DataConfig, plan: DecodePlan, seed: int, *, skip_dir: str | None = None
+) -> Any:
     """A Ray Dataset of augmented images, labels and image ids, re-read every epoch (of JPEG
-    bytes, labels and image ids with ``data.decode: worker``)."""
+    bytes, labels and image ids with ``data.decode: worker``). With ``skip_dir``, the rows
+    its skip file names are dropped as they are read (:mod:`orchestrator.data.consumed`)."""
     import ray.data
 
     # Ray 2.60's DataSourceV2 Parquet path adds a ListFiles task that asks for a whole CPU
@@ -300,6 +304,15 @@ def training_dataset(data: DataConfig, plan: DecodePlan, seed: int) -> Any:
         ).select_columns(COLUMNS)
     finally:
         context.use_datasource_v2 = previous
+    if skip_dir is not None:
+        from orchestrator.data.consumed import drop_consumed
+
+        ds = ds.map_batches(
+            functools.partial(drop_consumed, directory=skip_dir),
+            batch_format="pyarrow",
+            batch_size=None,
+            num_cpus=plan.cpus_per_actor,
+        )
     if data.decode is DecodeAt.WORKER:
         return ds  # the workers decode (decoded_ahead)
     return ds.map_batches(

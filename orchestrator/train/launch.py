@@ -42,6 +42,7 @@ from orchestrator.config import (
     val_targets,
 )
 from orchestrator.data import format as fmt
+from orchestrator.data.consumed import skip_dir
 from orchestrator.data.ray_input import DecodePlan, decode_plan, training_dataset
 from orchestrator.errors import UsageError, user_error_in
 from orchestrator.runs import (
@@ -51,6 +52,7 @@ from orchestrator.runs import (
     claim_run,
     ensure_ray,
     object_store_env,
+    run_dir,
     run_lock,
     storage_root,
     student_uri,
@@ -230,7 +232,14 @@ def torch_trainer(
         datasets={
             "train": dataset
             if dataset is not None
-            else training_dataset(config.data, input_plan(config), config.seed)
+            else training_dataset(
+                config.data,
+                input_plan(config),
+                config.seed,
+                skip_dir=skip_dir(run_dir(config, name))
+                if config.run.checkpoint_every_steps
+                else None,
+            )
         },
         # Explicit ingest options: Train's defaults copy the deprecated
         # ExecutionOptions.exclude_resources (a RayDeprecationWarning on every run).

@@ -2,7 +2,10 @@
 (``get_context``, ``get_dataset_shard``, ``prepare_model``, ``get_checkpoint``, ``report``).
 
 Read :func:`train_loop_per_worker` top to bottom: set up, then per epoch train, validate
-when due, report (every rank: it is a barrier), checkpoint when due.
+when due, report (every rank: it is a barrier), checkpoint when due. With
+``run.checkpoint_every_steps`` the epoch also checkpoints inside itself, recording which of
+its images are trained (:mod:`orchestrator.data.consumed`); a run resumed from such a
+checkpoint continues the epoch on the others only.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from orchestrator.config import (
     validation_key,
 )
 from orchestrator.data import format as fmt
+from orchestrator.data.consumed import EpochProgress, clear_skip, publish_skip, skip_dir
 from orchestrator.data.images import CorruptImageError, to_model_input
 from orchestrator.data.ray_input import TimedBatches, decoded_ahead, epoch_batches
 from orchestrator.evaluation import (
@@ -90,6 +94,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         return
     for epoch in range(state.start_epoch, spec.optim.epochs):
         use_teacher_of(state, epoch)
+        prepare_input(state, epoch)
         stats = run_epoch(state, epoch)
         state.history = state.history.after_epoch(epoch, stats, state.teacher_backbone)
         if spec.snapshots is not None and state.rank == 0:
@@ -152,6 +157,9 @@ class WorkerState:
     data: Any  # this worker's ray.data DataIterator
     previous: TrainingState | None
     history: History
+    run_uri: str  # <storage_path>/<run name>
+    # Inside the epoch a checkpoint was taken in: its steps and trained images so far.
+    progress: EpochProgress | None = None
     validation: dict[str, float] = field(default_factory=dict)
     eval_set: EvalSet | None = None
     best: BestRecord | None = None  # rank 0: what <run>/best holds
@@ -195,6 +203,8 @@ def set_up(spec: TrainSpec, config: ExperimentConfig) -> WorkerState:
         data=ray.train.get_dataset_shard("train"),
         previous=previous,
         history=History.start(previous, world_size),
+        run_uri=storage.join(config.storage_path, ctx.get_experiment_name()),
+        progress=None if previous is None else previous.progress,
         best=read_best(spec.best_uri) if spec.best_uri and rank == 0 else None,
     )
 
@@ -313,10 +323,13 @@ def resume(
     loss_fn.load_state_dict(state.loss)
     optimizer.load_state_dict(state.optimizer)
     if ray.train.get_context().get_world_rank() == 0:
-        print(
-            f"[{spec.tag}] resuming after epoch {state.epoch + 1} from {checkpoint.path}",
-            flush=True,
+        where = (
+            f"after epoch {state.epoch + 1}"
+            if state.progress is None
+            else f"inside epoch {state.epoch + 2}, after its step {state.progress.steps} "
+            f"({len(state.progress.consumed)} of its images trained, skipped as they are read)"
         )
+        print(f"[{spec.tag}] resuming {where} from {checkpoint.path}", flush=True)
     return state
 
 
@@ -358,21 +371,27 @@ class EpochStats:
 
 
 def run_epoch(state: WorkerState, epoch: int) -> EpochStats:
-    """Train on this worker's part of one epoch; rank 0 prints progress."""
+    """Train on this worker's part of one epoch (of what is left of it, when the run resumed
+    inside it); rank 0 prints progress. Every ``run.checkpoint_every_steps`` steps of the
+    epoch a checkpoint records how far it is and which images it has trained on."""
     state.student.train()
     schedule, config = state.schedule, state.config
-    step = epoch * schedule.steps_per_epoch
+    progress = epoch_progress(state, epoch)
+    first = progress.steps  # the epoch's steps done before this attempt
+    step = epoch * schedule.steps_per_epoch + first
+    every = config.run.checkpoint_every_steps
     losses: list[float] = []
-    seen_ids: list[str] = []
+    segment: list[str] = []  # image ids received since ``segment_from``, in order
+    segment_from = first  # the epoch's step this segment starts at
     started = first_step_done = time.monotonic()
-    progress = ProgressLine(state, epoch)
+    line = ProgressLine(state, epoch)
     timed = TimedBatches(
         epoch_input(state, epoch),
         max_rows_per_s=config.data.throttle_images_per_s / state.world_size,
     )
     for batch in input_errors_named(timed):
-        if config.run.audit_ids:
-            seen_ids.extend(batch["image_id"].tolist())
+        if config.run.audit_ids or every:
+            segment.extend(batch["image_id"].tolist())
         if len(batch["label"]) < schedule.local_batch:
             continue  # the epoch's remainder: every rank has the same count, so skips it
         losses.append(train_batch(state, batch, lr=schedule.lr(step)))
@@ -380,9 +399,15 @@ def run_epoch(state: WorkerState, epoch: int) -> EpochStats:
             first_step_done = time.monotonic()
         check_finite(state, losses, epoch)
         step += 1
-        progress.after_step(losses)
+        line.after_step(losses)
+        done = first + len(losses)
+        if every and done % every == 0 and done < schedule.steps_per_epoch:
+            progress = checkpoint_inside(state, progress, segment, steps=done, since=segment_from)
+            segment, segment_from = [], done
     if config.run.audit_ids:
-        write_audit(config, epoch=epoch, rank=state.rank, image_ids=seen_ids)
+        since = segment_from if every else None
+        write_audit(config, epoch=epoch, rank=state.rank, image_ids=segment, since=since)
+    state.progress = None  # the epoch is done: the next one starts from its beginning
     ended = time.monotonic()
     stats = EpochStats(
         epoch=epoch,
@@ -403,6 +428,75 @@ def run_epoch(state: WorkerState, epoch: int) -> EpochStats:
             flush=True,
         )
     return stats
+
+
+# --- checkpoints inside an epoch (run.checkpoint_every_steps) ------------------------------
+
+
+def epoch_progress(state: WorkerState, epoch: int) -> EpochProgress:
+    """Where ``epoch`` starts: where the checkpoint the run resumed from left it, or at 0."""
+    progress = state.progress
+    return (
+        progress if progress is not None and progress.epoch == epoch else EpochProgress.start(epoch)
+    )
+
+
+def prepare_input(state: WorkerState, epoch: int) -> None:
+    """Before ``epoch``'s input is read: rank 0 tells the Parquet read tasks which images to
+    skip (those trained on already, when resuming inside this epoch) or that there are
+    none; every rank waits for it, so no read starts before."""
+    if not state.config.run.checkpoint_every_steps:
+        return
+    if state.rank == 0:
+        directory = skip_dir(state.run_uri)
+        progress = epoch_progress(state, epoch)
+        if progress.steps:
+            publish_skip(directory, progress)
+        else:
+            clear_skip(directory)
+    if state.world_size > 1:
+        torch.distributed.barrier()
+
+
+def gather_ids(ids: list[str], world_size: int) -> list[str]:
+    """Every rank's ``ids``, on every rank."""
+    if world_size == 1:
+        return list(ids)
+    parts: list[Any] = [None] * world_size
+    torch.distributed.all_gather_object(parts, ids)
+    return [i for part in parts for i in part]
+
+
+def checkpoint_inside(
+    state: WorkerState, progress: EpochProgress, segment: list[str], *, steps: int, since: int
+) -> EpochProgress:
+    """Every rank, after the epoch's step ``steps``: the images all ranks trained on since
+    the last checkpoint join the epoch's consumed set, and rank 0 saves a checkpoint that
+    holds it (the state of a finished epoch ``progress.epoch - 1`` plus the progress)."""
+    progress = progress.after(gather_ids(segment, state.world_size), steps=steps)
+    if state.config.run.audit_ids:
+        # Before the report: if this attempt dies in between, its successor resumes from
+        # the previous checkpoint and writes this segment again, under the same name.
+        epoch, rank = progress.epoch, state.rank
+        write_audit(state.config, epoch=epoch, rank=rank, image_ids=segment, since=since)
+    metrics = {
+        "epoch": progress.epoch - 1,
+        "epochs_done": list(state.history.epochs_done),
+        "steps_in_epoch": steps,
+        "images_in_epoch": len(progress.consumed),
+    }
+    if state.rank != 0:
+        ray.train.report(metrics)
+        return progress
+    with tempfile.TemporaryDirectory() as directory:
+        save_state(directory, training_state(state, progress.epoch - 1, progress=progress))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+    print(
+        f"{state.tag} epoch {progress.epoch + 1} step {steps}: checkpoint inside the epoch "
+        f"({len(progress.consumed)} images trained on so far)",
+        flush=True,
+    )
+    return progress
 
 
 def epoch_input(state: WorkerState, epoch: int) -> Iterator[dict[str, Any]]:
@@ -495,10 +589,22 @@ def input_errors_named(batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, 
         raise
 
 
-def write_audit(config: ExperimentConfig, *, epoch: int, rank: int, image_ids: list[str]) -> None:
-    """The image ids this rank received in ``epoch``, one per line, in arrival order."""
+def write_audit(
+    config: ExperimentConfig,
+    *,
+    epoch: int,
+    rank: int,
+    image_ids: list[str],
+    since: int | None = None,
+) -> None:
+    """The image ids this rank received in ``epoch``, one per line, in arrival order; with
+    checkpoints inside epochs, those of one segment (from the epoch's step ``since`` to the
+    next checkpoint or the epoch's end): ``epoch-E-rank-R-from-step-S.txt``. The segments a
+    resumed run left cover what its checkpoints kept."""
     name = ray.train.get_context().get_experiment_name()
-    uri = storage.join(config.storage_path, name, "audit", f"epoch-{epoch:04d}-rank-{rank:03d}.txt")
+    part = "" if since is None else f"-from-step-{since:06d}"
+    file = f"epoch-{epoch:04d}-rank-{rank:03d}{part}.txt"
+    uri = storage.join(config.storage_path, name, "audit", file)
     storage.write_text_atomic(uri, "".join(f"{i}\n" for i in image_ids))
 
 
@@ -557,6 +663,7 @@ def report(state: WorkerState, stats: EpochStats, *, validate: bool, save: bool)
         "epoch": stats.epoch,
         "epochs_done": list(history.epochs_done),
         "resumed_at": list(history.resumed_at),
+        "resumed_at_step": list(history.resumed_steps),
         "world_sizes": list(history.world_sizes),
         "train_seconds": history.train_seconds,
         # Epochs trained by this attempt (0: a rerun of a finished run trained nothing).
@@ -594,7 +701,9 @@ def keep_if_best(state: WorkerState, epoch: int) -> None:
     state.best = record
 
 
-def training_state(state: WorkerState, epoch: int) -> TrainingState:
+def training_state(
+    state: WorkerState, epoch: int, *, progress: EpochProgress | None = None
+) -> TrainingState:
     history = state.history
     return TrainingState(
         epoch=epoch,
@@ -608,7 +717,12 @@ def training_state(state: WorkerState, epoch: int) -> TrainingState:
         world_sizes=history.world_sizes,
         train_seconds=history.train_seconds,
         throughput=history.throughput,
-        extra={**state.spec.provenance(), TEACHER_BY_EPOCH: list(history.teachers)},
+        extra={
+            **state.spec.provenance(),
+            TEACHER_BY_EPOCH: list(history.teachers),
+            RESUMED_AT_STEP: list(history.resumed_steps),
+        },
+        progress=progress,
     )
 
 
@@ -638,12 +752,15 @@ class History:
     # Per trained epoch: the teacher file it distilled from ("" for none); multistep
     # changes it along its schedule. Kept in the checkpoint's extra as teacher_by_epoch.
     teachers: tuple[str, ...] = ()
+    # Per resume (as resumed_at): the steps of that epoch already done (0: at its start).
+    resumed_steps: tuple[int, ...] = ()
 
     @classmethod
     def start(cls, previous: TrainingState | None, world_size: int) -> History:
         """A new attempt: from scratch, or resumed at the epoch after ``previous``'s."""
         if previous is None:
             return cls((), (), (world_size,), 0.0)
+        inside = previous.progress.steps if previous.progress is not None else 0
         return cls(
             previous.epochs_done,
             (*previous.resumed_at, previous.epoch + 1),
@@ -651,6 +768,7 @@ class History:
             previous.train_seconds,
             previous.throughput,
             tuple(previous.extra.get(TEACHER_BY_EPOCH, ())),
+            (*previous.extra.get(RESUMED_AT_STEP, ()), inside),
         )
 
     def after_epoch(self, epoch: int, stats: EpochStats, teacher: str | None = None) -> History:
@@ -664,3 +782,4 @@ class History:
 
 
 TEACHER_BY_EPOCH = "teacher_by_epoch"
+RESUMED_AT_STEP = "resumed_at_step"
