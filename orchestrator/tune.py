@@ -16,6 +16,7 @@ import dataclasses
 import io
 import json
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -120,8 +121,6 @@ def check_trial_fits(plan: TrialResources, cluster: tuple[float, float], what: s
     a trial starts its Train workers, never gets its decode actors scheduled, and Ray Data
     times out after 30 minutes. On a cluster of our own (``RAY_ADDRESS``) the autoscaler
     may still add the nodes, so the check is left to it."""
-    import os
-
     from orchestrator.errors import UsageError
 
     cpus, gpus = cluster

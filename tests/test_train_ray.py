@@ -216,6 +216,42 @@ def longer_setup(tmp_path_factory: pytest.TempPathFactory) -> TrainSetup:
     return make_train_setup(root, data)
 
 
+class BackgroundRun:
+    """``distill(config)`` on a thread of its own, so a test can act on the run meanwhile."""
+
+    def __init__(self, config: Any) -> None:
+        self.outcome: RunOutcome | None = None
+        self.errors: list[BaseException] = []
+        self.thread = threading.Thread(target=self.run, args=(config,))
+        self.thread.start()
+
+    def run(self, config: Any) -> None:
+        try:
+            self.outcome = distill(config)
+        except BaseException as err:  # surfaced by finished()
+            self.errors.append(err)
+
+    @property
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def finished(self, timeout: float) -> RunOutcome:
+        self.thread.join(timeout=timeout)
+        assert not self.errors, self.errors
+        assert self.outcome is not None, f"the run did not finish in {timeout:g}s"
+        return self.outcome
+
+
+def dataset_image_ids(uri: str) -> list[str]:
+    """Every image id of a dataset, sorted (what one epoch must cover)."""
+    meta = fmt.read_meta(uri)
+    return sorted(
+        str(i)
+        for table in fmt.iter_shards(uri, meta, columns=["image_id"])
+        for i in table.column("image_id").to_pylist()
+    )
+
+
 def train_worker_pids() -> list[int]:
     """The process ids of the live Ray Train workers of this session's cluster (named by its
     address: another cluster on the machine is not asked)."""
@@ -237,17 +273,7 @@ def test_killed_worker_resumes_from_last_checkpoint(longer_setup: TrainSetup) ->
         optim=OptimConfig(lr=0.05, epochs=epochs, batch_size=8),
         run=RunConfig(max_failures=1, eval_every_epochs=0, shuffle_buffer=0),
     )
-    outcome: dict[str, RunOutcome] = {}
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            outcome["result"] = distill(config)
-        except BaseException as err:  # surfaced by the assertions below
-            errors.append(err)
-
-    thread = threading.Thread(target=run)
-    thread.start()
+    background = BackgroundRun(config)
     run_dir = Path(config.storage_path) / "killed"
     deadline = time.monotonic() + 240
 
@@ -256,15 +282,13 @@ def test_killed_worker_resumes_from_last_checkpoint(longer_setup: TrainSetup) ->
     def checkpoints() -> int:
         return len(list(run_dir.glob("checkpoint_*")))
 
-    while checkpoints() < 2 and time.monotonic() < deadline and thread.is_alive():
+    while checkpoints() < 2 and time.monotonic() < deadline and background.alive:
         time.sleep(0.1)
-    assert checkpoints() >= 2, f"no checkpoints appeared ({errors})"
+    assert checkpoints() >= 2, f"no checkpoints appeared ({background.errors})"
     pids = train_worker_pids()
     assert len(pids) == 2
     os.kill(pids[1], signal.SIGKILL)
-    thread.join(timeout=400)
-    assert not errors, errors
-    state = outcome["result"].state
+    state = background.finished(timeout=400).state
     # Resumed once, after the last checkpoint; every epoch trained exactly once in the
     # checkpointed history, ending at the configured count.
     assert len(state.resumed_at) == 1 and 1 <= state.resumed_at[0] < epochs
@@ -276,8 +300,8 @@ def test_a_worker_killed_inside_an_epoch_loses_no_image_and_repeats_none(
     longer_setup: TrainSetup,
 ) -> None:
     """Checkpoints every 4 of an epoch's 24 steps; a worker is killed once Ray Train has
-    registered one of them, inside epoch 1. The run resumes inside that epoch, and the audit segments the
-    checkpoints kept hold every image of every epoch exactly once."""
+    registered one of them, inside epoch 1. The run resumes inside that epoch, and the
+    audit segments the checkpoints kept hold every image of every epoch exactly once."""
     config = replace(
         longer_setup.base,
         name="killed-inside",
@@ -291,17 +315,7 @@ def test_a_worker_killed_inside_an_epoch_loses_no_image_and_repeats_none(
             audit_ids=True,
         ),
     )
-    outcome: dict[str, RunOutcome] = {}
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            outcome["result"] = distill(config)
-        except BaseException as err:  # surfaced by the assertions below
-            errors.append(err)
-
-    thread = threading.Thread(target=run)
-    thread.start()
+    background = BackgroundRun(config)
     run_dir = Path(config.storage_path) / "killed-inside"
 
     def registered_inside() -> list[int]:
@@ -319,16 +333,16 @@ def test_a_worker_killed_inside_an_epoch_loses_no_image_and_repeats_none(
         ]
 
     deadline = time.monotonic() + 240
-    while not registered_inside() and time.monotonic() < deadline and thread.is_alive():
+    while not registered_inside() and time.monotonic() < deadline and background.alive:
         time.sleep(0.05)
-    assert registered_inside(), f"no checkpoint inside the epoch was registered ({errors})"
+    assert registered_inside(), (
+        f"no checkpoint inside the epoch was registered ({background.errors})"
+    )
     pids = train_worker_pids()
     assert len(pids) == 2
     killed_at = time.time()
     os.kill(pids[1], signal.SIGKILL)
-    thread.join(timeout=400)
-    assert not errors, errors
-    state = outcome["result"].state
+    state = background.finished(timeout=400).state
     # From the loss to training again, bounded above by the first checkpoint the resumed
     # attempt wrote (4 steps after it started training).
     resumed = [
@@ -344,12 +358,7 @@ def test_a_worker_killed_inside_an_epoch_loses_no_image_and_repeats_none(
     (inside,) = state.extra["resumed_at_step"]
     assert inside in (4, 8, 12, 16, 20), inside  # at a checkpoint inside the epoch
 
-    meta = fmt.read_meta(config.data.train)
-    all_ids = sorted(
-        str(i)
-        for table in fmt.iter_shards(config.data.train, meta, columns=["image_id"])
-        for i in table.column("image_id").to_pylist()
-    )
+    all_ids = dataset_image_ids(config.data.train)
     for epoch in (0, 1):
         trained = [
             i
@@ -659,12 +668,7 @@ def test_workers_that_decode_their_own_input_see_every_image_once(
     outcome = distill(config)
     assert outcome.state.epochs_done == tuple(range(config.optim.epochs))
     assert np.isfinite(outcome.state.throughput[0][0])
-    meta = fmt.read_meta(config.data.train)
-    all_ids = sorted(
-        str(i)
-        for table in fmt.iter_shards(config.data.train, meta, columns=["image_id"])
-        for i in table.column("image_id").to_pylist()
-    )
+    all_ids = dataset_image_ids(config.data.train)
     audit = Path(config.storage_path) / "decode-in-workers" / "audit"
     for epoch in range(config.optim.epochs):
         parts = [

@@ -110,8 +110,12 @@ def publish_skip(directory: str, progress: EpochProgress) -> None:
     buffer = io.BytesIO()
     np.save(buffer, progress.consumed, allow_pickle=False)
     storage.write_bytes_atomic(storage.join(directory, name), buffer.getvalue())
-    pointer = {"epoch": progress.epoch, "steps": progress.steps, "file": name}
-    pointer["count"] = len(progress.consumed)
+    pointer = {
+        "epoch": progress.epoch,
+        "steps": progress.steps,
+        "file": name,
+        "count": len(progress.consumed),
+    }
     storage.write_text_atomic(storage.join(directory, SKIP_POINTER), json.dumps(pointer))
 
 

@@ -21,7 +21,8 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from orchestrator.config import DecodeAt, ExperimentConfig
+from orchestrator.config import ExperimentConfig
+from orchestrator.data.ray_input import configured_plan
 from orchestrator.errors import UsageError
 
 BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
@@ -156,7 +157,7 @@ def shortfall(
     decode pool (one actor and one read slot; the read slot alone when the workers decode)
     cannot be placed on ``size``; None if they can."""
     scaling = config.scaling
-    decode = (2 if config.data.decode is DecodeAt.POOL else 1) * config.data.decode_cpus
+    decode = configured_plan(replace(config.data, decode_actors=1)).cpus
     cpus = scaling.num_workers * scaling.cpus_per_worker + decode
     asked = (
         f"scaling asks for {scaling.num_workers} worker(s) x {scaling.cpus_per_worker:g} CPU"

@@ -70,6 +70,7 @@ from orchestrator.losses import Margin, build_loss
 from orchestrator.losses.sharded import ShardedProxylessLoss
 from orchestrator.models import build_backbone
 from orchestrator.progress import format_seconds
+from orchestrator.runs import run_dir
 from orchestrator.shards import Shard
 from orchestrator.teacher_models import load_teacher_backbone
 from orchestrator.train.spec import (
@@ -203,7 +204,7 @@ def set_up(spec: TrainSpec, config: ExperimentConfig) -> WorkerState:
         data=ray.train.get_dataset_shard("train"),
         previous=previous,
         history=History.start(previous, world_size),
-        run_uri=storage.join(config.storage_path, ctx.get_experiment_name()),
+        run_uri=run_dir(config, ctx.get_experiment_name()),
         progress=None if previous is None else previous.progress,
         best=read_best(spec.best_uri) if spec.best_uri and rank == 0 else None,
     )
