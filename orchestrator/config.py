@@ -498,17 +498,69 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class ScalingConfig:
-    num_workers: int = 2
+    """How many Train workers, and what each holds.
+
+    ``num_workers`` is a count, or ``[min, max]`` for an elastic run (Ray Train's elastic
+    scaling): it starts with as many workers as the cluster has room for, up to ``max``,
+    continues from its last checkpoint with the workers that remain when one is lost (at
+    least ``min``), and grows back when capacity returns, checked every ``resize_check_s``.
+    """
+
+    num_workers: int | tuple[int, ...] = 2
     cpus_per_worker: float = 0.5  # leave CPUs for Ray Data (DESIGN.md section 5)
     use_gpu: bool = False
     # On a cluster reached by RAY_ADDRESS (it may autoscale): how long to wait for the
     # resources the run needs before refusing it. A private local cluster never waits.
     resources_wait_s: float = 600.0
+    # Elastic runs only: how often Ray Train looks for room to grow the worker group.
+    resize_check_s: float = 60.0
+    # How long Ray Train waits for a worker group to start before it gives up on that size
+    # (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S). After a node is lost, an elastic run first
+    # asks for the old size while the node is not yet known dead: this bounds that wait.
+    worker_start_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
-        require(self.num_workers >= 1, "num_workers", f"must be >= 1, found {self.num_workers}")
+        count = self.num_workers
+        if isinstance(count, tuple):
+            require(
+                len(count) == 2 and 1 <= count[0] <= count[1],
+                "num_workers",
+                f"expected a count or [min, max] with 1 <= min <= max, found {list(count)}",
+            )
+        else:
+            require(count >= 1, "num_workers", f"must be >= 1, found {count}")
         require(self.resources_wait_s >= 0, "resources_wait_s", "must be >= 0")
+        require(self.resize_check_s > 0, "resize_check_s", "must be > 0")
+        require(self.worker_start_timeout_s > 0, "worker_start_timeout_s", "must be > 0")
         require(self.cpus_per_worker > 0, "cpus_per_worker", "must be > 0")
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, tuple)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, tuple) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[-1] if isinstance(self.num_workers, tuple) else self.num_workers
+
+    @property
+    def world_sizes(self) -> range:
+        """Every worker count the run may train at."""
+        return range(self.min_workers, self.max_workers + 1)
+
+    def describe(self) -> str:
+        """``2`` or ``1-2`` (elastic)."""
+        if self.elastic:
+            return f"{self.min_workers}-{self.max_workers}"
+        return str(self.max_workers)
+
+
+def uneven_world_size(batch: int, scaling: ScalingConfig) -> int | None:
+    """The first world size of ``scaling`` that ``batch`` does not split evenly over."""
+    return next((n for n in scaling.world_sizes if batch % n), None)
 
 
 class ClassifierMode(enum.StrEnum):
@@ -830,11 +882,13 @@ class ExperimentConfig:
             "sampling exists only in the sharded layout (sharding.mode sharded or auto, method "
             "proxyless); remove it or change the mode",
         )
+        uneven = uneven_world_size(self.optim.batch_size, self.scaling)
         require(
-            self.optim.batch_size % self.scaling.num_workers == 0,
+            uneven is None,
             "optim.batch_size",
-            f"the global batch {self.optim.batch_size} must split evenly over "
-            f"scaling.num_workers={self.scaling.num_workers}",
+            f"the global batch {self.optim.batch_size} must split evenly over every world "
+            f"size of scaling.num_workers={self.scaling.describe()}; it does not over {uneven} "
+            "(an elastic run keeps the global batch at every size)",
         )
         last_stage = self.loss.multistep.stages()[-1].from_epoch
         require(
@@ -870,11 +924,13 @@ class ExperimentConfig:
                 f"expected one of {', '.join(known)} (benchmarks: <run.val_targets name>_acc), "
                 f"found {metric!r}",
             )
+        uneven = uneven_world_size(self.teacher_optim.batch_size, self.scaling)
         require(
-            self.teacher_optim.batch_size % self.scaling.num_workers == 0,
+            uneven is None,
             "teacher_optim.batch_size",
-            f"the global batch {self.teacher_optim.batch_size} must split evenly over "
-            f"scaling.num_workers={self.scaling.num_workers}",
+            f"the global batch {self.teacher_optim.batch_size} must split evenly over every world "
+            f"size of scaling.num_workers={self.scaling.describe()}; it does not over {uneven} "
+            "(an elastic run keeps the global batch at every size)",
         )
 
 

@@ -107,8 +107,8 @@ def trial_resources(
 
     scaling, data = config.scaling, config.data
     pipeline = configured_plan(data)
-    cpus = scaling.num_workers * scaling.cpus_per_worker + pipeline.cpus + TRIAL_DRIVER_CPU
-    gpus = float(scaling.num_workers) if scaling.use_gpu else 0.0
+    cpus = scaling.max_workers * scaling.cpus_per_worker + pipeline.cpus + TRIAL_DRIVER_CPU
+    gpus = float(scaling.max_workers) if scaling.use_gpu else 0.0
     fits = math.floor(cluster_cpus / cpus + 1e-9)
     if gpus:
         fits = min(fits, math.floor(cluster_gpus / gpus + 1e-9))

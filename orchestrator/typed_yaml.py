@@ -74,6 +74,15 @@ def from_dict(cls: type[T], data: Mapping[str, Any], source: str = "<dict>", pre
         raise ConfigError(f"{source}: {prefix}{err.key}: {err.message}") from None
 
 
+def describe_type(hint: Any) -> str:
+    """How an error message names a field type: ``an integer``, ``a list``."""
+    if typing.get_origin(hint) is tuple:
+        return "a list"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        hint, getattr(hint, "__name__", str(hint))
+    )
+
+
 def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
     def bad(expected: str) -> ConfigError:
         return ConfigError(
@@ -115,8 +124,15 @@ def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
         args = typing.get_args(hint)
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(inner, value, source, key)
+        choices = [a for a in args if a is not type(None)]
+        if len(choices) == 1:
+            return _coerce(choices[0], value, source, key)
+        # int | tuple[int, ...] and the like: a list is the tuple, anything else the rest.
+        listed = isinstance(value, Sequence) and not isinstance(value, str)
+        fitting = [c for c in choices if (typing.get_origin(c) is tuple) == listed]
+        if len(fitting) != 1:
+            raise bad(" or ".join(describe_type(c) for c in choices))
+        return _coerce(fitting[0], value, source, key)
     raise TypeError(f"unsupported config field type {hint!r} at {key}")  # a bug in this module
 
 

@@ -151,12 +151,14 @@ class Pods:
     pods: tuple[tuple[int, float, float], ...]  # (count, CPUs, GPUs) per worker group
 
     @classmethod
-    def of(cls, spec: dict[str, Any]) -> Pods:
+    def of(cls, spec: dict[str, Any], bound: str = "maxReplicas") -> Pods:
+        """At most (``maxReplicas``) or at least (``minReplicas``: what a spot group may
+        shrink to)."""
         groups = []
         for group in spec["workerGroupSpecs"]:
             (container,) = group["template"]["spec"]["containers"]
             limits = container["resources"]["limits"]
-            count = int(group.get("maxReplicas", group.get("replicas", 0)))
+            count = int(group.get(bound, group.get("replicas", 0)))
             gpus = quantity(limits.get("nvidia.com/gpu", 0))
             groups.append((count, quantity(limits["cpu"]), gpus))
         return cls(tuple(groups))
@@ -174,21 +176,23 @@ class Pods:
         return total
 
 
-def submitted_jobs() -> list[tuple[str, str, Pods]]:
+def submitted_jobs(bound: str = "maxReplicas") -> list[tuple[str, str, Pods]]:
     """(manifest, config path, cluster) for every job a KubeRay manifest runs: a RayJob's or
     RayCronJob's entrypoint on its own cluster, a CronJob's `ray job submit` on the
-    RayCluster of raycluster.yaml."""
+    RayCluster of raycluster.yaml (its pods at ``bound``)."""
     docs = [(p.name, d) for p in KUBERAY for d in yaml.safe_load_all(p.read_text()) if d]
     (shared,) = [d for _, d in docs if d["kind"] == "RayCluster"]
     jobs = []
     for name, doc in docs:
         if doc["kind"] in ("RayJob", "RayCronJob"):
             words = job_spec(doc)["entrypoint"].split()
-            jobs.append((name, words[words.index("--config") + 1], Pods.of(cluster_spec(doc))))
+            config = words[words.index("--config") + 1]
+            jobs.append((name, config, Pods.of(cluster_spec(doc), bound)))
         elif doc["kind"] == "CronJob":
             (container,) = doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
             words = container["command"]
-            jobs.append((name, words[words.index("--config") + 1], Pods.of(shared["spec"])))
+            config = words[words.index("--config") + 1]
+            jobs.append((name, config, Pods.of(shared["spec"], bound)))
     return jobs
 
 
@@ -201,9 +205,25 @@ def test_every_kuberay_job_fits_the_cluster_it_runs_on() -> None:
         config = load_config(REPO / config_path)
         scaling = config.scaling
         fits = pods.train_workers(scaling.cpus_per_worker, scaling.use_gpu)
-        assert fits >= scaling.num_workers, (
-            f"{name}: {config_path} needs {scaling.num_workers} workers, the pods hold {fits}"
+        assert fits >= scaling.max_workers, (
+            f"{name}: {config_path} needs {scaling.max_workers} workers, the pods hold {fits}"
         )
         plan = decode_plan(config.data, scaling, pods.cpus)
-        needed = scaling.num_workers * scaling.cpus_per_worker + plan.cpus
+        needed = scaling.max_workers * scaling.cpus_per_worker + plan.cpus
         assert needed <= pods.cpus, f"{name}: needs {needed} CPUs, the pods have {pods.cpus}"
+
+
+def test_the_spot_worker_groups_are_the_elastic_range_of_their_jobs() -> None:
+    """A RayJob's GPU group may shrink to minReplicas pods: they still hold the config's
+    minimum of Train workers, and its maxReplicas pods hold no fewer than the maximum. The
+    shipped production config is elastic over them."""
+    for (name, config_path, least), (_, _, most) in zip(
+        submitted_jobs("minReplicas"), submitted_jobs("maxReplicas"), strict=True
+    ):
+        scaling = load_config(REPO / config_path).scaling
+        fewest = least.train_workers(scaling.cpus_per_worker, scaling.use_gpu)
+        widest = most.train_workers(scaling.cpus_per_worker, scaling.use_gpu)
+        if name in ("rayjob-distill.yaml", "retrain-raycronjob.yaml"):
+            assert scaling.elastic, f"{name}: {config_path} has a fixed worker count"
+            assert fewest == scaling.min_workers, (name, fewest, scaling.num_workers)
+        assert widest >= scaling.max_workers, (name, widest, scaling.num_workers)

@@ -260,3 +260,41 @@ def test_an_ijb_gate_needs_retrain_ijb() -> None:
         load_config(None, ["retrain.metric=IJBC_tar_at_far_1e-4"])
     with pytest.raises(ConfigError, match=r"retrain\.ijb_set: expected one of"):
         load_config(None, ["retrain.ijb_set=IJBA"])
+
+
+def test_an_elastic_worker_count_is_a_range_and_the_batch_splits_over_every_size(
+    tmp_path: Path,
+) -> None:
+    text = "scaling:\n  num_workers: [2, 4]\noptim:\n  batch_size: 24\n"
+    path = write(tmp_path, text + "teacher_optim:\n  batch_size: 12\n")
+    scaling = load_config(path).scaling
+    assert scaling.elastic and (scaling.min_workers, scaling.max_workers) == (2, 4)
+    assert list(scaling.world_sizes) == [2, 3, 4] and scaling.describe() == "2-4"
+    fixed = load_config(path, ["scaling.num_workers=3"]).scaling
+    assert not fixed.elastic and (fixed.min_workers, fixed.max_workers) == (3, 3)
+    # 32 splits over 2 and 4 workers, not over 3: the global batch would change there.
+    with pytest.raises(
+        ConfigError,
+        match=r"optim.batch_size: the global batch 32 must split evenly over every world "
+        r"size of scaling.num_workers=2-4; it does not over 3",
+    ):
+        load_config(path, ["optim.batch_size=32"])
+    for bad, message in (
+        (
+            "[4, 2]",
+            r"scaling.num_workers: expected a count or \[min, max\] with 1 <= min <= max, found \[4, 2\]",
+        ),
+        ("[1, 2, 3]", r"found \[1, 2, 3\]"),
+        ("[0, 2]", r"found \[0, 2\]"),
+        ("[1, two]", r"scaling.num_workers\[1\]: expected an integer, found 'two'"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load_config(path, [f"scaling.num_workers={bad}"])
+    round_trip = from_dict(ExperimentConfig, dump_yaml_data(load_config(path)))
+    assert round_trip.scaling.num_workers == (2, 4)
+
+
+def dump_yaml_data(config: ExperimentConfig) -> dict:
+    import yaml
+
+    return yaml.safe_load(dump_yaml(config))

@@ -4,6 +4,7 @@ from the cluster launcher configs this project ships."""
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any
 
@@ -57,12 +58,15 @@ def test_size_of_node_groups_with_caps_and_unbounded_groups() -> None:
         (ScalingConfig(num_workers=1, cpus_per_worker=97), "no node has more than 96 CPU"),
         (ScalingConfig(num_workers=4, cpus_per_worker=96), "= 385 CPU: the autoscaler's"),
         (ScalingConfig(num_workers=28, use_gpu=True, cpus_per_worker=8), None),
+        # Elastic: the run starts once its minimum fits; the maximum may exceed the cluster.
+        (ScalingConfig(num_workers=(20, 32), use_gpu=True, cpus_per_worker=8), None),
+        (ScalingConfig(num_workers=(29, 32), use_gpu=True), "at least 29 worker(s)"),
     ],
 )
 def test_shortfall_against_autoscaler_limits(scaling: ScalingConfig, expected: str | None) -> None:
     limits = launcher_limits(filled_aws())
     assert limits is not None
-    batch = OptimConfig(batch_size=4 * scaling.num_workers)
+    batch = OptimConfig(batch_size=4 * math.lcm(*scaling.world_sizes))
     config = ExperimentConfig(scaling=scaling, optim=batch, teacher_optim=batch)
     why = shortfall(config, limits, has="the autoscaler's limits allow")
     if expected is None:

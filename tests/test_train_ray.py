@@ -673,7 +673,53 @@ def test_workers_that_decode_their_own_input_see_every_image_once(
     for epoch in range(config.optim.epochs):
         parts = [
             (audit / f"epoch-{epoch:04d}-rank-{rank:03d}.txt").read_text().split()
-            for rank in range(config.scaling.num_workers)
+            for rank in range(config.scaling.max_workers)
         ]
         assert len({len(p) for p in parts}) == 1  # equal parts
         assert sorted(i for p in parts for i in p) == all_ids  # every image, once
+
+
+def test_the_dense_classifier_is_one_shared_copy_per_node() -> None:
+    """Two workers on one node that take the dense classifier from the object store
+    (worker.shared_classifier) read the node's one copy: the same bytes of the same
+    shared-memory file, read-only; neither holds a private copy of W."""
+    import ray
+
+    from orchestrator.artifacts import ClassifierRef
+    from orchestrator.train.spec import DenseClassifier
+    from orchestrator.train.worker import shared_classifier
+
+    class Holder:
+        def view(self, source: DenseClassifier) -> tuple[tuple[str, int], bool, float]:
+            self.weight = shared_classifier(source)  # kept: the mapping stays while held
+            stored = ray.get(source.weights)  # what the store hands out: read-only
+            return (
+                self.mapping_of(self.weight.data_ptr()),
+                stored.flags.writeable,
+                float(self.weight.sum()),
+            )
+
+        @staticmethod
+        def mapping_of(address: int) -> tuple[str, int]:
+            """The file (device:inode) this process has mapped at ``address``, and the
+            offset into it: two processes that see one shared copy name the same place."""
+            for line in Path("/proc/self/maps").read_text().splitlines():
+                fields = line.split()
+                low, high = (int(part, 16) for part in fields[0].split("-"))
+                if low <= address < high:
+                    return f"{fields[3]}:{fields[4]}", int(fields[2], 16) + address - low
+            raise LookupError(f"address {address:#x} is not mapped")
+
+    remote_holder: Any = ray.remote(num_cpus=0)(Holder)
+
+    weight = np.random.default_rng(0).normal(size=(2000, 64)).astype(np.float32)  # 512 KB
+    source = DenseClassifier(ClassifierRef("memory://w", "0"), ray.put(weight))
+    holders = [remote_holder.remote() for _ in range(2)]
+    views = ray.get([h.view.remote(source) for h in holders])
+    (first_place, first_writeable, first_sum), (second_place, second_writeable, second_sum) = views
+    assert first_place == second_place, views  # one copy, mapped by both
+    assert not first_place[0].endswith(":0"), views  # a file mapping, not private memory
+    assert not first_writeable and not second_writeable
+    assert first_sum == second_sum == pytest.approx(float(weight.sum()), rel=1e-6)
+    for holder in holders:
+        ray.kill(holder)

@@ -137,12 +137,12 @@ def configured_plan(data: DataConfig) -> DecodePlan:
 def decode_plan(data: DataConfig, scaling: ScalingConfig, cluster_cpus: float) -> DecodePlan:
     """How many decode actors fit beside the Train workers without starving the reads.
 
-    The workers take ``num_workers * cpus_per_worker``; of what is left, one
+    The workers take ``max_workers * cpus_per_worker``; of what is left, one
     ``decode_cpus`` slot stays free for the Parquet read tasks and the rest holds actors.
     """
     if data.decode_actors or data.decode is DecodeAt.WORKER:
         return configured_plan(data)
-    left = cluster_cpus - scaling.num_workers * scaling.cpus_per_worker
+    left = cluster_cpus - scaling.max_workers * scaling.cpus_per_worker
     actors = math.floor((left - data.decode_cpus) / data.decode_cpus + 1e-9)
     return DecodePlan(max(1, actors), data.decode_cpus)
 

@@ -7,9 +7,11 @@ outside [0, C), a classifier whose size, embedding width or label map does not m
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -84,7 +86,7 @@ def input_plan(config: ExperimentConfig) -> DecodePlan:
         else f"{plan.actors} decode actor(s) x {plan.cpus_per_actor} CPU"
     )
     print(
-        f"[data] {config.data.train}: {decode} beside {config.scaling.num_workers} worker(s) "
+        f"[data] {config.data.train}: {decode} beside {config.scaling.describe()} worker(s) "
         f"x {config.scaling.cpus_per_worker} CPU on {cpus:g} CPUs",
         flush=True,
     )
@@ -184,7 +186,8 @@ def fit(
     trainer = torch_trainer(config, spec, name=name, callbacks=callbacks, dataset=dataset)
     started = time.monotonic()
     try:
-        result = trainer.fit()
+        with controller_env(config):
+            result = trainer.fit()
         if result.error is not None:
             raise result.error
     except Exception as err:  # Train V2 raises a failed run's error from fit()
@@ -199,6 +202,24 @@ def fit(
     return RunOutcome(
         name, result.checkpoint.path, state, dict(result.metrics or {}), time.monotonic() - started
     )
+
+
+WORKER_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+
+@contextlib.contextmanager
+def controller_env(config: ExperimentConfig) -> Iterator[None]:
+    """The settings Ray Train's controller reads from its environment, which it takes from
+    the driver's when ``fit`` creates it: this process's, for the length of the call."""
+    saved = os.environ.get(WORKER_START_TIMEOUT_ENV)
+    os.environ[WORKER_START_TIMEOUT_ENV] = f"{config.scaling.worker_start_timeout_s:g}"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(WORKER_START_TIMEOUT_ENV, None)
+        else:
+            os.environ[WORKER_START_TIMEOUT_ENV] = saved
 
 
 def torch_trainer(
@@ -225,7 +246,10 @@ def torch_trainer(
         train_loop_per_worker,
         train_loop_config={"config": to_dict(config), "spec": spec},
         scaling_config=ScalingConfig(
-            num_workers=config.scaling.num_workers,
+            num_workers=(config.scaling.min_workers, config.scaling.max_workers)
+            if config.scaling.elastic
+            else config.scaling.max_workers,
+            elastic_resize_monitor_interval_s=config.scaling.resize_check_s,
             use_gpu=config.scaling.use_gpu,
             resources_per_worker={"CPU": config.scaling.cpus_per_worker},
         ),
@@ -396,7 +420,7 @@ def place_classifier(config: ExperimentConfig, cmeta: clf.ClassifierMeta) -> Cla
     if use_sharded(config, cmeta):
         print(
             f"classifier {cmeta.num_classes} x {cmeta.emb_dim}: sharded over "
-            f"{config.scaling.num_workers} workers (each reads its own rows)",
+            f"{config.scaling.describe()} workers (each reads its own rows, re-read at a resize)",
             flush=True,
         )
         return ShardedClassifier(ref, cmeta, config.sharding.sample_rate)
@@ -423,7 +447,7 @@ def use_sharded(config: ExperimentConfig, meta: clf.ClassifierMeta) -> bool:
             fp32_bytes = meta.num_classes * meta.emb_dim * 4
             return (
                 config.loss.method.shardable
-                and config.scaling.num_workers > 1
+                and config.scaling.max_workers > 1
                 and fp32_bytes >= config.sharding.auto_min_bytes
             )
 

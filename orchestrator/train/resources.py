@@ -153,17 +153,20 @@ def autoscaler_limits() -> ClusterSize | None:
 def shortfall(
     config: ExperimentConfig, size: ClusterSize, *, has: str = "the cluster has"
 ) -> str | None:
-    """Why the run's workers (a GPU each if used, ``cpus_per_worker`` each) and the smallest
-    decode pool (one actor and one read slot; the read slot alone when the workers decode)
-    cannot be placed on ``size``; None if they can."""
+    """Why the run's workers (a GPU each if used, ``cpus_per_worker`` each; an elastic run
+    needs its ``min`` workers to start) and the smallest decode pool (one actor and one read
+    slot; the read slot alone when the workers decode) cannot be placed on ``size``; None if
+    they can."""
     scaling = config.scaling
+    workers = scaling.min_workers
     decode = configured_plan(replace(config.data, decode_actors=1)).cpus
-    cpus = scaling.num_workers * scaling.cpus_per_worker + decode
+    cpus = workers * scaling.cpus_per_worker + decode
+    least = "at least " if scaling.elastic else ""
     asked = (
-        f"scaling asks for {scaling.num_workers} worker(s) x {scaling.cpus_per_worker:g} CPU"
+        f"scaling asks for {least}{workers} worker(s) x {scaling.cpus_per_worker:g} CPU"
         f"{' + 1 GPU' if scaling.use_gpu else ''} and the decode pool {decode:g} CPU"
     )
-    if scaling.use_gpu and size.gpus < scaling.num_workers:
+    if scaling.use_gpu and size.gpus < workers:
         return f"{asked}: {has} {size.gpus:g} GPU(s)"
     if cpus > size.cpus + 1e-9:
         return f"{asked} = {cpus:g} CPU: {has} {size.cpus:g}"

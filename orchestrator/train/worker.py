@@ -10,6 +10,8 @@ checkpoint continues the epoch on the others only.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import re
@@ -86,6 +88,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     config = from_dict(ExperimentConfig, loop_config["config"], "train_loop_config")
     spec: TrainSpec = loop_config["spec"]
     state = set_up(spec, config)
+    write_rows_audit(state)
     if state.start_epoch >= spec.optim.epochs:
         # Rerun of a finished run: nothing to train; hand back its final checkpoint, with
         # its validation metrics measured again (a resumed Tune trial needs them).
@@ -445,18 +448,35 @@ def epoch_progress(state: WorkerState, epoch: int) -> EpochProgress:
 def prepare_input(state: WorkerState, epoch: int) -> None:
     """Before ``epoch``'s input is read: rank 0 tells the Parquet read tasks which images to
     skip (those trained on already, when resuming inside this epoch) or that there are
-    none; every rank waits for it, so no read starts before."""
-    if not state.config.run.checkpoint_every_steps:
+    none, and clears the audit segments an attempt that died left from this point of the
+    epoch on; every rank waits for it, so no read starts before."""
+    run = state.config.run
+    if not (run.checkpoint_every_steps or run.audit_ids):
         return
     if state.rank == 0:
-        directory = skip_dir(state.run_uri)
         progress = epoch_progress(state, epoch)
-        if progress.steps:
-            publish_skip(directory, progress)
-        else:
-            clear_skip(directory)
+        if run.audit_ids:
+            clear_audit_from(state.run_uri, epoch, progress.steps)
+        if run.checkpoint_every_steps:
+            directory = skip_dir(state.run_uri)
+            if progress.steps:
+                publish_skip(directory, progress)
+            else:
+                clear_skip(directory)
     if state.world_size > 1:
         torch.distributed.barrier()
+
+
+def clear_audit_from(run_uri: str, epoch: int, steps: int) -> None:
+    """Delete ``epoch``'s audit segments from its step ``steps`` on: what an attempt that
+    died trained after the checkpoint this one resumed from. This attempt writes them
+    again, but after a resize under other rank names, so they would otherwise stay."""
+    audit = storage.join(run_uri, "audit")
+    for path in storage.glob(audit, f"epoch-{epoch:04d}-rank-*.txt"):
+        name = path.rsplit("/", 1)[-1]
+        _, found, since = name.removesuffix(".txt").partition("-from-step-")
+        if not found or int(since) >= steps:
+            storage.delete(storage.join(audit, name))
 
 
 def gather_ids(ids: list[str], world_size: int) -> list[str]:
@@ -588,6 +608,26 @@ def input_errors_named(batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, 
             if match:
                 raise error_type(match.group(1)) from None
         raise
+
+
+def write_rows_audit(state: WorkerState) -> None:
+    """With ``run.audit_ids`` and the sharded classifier: which rows of W this rank holds in
+    this attempt, and a digest of them, ``audit/classifier-rows-attempt-A-rank-R.json``."""
+    shard = getattr(state.loss_fn, "shard", None)
+    if not state.config.run.audit_ids or not isinstance(shard, Shard):
+        return
+    weight = state.loss_fn.get_buffer("weight").detach().cpu().float().numpy()
+    attempt = len(state.history.world_sizes) - 1
+    record = {
+        "attempt": attempt,
+        "world_size": state.world_size,
+        "rank": state.rank,
+        "start": shard.class_start,
+        "size": shard.local_classes,
+        "sha256": hashlib.sha256(np.ascontiguousarray(weight).tobytes()).hexdigest(),
+    }
+    file = f"classifier-rows-attempt-{attempt:03d}-rank-{state.rank:03d}.json"
+    storage.write_text_atomic(storage.join(state.run_uri, "audit", file), json.dumps(record))
 
 
 def write_audit(
