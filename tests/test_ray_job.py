@@ -14,7 +14,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -210,3 +210,106 @@ def test_preflight_reads_the_autoscalers_limits_and_waits_bounded(
         assert "[ray] waiting up to 3s for the cluster to grow" in later.stdout, later.stdout
         assert "not there after waiting 3s (scaling.resources_wait_s)" in later.stderr
     assert not (storage / "above-limits").exists() and not (storage / "within-limits").exists()
+
+
+def test_a_job_whose_driver_died_resumes_its_run_when_submitted_again(tmp_path: Path) -> None:
+    """The driver of a `ray job submit` run is killed (SIGKILL, as a lost head process or an
+    OOM kill does) after a checkpoint inside its first epoch; the job fails. The same
+    command submitted again resumes that run by its name, inside the epoch, and the audit
+    holds every image of every epoch exactly once."""
+    from orchestrator.config import (
+        DecodeAt,
+        OptimConfig,
+        RunConfig,
+        ScalingConfig,
+        SyntheticConfig,
+        dump_yaml,
+    )
+    from orchestrator.data import format as fmt
+    from orchestrator.data.prepare import write_synthetic
+    from tests.conftest import make_train_setup
+
+    data = write_synthetic(
+        SyntheticConfig(
+            out=str(tmp_path / "data"),
+            num_identities=24,
+            eval_identities=20,
+            images_per_identity=8,
+            pairs_per_fold=4,
+        )
+    )
+    setup = make_train_setup(tmp_path, data)
+    config = replace(
+        setup.base,
+        name="resubmitted",
+        data=replace(setup.base.data, decode=DecodeAt.WORKER, decode_cpus=0.25,
+                     throttle_images_per_s=60.0),
+        optim=OptimConfig(lr=0.05, epochs=2, batch_size=8),  # 24 steps an epoch
+        scaling=ScalingConfig(num_workers=2, cpus_per_worker=0.5),
+        run=RunConfig(eval_every_epochs=0, shuffle_buffer=0, checkpoint_every_steps=4,
+                      keep_checkpoints=0, audit_ids=True),
+    )  # fmt: skip
+    path = tmp_path / "resubmitted.yaml"
+    path.write_text(dump_yaml(config))
+    run_dir = Path(config.storage_path) / "resubmitted"
+    command = ["python", "-m", "jobs.distill", "--config", str(path)]
+
+    def registered_inside() -> list[int]:
+        try:
+            snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return []
+        return [
+            r["metrics"]["steps_in_epoch"]
+            for r in snapshot["checkpoint_results"]
+            if r["metrics"].get("epoch") == -1 and "steps_in_epoch" in r["metrics"]
+        ]
+
+    env = cluster_env()
+    with running_head() as head:
+        client = JobSubmissionClient(head.dashboard)
+        client.submit_job(entrypoint=" ".join(command), submission_id="first",
+                          runtime_env={"working_dir": str(REPO)})  # fmt: skip
+        deadline = time.monotonic() + 300
+        while not registered_inside():
+            status = client.get_job_status("first")
+            assert not status.is_terminal(), client.get_job_logs("first")[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint inside the epoch registered"
+            time.sleep(0.05)
+        driver = client.get_job_info("first").driver_info
+        assert driver is not None
+        os.kill(int(driver.pid), signal.SIGKILL)
+        while not client.get_job_status("first").is_terminal():
+            assert time.monotonic() < deadline, "the job outlived its driver"
+            time.sleep(0.5)
+        assert client.get_job_status("first") == JobStatus.FAILED
+        assert not (run_dir / "student.pt").exists()
+        again = subprocess.run(
+            [RAY, "job", "submit", "--address", head.dashboard, "--submission-id", "second",
+             "--working-dir", ".", "--", *command],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert client.get_job_status("second") == JobStatus.SUCCEEDED, (
+            again.stdout[-3000:] + again.stderr[-3000:]
+        )
+        logs = client.get_job_logs("second")
+    summary = json.loads(
+        [line for line in logs.splitlines() if line.startswith('{"name": "resubmitted"')][-1]
+    )
+    assert summary["epochs_done"] == [0, 1] and summary["resumed_at"] == [0], summary
+    meta = fmt.read_meta(config.data.train)
+    all_ids = sorted(
+        str(i)
+        for table in fmt.iter_shards(config.data.train, meta, columns=["image_id"])
+        for i in table.column("image_id").to_pylist()
+    )
+    for epoch in (0, 1):
+        trained = [
+            i
+            for part in sorted((run_dir / "audit").glob(f"epoch-{epoch:04d}-rank-*.txt"))
+            for i in part.read_text().split()
+        ]
+        print(f"epoch {epoch}: {len(trained) - len(set(trained))} trained twice, "
+              f"{len(set(all_ids) - set(trained))} never")  # fmt: skip
+        assert sorted(trained) == all_ids, f"epoch {epoch}"
+    assert (run_dir / "student.pt").exists()

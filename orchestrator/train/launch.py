@@ -539,6 +539,9 @@ def summary(outcome: RunOutcome) -> dict[str, Any]:
         "name": outcome.name,
         "checkpoint": outcome.checkpoint_path,
         "epochs_done": list(outcome.state.epochs_done),
+        # Each attempt's worker count, and the epoch each restart resumed in.
+        "world_sizes": list(outcome.state.world_sizes),
+        "resumed_at": list(outcome.state.resumed_at),
         "train_seconds": round(outcome.state.train_seconds, 1),
         "throughput": [
             {"epoch": epoch, "samples_per_s": round(rate, 1), "input_wait_share": round(wait, 3)}
