@@ -178,6 +178,9 @@ def one_run(cluster: TestCluster, run: Run, timeout_s: float, source: str) -> di
                 events["added_back"] = time.time()
                 print("[multinode] a worker node added back", flush=True)
         thread.join(timeout=max(1.0, deadline - time.monotonic()))
+        grown = resumed_checkpoints(run_dir, 2) if run.kill and run.add_back else []
+        if grown:
+            events["first_checkpoint_after_growth"] = grown[0]
     except (TimeoutError, RuntimeError) as err:
         errors.append(str(err))
     report: dict[str, Any] = {"name": config.name, "errors": errors, "events": events}

@@ -168,6 +168,9 @@ def assert_lost_and_regrown(report: dict[str, Any]) -> None:
         f"{lost_to_training:.1f}s (an upper bound on the time to training again)"
     )
     assert lost_to_training > 0
+    regrown = events["first_checkpoint_after_growth"] - events["added_back"]
+    print(f"{report['name']}: node added back -> first checkpoint at two workers {regrown:.1f}s")
+    assert regrown > 0
 
 
 def assert_in_line_with_reference(scenario: Scenario, name: str) -> None:
