@@ -216,3 +216,33 @@ def interrupt_when(command: list[str], ready: Callable[[], object], what: str) -
     except subprocess.TimeoutExpired:
         os.killpg(interrupted.pid, signal.SIGKILL)
         return interrupted.communicate()[0]
+
+
+def registered_inside(run_dir: Path) -> list[tuple[int, int]]:
+    """(epoch, step) of the checkpoints inside an epoch (0-based epoch) that Ray Train has
+    registered for the run at ``run_dir``. A checkpoint directory is written before Train's
+    controller collects it, and one whose worker dies first is never used: a test that
+    kills a worker after a checkpoint waits for this."""
+    import json
+
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return []
+    return [
+        (r["metrics"]["epoch"] + 1, r["metrics"]["steps_in_epoch"])
+        for r in snapshot["checkpoint_results"]
+        if "steps_in_epoch" in r["metrics"]
+    ]
+
+
+def dataset_image_ids(uri: str) -> list[str]:
+    """Every image id of a dataset, sorted (what one epoch must cover)."""
+    from orchestrator.data import format as fmt
+
+    meta = fmt.read_meta(uri)
+    return sorted(
+        str(i)
+        for table in fmt.iter_shards(uri, meta, columns=["image_id"])
+        for i in table.column("image_id").to_pylist()
+    )

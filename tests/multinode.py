@@ -77,20 +77,6 @@ class TestCluster:
         self.cluster.shutdown()
 
 
-def registered_inside(run_dir: Path) -> list[tuple[int, int]]:
-    """(epoch, step) of the checkpoints inside an epoch that Ray Train has registered (a
-    checkpoint directory is written before the controller collects it)."""
-    try:
-        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
-    except (FileNotFoundError, ValueError):
-        return []
-    return [
-        (r["metrics"]["epoch"] + 1, r["metrics"]["steps_in_epoch"])
-        for r in snapshot["checkpoint_results"]
-        if "steps_in_epoch" in r["metrics"]
-    ]
-
-
 def resumed_checkpoints(run_dir: Path, attempt: int) -> list[float]:
     """The write times of the checkpoints saved by attempt ``attempt`` (0: the first) or a
     later one: what the run trained after it restarted that many times."""
@@ -138,6 +124,7 @@ def one_run(cluster: TestCluster, run: Run, timeout_s: float, source: str) -> di
     from orchestrator.config import ExperimentConfig
     from orchestrator.train.launch import RunOutcome, distill
     from orchestrator.typed_yaml import from_dict
+    from tests.conftest import registered_inside
 
     config = from_dict(ExperimentConfig, run.config, source)
     events: dict[str, float] = {}

@@ -33,10 +33,9 @@ from orchestrator.config import (
     ShardingConfig,
     SyntheticConfig,
 )
-from orchestrator.data import format as fmt
 from orchestrator.data.prepare import write_synthetic
 from orchestrator.typed_yaml import to_dict
-from tests.conftest import REPO, clean_env, make_train_setup
+from tests.conftest import REPO, clean_env, dataset_image_ids, make_train_setup
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -135,17 +134,8 @@ def epoch_audit(base: ExperimentConfig, name: str, epoch: int) -> list[str]:
     ]
 
 
-def all_image_ids(base: ExperimentConfig) -> list[str]:
-    meta = fmt.read_meta(base.data.train)
-    return sorted(
-        str(i)
-        for table in fmt.iter_shards(base.data.train, meta, columns=["image_id"])
-        for i in table.column("image_id").to_pylist()
-    )
-
-
 def assert_every_image_once(scenario: Scenario, name: str) -> None:
-    expected = all_image_ids(scenario.base)
+    expected = dataset_image_ids(scenario.base.data.train)
     for epoch in range(EPOCHS):
         trained = epoch_audit(scenario.base, name, epoch)
         repeats = len(trained) - len(set(trained))

@@ -225,9 +225,8 @@ def test_a_job_whose_driver_died_resumes_its_run_when_submitted_again(tmp_path: 
         SyntheticConfig,
         dump_yaml,
     )
-    from orchestrator.data import format as fmt
     from orchestrator.data.prepare import write_synthetic
-    from tests.conftest import make_train_setup
+    from tests.conftest import dataset_image_ids, make_train_setup, registered_inside
 
     data = write_synthetic(
         SyntheticConfig(
@@ -254,24 +253,13 @@ def test_a_job_whose_driver_died_resumes_its_run_when_submitted_again(tmp_path: 
     run_dir = Path(config.storage_path) / "resubmitted"
     command = ["python", "-m", "jobs.distill", "--config", str(path)]
 
-    def registered_inside() -> list[int]:
-        try:
-            snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
-        except (FileNotFoundError, ValueError):
-            return []
-        return [
-            r["metrics"]["steps_in_epoch"]
-            for r in snapshot["checkpoint_results"]
-            if r["metrics"].get("epoch") == -1 and "steps_in_epoch" in r["metrics"]
-        ]
-
     env = cluster_env()
     with running_head() as head:
         client = JobSubmissionClient(head.dashboard)
         client.submit_job(entrypoint=" ".join(command), submission_id="first",
                           runtime_env={"working_dir": str(REPO)})  # fmt: skip
         deadline = time.monotonic() + 300
-        while not registered_inside():
+        while not [step for epoch, step in registered_inside(run_dir) if epoch == 0]:
             status = client.get_job_status("first")
             assert not status.is_terminal(), client.get_job_logs("first")[-3000:]
             assert time.monotonic() < deadline, "no checkpoint inside the epoch registered"
@@ -297,12 +285,7 @@ def test_a_job_whose_driver_died_resumes_its_run_when_submitted_again(tmp_path: 
         [line for line in logs.splitlines() if line.startswith('{"name": "resubmitted"')][-1]
     )
     assert summary["epochs_done"] == [0, 1] and summary["resumed_at"] == [0], summary
-    meta = fmt.read_meta(config.data.train)
-    all_ids = sorted(
-        str(i)
-        for table in fmt.iter_shards(config.data.train, meta, columns=["image_id"])
-        for i in table.column("image_id").to_pylist()
-    )
+    all_ids = dataset_image_ids(config.data.train)
     for epoch in (0, 1):
         trained = [
             i

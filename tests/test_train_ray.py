@@ -45,7 +45,7 @@ from orchestrator.evaluation import (
 from orchestrator.models import build_backbone
 from orchestrator.runs import student_uri
 from orchestrator.train.launch import RunOutcome, distill, summary, train_teacher
-from tests.conftest import TrainSetup, make_train_setup
+from tests.conftest import TrainSetup, dataset_image_ids, make_train_setup, registered_inside
 from tests.test_safe_loading import crafted
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -242,16 +242,6 @@ class BackgroundRun:
         return self.outcome
 
 
-def dataset_image_ids(uri: str) -> list[str]:
-    """Every image id of a dataset, sorted (what one epoch must cover)."""
-    meta = fmt.read_meta(uri)
-    return sorted(
-        str(i)
-        for table in fmt.iter_shards(uri, meta, columns=["image_id"])
-        for i in table.column("image_id").to_pylist()
-    )
-
-
 def train_worker_pids() -> list[int]:
     """The process ids of the live Ray Train workers of this session's cluster (named by its
     address: another cluster on the machine is not asked)."""
@@ -318,24 +308,13 @@ def test_a_worker_killed_inside_an_epoch_loses_no_image_and_repeats_none(
     background = BackgroundRun(config)
     run_dir = Path(config.storage_path) / "killed-inside"
 
-    def registered_inside() -> list[int]:
-        """The steps of the checkpoints inside epoch 1 that Ray Train has registered (a
-        checkpoint directory is written before the controller collects it, and one whose
-        worker dies first is never used)."""
-        try:
-            snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
-        except (FileNotFoundError, ValueError):
-            return []
-        return [
-            r["metrics"]["steps_in_epoch"]
-            for r in snapshot["checkpoint_results"]
-            if r["metrics"].get("epoch") == -1 and "steps_in_epoch" in r["metrics"]
-        ]
+    def registered_inside_first_epoch() -> list[int]:
+        return [step for epoch, step in registered_inside(run_dir) if epoch == 0]
 
     deadline = time.monotonic() + 240
-    while not registered_inside() and time.monotonic() < deadline and background.alive:
+    while not registered_inside_first_epoch() and time.monotonic() < deadline and background.alive:
         time.sleep(0.05)
-    assert registered_inside(), (
+    assert registered_inside_first_epoch(), (
         f"no checkpoint inside the epoch was registered ({background.errors})"
     )
     pids = train_worker_pids()

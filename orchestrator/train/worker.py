@@ -326,14 +326,19 @@ def resume(
     student.load_state_dict(state.student)
     loss_fn.load_state_dict(state.loss)
     optimizer.load_state_dict(state.optimizer)
-    if ray.train.get_context().get_world_rank() == 0:
+    ctx = ray.train.get_context()
+    if ctx.get_world_rank() == 0:
         where = (
             f"after epoch {state.epoch + 1}"
             if state.progress is None
             else f"inside epoch {state.epoch + 2}, after its step {state.progress.steps} "
             f"({len(state.progress.consumed)} of its images trained, skipped as they are read)"
         )
-        print(f"[{spec.tag}] resuming {where} from {checkpoint.path}", flush=True)
+        workers = ctx.get_world_size()
+        print(
+            f"[{spec.tag}] resuming {where} with {workers} worker(s) from {checkpoint.path}",
+            flush=True,
+        )
     return state
 
 
