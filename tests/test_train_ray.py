@@ -36,6 +36,7 @@ from orchestrator.data import format as fmt
 from orchestrator.data.prepare import SyntheticDatasets, write_synthetic
 from orchestrator.evaluation import (
     Flip,
+    NonFiniteEmbeddingsError,
     embed_images,
     evaluate_model,
     load_eval_set,
@@ -564,9 +565,15 @@ def test_the_best_validated_epoch_is_kept_beside_the_last_checkpoints(
         state = load_state(str(directory))
         model = build_backbone(config.student.arch, config.student.emb_dim, input_size=112)
         model.load_state_dict(state.student)
-        scores[state.epoch] = evaluate_model(model.eval(), eval_set)["acc_10fold"]
         students[state.epoch] = state.student
-    assert sorted(scores) == [0, 1, 2]
+        try:
+            scores[state.epoch] = evaluate_model(model.eval(), eval_set)["acc_10fold"]
+        except NonFiniteEmbeddingsError:
+            # 18 images, lr 0.2: an epoch's eval-mode BatchNorm statistics can overflow
+            # (a CI flake). The worker reported no metrics for that epoch either, so it
+            # cannot be the best; the others are compared.
+            continue
+    assert sorted(students) == [0, 1, 2] and scores, scores
     assert record.value == pytest.approx(scores[record.epoch], abs=1e-6), (record, scores)
     assert record.value >= max(scores.values()) - 1e-6, (record, scores)
     # Only the best state is in best/ (an older best's file was removed when it was beaten).
