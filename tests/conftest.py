@@ -246,3 +246,18 @@ def dataset_image_ids(uri: str) -> list[str]:
         for table in fmt.iter_shards(uri, meta, columns=["image_id"])
         for i in table.column("image_id").to_pylist()
     )
+
+
+def kill_test_setup(root: Path, *, identities: int = 24, pairs_per_fold: int = 4) -> TrainSetup:
+    """A training set long enough to interrupt (``identities`` x 8 images: 24 steps of 8 at
+    the default) with 20 held-out identities, and a random teacher around it."""
+    data = write_synthetic(
+        SyntheticConfig(
+            out=str(root / "data"),
+            num_identities=identities,
+            eval_identities=20,
+            images_per_identity=8,
+            pairs_per_fold=pairs_per_fold,
+        )
+    )
+    return make_train_setup(root, data)

@@ -31,11 +31,9 @@ from orchestrator.config import (
     RunConfig,
     ScalingConfig,
     ShardingConfig,
-    SyntheticConfig,
 )
-from orchestrator.data.prepare import write_synthetic
 from orchestrator.typed_yaml import to_dict
-from tests.conftest import REPO, clean_env, dataset_image_ids, make_train_setup
+from tests.conftest import REPO, clean_env, dataset_image_ids, kill_test_setup
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -60,16 +58,8 @@ class Scenario:
 @pytest.fixture(scope="module")
 def scenario(tmp_path_factory: pytest.TempPathFactory) -> Scenario:
     root = tmp_path_factory.mktemp("elastic")
-    data = write_synthetic(
-        SyntheticConfig(
-            out=str(root / "data"),
-            num_identities=25,  # 200 images, 25 steps of 8; shards of 13 and 12 rows
-            eval_identities=20,
-            images_per_identity=8,
-            pairs_per_fold=20,
-        )
-    )
-    setup = make_train_setup(root, data)
+    # 200 images, 25 steps of 8; shards of 13 and 12 rows; 200 held-out pairs.
+    setup = kill_test_setup(root, identities=25, pairs_per_fold=20)
     base = replace(
         setup.base,
         name="elastic",

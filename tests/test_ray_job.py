@@ -222,22 +222,11 @@ def test_a_job_whose_driver_died_resumes_its_run_when_submitted_again(tmp_path: 
         OptimConfig,
         RunConfig,
         ScalingConfig,
-        SyntheticConfig,
         dump_yaml,
     )
-    from orchestrator.data.prepare import write_synthetic
-    from tests.conftest import dataset_image_ids, make_train_setup, registered_inside
+    from tests.conftest import dataset_image_ids, kill_test_setup, registered_inside
 
-    data = write_synthetic(
-        SyntheticConfig(
-            out=str(tmp_path / "data"),
-            num_identities=24,
-            eval_identities=20,
-            images_per_identity=8,
-            pairs_per_fold=4,
-        )
-    )
-    setup = make_train_setup(tmp_path, data)
+    setup = kill_test_setup(tmp_path)
     config = replace(
         setup.base,
         name="resubmitted",

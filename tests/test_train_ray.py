@@ -46,7 +46,13 @@ from orchestrator.evaluation import (
 from orchestrator.models import build_backbone
 from orchestrator.runs import student_uri
 from orchestrator.train.launch import RunOutcome, distill, summary, train_teacher
-from tests.conftest import TrainSetup, dataset_image_ids, make_train_setup, registered_inside
+from tests.conftest import (
+    TrainSetup,
+    dataset_image_ids,
+    kill_test_setup,
+    make_train_setup,
+    registered_inside,
+)
 from tests.test_safe_loading import crafted
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -204,17 +210,7 @@ def test_teacher_training_exports_backbone_and_classifier(
 
 @pytest.fixture(scope="module")
 def longer_setup(tmp_path_factory: pytest.TempPathFactory) -> TrainSetup:
-    root = tmp_path_factory.mktemp("kill")
-    data = write_synthetic(
-        SyntheticConfig(
-            out=str(root / "data"),
-            num_identities=24,
-            eval_identities=20,
-            images_per_identity=8,
-            pairs_per_fold=4,
-        )
-    )
-    return make_train_setup(root, data)
+    return kill_test_setup(tmp_path_factory.mktemp("kill"))
 
 
 class BackgroundRun:
