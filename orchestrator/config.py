@@ -140,9 +140,14 @@ class DataConfig:
     train: str = "runs/data/synthetic/train"
     eval: str = "runs/data/synthetic/eval"
     image_size: int = 112
-    # Training augmentation, applied by the decode actors (evaluation never augments).
+    # Training augmentation (evaluation never augments), drawn per image from the run's
+    # seed, the epoch and the image id: one seed, the same augmented images.
     flip: bool = True  # random horizontal flip, p = 0.5
     crop_pad: int = 0  # random crop: pad by this many pixels, crop back (0: off, aligned faces)
+    # Hand the epoch's rows to the workers in a fixed order (Ray Data's preserve_order), so
+    # that for one seed and one world size each rank trains on the same batches in every
+    # run (README "Reproducibility"). false: rows go to whichever worker asks first.
+    ordered: bool = True
     # Where JPEGs are decoded and augmented: "pool", an actor pool of the Ray Data pipeline
     # (below), or "worker", data.decode_threads threads in every Train worker that decode
     # the next batch while the current one trains (for nodes with no cores to spare).
@@ -204,6 +209,7 @@ class SyntheticConfig:
 
     def __post_init__(self) -> None:
         require(self.num_identities >= 2, "num_identities", "must be >= 2")
+        require(seed_problem([self.seed]) is None, "seed", str(seed_problem([self.seed])))
         require(
             self.eval_identities >= 20,
             "eval_identities",
@@ -741,6 +747,8 @@ class TuneConfig:
 
     def __post_init__(self) -> None:
         require(self.num_samples >= 1, "num_samples", f"must be >= 1, found {self.num_samples}")
+        problem = seed_problem(self.space.seed)
+        require(problem is None, "space.seed", str(problem))
         for name in ("margin", "scale", "lr"):
             span = getattr(self.space, name).range
             require(
@@ -816,6 +824,7 @@ class CompareConfig:
             f"{self.baseline.value} is not among compare.methods {names}",
         )
         require(bool(self.seeds), "seeds", "must name at least one seed")
+        require(seed_problem(self.seeds) is None, "seeds", str(seed_problem(self.seeds)))
         require(
             len(set(self.seeds)) == len(self.seeds),
             "seeds",
@@ -854,6 +863,7 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         require(bool(self.name.strip()), "name", "must not be empty")
+        require(seed_problem([self.seed]) is None, "seed", str(seed_problem([self.seed])))
         require(
             is_single_component(self.name),
             "name",
@@ -932,6 +942,15 @@ class ExperimentConfig:
             f"size of scaling.num_workers={self.scaling.describe()}; it does not over {uneven} "
             "(an elastic run keeps the global batch at every size)",
         )
+
+
+MAX_SEED = 2**63 - 1  # a seed is a non-negative 64-bit signed integer
+
+
+def seed_problem(seeds: Sequence[int]) -> str | None:
+    """Why ``seeds`` are not valid seeds (each in [0, 2**63 - 1]), or None."""
+    bad = [s for s in seeds if not 0 <= s <= MAX_SEED]
+    return f"a seed must be in [0, 2**63 - 1], found {bad}" if bad else None
 
 
 BENCHMARK_METRIC = "_acc"  # a .bin benchmark's metric: <name>_acc, its 10-fold accuracy

@@ -17,6 +17,11 @@ class UsageError(ValueError):
     """A command-line argument that names something absent or contradicts another."""
 
 
+class MissingMetricError(ValueError):
+    """A number a decision needs could not be measured (jobs.retrain's gate metric for the
+    candidate or the champion): no decision is taken on a missing or non-finite number."""
+
+
 USER_ERRORS: tuple[type[Exception], ...] = (
     UsageError,
     ConfigError,
@@ -27,6 +32,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     ArtifactError,
     FileNotFoundError,
     StorageError,
+    MissingMetricError,
 )
 
 

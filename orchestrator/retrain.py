@@ -23,6 +23,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,6 +40,7 @@ from orchestrator.config import (
     val_targets,
 )
 from orchestrator.data import format as fmt
+from orchestrator.errors import MissingMetricError
 from orchestrator.locks import LockHeldError, expiring_lock
 
 CHAMPION = "champion.json"
@@ -160,32 +162,82 @@ def decide(config: ExperimentConfig, snapshot: Snapshot) -> Decision:
         message = f"snapshot {snapshot.uri} ({snapshot.short}) was already {final[-1]['decision']}"
         record(registry, snapshot, decision="skipped", metrics={}, why=message)
         return Decision(Outcome.SKIPPED, snapshot, {}, message)
+    if champion is not None:
+        check_champion_measurable(registry, champion)  # before hours of training
     candidate = train_and_evaluate(config, snapshot, champion)
-    metric, margin = config.retrain.metric, config.retrain.min_improvement
-    new = candidate["metrics"][metric]
-    old = None if champion is None else candidate["champion_metrics"].get(metric)
-    if old is None or new >= old + margin:
+    verdict = gate(
+        config.retrain.metric,
+        candidate=candidate["metrics"],
+        champion=None if champion is None else candidate["champion_metrics"],
+        margin=config.retrain.min_improvement,
+        where=f"{registry}/candidates/{snapshot.short}.json",
+    )
+    decision = "promoted" if verdict.promote else "rejected"
+    if verdict.promote:
         promote(registry, snapshot, candidate)
-        why = "no champion yet" if old is None else f"{metric} {new:.4f} >= {old:.4f} + {margin}"
-        record(
-            registry,
-            snapshot,
-            decision="promoted",
-            metrics=candidate["metrics"],
-            why=why,
-            champion_value=old,
-        )
-        return Decision(Outcome.PROMOTED, snapshot, candidate["metrics"], f"promoted: {why}")
-    why = f"{metric} {new:.4f} < champion {old:.4f} + {margin}"
     record(
         registry,
         snapshot,
-        decision="rejected",
+        decision=decision,
         metrics=candidate["metrics"],
-        why=why,
-        champion_value=old,
+        why=verdict.why,
+        champion_value=verdict.champion_value,
     )
-    return Decision(Outcome.REJECTED, snapshot, candidate["metrics"], f"rejected: {why}")
+    outcome = Outcome.PROMOTED if verdict.promote else Outcome.REJECTED
+    return Decision(outcome, snapshot, candidate["metrics"], f"{decision}: {verdict.why}")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    promote: bool
+    why: str
+    champion_value: float | None  # None only when there is no champion at all
+
+
+def gate(
+    metric: str,
+    *,
+    candidate: dict[str, Any],
+    champion: dict[str, Any] | None,
+    margin: float,
+    where: str,
+) -> Verdict:
+    """The promotion rule, on the two models' measured metrics: promote when there is no
+    champion, or when the candidate's ``metric`` is at least the champion's plus ``margin``.
+
+    ``champion`` is None only when the registry has no champion; a champion that exists
+    but whose metrics could not be measured (its student file gone, a TAR undefined at that
+    FAR, a non-finite value) is passed as its (incomplete) metrics and is an error, as is
+    a candidate without the metric: neither side's absence ever decides."""
+    new = finite_metric(candidate, metric, model="candidate", where=where)
+    if champion is None:
+        return Verdict(True, f"no champion yet ({metric} {new:.4f})", None)
+    old = finite_metric(champion, metric, model="champion", where=where)
+    if new >= old + margin:
+        return Verdict(True, f"{metric} {new:.4f} >= champion {old:.4f} + {margin}", old)
+    return Verdict(False, f"{metric} {new:.4f} < champion {old:.4f} + {margin}", old)
+
+
+def check_champion_measurable(registry: str, champion: dict[str, Any]) -> None:
+    if not storage.exists(champion["student"]):
+        raise MissingMetricError(
+            f"{storage.join(registry, CHAMPION)}: the champion's student {champion['student']} "
+            "does not exist, so it cannot be measured and nothing can be compared with it; "
+            "restore the file, or remove champion.json to promote the next candidate "
+            "without a comparison"
+        )
+
+
+def finite_metric(metrics: dict[str, Any], metric: str, *, model: str, where: str) -> float:
+    value = metrics.get(metric)
+    if value is None or not isinstance(value, int | float) or not math.isfinite(value):
+        found = "missing" if value is None else repr(value)
+        measured = ", ".join(sorted(metrics)) or "nothing"
+        raise MissingMetricError(
+            f"{where}: the {model}'s {metric} is {found} (measured: {measured}); "
+            "no decision is taken without both numbers, nothing was promoted"
+        )
+    return float(value)
 
 
 def candidate_config(config: ExperimentConfig, snapshot: Snapshot) -> ExperimentConfig:
@@ -215,7 +267,8 @@ def train_and_evaluate(
         print(f"[retrain] distilling on {snapshot.uri} ({snapshot.short})", flush=True)
         distill(run_config)
     students = {"candidate": student}
-    if champion is not None and storage.exists(champion["student"]):
+    if champion is not None:
+        check_champion_measurable(config.retrain.registry, champion)
         students["champion"] = champion["student"]
     report = evaluate_students(config.retrain.benchmark, None, students).report
     targets = val_targets(config)

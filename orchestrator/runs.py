@@ -158,16 +158,20 @@ def best_uri(config: ExperimentConfig, name: str) -> str:
 RUN_RECORD = "run.json"
 LOCKS_DIR = ".locks"
 # Settings that do not change what is trained: where things live, how it is scheduled,
-# logged and checkpointed, how fast the input is decoded, and the epoch count (a run is
-# extended by resuming it with more epochs). The classifier's location is left out too:
-# its content is what counts, and every checkpoint records and checks its checksum.
+# logged and checkpointed, how fast the input is decoded or throttled, the epoch count (a
+# run is extended by resuming it with more epochs), and the sections of other jobs (a
+# comparison or a search grows without retraining its finished runs). The classifier's
+# location is left out too: its content is what counts, and every checkpoint records and
+# checks its checksum.
 NOT_TRAINING = (
-    "name", "storage_path", "storage", "synthetic", "tune", "retrain", "scaling", "run",
-    "teacher.classifier",
+    "name", "storage_path", "storage", "synthetic", "tune", "retrain", "compare", "scaling",
+    "run", "teacher.classifier",
     "optim.epochs", "teacher_optim.epochs", "data.decode_actors", "data.decode_cpus",
-    "data.decode_batch", "data.decode", "data.decode_threads",
+    "data.decode_batch", "data.decode", "data.decode_threads", "data.throttle_images_per_s",
     "sharding.mode", "sharding.auto_min_bytes", "sharding.chunk_size",
 )  # fmt: skip
+# Inside the sections left out above, the settings that do change what is trained.
+TRAINING_AFTER_ALL = ("run.precision", "run.shuffle_buffer")
 
 
 class RerunPolicy(enum.StrEnum):
@@ -187,7 +191,8 @@ def training_settings(config: ExperimentConfig, role: str) -> dict[str, Any]:
     return {
         key: value
         for key, value in flat.items()
-        if not any(key == n or key.startswith(n + ".") for n in (*NOT_TRAINING, other))
+        if key in TRAINING_AFTER_ALL
+        or not any(key == n or key.startswith(n + ".") for n in (*NOT_TRAINING, other))
     }
 
 

@@ -167,8 +167,8 @@ def make_train_setup(root: Path | str, data: SyntheticDatasets, emb_dim: int = 1
             classifier=at("classifier"),
             backbone=at("teacher.pt"),
         ),
-        optim=OptimConfig(lr=0.05, epochs=2, batch_size=4),
-        teacher_optim=OptimConfig(lr=0.05, epochs=1, batch_size=4),
+        optim=OptimConfig(lr=0.05, epochs=2, batch_size=8),
+        teacher_optim=OptimConfig(lr=0.05, epochs=1, batch_size=8),
         scaling=ScalingConfig(num_workers=2, cpus_per_worker=0.5),
         run=RunConfig(eval_every_epochs=0, log_every_s=5.0, shuffle_buffer=0),
     )

@@ -34,7 +34,7 @@ def test_multistep_distils_from_the_teachers_snapshot_then_the_final_teacher(
         name="ms",
         storage_path=str(tmp_path / "runs"),
         teacher=teacher_cfg,
-        teacher_optim=OptimConfig(lr=0.05, epochs=2, batch_size=4),
+        teacher_optim=OptimConfig(lr=0.05, epochs=2, batch_size=8),
     )
     train_teacher(config, "ms-teacher")
     snapshot = snapshot_uri(teacher_cfg.backbone, 1)

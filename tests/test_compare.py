@@ -130,7 +130,7 @@ def comparison(train_setup: TrainSetup, tmp_path_factory: pytest.TempPathFactory
         storage_path=str(root / "runs"),
         data=replace(base.data, decode_actors=1, decode_cpus=0.25),
         scaling=ScalingConfig(num_workers=1, cpus_per_worker=0.25),
-        optim=OptimConfig(lr=0.05, epochs=1, batch_size=4),
+        optim=OptimConfig(lr=0.05, epochs=1, batch_size=8),
         compare=CompareConfig(methods=(Method.PROXYLESS, Method.CCKD), seeds=(3, 4)),
     )
     path = root / "compare.yaml"

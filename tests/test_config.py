@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -298,3 +300,21 @@ def dump_yaml_data(config: ExperimentConfig) -> dict:
     import yaml
 
     return yaml.safe_load(dump_yaml(config))
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ({"seed": -1}, "seed"),
+        ({"seed": 2**63}, "seed"),
+        ({"compare": {"seeds": [0, -1]}}, "compare.seeds"),
+        ({"tune": {"space": {"seed": [3, -2]}}}, "tune.space.seed"),
+        ({"synthetic": {"seed": -5}}, "synthetic.seed"),
+    ],
+)
+def test_seeds_outside_64_bits_are_refused_at_load(data: dict[str, Any], key: str) -> None:
+    with pytest.raises(
+        ConfigError, match=rf"{re.escape(key)}: a seed must be in \[0, 2\*\*63 - 1\]"
+    ):
+        from_dict(ExperimentConfig, data)
+    assert from_dict(ExperimentConfig, {"seed": 2**63 - 1}).seed == 2**63 - 1

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from orchestrator.config import Arch
+from orchestrator.config import Arch, Metric
 from orchestrator.data.images import to_model_input
 from orchestrator.data.prepare import SyntheticDatasets
 from orchestrator.evaluation import (
@@ -94,11 +94,12 @@ def test_non_finite_embeddings_are_refused_naming_the_rows(
     assert embed_images(RowBlowsUp(row=99), images, batch_size=3).shape == (6, 4)
 
 
-def test_validation_without_finite_embeddings_reports_nothing_and_keeps_going(
+def test_validation_without_finite_embeddings_is_recorded_as_failed_and_keeps_going(
     tiny_synthetic: SyntheticDatasets, model: torch.nn.Module, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The worker's validation: a student whose embeddings overflow gets no metrics and a
-    warning (the epoch's checkpoint is saved after it), a sound one gets its metrics."""
+    """The worker's validation: a student whose embeddings overflow is recorded as failed
+    (val_nonfinite, every metric at -1) with a warning, and the epoch's checkpoint is saved
+    after it; a sound one gets its metrics."""
     from orchestrator.config import DataConfig, ExperimentConfig
     from orchestrator.train.worker import validation_metrics
 
@@ -113,7 +114,12 @@ def test_validation_without_finite_embeddings_reports_nothing_and_keeps_going(
             tag="[run]",
         )
 
-    assert validation_metrics(state(RowBlowsUp(row=0))) == {}
-    assert "[run] WARNING: no validation metrics this epoch" in capsys.readouterr().out
+    failed = validation_metrics(state(RowBlowsUp(row=0)))
+    assert failed["val_nonfinite"] == 1.0
+    assert {k: v for k, v in failed.items() if k != "val_nonfinite"} == {
+        m.validation_key: -1.0 for m in Metric
+    }, "every metric below any measurable value: ranked last"
+    assert "[run] WARNING: validation failed this epoch" in capsys.readouterr().out
     sound = validation_metrics(state(model))
     assert 0.0 <= sound["val_acc_10fold"] <= 1.0 and "val_rank1" in sound
+    assert sound["val_nonfinite"] == 0.0

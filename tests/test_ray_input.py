@@ -15,6 +15,8 @@ from orchestrator.data.prepare import SyntheticDatasets, write_synthetic
 from orchestrator.data.ray_input import (
     DecodePlan,
     TimedBatches,
+    augment_decoded,
+    augment_draws,
     configured_plan,
     decode_augmented,
     decode_plan,
@@ -48,44 +50,35 @@ def windows(image: np.ndarray, pad: int) -> list[np.ndarray]:
 
 def test_flip_gives_the_exact_mirror_or_the_plain_decode_and_both_happen() -> None:
     jpegs, plain = face_jpegs(64, 16)
-    out = decode_augmented(
-        jpegs,
-        list(range(64)),
-        size=16,
-        rng=np.random.default_rng(1),
-        flip=True,
-        crop_pad=0,
-        dataset="d",
-    )
+    ids = list(range(64))
+    draws = augment_draws(ids, key=(1, 0), flip=True, crop_pad=0)
+    out = decode_augmented(jpegs, ids, size=16, draws=draws, dataset="d")
     mirrored = [bool(np.array_equal(o, p[:, ::-1])) for o, p in zip(out, plain, strict=True)]
     kept = [bool(np.array_equal(o, p)) for o, p in zip(out, plain, strict=True)]
     assert all(m != k for m, k in zip(mirrored, kept, strict=True))
     assert 10 < sum(mirrored) < 54  # p = 0.5 over 64 images
+    assert mirrored == draws.mirrored.tolist()
     again = decode_augmented(
         jpegs,
-        list(range(64)),
+        ids,
         size=16,
-        rng=np.random.default_rng(1),
-        flip=True,
-        crop_pad=0,
+        draws=augment_draws(ids, key=(1, 0), flip=True, crop_pad=0),
         dataset="d",
     )
-    assert np.array_equal(out, again)  # the generator decides, nothing else
+    assert np.array_equal(out, again)  # the draws decide, nothing else
+    # The pool decodes, the worker augments the decoded pixels: the same images.
+    plain_copy = plain.copy()
+    np.testing.assert_array_equal(augment_decoded(plain_copy, draws), out)
 
 
 def test_crop_is_a_shifted_window_of_the_zero_padded_image_and_composes_with_flip() -> None:
     jpegs, plain = face_jpegs(24, 8)
     pad = 2
     for flip in (False, True):
-        out = decode_augmented(
-            jpegs,
-            list(range(24)),
-            size=8,
-            rng=np.random.default_rng(3),
-            flip=flip,
-            crop_pad=pad,
-            dataset="d",
-        )
+        ids = [f"face-{i}" for i in range(24)]
+        draws = augment_draws(ids, key=(3, 1), flip=flip, crop_pad=pad)
+        out = decode_augmented(jpegs, ids, size=8, draws=draws, dataset="d")
+        np.testing.assert_array_equal(augment_decoded(plain.copy(), draws), out)
         offsets = set()
         for i in range(len(jpegs)):
             candidates = windows(plain[i], pad) + (windows(plain[i][:, ::-1], pad) if flip else [])
@@ -99,15 +92,9 @@ def test_a_corrupt_jpeg_is_named_by_dataset_and_image_id() -> None:
     jpegs, _ = face_jpegs(3, 8)
     jpegs[1] = jpegs[1][:20]
     with pytest.raises(CorruptImageError, match="dataset s3://b/d, image_id img-1"):
-        decode_augmented(
-            jpegs,
-            ["img-0", "img-1", "img-2"],
-            size=8,
-            rng=np.random.default_rng(0),
-            flip=True,
-            crop_pad=1,
-            dataset="s3://b/d",
-        )
+        ids = ["img-0", "img-1", "img-2"]
+        draws = augment_draws(ids, key=(0, 0), flip=True, crop_pad=1)
+        decode_augmented(jpegs, ids, size=8, draws=draws, dataset="s3://b/d")
 
 
 def test_decode_plan_leaves_room_for_reads() -> None:
@@ -224,7 +211,7 @@ def test_workers_decode_in_order_one_batch_ahead() -> None:
             yield batch
 
     got, taken_when_handed = [], []
-    for batch in decoded_ahead(source(), data, seed=(0, 0, 0)):
+    for batch in decoded_ahead(source(), data, key=(0, 0)):
         taken_when_handed.append(taken)
         got.append(batch)
     assert taken_when_handed == [2, 3, 4, 4]  # one ahead, until the source ran out
@@ -239,21 +226,24 @@ def test_workers_augment_reproducibly_and_name_a_corrupt_image() -> None:
     jpegs, plain = face_jpegs(32, 16)
     data = DataConfig(image_size=16, flip=True, decode=DecodeAt.WORKER, decode_threads=4)
 
-    def decoded(seed: tuple[int, ...]) -> np.ndarray:
-        batches = decoded_ahead(iter(jpeg_batches(jpegs, [16, 16])), data, seed=seed)
+    def decoded(key: tuple[int, ...], sizes: list[int]) -> np.ndarray:
+        batches = decoded_ahead(iter(jpeg_batches(jpegs, sizes)), data, key=key)
         return np.concatenate([b["image"] for b in batches])
 
-    first = decoded((0, 1, 2))
+    first = decoded((0, 1), [16, 16])
     mirrored = [bool(np.array_equal(o, p[:, ::-1])) for o, p in zip(first, plain, strict=True)]
     kept = [bool(np.array_equal(o, p)) for o, p in zip(first, plain, strict=True)]
     assert all(m != k for m, k in zip(mirrored, kept, strict=True))  # one or the other
     assert 0 < sum(mirrored) < 32
-    np.testing.assert_array_equal(decoded((0, 1, 2)), first)  # same seed, same images
-    assert not np.array_equal(decoded((0, 1, 3)), first)  # another epoch, other draws
+    # Same seed and epoch, same images, however the images are batched and threaded.
+    np.testing.assert_array_equal(decoded((0, 1), [16, 16]), first)
+    np.testing.assert_array_equal(decoded((0, 1), [5, 20, 7]), first)
+    assert not np.array_equal(decoded((0, 2), [16, 16]), first)  # another epoch, other draws
+    assert not np.array_equal(decoded((1, 1), [16, 16]), first)  # another seed, other draws
 
     broken = list(jpegs)
     broken[19] = b"not a jpeg"
-    batches = decoded_ahead(iter(jpeg_batches(broken, [16, 16])), data, seed=(0,))
+    batches = decoded_ahead(iter(jpeg_batches(broken, [16, 16])), data, key=(0, 0))
     with pytest.raises(CorruptImageError, match=r"dataset .*, image_id img19"):
         list(batches)
 
@@ -264,3 +254,24 @@ def test_worker_decoding_reserves_only_the_read_slot() -> None:
     assert configured_plan(worker).cpus == 0.5  # the Parquet reads
     assert decode_plan(worker, ScalingConfig(2, 0.5), 16.0) == DecodePlan(0, 0.5)
     assert configured_plan(DataConfig(decode_actors=3, decode_cpus=0.5)).cpus == 2.0
+
+
+def test_augment_draws_are_a_function_of_seed_epoch_and_image_id() -> None:
+    ids = [f"person{i // 10}/{i % 10}.jpg" for i in range(4000)]
+    draws = augment_draws(ids, key=(7, 3), flip=True, crop_pad=4)
+    # Order-free: a permuted batch draws the same per image.
+    order = np.random.default_rng(0).permutation(len(ids))
+    permuted = augment_draws([ids[i] for i in order], key=(7, 3), flip=True, crop_pad=4)
+    np.testing.assert_array_equal(permuted.mirrored, draws.mirrored[order])
+    np.testing.assert_array_equal(permuted.shifts, draws.shifts[order])
+    # Fair: p = 0.5 mirrors (4000 draws: 5 sigma is +-0.04); every offset in [-4, 4] used,
+    # each near 1/9.
+    assert abs(draws.mirrored.mean() - 0.5) < 0.04
+    for axis in (0, 1):
+        counts = np.bincount(draws.shifts[:, axis] + 4, minlength=9)
+        assert len(counts) == 9 and counts.min() > 0.7 * 4000 / 9, counts
+    # Another epoch: about half the mirrors change.
+    other = augment_draws(ids, key=(7, 4), flip=True, crop_pad=4)
+    assert 0.4 < (other.mirrored != draws.mirrored).mean() < 0.6
+    off = augment_draws(ids, key=(7, 3), flip=False, crop_pad=0)
+    assert not off.mirrored.any() and not off.shifts.any()

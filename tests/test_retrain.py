@@ -19,6 +19,7 @@ from orchestrator.benchmarks.suite import bin_from_eval_set, load_bin_benchmark
 from orchestrator.benchmarks.verification_bin import write_bin
 from orchestrator.config import ExperimentConfig, OptimConfig, RetrainConfig, SyntheticConfig
 from orchestrator.data.prepare import SyntheticDatasets, write_synthetic
+from orchestrator.errors import MissingMetricError
 from orchestrator.evaluation import Flip, embed_images, load_student, pair_verification
 from orchestrator.objectstore import EmbeddedObjectStore
 from orchestrator.retrain import Outcome, candidate_config, newest_snapshot
@@ -57,7 +58,7 @@ def base(tiny_synthetic: SyntheticDatasets) -> ExperimentConfig:
     return replace(
         setup.base,
         storage_path=f"{ROOT}/runs",
-        optim=OptimConfig(lr=0.05, epochs=1, batch_size=4),
+        optim=OptimConfig(lr=0.05, epochs=1, batch_size=8),
         retrain=RetrainConfig(benchmark=tiny_synthetic.eval_uri, lock_settle_s=0.2),
     )
 
@@ -120,6 +121,19 @@ def test_reject_keeps_the_champion(
     assert last["decision"] == "rejected" and last["snapshot"].endswith("2026-02")
     assert last["champion_value"] is not None and "acc_10fold" in last["metrics"]
     assert run(strict) is Outcome.SKIPPED  # decided: not evaluated again
+    # The champion's student disappears: the next snapshot is refused before it trains,
+    # never promoted as if there were no champion.
+    object_store.client().rm(first["student"].removeprefix("s3://"))
+    publish_snapshot(object_store, config.retrain.snapshots, "2026-03", seed=14)
+    with pytest.raises(MissingMetricError, match=r"champion's student .* does not exist"):
+        run(config)
+    assert champion(config) == first
+    assert [h["decision"] for h in history(config)][-1] == "skipped"
+    third = newest_snapshot(config.retrain.snapshots)
+    assert third is not None and third.uri.endswith("2026-03")
+    assert not storage.exists(
+        student_uri(candidate_config(config, third), f"retrain-{third.short}")
+    )
 
 
 def test_crash_between_training_and_promotion_is_completed_once(

@@ -247,3 +247,46 @@ def test_negative_sampling_is_the_exact_loss_over_the_sampled_classes() -> None:
     assert float(loss) == pytest.approx(float(ref), rel=1e-10)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-12)
     assert float(loss) < float(full), "fewer negatives: a smaller log-sum-exp (the approximation)"
+
+
+def sampled_loss_module(seed: int) -> torch.nn.Module:
+    from orchestrator.losses.sharded import ShardedProxylessLoss
+
+    weight = torch.randn(300, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    return ShardedProxylessLoss(
+        weight, Shard.for_rank(300, 1, 0), MARGINS["cosface"], sample_rate=0.2, seed=seed
+    )
+
+
+def step_losses(loss_fn: torch.nn.Module, steps: range) -> list[float]:
+    """The loss of fixed embeddings at each step: it differs between steps only through
+    the negatives drawn."""
+    g = torch.Generator().manual_seed(2)
+    emb = torch.randn(6, 8, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 300, (6,), generator=g)
+    return [float(loss_fn(emb, labels).loss) for _ in steps]
+
+
+@pytest.mark.parametrize("seed", [0, 20261204, 2**63 - 1])
+def test_negatives_resume_where_they_stopped_for_any_seed(seed: int) -> None:
+    """A run interrupted after 3 steps and resumed from its saved loss state draws the
+    negatives of steps 3-5 that an uninterrupted run draws (the call counter is in the
+    state); large seeds (the 20261204 that overflowed) are valid."""
+    uninterrupted = step_losses(sampled_loss_module(seed), range(6))
+    first = sampled_loss_module(seed)
+    before = step_losses(first, range(3))
+    saved = first.state_dict()
+    assert int(saved["calls"]) == 3
+    resumed = sampled_loss_module(seed)
+    resumed.load_state_dict(saved)
+    after = step_losses(resumed, range(3))
+    assert before + after == uninterrupted
+    assert len(set(uninterrupted)) == 6, "each step draws other negatives"
+    restarted = step_losses(sampled_loss_module(seed), range(3))
+    assert restarted == uninterrupted[:3] and restarted != after
+
+
+def test_a_loss_state_without_the_call_counter_loads_as_no_draws() -> None:
+    loss_fn = sampled_loss_module(0)
+    loss_fn.load_state_dict({})
+    assert int(loss_fn.state_dict()["calls"]) == 0

@@ -45,8 +45,8 @@ def search_config(setup: TrainSetup, root: Path) -> Path:
         storage_path=str(root / "runs"),
         data=replace(base.data, decode_actors=1, decode_cpus=0.25),
         scaling=ScalingConfig(num_workers=1, cpus_per_worker=0.25),
-        optim=OptimConfig(lr=0.05, epochs=2, batch_size=4),
-        teacher_optim=OptimConfig(lr=0.05, epochs=1, batch_size=4),
+        optim=OptimConfig(lr=0.05, epochs=2, batch_size=8),
+        teacher_optim=OptimConfig(lr=0.05, epochs=1, batch_size=8),
         tune=TuneConfig(
             search=SearchAlgorithm.GRID,
             metric=Metric.AUC,  # finer than 10-fold accuracy on 40 pairs: fewer ties for ASHA

@@ -12,9 +12,9 @@ one per worker.
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 import math
-import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -43,20 +43,58 @@ def shift_into(out: np.ndarray, image: np.ndarray, dy: int, dx: int) -> None:
     ]
 
 
+@dataclass(frozen=True)
+class AugmentDraws:
+    """The random part of augmenting a batch: which images are mirrored, and the (dy, dx)
+    crop offset of each."""
+
+    mirrored: np.ndarray  # (B,) bool
+    shifts: np.ndarray  # (B, 2) int64, each in [-crop_pad, crop_pad]
+
+
+def augment_draws(
+    image_ids: Sequence[Any], *, key: Sequence[int], flip: bool, crop_pad: int
+) -> AugmentDraws:
+    """Each image's draws as a pure function of ``key`` (the run's seed and the epoch) and
+    its image id: the same image in the same epoch of the same run is augmented the same
+    way whichever worker, decode actor or batch it lands in, and differently in another
+    epoch. Bits of a keyed 64-bit BLAKE2b digest of the id: bit 0 the mirror (p = 0.5), two
+    16-bit fields the offsets (modulo ``2 * crop_pad + 1``: a bias below 1e-3 for pads up
+    to 32)."""
+    secret = hashlib.blake2b(b"/".join(b"%d" % k for k in key), digest_size=32).digest()
+    count = len(image_ids)
+    words = np.fromiter(
+        (
+            int.from_bytes(
+                hashlib.blake2b(
+                    i if isinstance(i, bytes) else str(i).encode(), digest_size=8, key=secret
+                ).digest(),
+                "little",
+            )
+            for i in image_ids
+        ),
+        dtype=np.uint64,
+        count=count,
+    )
+    mirrored = (words & np.uint64(1)).astype(bool) if flip else np.zeros(count, dtype=bool)
+    span = np.uint64(2 * crop_pad + 1)
+    dy = ((words >> np.uint64(8)) & np.uint64(0xFFFF)) % span
+    dx = ((words >> np.uint64(24)) & np.uint64(0xFFFF)) % span
+    shifts = np.stack([dy, dx], axis=1).astype(np.int64) - crop_pad
+    return AugmentDraws(mirrored, shifts)
+
+
 def decode_augmented(
     jpegs: Sequence[bytes],
     image_ids: Sequence[Any],
     *,
     size: int,
-    rng: np.random.Generator,
-    flip: bool,
-    crop_pad: int,
+    draws: AugmentDraws,
     dataset: str,
     out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """JPEG bytes -> (B, size, size, 3) uint8: each image mirrored with p = 0.5 (``flip``)
-    and shifted by up to ``crop_pad`` pixels each way with zero fill (a random crop of the
-    zero-padded image).
+    """JPEG bytes -> (B, size, size, 3) uint8: image i mirrored when ``draws.mirrored[i]``
+    and shifted by ``draws.shifts[i]`` with zero fill (a crop of the zero-padded image).
 
     A mirrored image is decoded with its channels reversed (BGR); reversing the bytes of each
     of its rows then gives the mirror in RGB. That is one contiguous byte reversal instead
@@ -67,47 +105,52 @@ def decode_augmented(
     count = len(jpegs)
     if out is None:
         out = np.empty((count, size, size, 3), dtype=np.uint8)  # (B, H, W, 3)
-    mirrored = rng.random(count) < 0.5 if flip else np.zeros(count, dtype=bool)
-    shifts = (
-        rng.integers(-crop_pad, crop_pad + 1, size=(count, 2))
-        if crop_pad
-        else np.zeros((count, 2), dtype=np.int64)
-    )
     scratch = np.empty((size, size, 3), dtype=np.uint8)
     for i, (data, image_id) in enumerate(zip(jpegs, image_ids, strict=True)):
         where = f"dataset {dataset}, image_id {image_id}"
-        dy, dx = int(shifts[i, 0]), int(shifts[i, 1])
-        if not mirrored[i] and not (dy or dx):
+        mirrored = bool(draws.mirrored[i])
+        dy, dx = int(draws.shifts[i, 0]), int(draws.shifts[i, 1])
+        if not mirrored and not (dy or dx):
             decode_jpeg(data, where, out=out[i])
             continue
-        decode_jpeg(data, where, out=scratch, colorspace="BGR" if mirrored[i] else "RGB")
+        decode_jpeg(data, where, out=scratch, colorspace="BGR" if mirrored else "RGB")
         rows = scratch.reshape(size, size * 3)  # (H, W*3): the bytes of each row
-        shift_into(
-            out[i].reshape(size, size * 3), rows[:, ::-1] if mirrored[i] else rows, dy, 3 * dx
-        )
+        shift_into(out[i].reshape(size, size * 3), rows[:, ::-1] if mirrored else rows, dy, 3 * dx)
     return out
 
 
-class DecodeAugment:
-    """The actor of the decode pool: JPEG bytes -> uint8 pixels, optionally augmented.
+def augment_decoded(images: np.ndarray, draws: AugmentDraws) -> np.ndarray:
+    """Decoded (B, H, W, 3) uint8 images, augmented in place by ``draws``: the same pixels
+    :func:`decode_augmented` makes from their JPEGs (the decode pool decodes, the worker
+    augments: only the worker knows the epoch its draws depend on)."""
+    _, height, width, channels = images.shape
+    scratch = np.empty((height, width, channels), dtype=np.uint8)
+    for i in range(len(images)):
+        mirrored = bool(draws.mirrored[i])
+        dy, dx = int(draws.shifts[i, 0]), int(draws.shifts[i, 1])
+        if not mirrored and not (dy or dx):
+            continue
+        scratch[:] = images[i, :, ::-1] if mirrored else images[i]
+        rows = scratch.reshape(height, width * channels)
+        shift_into(images[i].reshape(height, width * channels), rows, dy, channels * dx)
+    return images
+
+
+class Decode:
+    """The actor of the decode pool: JPEG bytes -> uint8 pixels (no randomness: the
+    workers augment, :func:`augment_decoded`).
 
     A JPEG that does not decode stops the run with the dataset and the image id.
     """
 
-    def __init__(self, dataset: str, size: int, flip: bool, crop_pad: int, seed: int) -> None:
-        self.dataset, self.size, self.flip, self.crop_pad = dataset, size, flip, crop_pad
-        # Each actor draws its own augmentation stream.
-        self.rng = np.random.default_rng([seed, os.getpid()])
+    def __init__(self, dataset: str, size: int) -> None:
+        self.dataset, self.size = dataset, size
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+        count = len(batch["image"])
+        plain = AugmentDraws(np.zeros(count, dtype=bool), np.zeros((count, 2), dtype=np.int64))
         images = decode_augmented(
-            batch["image"],
-            batch["image_id"],
-            size=self.size,
-            rng=self.rng,
-            flip=self.flip,
-            crop_pad=self.crop_pad,
-            dataset=self.dataset,
+            batch["image"], batch["image_id"], size=self.size, draws=plain, dataset=self.dataset
         )
         return {
             "image": images,
@@ -170,17 +213,28 @@ def read_blocks(meta: fmt.DatasetMeta, decode_batch: int) -> int:
     return max(len(meta.files), math.ceil(meta.num_images / (decode_batch * READ_BLOCK_BATCHES)))
 
 
-def epoch_batches(shard: Any, batch_size: int, shuffle_buffer: int) -> Iterator[dict[str, Any]]:
+def epoch_batches(
+    shard: Any, batch_size: int, shuffle_buffer: int, *, shuffle_seed: int | None = None
+) -> Iterator[dict[str, Any]]:
     """One epoch of a Train worker's dataset shard: numpy batches of ``batch_size`` rows (the
-    last one may be short), mixed by a local buffer of ``shuffle_buffer`` rows (0: off)."""
+    last one may be short), mixed by a local buffer of ``shuffle_buffer`` rows (0: off)
+    seeded with ``shuffle_seed`` (see :func:`shuffle_seed`)."""
     return iter(
         shard.iter_batches(
             batch_size=batch_size,
             batch_format="numpy",
             drop_last=False,
             local_shuffle_buffer_size=shuffle_buffer or None,
+            local_shuffle_seed=shuffle_seed if shuffle_buffer else None,
         )
     )
+
+
+def shuffle_seed(seed: int, *, epoch: int, rank: int) -> int:
+    """The local shuffle buffer's seed for one rank in one epoch: a 32-bit digest of the
+    run's seed, the epoch and the rank (numpy's legacy seeding that Ray uses takes 32 bits)."""
+    key = b"shuffle/%d/%d/%d" % (seed, epoch, rank)
+    return int.from_bytes(hashlib.blake2b(key, digest_size=4).digest(), "little")
 
 
 class TimedBatches:
@@ -223,20 +277,21 @@ class TimedBatches:
 
 
 def decoded_ahead(
-    batches: Iterable[dict[str, Any]], data: DataConfig, *, seed: Sequence[int]
+    batches: Iterable[dict[str, Any]], data: DataConfig, *, key: Sequence[int]
 ) -> Iterator[dict[str, Any]]:
     """``data.decode: worker``: batches of JPEG bytes -> batches of decoded, augmented
     pixels, in order. Each batch is split over ``data.decode_threads`` threads (simplejpeg
     releases the GIL) and decoded while the caller trains on the batch before it.
 
-    Augmentation draws come from ``seed`` (e.g. the run's seed, the rank and the epoch),
-    the batch's index and the thread's chunk: the same input and settings give the same
-    images. A JPEG that does not decode raises here, naming the dataset and image id.
+    Augmentation draws come from ``key`` (the run's seed and the epoch) and each image's
+    id (:func:`augment_draws`): the same input and settings give the same images. A JPEG
+    that does not decode raises here, naming the dataset and image id.
     """
     size, threads = data.image_size, data.decode_threads
 
-    def decode(batch: dict[str, Any], index: int) -> tuple[dict[str, Any], list[Future[Any]]]:
+    def decode(batch: dict[str, Any]) -> tuple[dict[str, Any], list[Future[Any]]]:
         jpegs, ids = batch["image"], batch["image_id"]
+        draws = augment_draws(ids, key=key, flip=data.flip, crop_pad=data.crop_pad)
         images = np.empty((len(jpegs), size, size, 3), dtype=np.uint8)
         bounds = np.linspace(0, len(jpegs), min(threads, len(jpegs)) + 1).astype(int)
         futures = [
@@ -245,13 +300,11 @@ def decoded_ahead(
                 jpegs[lo:hi],
                 ids[lo:hi],
                 size=size,
-                rng=np.random.default_rng([*seed, index, chunk]),
-                flip=data.flip,
-                crop_pad=data.crop_pad,
+                draws=AugmentDraws(draws.mirrored[lo:hi], draws.shifts[lo:hi]),
                 dataset=data.train,
                 out=images[lo:hi],
             )
-            for chunk, (lo, hi) in enumerate(itertools.pairwise(bounds))
+            for lo, hi in itertools.pairwise(bounds)
         ]
         out = {
             "image": images,
@@ -268,8 +321,8 @@ def decoded_ahead(
 
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode") as pool:
         ahead: tuple[dict[str, Any], list[Future[Any]]] | None = None
-        for index, batch in enumerate(batches):
-            submitted = decode(batch, index)
+        for batch in batches:
+            submitted = decode(batch)
             if ahead is not None:
                 yield finished(ahead)
             ahead = submitted
@@ -316,14 +369,8 @@ def training_dataset(
     if data.decode is DecodeAt.WORKER:
         return ds  # the workers decode (decoded_ahead)
     return ds.map_batches(
-        DecodeAugment,
-        fn_constructor_kwargs={
-            "dataset": data.train,
-            "size": data.image_size,
-            "flip": data.flip,
-            "crop_pad": data.crop_pad,
-            "seed": seed,
-        },
+        Decode,
+        fn_constructor_kwargs={"dataset": data.train, "size": data.image_size},
         batch_size=data.decode_batch,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=plan.actors),

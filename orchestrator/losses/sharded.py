@@ -28,6 +28,7 @@ mean loss (:class:`GradientSync`).
 from __future__ import annotations
 
 import enum
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -319,6 +320,7 @@ class ShardedProxylessLoss(nn.Module):
     """
 
     weight: torch.Tensor
+    calls: torch.Tensor
 
     def __init__(
         self,
@@ -344,17 +346,21 @@ class ShardedProxylessLoss(nn.Module):
         self.shard, self.margin, self.chunk_size = shard, margin, chunk_size
         self.matmul_dtype, self.group = matmul_dtype, group
         self.sample_rate = sample_rate
-        # Each shard draws its own negatives: seeded by the shard's first class and the call.
-        self.seed = seed * 1_000_003 + shard.class_start
-        self.calls = 0
+        self.seed, self.class_start = seed, shard.class_start
+        # The number of sampling draws so far: a buffer, so the training state saves it and
+        # a resumed run draws the negatives an uninterrupted one would have drawn.
+        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
+        self.register_load_state_dict_pre_hook(_calls_default)
 
     def sampling_generator(self) -> torch.Generator:
         """The generator of this call's negatives, on the weights' device (CUDA draws need a
         CUDA generator), seeded from (seed, shard, call number): reproducible per rank and
         step, and independent of what else used a random stream."""
         generator = torch.Generator(device=self.weight.device)
-        generator.manual_seed(self.seed * 1_000_033 + self.calls)
-        self.calls += 1
+        generator.manual_seed(
+            sampling_seed(self.seed, class_start=self.class_start, call=int(self.calls))
+        )
+        self.calls.add_(1)
         return generator
 
     def forward(
@@ -376,3 +382,16 @@ class ShardedProxylessLoss(nn.Module):
             sampling=sampling,
         )
         return LossOutput(loss, {"ce": float(loss.detach())})
+
+
+def sampling_seed(seed: int, *, class_start: int, call: int) -> int:
+    """The 63-bit seed of one sampling draw: a BLAKE2b digest of (seed, the shard's first
+    class, the call number). Unlike a product of the three, it cannot overflow
+    ``manual_seed`` for any 64-bit seed, and distinct keys give unrelated streams."""
+    key = b"%d/%d/%d" % (seed, class_start, call)
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+
+
+def _calls_default(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    """A training state saved before ``calls`` was kept resumes as if no draw was made."""
+    state_dict.setdefault(prefix + "calls", torch.zeros((), dtype=torch.int64))

@@ -267,7 +267,11 @@ def torch_trainer(
         },
         # Explicit ingest options: Train's defaults copy the deprecated
         # ExecutionOptions.exclude_resources (a RayDeprecationWarning on every run).
-        dataset_config=DataConfig(execution_options=ExecutionOptions()),
+        # preserve_order makes the split of each epoch's rows over the workers a function of
+        # the data alone (Ray's splitter then also ignores locality hints).
+        dataset_config=DataConfig(
+            execution_options=ExecutionOptions(preserve_order=config.data.ordered)
+        ),
         run_config=RunConfig(
             name=name,
             callbacks=list(callbacks),
@@ -533,6 +537,7 @@ def summary(outcome: RunOutcome) -> dict[str, Any]:
         "samples_per_s",
         "input_wait_share",
         "best_epoch",
+        "val_nonfinite",
         *(m.validation_key for m in headline),
     )
     return {

@@ -43,9 +43,11 @@ from orchestrator.artifacts import (
     verify_same_classifier,
     write_best,
 )
+from orchestrator.audit import AUDIT_DIR, skipped_file, trained_file
 from orchestrator.benchmarks.suite import BinBenchmark, load_bin_benchmark
 from orchestrator.config import (
     BENCHMARK_METRIC,
+    DataConfig,
     DecodeAt,
     ExperimentConfig,
     Metric,
@@ -58,7 +60,14 @@ from orchestrator.config import (
 from orchestrator.data import format as fmt
 from orchestrator.data.consumed import EpochProgress, clear_skip, publish_skip, skip_dir
 from orchestrator.data.images import CorruptImageError, to_model_input
-from orchestrator.data.ray_input import TimedBatches, decoded_ahead, epoch_batches
+from orchestrator.data.ray_input import (
+    TimedBatches,
+    augment_decoded,
+    augment_draws,
+    decoded_ahead,
+    epoch_batches,
+    shuffle_seed,
+)
 from orchestrator.evaluation import (
     EvalSet,
     Flip,
@@ -398,12 +407,17 @@ def run_epoch(state: WorkerState, epoch: int) -> EpochStats:
         epoch_input(state, epoch),
         max_rows_per_s=config.data.throttle_images_per_s / state.world_size,
     )
+    skipped: list[str] = []  # the epoch's short remainder on this rank: never trained
+    lr = schedule.lr(step)
     for batch in input_errors_named(timed):
+        if len(batch["label"]) < schedule.local_batch:
+            # The epoch's remainder: every rank has the same count, so every rank skips it.
+            skipped.extend(batch["image_id"].tolist())
+            continue
         if config.run.audit_ids or every:
             segment.extend(batch["image_id"].tolist())
-        if len(batch["label"]) < schedule.local_batch:
-            continue  # the epoch's remainder: every rank has the same count, so skips it
-        losses.append(train_batch(state, batch, lr=schedule.lr(step)))
+        lr = schedule.lr(step)
+        losses.append(train_batch(state, batch, lr=lr))
         if len(losses) == 1:
             first_step_done = time.monotonic()
         check_finite(state, losses, epoch)
@@ -416,6 +430,7 @@ def run_epoch(state: WorkerState, epoch: int) -> EpochStats:
     if config.run.audit_ids:
         since = segment_from if every else None
         write_audit(config, epoch=epoch, rank=state.rank, image_ids=segment, since=since)
+        write_audit(config, epoch=epoch, rank=state.rank, image_ids=skipped, skipped=True)
     state.progress = None  # the epoch is done: the next one starts from its beginning
     ended = time.monotonic()
     stats = EpochStats(
@@ -423,7 +438,7 @@ def run_epoch(state: WorkerState, epoch: int) -> EpochStats:
         losses=tuple(losses),
         seconds=ended - started,
         after_first_step_s=ended - first_step_done if losses else 0.0,
-        lr=schedule.lr(step),
+        lr=lr,  # the rate of the epoch's last step
         global_batch=schedule.local_batch * state.world_size,
         input_wait_s=timed.waited - timed.first_wait,
         input_startup_s=timed.first_wait,
@@ -476,11 +491,11 @@ def clear_audit_from(run_uri: str, epoch: int, steps: int) -> None:
     """Delete ``epoch``'s audit segments from its step ``steps`` on: what an attempt that
     died trained after the checkpoint this one resumed from. This attempt writes them
     again, but after a resize under other rank names, so they would otherwise stay."""
-    audit = storage.join(run_uri, "audit")
-    for path in storage.glob(audit, f"epoch-{epoch:04d}-rank-*.txt"):
+    audit = storage.join(run_uri, AUDIT_DIR)
+    for path in storage.glob(audit, f"*epoch-{epoch:04d}-rank-*.txt"):
         name = path.rsplit("/", 1)[-1]
         _, found, since = name.removesuffix(".txt").partition("-from-step-")
-        if not found or int(since) >= steps:
+        if not found or int(since) >= steps:  # a whole-epoch file, a skipped file, or later
             storage.delete(storage.join(audit, name))
 
 
@@ -529,10 +544,24 @@ def epoch_input(state: WorkerState, epoch: int) -> Iterator[dict[str, Any]]:
     """This worker's decoded batches of ``epoch``: from the decode pool as they come, or
     decoded here, one batch ahead of the step (``data.decode: worker``)."""
     config = state.config
-    batches = epoch_batches(state.data, state.schedule.local_batch, config.run.shuffle_buffer)
-    if config.data.decode is not DecodeAt.WORKER:
-        return batches
-    return decoded_ahead(batches, config.data, seed=(config.seed, state.rank, epoch))
+    batches = epoch_batches(
+        state.data,
+        state.schedule.local_batch,
+        config.run.shuffle_buffer,
+        shuffle_seed=shuffle_seed(config.seed, epoch=epoch, rank=state.rank),
+    )
+    key = (config.seed, epoch)  # augmentation: per image, from (seed, epoch, image id)
+    if config.data.decode is DecodeAt.WORKER:
+        return decoded_ahead(batches, config.data, key=key)
+    return (augmented(batch, config.data, key=key) for batch in batches)
+
+
+def augmented(batch: dict[str, Any], data: DataConfig, *, key: tuple[int, int]) -> dict[str, Any]:
+    """A batch the decode pool decoded, augmented here (where the epoch is known)."""
+    if not (data.flip or data.crop_pad):
+        return batch
+    draws = augment_draws(batch["image_id"], key=key, flip=data.flip, crop_pad=data.crop_pad)
+    return {**batch, "image": augment_decoded(writable(batch["image"]), draws)}
 
 
 def train_batch(state: WorkerState, batch: dict[str, Any], *, lr: float) -> float:
@@ -632,7 +661,7 @@ def write_rows_audit(state: WorkerState) -> None:
         "sha256": hashlib.sha256(np.ascontiguousarray(weight).tobytes()).hexdigest(),
     }
     file = f"classifier-rows-attempt-{attempt:03d}-rank-{state.rank:03d}.json"
-    storage.write_text_atomic(storage.join(state.run_uri, "audit", file), json.dumps(record))
+    storage.write_text_atomic(storage.join(state.run_uri, AUDIT_DIR, file), json.dumps(record))
 
 
 def write_audit(
@@ -642,15 +671,17 @@ def write_audit(
     rank: int,
     image_ids: list[str],
     since: int | None = None,
+    skipped: bool = False,
 ) -> None:
-    """The image ids this rank received in ``epoch``, one per line, in arrival order; with
-    checkpoints inside epochs, those of one segment (from the epoch's step ``since`` to the
-    next checkpoint or the epoch's end): ``epoch-E-rank-R-from-step-S.txt``. The segments a
-    resumed run left cover what its checkpoints kept."""
+    """The image ids this rank trained on in ``epoch``, one per line, in training order;
+    with checkpoints inside epochs, those of one segment (from the epoch's step ``since`` to
+    the next checkpoint or the epoch's end): ``epoch-E-rank-R-from-step-S.txt``. The
+    segments a resumed run left cover what its checkpoints kept. With ``skipped``, the ids
+    of the epoch's short remainder this rank received and did not train on:
+    ``skipped-epoch-E-rank-R.txt`` (format: :mod:`orchestrator.audit`)."""
     name = ray.train.get_context().get_experiment_name()
-    part = "" if since is None else f"-from-step-{since:06d}"
-    file = f"epoch-{epoch:04d}-rank-{rank:03d}{part}.txt"
-    uri = storage.join(config.storage_path, name, "audit", file)
+    file = skipped_file(epoch, rank) if skipped else trained_file(epoch, rank, since)
+    uri = storage.join(config.storage_path, name, AUDIT_DIR, file)
     storage.write_text_atomic(uri, "".join(f"{i}\n" for i in image_ids))
 
 
@@ -675,11 +706,24 @@ def validation_metrics(state: WorkerState) -> dict[str, float]:
     assert state.spec.eval_uri is not None
     state.eval_set = state.eval_set or load_eval_set(state.spec.eval_uri)
     try:
-        return validated(state, state.eval_set)
+        return {**validated(state, state.eval_set), NONFINITE_KEY: 0.0}
     except NonFiniteEmbeddingsError as err:
-        # The run's checkpoint matters more than this epoch's numbers: warn, report none.
-        print(f"{state.tag} WARNING: no validation metrics this epoch: {err}", flush=True)
-        return {}
+        # Recorded, not hidden: every validation metric at NONFINITE_SCORE (below any
+        # measurable value, so Tune and ASHA rank the trial last and run.best never picks
+        # the epoch), and val_nonfinite = 1 in the report and the run summary.
+        print(f"{state.tag} WARNING: validation failed this epoch: {err}", flush=True)
+        return failed_validation(state.config)
+
+
+NONFINITE_KEY = "val_nonfinite"  # 1.0: the epoch's validation embeddings were not finite
+NONFINITE_SCORE = -1.0  # every metric is in [0, 1]: -1 is below any measured value
+
+
+def failed_validation(config: ExperimentConfig) -> dict[str, float]:
+    """The metrics of a validation whose embeddings were not finite."""
+    keys = [metric.validation_key for metric in Metric]
+    keys += [validation_key(name + BENCHMARK_METRIC) for name in val_targets(config)]
+    return {**dict.fromkeys(keys, NONFINITE_SCORE), NONFINITE_KEY: 1.0}
 
 
 def validated(state: WorkerState, eval_set: EvalSet) -> dict[str, float]:
@@ -740,6 +784,8 @@ def keep_if_best(state: WorkerState, epoch: int) -> None:
     value = state.validation.get(validation_key(metric))
     if not (state.config.run.keep_best and state.spec.best_uri) or value is None:
         return
+    if state.validation.get(NONFINITE_KEY):
+        return  # its embeddings were not finite: never the best
     if state.best is not None and not state.best.improved_by(metric, value):
         return
     record = BestRecord(metric, epoch, value)
