@@ -355,13 +355,14 @@ def test_sharded_classifier_layout_in_a_real_run(train_setup: TrainSetup) -> Non
         )
     )
     assert sharded.state.extra["classifier_layout"] == "sharded"
-    assert sharded.state.loss == {} and np.isfinite(sharded.metrics["loss"])
+    # Nothing of W in the loss state: only the negative-sampling call counter.
+    assert list(sharded.state.loss) == ["calls"] and np.isfinite(sharded.metrics["loss"])
     # auto: 6 x 16 floats is far below auto_min_bytes, so the same config replicates W.
     dense = distill(replace(base, name="auto-dense"))
     assert dense.state.extra["classifier_layout"] == "dense"
-    # The first-epoch loss starts from the same student and W: the two layouts agree closely
-    # (batches differ only in order, so not exactly).
-    assert sharded.metrics["loss"] == pytest.approx(dense.metrics["loss"], rel=0.2)
+    # The same student, W, seed and so the same batches (ordered input, seeded
+    # augmentation): the two layouts agree to float rounding.
+    assert sharded.metrics["loss"] == pytest.approx(dense.metrics["loss"], rel=1e-4)
 
 
 def test_dense_classifier_is_a_view_of_the_object_store_copy() -> None:
