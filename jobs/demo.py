@@ -18,6 +18,7 @@ after checking every input, and nothing else.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -33,9 +34,17 @@ from orchestrator.errors import UsageError
 from orchestrator.evaluation import evaluate_students, write_report
 from orchestrator.objectstore import EmbeddedObjectStore
 from orchestrator.progress import format_seconds
-from orchestrator.runs import absolute_paths, ensure_ray, student_uri
+from orchestrator.runs import (
+    RUN_RECORD,
+    absolute_paths,
+    ensure_ray,
+    fingerprint,
+    student_uri,
+    training_settings,
+)
 from orchestrator.teacher_models import load_teacher_backbone
 from orchestrator.train.launch import check_inputs, distill, train_teacher
+from orchestrator.train.spec import Role
 
 DEMO_BUCKET = "demo"
 
@@ -116,6 +125,7 @@ def run_demo(config: ExperimentConfig, method_names: str) -> int:
     ensure_ray()
 
     phase(f"2/4 teacher ({config.teacher.arch.value}, {config.teacher_optim.epochs} epochs)")
+    record_made(config.storage_path, "teacher", expected=run_fingerprint(config, Role.TEACHER))
     train_teacher(config, "teacher")
 
     students = {}
@@ -124,6 +134,8 @@ def run_demo(config: ExperimentConfig, method_names: str) -> int:
             f"3/4 student {i}/{len(methods)}: {method.value} ({config.student.arch.value}, {config.optim.epochs} epochs)"
         )
         run = replace(config, loss=replace(config.loss, method=method))
+        expected = run_fingerprint(run, Role.STUDENT)
+        record_made(config.storage_path, method.value, expected=expected)
         distill(run, method.value)
         students[method.value] = student_uri(run, method.value)
 
@@ -132,6 +144,8 @@ def run_demo(config: ExperimentConfig, method_names: str) -> int:
         config.data.eval, load_teacher_backbone(absolute_paths(config).teacher), students
     )
     table = write_report(result, config.storage_path)
+    for name in REPORT_FILES:
+        record_made(config.storage_path, name)
     print(table)
     print(verdict(result.report))
     print(
@@ -149,26 +163,83 @@ MARKER = ".proxylesskd-demo.json"
 REPORT_FILES = ("report.json", "report.md", "roc.png")
 
 
-def clear_previous_demo(root: str, entries: Sequence[str]) -> None:
-    """Remove what an earlier demo made under ``root`` (its marker file lists it) and record
-    what this one will make. Anything else is left alone, and an entry this demo would
-    write that no demo made (a run of the same name, say) is an error: the demo would train
-    over it or delete it."""
+def fingerprint_of(root: str, name: str) -> str | None:
+    """What lets a later demo recognise entry ``name`` under ``root`` as the one a demo
+    made: a run's ``run.json`` fingerprint, a report file's sha256; None when absent."""
+    uri = storage.join(root, name)
+    if name in REPORT_FILES:
+        return (
+            "sha256:" + hashlib.sha256(storage.read_bytes(uri)).hexdigest()
+            if storage.exists(uri)
+            else None
+        )
+    record = storage.join(uri, RUN_RECORD)
+    if not storage.exists(record):
+        return None
+    try:
+        return str(json.loads(storage.read_text(record))["fingerprint"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def read_marker(root: str) -> dict[str, str]:
+    """The entries an earlier demo made under ``root``, each with its fingerprint; names
+    checked to stay inside ``root`` before anything is touched."""
     marker = storage.join(root, MARKER)
-    made = (
-        set(json.loads(storage.read_text(marker))["entries"]) if storage.exists(marker) else set()
+    if not storage.exists(marker):
+        return {}
+    try:
+        entries = json.loads(storage.read_text(marker))["entries"]
+    except (ValueError, KeyError, TypeError):
+        raise UsageError(f"{marker}: not a jobs.demo marker; remove it by hand") from None
+    if not isinstance(entries, dict):  # a list: the marker of a version that did not
+        return {}  # record fingerprints; nothing of it can be recognised, so nothing goes
+    for name in entries:
+        storage.child(root, name, source=marker)
+    return {str(k): str(v) for k, v in entries.items()}
+
+
+def record_made(root: str, name: str, *, expected: str | None = None) -> None:
+    """Add entry ``name`` to the marker with its fingerprint: the content it has now (after
+    the demo made it), or ``expected``, the ``run.json`` fingerprint the run the demo is
+    about to train will have (so that an interrupted demo's run is recognised, and a run
+    that never started, or anything else put there, is not)."""
+    entries = read_marker(root)
+    found = expected or fingerprint_of(root, name)
+    if found is None:
+        return
+    entries[name] = found
+    storage.makedirs(root)
+    storage.write_text_atomic(
+        storage.join(root, MARKER), json.dumps({"entries": entries}, indent=2, sort_keys=True)
     )
+
+
+def run_fingerprint(config: ExperimentConfig, role: Role) -> str:
+    """The fingerprint ``run.json`` records for a run of ``config`` (what claim_run writes)."""
+    return fingerprint(training_settings(absolute_paths(config), role.value))
+
+
+def clear_previous_demo(root: str, entries: Sequence[str]) -> None:
+    """Remove what an earlier demo made under ``root``: the entries its marker records
+    (each recorded after it was made) whose content is still what it recorded. Anything
+    else is left alone, and an entry this demo would write that is not recognisably a
+    demo's (a run of the same name, a report the user edited) is an error: the demo would
+    train over it or delete it."""
+    made = read_marker(root)
+    ours = {name for name, fp in made.items() if fingerprint_of(root, name) == fp}
     for name in entries:
         uri = storage.join(root, name)
-        if name not in made and storage.exists(uri):
+        if name not in ours and storage.exists(uri):
             raise UsageError(
-                f"{uri} exists and was not made by jobs.demo: it would be trained over or "
-                "deleted; remove it yourself or pass --set storage_path=<another directory>"
+                f"{uri} exists and was not made by jobs.demo (or changed since): it would be "
+                "trained over or deleted; remove it yourself or pass --set "
+                "storage_path=<another directory>"
             )
-    for name in sorted(made):
+    for name in sorted(ours):
         storage.remove_tree(storage.join(root, name))
     storage.makedirs(root)
-    storage.write_text_atomic(marker, json.dumps({"entries": sorted(set(entries))}, indent=2))
+    storage.write_text_atomic(storage.join(root, MARKER), json.dumps({"entries": {}}, indent=2))
 
 
 def verdict(report: dict[str, Any]) -> str:

@@ -22,8 +22,35 @@ from collections.abc import Sequence
 from orchestrator import cli, storage
 from orchestrator.benchmarks.ijb import IjbOptions, IjbSet
 from orchestrator.benchmarks.suite import BenchmarkPlan, run_benchmarks
+from orchestrator.errors import UsageError
 from orchestrator.evaluation import EvaluationReport, Flip, evaluate_students, write_report
 from orchestrator.teacher_models import load_teacher_backbone
+from orchestrator.train.launch import checked_teacher_width
+
+
+def parse_students(items: Sequence[str]) -> dict[str, str]:
+    """``--student NAME=URI`` flags: names unique and not ``teacher`` (the report's teacher
+    row), each URI an existing file."""
+    students: dict[str, str] = {}
+    for item in items:
+        name, sep, uri = item.partition("=")
+        if not sep or not name or not uri:
+            raise UsageError(f"--student expects NAME=URI, found {item!r}")
+        if name == "teacher":
+            raise UsageError(
+                f"--student {item}: 'teacher' names the report's teacher row (teacher.backbone); "
+                "give the student another name"
+            )
+        if name in students:
+            raise UsageError(
+                f"--student {name} is given twice ({students[name]} and {uri}): one name a student"
+            )
+        if not storage.exists(uri):
+            raise FileNotFoundError(f"--student {name}: {uri} does not exist")
+        if storage.isdir(uri):
+            raise UsageError(f"--student {name}: {uri} is a directory, expected a student.pt file")
+        students[name] = uri
+    return students
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -67,14 +94,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", help="report directory")
     args = parser.parse_args(argv)
     config = cli.config_from_args(args)
-    students = {}
-    for item in args.student:
-        name, sep, uri = item.partition("=")
-        if not sep or not name or not uri:
-            parser.error(f"--student expects NAME=URI, found {item!r}")
-        if not storage.exists(uri):
-            raise FileNotFoundError(f"--student {name}: {uri} does not exist")
-        students[name] = uri
+    students = parse_students(args.student)
+    if args.ijb_actors < 1 or args.ijb_batch < 1:
+        raise UsageError(
+            f"--ijb-actors and --ijb-batch must be >= 1, found {args.ijb_actors} and "
+            f"{args.ijb_batch}"
+        )
     if args.no_eval and not (args.benchmark or args.ijb):
         parser.error("--no-eval leaves nothing to evaluate: add --benchmark or --ijb")
     teacher_config = None if args.no_teacher else config.teacher
@@ -99,6 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if teacher_config is None
             else load_teacher_backbone(teacher_config, image_size=config.data.image_size)
         )
+        if teacher is not None:
+            checked_teacher_width(teacher, config.teacher.backbone, config)
         flip = Flip(args.flip or Flip.NONE.value)
         result = evaluate_students(config.data.eval, teacher, students, flip=flip)
     if plan.bins or plan.ijb_root:

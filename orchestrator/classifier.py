@@ -174,7 +174,7 @@ def publish(out: str, meta: ClassifierMeta, *, previous: set[str]) -> None:
     text = json.dumps(asdict(meta), indent=2, sort_keys=True) + "\n"
     storage.write_text_atomic(storage.join(out, META_FILE), text)
     for name in previous - {c.file for c in meta.chunks}:
-        storage.delete(storage.join(out, name))
+        storage.delete(storage.child(out, name, source=storage.join(out, META_FILE)))
 
 
 def previous_chunks(out: str) -> set[str]:
@@ -183,6 +183,8 @@ def previous_chunks(out: str) -> set[str]:
         return set()
     try:
         return {c.file for c in read_meta(out).chunks}
+    except storage.UnsafeNameError:
+        raise  # a crafted meta.json: refuse, rather than leave or delete anything
     except ClassifierError:
         return set()  # not a readable classifier: nothing of it to keep or clean up
 
@@ -228,6 +230,8 @@ def read_meta(uri: str) -> ClassifierMeta:
         )
     if meta.dtype not in DTYPES:
         raise ClassifierError(f"{meta_uri}: dtype {meta.dtype!r}, expected one of {sorted(DTYPES)}")
+    for chunk in meta.chunks:  # names every reader joins, and a rebuild deletes
+        storage.child(uri, chunk.file, source=meta_uri)
     if sum(c.rows for c in meta.chunks) != meta.num_classes:
         raise ClassifierError(
             f"{meta_uri}: chunks hold {sum(c.rows for c in meta.chunks)} rows, num_classes is {meta.num_classes}"
@@ -287,7 +291,7 @@ def read_rows(uri: str, meta: ClassifierMeta, *, start: int, size: int) -> npt.N
 
 
 def _read_chunk(uri: str, meta: ClassifierMeta, chunk: ChunkInfo) -> npt.NDArray[Any]:
-    chunk_uri = storage.join(uri, chunk.file)
+    chunk_uri = storage.child(uri, chunk.file, source=storage.join(uri, META_FILE))
     data = storage.read_bytes(chunk_uri)
     if hashlib.sha256(data).hexdigest() != chunk.sha256:
         raise ClassifierError(

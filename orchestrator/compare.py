@@ -77,9 +77,11 @@ def run_cell(params: dict[str, Any], base: dict[str, Any]) -> None:
 def check_cells(config: ExperimentConfig) -> None:
     """Every cell's config is valid before any trial starts (a method whose settings do not
     fit the experiment fails here, not after the others trained)."""
+    from orchestrator.train.launch import check_run_inputs
+
     base = to_dict(config)
     for method in config.compare.methods:
-        cell_config(base, method.value, config.compare.seeds[0])
+        check_run_inputs(cell_config(base, method.value, config.compare.seeds[0]))
 
 
 # --- the statistics -----------------------------------------------------------------------

@@ -89,6 +89,41 @@ def join(uri: str, *parts: str) -> str:
     )
 
 
+class UnsafeNameError(StorageError):
+    """A name read from a file or a listing would leave the directory it must stay in."""
+
+
+def child(root: str, name: str, *, source: str) -> str:
+    """``root`` joined with ``name``, a name read from ``source`` (a marker, a ``meta.json``,
+    a ``dataset.json``, an IJB list, a registry record), once ``name`` is shown to be a
+    plain relative name inside ``root``: one or more ``/``-separated components, none of
+    them empty, ``.`` or ``..``, no backslash, no NUL, no drive or scheme, not absolute.
+    This is the one confinement rule for every such name, checked before anything is read,
+    written or deleted; a violation names the file and the entry and touches nothing."""
+    problem = unsafe_name_problem(name)
+    if problem is not None:
+        raise UnsafeNameError(
+            f"{source}: entry {name!r} {problem}; expected a plain relative name inside "
+            f"{root}. Nothing was read, written or deleted"
+        )
+    return join(root, name)
+
+
+def unsafe_name_problem(name: object) -> str | None:
+    """Why ``name`` is not a plain relative name, or None."""
+    if not isinstance(name, str):
+        return f"is a {type(name).__name__}, not a string"
+    if not name:
+        return "is empty"
+    if "\x00" in name or "\\" in name:
+        return "contains a NUL or a backslash"
+    if name.startswith("/") or ":" in name.split("/", 1)[0]:
+        return "is absolute or names a drive or a scheme"
+    if any(part in ("", ".", "..") for part in name.split("/")):
+        return "has an empty, '.' or '..' component"
+    return None
+
+
 def exists(uri: str) -> bool:
     """Whether ``uri`` exists now (object-store listings are not taken from a cache, since
     another process may have written since)."""
@@ -97,6 +132,13 @@ def exists(uri: str) -> bool:
         if not is_local(uri):
             fs.invalidate_cache(path)
         return bool(fs.exists(path))
+
+
+def isdir(uri: str) -> bool:
+    """Whether ``uri`` is a directory (local) or a prefix with objects under it."""
+    fs, path = filesystem(uri)
+    with object_errors(uri, "checking"):
+        return bool(fs.isdir(path))
 
 
 def read_bytes(uri: str, start: int | None = None, end: int | None = None) -> bytes:

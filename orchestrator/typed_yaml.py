@@ -213,9 +213,14 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     """A YAML file that holds one mapping (empty file: empty mapping)."""
     source = str(path)
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as err:
         raise ConfigError(f"{source}: cannot read config: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{source}: expected a YAML text file (UTF-8), found bytes that are not text "
+            f"(at byte {err.start})"
+        ) from None
     try:
         loaded = parse_yaml(text)
     except _yaml_error() as err:

@@ -106,7 +106,11 @@ def _rows(uri: str, columns: int) -> list[list[str]]:
 
 
 def read_ijb_meta(root: str, ijb: IjbSet) -> IjbMeta:
-    faces = _rows(meta_file(root, ijb, "face_tid_mid"), 3)
+    faces_uri = meta_file(root, ijb, "face_tid_mid")
+    faces = _rows(faces_uri, 3)
+    crops = storage.join(root, "loose_crop")
+    for row in faces:  # every image name stays under loose_crop/, checked before any read
+        storage.child(crops, row[0], source=faces_uri)
     points = _rows(meta_file(root, ijb, "name_5pts_score"), 12)
     pairs = _rows(meta_file(root, ijb, "template_pair_label"), 3)
     by_name = {row[0]: row[1:] for row in points}

@@ -137,7 +137,7 @@ def skipped(directory: str) -> Digests:
         pointer = json.loads(storage.read_text(pointer_uri))
     except FileNotFoundError:
         return np.empty(0, dtype=np.uint64)
-    uri = storage.join(directory, str(pointer["file"]))
+    uri = storage.child(directory, pointer["file"], source=pointer_uri)
     if uri not in _loaded:
         _loaded.clear()
         _loaded[uri] = np.load(io.BytesIO(storage.read_bytes(uri)), allow_pickle=False)

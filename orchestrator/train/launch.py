@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
+import torch
 
 from orchestrator import classifier as clf
 from orchestrator import storage
@@ -110,14 +111,25 @@ def check_inputs(config: ExperimentConfig) -> fmt.DatasetMeta:
     return meta
 
 
+def check_run_inputs(config: ExperimentConfig) -> None:
+    """What ``distill`` checks on the driver before a run exists (the dataset and its
+    labels, the teacher classifier against it, the teacher), for the jobs that launch many
+    runs (``jobs.tune``, ``jobs.compare``): a bad input fails once, in seconds, instead of
+    in every trial."""
+    config = absolute_paths(config)
+    use_object_store_config(config)
+    meta = check_inputs(config)
+    if config.loss.method.uses_teacher_classifier:
+        check_classifier(config, meta)
+    check_teacher(config)
+
+
 def check_teacher(config: ExperimentConfig) -> None:
     """When the method runs the teacher per batch: load it here once (any format, its input
     convention applied) and check its width, so a teacher that does not fit fails before
     any worker starts rather than in every worker."""
     if not config.loss.method.needs_teacher_embeddings:
         return
-    import torch
-
     from orchestrator.teacher_models import load_teacher_backbone
 
     size = config.data.image_size
@@ -125,18 +137,26 @@ def check_teacher(config: ExperimentConfig) -> None:
         teacher = load_teacher_backbone(
             replace(config.teacher, backbone=stage.backbone), image_size=size
         )
-        with torch.no_grad():
-            width = int(teacher(torch.zeros(2, 3, size, size)).shape[1])
-        if width != config.teacher.emb_dim:
-            raise ArtifactError(
-                f"{stage.backbone}: the teacher gives {width}-d embeddings, "
-                f"teacher.emb_dim is {config.teacher.emb_dim}"
-            )
+        width = checked_teacher_width(teacher, stage.backbone, config)
         print(
             f"[teacher] {stage.backbone}: {type(teacher).__name__}, {width}-d, "
             f"format {config.teacher.format.value}",
             flush=True,
         )
+
+
+def checked_teacher_width(teacher: torch.nn.Module, backbone: str, config: ExperimentConfig) -> int:
+    """The teacher's embedding width on the run's images, which must be ``teacher.emb_dim``."""
+    size = config.data.image_size
+    with torch.no_grad():
+        width = int(teacher(torch.zeros(2, 3, size, size)).shape[1])
+    if width != config.teacher.emb_dim:
+        raise ArtifactError(
+            f"{backbone}: the teacher gives {width}-d embeddings on {size}x{size} inputs, "
+            f"teacher.emb_dim is {config.teacher.emb_dim} (a network of fixed input size fed "
+            "another geometry can give another width: see teacher.input)"
+        )
+    return width
 
 
 def teacher_stages(config: ExperimentConfig) -> tuple[TeacherStage, ...]:
