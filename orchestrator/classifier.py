@@ -96,6 +96,7 @@ class ClassifierWriter:
         self._pending_rows = 0
         self._chunks: list[ChunkInfo] = []
         self._rows = 0
+        self._created = not storage.exists(out)  # abandon() then removes the directory
         self._prefix, self._previous = new_generation(out)
 
     def append(self, rows: npt.ArrayLike) -> None:
@@ -114,6 +115,16 @@ class ClassifierWriter:
         self._chunks.append(
             write_chunk(self.out, chunk_name(self._prefix, len(self._chunks)), chunk)
         )
+
+    def abandon(self) -> None:
+        """After a failure before :meth:`publish`: delete the chunks written so far (and the
+        directory, when this writer created it), leaving ``out`` as it was."""
+        if self._created:
+            storage.remove_tree(self.out)
+            return
+        for chunk in self._chunks:
+            storage.delete(storage.join(self.out, chunk.file))
+        self._chunks = []
 
     def publish(self) -> ClassifierMeta:
         if self._pending_rows:

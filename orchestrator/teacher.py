@@ -103,42 +103,59 @@ def _arcface_weight(path: str) -> torch.Tensor:
 
 
 def classifier_from_arcface_torch(
-    run_dir: str, out: str, *, num_classes: int, dataset_fingerprint: str, dtype: str = "float16"
+    run_dir: str,
+    out: str,
+    *,
+    num_classes: int,
+    dataset_fingerprint: str,
+    dtype: str = "float16",
+    emb_dim: int | None = None,
 ) -> clf.ClassifierMeta:
     """(b) Concatenate arcface_torch's per-rank Partial FC weights in rank order.
 
     arcface_torch gives rank r of N the rows [C//N*r + min(r, C%N), ... + C//N + (r < C%N));
     each file's row count is checked against that formula, so a run with a different world
-    size or class count is refused instead of silently mis-assembled. One rank's weights are
-    in memory at a time.
+    size or class count is refused instead of silently mis-assembled, and with ``emb_dim``
+    the rows' width is checked before anything is written. One rank's weights are in memory
+    at a time. A failure leaves ``out`` as it was (the chunks written so far are removed).
     """
     files = find_arcface_shards(run_dir)
     world_size = len(files)
     writer: clf.ClassifierWriter | None = None
-    for rank, path in enumerate(files):
-        weight = _arcface_weight(path)
-        expected = Shard.for_rank(num_classes, world_size, rank).local_classes
-        if weight.shape[0] != expected:
-            raise clf.ClassifierError(
-                f"{path}: rank {rank} of {world_size} has {weight.shape[0]} rows, but "
-                f"num_classes={num_classes} gives that rank {expected}"
-            )
-        if writer is None:
-            source = {
-                "kind": "arcface_torch",
-                "path": os.path.abspath(run_dir),
-                "world_size": world_size,
-            }
-            writer = clf.ClassifierWriter(
-                out,
-                int(weight.shape[1]),
-                label_map_fingerprint=dataset_fingerprint,
-                source=source,
-                dtype=dtype,
-            )
-        writer.append(weight.float().numpy())
-    assert writer is not None
-    return writer.publish()
+    try:
+        for rank, path in enumerate(files):
+            weight = _arcface_weight(path)
+            expected = Shard.for_rank(num_classes, world_size, rank).local_classes
+            if weight.shape[0] != expected:
+                raise clf.ClassifierError(
+                    f"{path}: rank {rank} of {world_size} has {weight.shape[0]} rows, but "
+                    f"num_classes={num_classes} gives that rank {expected}"
+                )
+            if emb_dim is not None and weight.shape[1] != emb_dim:
+                raise clf.ClassifierError(
+                    f"{path}: W has {weight.shape[1]}-d rows, the backbone gives {emb_dim}-d "
+                    "embeddings"
+                )
+            if writer is None:
+                source = {
+                    "kind": "arcface_torch",
+                    "path": os.path.abspath(run_dir),
+                    "world_size": world_size,
+                }
+                writer = clf.ClassifierWriter(
+                    out,
+                    int(weight.shape[1]),
+                    label_map_fingerprint=dataset_fingerprint,
+                    source=source,
+                    dtype=dtype,
+                )
+            writer.append(weight.float().numpy())
+        assert writer is not None
+        return writer.publish()
+    except BaseException:
+        if writer is not None:
+            writer.abandon()
+        raise
 
 
 def iter_dataset_batches(

@@ -107,11 +107,8 @@ def import_teacher(
             num_classes=meta.num_classes,
             dataset_fingerprint=meta.label_map_fingerprint,
             dtype=dtype,
+            emb_dim=width,  # checked before anything is written
         )
-        if cmeta.emb_dim != width:
-            raise UsageError(
-                f"{partial_fc}: W has {cmeta.emb_dim}-d rows, the backbone gives {width}-d embeddings"
-            )
         placed = replace(placed, classifier=storage.join(out, "classifier"))
         classifier = {
             "num_classes": cmeta.num_classes,

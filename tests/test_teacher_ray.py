@@ -15,6 +15,7 @@ import yaml
 
 from jobs import build_classifier, evaluate, import_teacher
 from orchestrator import classifier as clf
+from orchestrator import cli
 from orchestrator.artifacts import ArtifactError
 from orchestrator.config import (
     Arch,
@@ -231,6 +232,24 @@ def test_import_teacher_writes_a_directory_the_configs_point_to(
     # The shards, concatenated in rank order, are the classifier (rows normalised).
     got = clf.load_full(teacher.classifier, clf.read_meta(teacher.classifier))
     np.testing.assert_allclose(got, w / np.linalg.norm(w, axis=1, keepdims=True), atol=1e-6)
+
+    # A re-import with a Partial FC of another width (8-d over the 16-d backbone) is
+    # refused before anything is written: the imported directory stays byte-identical.
+    before = {str(p): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    narrow = tmp_path / "narrow_run"
+    narrow.mkdir()
+    for rank in (0, 1):
+        torch.save({"weight": torch.randn(3, 8)}, narrow / f"softmax_fc_gpu_{rank}.pt")
+    argv = [
+        "--backbone", str(backbone), "--arch", "iresnet18", "--emb-dim", "16",
+        "--partial-fc", str(narrow), "--dataset", train_setup.base.data.train,
+        "--dtype", "float32", "--out", str(out),
+    ]  # fmt: skip
+    capsys.readouterr()
+    assert cli.run(import_teacher.main, argv) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "W has 8-d rows, the backbone gives 16-d embeddings" in error[0]
+    assert {str(p): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
 
     # A file that does not fit leaves no directory behind.
     with pytest.raises(ArtifactError, match=r"1 missing: fc\.bias"):
