@@ -22,10 +22,25 @@ from collections.abc import Sequence
 from orchestrator import cli, storage
 from orchestrator.benchmarks.ijb import IjbOptions, IjbSet
 from orchestrator.benchmarks.suite import BenchmarkPlan, run_benchmarks
+from orchestrator.data import format as fmt
 from orchestrator.errors import UsageError
 from orchestrator.evaluation import EvaluationReport, Flip, evaluate_students, write_report
 from orchestrator.teacher_models import load_teacher_backbone
 from orchestrator.train.launch import checked_teacher_width
+
+
+def warn_duplicate_pairs(uri: str) -> None:
+    """Pairs drawn with replacement (by versions before 2026-12) count twice in every metric
+    and fold: say how many, once."""
+    repeats = fmt.duplicate_pairs(fmt.read_pairs(uri, fmt.read_meta(uri)))
+    if repeats:
+        print(
+            f"warning: {uri}: {repeats} verification pairs repeat an earlier pair (the same two "
+            "images) and weigh twice in every metric; rebuild the pairs with "
+            "jobs.prepare_dataset (pairs are now drawn without replacement)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def parse_students(items: Sequence[str]) -> dict[str, str]:
@@ -127,6 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if teacher is not None:
             checked_teacher_width(teacher, config.teacher.backbone, config)
         flip = Flip(args.flip or Flip.NONE.value)
+        warn_duplicate_pairs(config.data.eval)
         result = evaluate_students(config.data.eval, teacher, students, flip=flip)
     if plan.bins or plan.ijb_root:
         benchmarks, curves = run_benchmarks(plan, teacher=teacher_config, students=students)

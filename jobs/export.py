@@ -21,7 +21,14 @@ from collections.abc import Sequence
 from orchestrator import cli, storage
 from orchestrator.errors import UsageError
 from orchestrator.evaluation import load_student
-from orchestrator.export import card_markdown, check_parity, model_card, to_onnx, to_torchscript
+from orchestrator.export import (
+    card_markdown,
+    check_finite,
+    check_parity,
+    model_card,
+    to_onnx,
+    to_torchscript,
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -37,6 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise FileNotFoundError(f"--student: {args.student} does not exist")
     model, export = load_student(args.student)
     size = export.image_size
+    check_finite(model, image_size=size, where=args.student)
     torchscript, onnx = to_torchscript(model, size), to_onnx(model, size)
     parity = check_parity(model, torchscript=torchscript, onnx=onnx, image_size=size)
     metrics = None

@@ -9,6 +9,7 @@ from orchestrator.classifier import ClassifierError
 from orchestrator.config import ConfigError
 from orchestrator.data.format import DatasetError
 from orchestrator.data.images import CorruptImageError
+from orchestrator.export import NonFiniteStudentError
 from orchestrator.losses.heads import LabelRangeError
 from orchestrator.storage import StorageError
 
@@ -33,6 +34,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     FileNotFoundError,
     StorageError,
     MissingMetricError,
+    NonFiniteStudentError,
 )
 
 

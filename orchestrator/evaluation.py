@@ -83,6 +83,12 @@ def load_eval_set(uri: str) -> EvalSet:
         labels.append(np.asarray(table.column("label")))
         ids += row_ids
     pairs = fmt.read_pairs(uri, meta)
+    same = pairs.column("same").to_pylist()
+    if not any(same) or all(same):
+        raise fmt.DatasetError(
+            f"{uri}: pairs.parquet holds {sum(same)} same-identity and {len(same) - sum(same)} "
+            "different-identity pairs; verification needs both"
+        )
     where = {image_id: i for i, image_id in enumerate(ids)}
 
     def rows(column: str) -> npt.NDArray[np.int64]:

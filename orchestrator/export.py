@@ -66,6 +66,25 @@ def compare(fmt: str, batch: int, got: np.ndarray, want: np.ndarray) -> Parity:
     return Parity(fmt, batch, float(np.abs(got - want).max()), float(cos.min()))
 
 
+class NonFiniteStudentError(ValueError):
+    """The student gives NaN or infinite embeddings: nothing is exported."""
+
+
+def check_finite(model: nn.Module, *, image_size: int, where: str, batch: int = 16) -> None:
+    """Embed a probe batch of random faces in eval mode; refuse a student whose embeddings
+    are not all finite (a diverged run, or BatchNorm statistics that overflowed)."""
+    x = torch.rand(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = model.eval()(x * 2 - 1)
+    bad = (~torch.isfinite(out)).any(dim=1).nonzero().flatten().tolist()
+    if bad:
+        raise NonFiniteStudentError(
+            f"{where}: the student's embeddings are not finite for {len(bad)} of {batch} probe "
+            f"images (rows {bad[:8]}): it is not exported. Check its run's loss and "
+            "val_nonfinite, and export another checkpoint (e.g. <run>/best/student.pt)"
+        )
+
+
 def check_parity(
     model: nn.Module, *, torchscript: bytes, onnx: bytes, image_size: int
 ) -> list[Parity]:

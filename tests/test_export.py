@@ -21,7 +21,9 @@ from orchestrator.models import build_backbone
 onnxruntime = pytest.importorskip("onnxruntime")
 
 
-def write_student(path: Path, data: SyntheticDatasets) -> torch.nn.Module:
+def write_student(
+    path: Path, data: SyntheticDatasets, *, running_var: tuple[float, float] = (0.5, 1.5)
+) -> torch.nn.Module:
     torch.manual_seed(3)
     model = build_backbone(Arch.TINY_MOBILEFACENET, 16, input_size=112)
     # Non-trivial BatchNorm statistics, so an export that dropped them would show.
@@ -29,7 +31,7 @@ def write_student(path: Path, data: SyntheticDatasets) -> torch.nn.Module:
         if isinstance(module, torch.nn.BatchNorm2d | torch.nn.BatchNorm1d):
             assert module.running_mean is not None and module.running_var is not None
             module.running_mean.uniform_(-0.2, 0.2)
-            module.running_var.uniform_(0.5, 1.5)
+            module.running_var.uniform_(*running_var)
     config = ExperimentConfig(data=DataConfig(train=data.train_uri, eval=data.eval_uri))
     state = TrainingState(
         epoch=1,
@@ -89,3 +91,19 @@ def test_a_broken_export_is_caught(tmp_path: Path, tiny_synthetic: SyntheticData
             model, torchscript=to_torchscript(model, 112), onnx=to_onnx(other, 112), image_size=112
         )
     assert io.BytesIO(to_onnx(model, 112)).getbuffer().nbytes > 0
+
+
+def test_a_student_whose_embeddings_are_not_finite_is_not_exported(
+    tmp_path: Path, tiny_synthetic: SyntheticDatasets, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """BatchNorm running variances of -1 (what an overflowed run can leave): NaN
+    embeddings in eval mode. The export refuses it with one line and writes nothing."""
+    from orchestrator import cli
+
+    write_student(tmp_path / "student.pt", tiny_synthetic, running_var=(-1.0, -1.0))
+    out = tmp_path / "export"
+    code = cli.run(export_job.main, ["--student", str(tmp_path / "student.pt"), "--out", str(out)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert "embeddings are not finite for 16 of 16 probe images" in lines[0]
+    assert not out.exists()

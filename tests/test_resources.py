@@ -73,3 +73,15 @@ def test_shortfall_against_autoscaler_limits(scaling: ScalingConfig, expected: s
         assert why is None
     else:
         assert why is not None and expected in why, why
+
+
+def test_a_per_worker_batch_below_batchnorms_minimum_is_warned_about() -> None:
+    from orchestrator.train.launch import BATCHNORM_MIN_LOCAL, small_batch_warning
+
+    assert BATCHNORM_MIN_LOCAL == 4
+    line = small_batch_warning(6, ScalingConfig(num_workers=(1, 3)), key="optim.batch_size")
+    assert line is not None and line.startswith("warning: optim.batch_size=6 over 3 workers")
+    assert "is 2 images per worker" in line and "raise optim.batch_size to at least 12" in line
+    assert small_batch_warning(12, ScalingConfig(num_workers=3), key="optim.batch_size") is None
+    assert small_batch_warning(8, ScalingConfig(num_workers=2), key="x") is None
+    assert "x=7 over 2 workers is 3 images" in str(small_batch_warning(7, ScalingConfig(2), key="x"))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -318,8 +319,10 @@ def make_pairs(
 ) -> pa.Table:
     """Verification pairs in ``NUM_FOLDS`` identity-disjoint folds (the LFW layout).
 
-    Identities are dealt round-robin to folds; each fold gets ``pairs_per_fold // 2``
-    same-identity pairs and as many different-identity pairs, drawn within the fold.
+    Identities with 2+ images are dealt round-robin to folds; each fold gets
+    ``pairs_per_fold // 2`` same-identity pairs and as many different-identity pairs,
+    drawn within the fold **without replacement**: each unordered pair of images at most
+    once. A fold that cannot hold the asked number is an error naming the shortfall.
     """
     rng = np.random.default_rng(seed)
     by_label: dict[int, list[str]] = {}
@@ -334,22 +337,85 @@ def make_pairs(
     columns: dict[str, list[Any]] = {name: [] for name in PAIRS_SCHEMA.names}
     half = pairs_per_fold // 2
     for fold in range(NUM_FOLDS):
-        members = usable[fold::NUM_FOLDS]
-        for _ in range(half):
-            label = members[rng.integers(len(members))]
-            a, b = rng.choice(len(by_label[label]), size=2, replace=False)
-            _add_pair(columns, by_label[label][a], by_label[label][b], True, fold)
-        for _ in range(half):
-            la, lb = rng.choice(len(members), size=2, replace=False)
-            ids_a, ids_b = by_label[members[la]], by_label[members[lb]]
-            _add_pair(
-                columns,
-                ids_a[rng.integers(len(ids_a))],
-                ids_b[rng.integers(len(ids_b))],
-                False,
-                fold,
-            )
+        members = [by_label[label] for label in usable[fold::NUM_FOLDS]]
+        for same, drawn in ((True, positive_pairs), (False, negative_pairs)):
+            for a, b in drawn(members, half, rng, fold=fold):
+                _add_pair(columns, a, b, same, fold)
     return pa.table(columns, schema=PAIRS_SCHEMA)
+
+
+def single_image_identities(labels: Sequence[int]) -> int:
+    """How many identities have one image only (they make no same-identity pair and are
+    left out of verification pairs)."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64)) if len(labels) else np.zeros(0)
+    return int((counts == 1).sum())
+
+
+def _shortfall(kind: str, asked: int, available: int, fold: int) -> DatasetError:
+    return DatasetError(
+        f"fold {fold}: {asked} {kind} pairs asked (pairs_per_fold // 2), but its identities "
+        f"hold only {available} distinct ones; lower the pairs per fold to at most "
+        f"{2 * available}, or add identities or images"
+    )
+
+
+def positive_pairs(
+    members: Sequence[Sequence[str]], count: int, rng: np.random.Generator, *, fold: int
+) -> list[tuple[str, str]]:
+    """``count`` distinct same-identity pairs: indices into the concatenation of each
+    identity's n(n-1)/2 pairs, drawn without replacement, then unranked."""
+    sizes = np.array([len(ids) * (len(ids) - 1) // 2 for ids in members], dtype=np.int64)
+    total = int(sizes.sum())
+    if count > total:
+        raise _shortfall("same-identity", count, total, fold)
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    out = []
+    for k in np.sort(rng.choice(total, size=count, replace=False)):
+        who = int(np.searchsorted(starts, k, side="right")) - 1
+        a, b = _unrank_pair(int(k - starts[who]))
+        out.append((members[who][a], members[who][b]))
+    return out
+
+
+def negative_pairs(
+    members: Sequence[Sequence[str]], count: int, rng: np.random.Generator, *, fold: int
+) -> list[tuple[str, str]]:
+    """``count`` distinct different-identity pairs: indices into the concatenation of
+    each identity pair's n_i * n_j image pairs, drawn without replacement."""
+    couples = [(i, j) for i in range(len(members)) for j in range(i + 1, len(members))]
+    sizes = np.array([len(members[i]) * len(members[j]) for i, j in couples], dtype=np.int64)
+    total = int(sizes.sum())
+    if count > total:
+        raise _shortfall("different-identity", count, total, fold)
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    out = []
+    for k in np.sort(rng.choice(total, size=count, replace=False)):
+        which = int(np.searchsorted(starts, k, side="right")) - 1
+        i, j = couples[which]
+        a, b = divmod(int(k - starts[which]), len(members[j]))
+        out.append((members[i][a], members[j][b]))
+    return out
+
+
+def _unrank_pair(k: int) -> tuple[int, int]:
+    """The k-th pair (a, b), a < b, in the order (0,1), (0,2), (1,2), (0,3), (1,3), ..."""
+    b = int((1 + math.isqrt(1 + 8 * k)) // 2)
+    while b * (b - 1) // 2 > k:
+        b -= 1
+    return k - b * (b - 1) // 2, b
+
+
+def duplicate_pairs(table: pa.Table) -> int:
+    """Pairs that repeat an earlier one (the same two images, in either order)."""
+    seen: set[tuple[str, str]] = set()
+    repeats = 0
+    for a, b in zip(
+        table.column("image_id_a").to_pylist(), table.column("image_id_b").to_pylist(), strict=True
+    ):
+        key = (a, b) if a <= b else (b, a)
+        repeats += key in seen
+        seen.add(key)
+    return repeats
 
 
 def _add_pair(columns: dict[str, list[Any]], a: str, b: str, same: bool, fold: int) -> None:

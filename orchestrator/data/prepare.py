@@ -281,7 +281,16 @@ def import_pairs(out: str, meta: DatasetMeta, options: ImportOptions) -> Any:
     for table in fmt.iter_shards(out, meta, columns=["image_id", "label"]):
         image_ids.extend(table.column("image_id").to_pylist())
         labels.extend(table.column("label").to_pylist())
-    return make_pairs(image_ids, labels, pairs_per_fold=options.pairs_per_fold, seed=options.seed)
+    pairs = make_pairs(image_ids, labels, pairs_per_fold=options.pairs_per_fold, seed=options.seed)
+    same = sum(pairs.column("same").to_pylist())
+    print(
+        f"[pairs] {pairs.num_rows} verification pairs written ({same} same-identity, "
+        f"{pairs.num_rows - same} different-identity, each at most once) in {fmt.NUM_FOLDS} "
+        f"folds; {fmt.single_image_identities(labels)} identities with a single image "
+        "make no pair and are left out",
+        flush=True,
+    )
+    return pairs
 
 
 def checked(make: Callable[[], Row], on_corrupt: OnCorrupt) -> Row | str:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from orchestrator import classifier as clf
+from orchestrator import config as settings
 from orchestrator import storage
 from orchestrator.artifacts import (
     STUDENT_FILE,
@@ -111,6 +112,30 @@ def check_inputs(config: ExperimentConfig) -> fmt.DatasetMeta:
     return meta
 
 
+# Below this many images per worker, BatchNorm's training-mode statistics are degenerate:
+# at 2 every channel of BatchNorm1d is exactly +-1 whatever the input, at 3 two normalised
+# values fix the third. Its eval-mode running statistics then drift and embeddings can
+# overflow. Every backbone here has BatchNorm.
+BATCHNORM_MIN_LOCAL = 4
+
+
+def small_batch_warning(
+    batch_size: int, scaling: settings.ScalingConfig, *, key: str
+) -> str | None:
+    """One line when the global batch ``key`` leaves fewer than :data:`BATCHNORM_MIN_LOCAL`
+    images per worker at the largest world size; None otherwise."""
+    workers = scaling.max_workers
+    local = batch_size // workers
+    if local >= BATCHNORM_MIN_LOCAL:
+        return None
+    return (
+        f"warning: {key}={batch_size} over {workers} workers is {local} images per worker: "
+        f"BatchNorm's batch statistics over fewer than {BATCHNORM_MIN_LOCAL} are degenerate "
+        f"(at 2 every channel is exactly +-1) and eval-mode embeddings can overflow; raise "
+        f"{key} to at least {BATCHNORM_MIN_LOCAL * workers} or lower scaling.num_workers"
+    )
+
+
 def check_run_inputs(config: ExperimentConfig) -> None:
     """What ``distill`` checks on the driver before a run exists (the dataset and its
     labels, the teacher classifier against it, the teacher), for the jobs that launch many
@@ -122,6 +147,11 @@ def check_run_inputs(config: ExperimentConfig) -> None:
     if config.loss.method.uses_teacher_classifier:
         check_classifier(config, meta)
     check_teacher(config)
+
+
+def warn(line: str | None) -> None:
+    if line is not None:
+        print(line, file=sys.stderr, flush=True)
 
 
 def check_teacher(config: ExperimentConfig) -> None:
@@ -327,6 +357,7 @@ def distill(
     uses_w = config.loss.method.uses_teacher_classifier
     cmeta = check_classifier(config, meta) if uses_w else None
     check_teacher(config)
+    warn(small_batch_warning(config.optim.batch_size, config.scaling, key="optim.batch_size"))
     ensure_ray()  # before the classifier's ray.put: every method gets the same cluster
     preflight(config)  # every input and the cluster's size checked before a run exists
     with run_lock(config, name):
@@ -483,6 +514,8 @@ def train_teacher(config: ExperimentConfig, name: str | None = None) -> RunOutco
     config = absolute_paths(config)
     use_object_store_config(config)
     meta = check_inputs(config)
+    batch = config.teacher_optim.batch_size
+    warn(small_batch_warning(batch, config.scaling, key="teacher_optim.batch_size"))
     ensure_ray()
     preflight(config)
     with run_lock(config, name):
