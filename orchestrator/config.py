@@ -663,6 +663,9 @@ class RunConfig:
     channels_last: bool = False
     log_every_s: float = 10.0
     shuffle_buffer: int = 1000  # rows in each worker's local shuffle buffer
+    # BatchNorm statistics over the global batch (all workers) instead of each worker's
+    # own: for small per-worker batches. One all-reduce per BatchNorm layer per step.
+    sync_batchnorm: bool = False
     # Write the image ids each worker trained on, per epoch, to <storage>/<name>/audit/
     # (to check that the workers split every epoch exactly; costs a little I/O per epoch).
     audit_ids: bool = False

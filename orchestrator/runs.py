@@ -171,7 +171,7 @@ NOT_TRAINING = (
     "sharding.mode", "sharding.auto_min_bytes", "sharding.chunk_size",
 )  # fmt: skip
 # Inside the sections left out above, the settings that do change what is trained.
-TRAINING_AFTER_ALL = ("run.precision", "run.shuffle_buffer")
+TRAINING_AFTER_ALL = ("run.precision", "run.shuffle_buffer", "run.sync_batchnorm")
 
 
 class RerunPolicy(enum.StrEnum):

@@ -84,4 +84,6 @@ def test_a_per_worker_batch_below_batchnorms_minimum_is_warned_about() -> None:
     assert "is 2 images per worker" in line and "raise optim.batch_size to at least 12" in line
     assert small_batch_warning(12, ScalingConfig(num_workers=3), key="optim.batch_size") is None
     assert small_batch_warning(8, ScalingConfig(num_workers=2), key="x") is None
-    assert "x=7 over 2 workers is 3 images" in str(small_batch_warning(7, ScalingConfig(2), key="x"))
+    assert "x=7 over 2 workers is 3 images" in str(
+        small_batch_warning(7, ScalingConfig(2), key="x")
+    )

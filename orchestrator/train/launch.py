@@ -120,19 +120,21 @@ BATCHNORM_MIN_LOCAL = 4
 
 
 def small_batch_warning(
-    batch_size: int, scaling: settings.ScalingConfig, *, key: str
+    batch_size: int, scaling: settings.ScalingConfig, *, key: str, synced: bool = False
 ) -> str | None:
     """One line when the global batch ``key`` leaves fewer than :data:`BATCHNORM_MIN_LOCAL`
-    images per worker at the largest world size; None otherwise."""
+    images per worker at the largest world size (``synced``, run.sync_batchnorm: the
+    statistics span the global batch, which counts instead); None otherwise."""
     workers = scaling.max_workers
     local = batch_size // workers
-    if local >= BATCHNORM_MIN_LOCAL:
+    if (batch_size if synced else local) >= BATCHNORM_MIN_LOCAL:
         return None
     return (
         f"warning: {key}={batch_size} over {workers} workers is {local} images per worker: "
         f"BatchNorm's batch statistics over fewer than {BATCHNORM_MIN_LOCAL} are degenerate "
         f"(at 2 every channel is exactly +-1) and eval-mode embeddings can overflow; raise "
-        f"{key} to at least {BATCHNORM_MIN_LOCAL * workers} or lower scaling.num_workers"
+        f"{key} to at least {BATCHNORM_MIN_LOCAL * workers}, lower scaling.num_workers, or "
+        "set run.sync_batchnorm: true"
     )
 
 
@@ -357,7 +359,9 @@ def distill(
     uses_w = config.loss.method.uses_teacher_classifier
     cmeta = check_classifier(config, meta) if uses_w else None
     check_teacher(config)
-    warn(small_batch_warning(config.optim.batch_size, config.scaling, key="optim.batch_size"))
+    synced = config.run.sync_batchnorm
+    batch = config.optim.batch_size
+    warn(small_batch_warning(batch, config.scaling, key="optim.batch_size", synced=synced))
     ensure_ray()  # before the classifier's ray.put: every method gets the same cluster
     preflight(config)  # every input and the cluster's size checked before a run exists
     with run_lock(config, name):
@@ -515,7 +519,8 @@ def train_teacher(config: ExperimentConfig, name: str | None = None) -> RunOutco
     use_object_store_config(config)
     meta = check_inputs(config)
     batch = config.teacher_optim.batch_size
-    warn(small_batch_warning(batch, config.scaling, key="teacher_optim.batch_size"))
+    synced = config.run.sync_batchnorm
+    warn(small_batch_warning(batch, config.scaling, key="teacher_optim.batch_size", synced=synced))
     ensure_ray()
     preflight(config)
     with run_lock(config, name):

@@ -91,6 +91,7 @@ from orchestrator.train.spec import (
     TrainSpec,
 )
 from orchestrator.train.step import lr_at, train_step
+from orchestrator.train.sync_batchnorm import convert_batchnorm
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -194,6 +195,8 @@ def set_up(spec: TrainSpec, config: ExperimentConfig) -> WorkerState:
     device = ray.train.torch.get_device()
     torch.manual_seed(config.seed)  # identical initial student on every rank
     student = build_student(spec, config, device)
+    if config.run.sync_batchnorm and world_size > 1:
+        student = convert_batchnorm(student)  # statistics over the global batch
     loss_fn = build_worker_loss(spec, config, rank=rank, world_size=world_size).to(device)
     params = list(student.parameters()) + list(loss_fn.parameters())
     optim = spec.optim
