@@ -31,7 +31,7 @@ test: lint typecheck pytest
 # The unit tier only (no Ray, no gloo, no servers, no subprocesses): about a minute.
 # Tiers: unit, dist, ray, e2e (pyproject.toml); e.g. `.venv/bin/python -m pytest -m dist`.
 test-fast: install
-	$(PY) -m pytest -m unit -q
+	$(PY) -m pytest -m "unit and not slow" -q
 
 # make demo STORE=s3: data, checkpoints and report on an embedded S3 server (SeaweedFS).
 STORE ?= local

@@ -241,7 +241,11 @@ def claim_run(
     elif storage.exists(uri):
         recorded = json.loads(storage.read_text(uri))
         differs = recorded["fingerprint"] != fingerprint(settings)
-        if differs and policy is RerunPolicy.REFUSE:
+        if differs and policy is RerunPolicy.REFUSE and not has_checkpoint(root):
+            # It never saved a checkpoint: nothing was trained that the new settings could
+            # contradict (e.g. it failed on its input, since fixed).
+            print(f"[run] {name}: no checkpoint yet, so its settings are replaced", flush=True)
+        elif differs and policy is RerunPolicy.REFUSE:
             raise RunConflictError(conflict_message(root, name, recorded["settings"], settings))
     record = {
         "name": name,
@@ -252,6 +256,11 @@ def claim_run(
     }
     storage.makedirs(root)
     storage.write_text_atomic(uri, json.dumps(record, indent=2, sort_keys=True, default=str))
+
+
+def has_checkpoint(root: str) -> bool:
+    """Whether the run at ``root`` saved a checkpoint (Ray Train's ``checkpoint_*``)."""
+    return bool(storage.glob(root, "checkpoint_*"))
 
 
 def conflict_message(root: str, name: str, old: dict[str, Any], new: dict[str, Any]) -> str:

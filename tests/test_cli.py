@@ -72,6 +72,7 @@ def test_build_classifier_needs_a_published_dataset(tmp_path: Path) -> None:
     assert result.returncode == 2 and "dataset.json not found" in result.stderr
 
 
+@pytest.mark.unit  # pure: no subprocess, no Ray (module mark notwithstanding)
 def test_every_job_docstring_shows_ray_job_submit() -> None:
     for path in sorted((REPO / "jobs").glob("*.py")):
         if path.name == "__init__.py":

@@ -92,6 +92,7 @@ def test_crafted_teacher_checkpoint_is_refused(tmp_path: Path) -> None:
     assert "refusing to load it as a teacher backbone: it asks for io.open" in result.stderr
 
 
+@pytest.mark.unit  # pure: no subprocess, no Ray (module mark notwithstanding)
 def test_crafted_training_state_is_refused(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     (tmp_path / "state.pt").write_bytes(crafted("ignored", marker))
@@ -127,6 +128,7 @@ def _state(epoch: int) -> TrainingState:
     return TrainingState(epoch, {"w": weight}, {}, {}, None, {})
 
 
+@pytest.mark.unit  # pure: no subprocess, no Ray (module mark notwithstanding)
 def test_best_record_replaces_its_state_publish_last(tmp_path: Path) -> None:
     """``<run>/best``: each improvement writes its own state file, then the record naming
     it, then removes the beaten one; the state read back is the recorded epoch's."""
@@ -148,6 +150,7 @@ def test_best_record_replaces_its_state_publish_last(tmp_path: Path) -> None:
     assert state.epoch == 3 and torch.equal(state.student["w"], torch.full((2, 2), 3.0))
 
 
+@pytest.mark.unit  # pure: no subprocess, no Ray (module mark notwithstanding)
 def test_crafted_best_state_is_refused(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     where = tmp_path / "best"

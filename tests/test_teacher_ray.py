@@ -147,9 +147,11 @@ def test_an_onnx_teacher_trains_l2_and_its_centroids_train_proxyless(
         assert evaluate.main([*args, "--student", student, "--out", str(out)]) == 0
         reports[label] = json.loads((out / "report.json").read_text())
     onnx_report, reference = reports["onnx"], reports["checkpoint"]
-    assert onnx_report["teacher"]["auc"] == pytest.approx(reference["teacher"]["auc"], abs=0.01)
+    # The ONNX graph and the checkpoint agree to ~1e-6 per embedding; one swapped pair of
+    # scores would move an AUC over these 40 pairs by 1/400, so 1e-3 means "equal".
+    assert onnx_report["teacher"]["auc"] == pytest.approx(reference["teacher"]["auc"], abs=1e-3)
     cross = onnx_report["students"]["l2"]["cross_model"]["auc"]
-    assert cross == pytest.approx(reference["students"]["l2"]["cross_model"]["auc"], abs=0.01)
+    assert cross == pytest.approx(reference["students"]["l2"]["cross_model"]["auc"], abs=1e-3)
 
     proxyless = distill(
         replace(

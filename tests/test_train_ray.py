@@ -157,10 +157,20 @@ def test_baselines_train(train_setup: TrainSetup, method: Method) -> None:
         optim=replace(train_setup.base.optim, epochs=1),
     )
     outcome = distill(config)
-    assert "classifier.weight" in str(list(outcome.state.loss)), (
-        "baselines train their own classifier"
-    )
-    assert outcome.state.classifier is None
+    (own,) = [k for k in outcome.state.loss if k.endswith("classifier.weight")]
+    assert tuple(outcome.state.loss[own].shape) == train_setup.classifier_weight.shape
+    assert outcome.state.classifier is None, "a baseline does not use the teacher's W"
+    # It trained: every layer of the student moved from its seeded start (an lr of 0, or a
+    # loss without gradient, would leave it where it was).
+    torch.manual_seed(config.seed)
+    start = build_backbone(config.student.arch, config.student.emb_dim).state_dict()
+    moved = {
+        k: float((v - start[k]).abs().max())
+        for k, v in outcome.state.student.items()
+        if v.is_floating_point() and "running" not in k
+    }
+    assert min(moved.values()) > 1e-5, sorted(moved.items(), key=lambda kv: kv[1])[:3]
+    assert np.isfinite(outcome.metrics["loss"])
 
 
 def test_logit_kd_student_has_its_own_width(train_setup: TrainSetup) -> None:
@@ -405,9 +415,14 @@ def test_dense_classifier_is_a_view_of_the_object_store_copy() -> None:
     assert not writeable and same_memory and params == 0
 
 
-def test_a_short_run_learns(tmp_path: Path) -> None:
-    """Held-out identities: the distilled student beats its own random initialisation (the
-    run seeds the student, so ``torch.manual_seed(seed)`` rebuilds that exact start)."""
+def test_a_run_keeps_its_last_checkpoints_and_its_best_epoch(tmp_path: Path) -> None:
+    """Retention over five epochs: run.keep_checkpoints keeps the last two, best/ holds the
+    best validated epoch (validated only after the last one here) and its student is the
+    final one. Learning itself is proven where it can fail: tests/test_learning.py (held-in
+    top-1 from chance to >= 0.9), tests/test_generalisation.py (a trained teacher, 50
+    held-out identities, against an lr = 0 control) and tests/test_reproducible.py (the
+    Ray loop replays to the same weights). The AUC comparison this test once made, against
+    a random teacher on 200 pairs, could not fail (see the 2026-12-05 note)."""
     data = write_synthetic(
         SyntheticConfig(
             out=str(tmp_path / "synthetic"),
@@ -434,15 +449,8 @@ def test_a_short_run_learns(tmp_path: Path) -> None:
     record = read_best(str(Path(config.storage_path) / "learns" / "best"))
     assert record is not None and record.epoch == 4
     eval_set = load_eval_set(data.eval_uri)
-    torch.manual_seed(config.seed)
-    start = build_backbone(config.student.arch, 64, input_size=112).eval()
-    before = evaluate_model(start, eval_set)
     student, _ = load_student(student_uri(config, "learns"))
-    after = evaluate_model(student, eval_set)
-    numbers = {k: (before[k], after[k]) for k in ("auc", "rank1", "acc_10fold")}
-    # Lowered this session from AUC +0.05 and rank-1 +0.03: fresh-clone runs learned only
-    # +0.004 and +0.044 AUC, rank-1 once fell (undiagnosed, see the stop-21 note).
-    assert after["auc"] > before["auc"], numbers
+    assert record.value == pytest.approx(evaluate_model(student, eval_set)["acc_10fold"], abs=1e-6)
     best = read_student_export(str(Path(config.storage_path) / "learns" / "best" / "student.pt"))
     final = read_student_export(student_uri(config, "learns"))
     assert all(torch.equal(best.student[k], v) for k, v in final.student.items())
@@ -603,10 +611,20 @@ def test_val_targets_are_validated_each_epoch_and_can_pick_the_best(
     again = pair_verification(bench.pairs, embed_images(student, bench.images, flip=Flip.SUM))
     assert outcome.metrics["val_frozen_eval_acc"] == pytest.approx(again["acc_10fold"], abs=1e-9)
     record = read_best(str(Path(config.storage_path) / "val-targets" / "best"))
-    assert record is not None and record.metric == "frozen_eval_acc" and record.epoch in (0, 1)
-    assert record.value >= again["acc_10fold"] - 1e-9  # the best is never below the last
-    if record.epoch == 1:
-        assert record.value == pytest.approx(again["acc_10fold"], abs=1e-9)
+    assert record is not None and record.metric == "frozen_eval_acc"
+    # The best epoch is the one whose validation was highest, recomputed from the kept
+    # states: the last (this student) or the first (its checkpoint).
+    run = Path(config.storage_path) / "val-targets"
+    first = [d for d in run.glob("checkpoint_2*") if load_state(str(d)).epoch == 0]
+    scores = {1: again["acc_10fold"]}
+    for directory in first:
+        model = build_backbone(config.student.arch, config.student.emb_dim)
+        model.load_state_dict(load_state(str(directory)).student)
+        emb = embed_images(model.eval(), bench.images, flip=Flip.SUM)
+        scores[0] = pair_verification(bench.pairs, emb)["acc_10fold"]
+    assert sorted(scores) == [0, 1], "both epochs' states are kept (keep_checkpoints 2)"
+    best = max(scores, key=lambda e: (scores[e], -e))  # ties: the earlier epoch is kept
+    assert record.epoch == best and record.value == pytest.approx(scores[best], abs=1e-9)
 
 
 def test_a_slowed_input_shows_in_the_input_wait_share(train_setup: TrainSetup) -> None:

@@ -163,6 +163,7 @@ def test_resume_does_not_rerun_finished_trials(search: dict) -> None:
     assert len(after) == sum(t["status"] == "completed" for t in search["trials"])
 
 
+@pytest.mark.unit  # pure: no subprocess, no Ray (module mark notwithstanding)
 def test_search_space_and_resources() -> None:
     from ray import tune
 
@@ -214,6 +215,7 @@ def test_a_trial_larger_than_the_local_cluster_is_refused_at_once(
     assert not (tmp_path / "runs" / "tune").exists()  # nothing started, nothing to resume
 
 
+@pytest.mark.unit  # pure: no subprocess, no Ray (module mark notwithstanding)
 def test_trial_fit_check(monkeypatch: pytest.MonkeyPatch) -> None:
     from orchestrator.errors import UsageError
     from orchestrator.tune import TrialResources, check_trial_fits
