@@ -36,10 +36,17 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
     """Call ``main``; a user error prints ``error: ...`` and returns 2 instead of a traceback.
 
     Anything else prints its traceback and returns 1. Both pass through :func:`redact`, so
-    a secret that some library put in a message is never printed.
+    a secret that some library put in a message is never printed. Ctrl-C prints one line
+    and returns 130 (128 + SIGINT, what a shell reports for an interrupted command).
     """
     try:
         return main(argv)
+    except KeyboardInterrupt:
+        print(
+            "interrupted: runs keep their last checkpoint; the same command resumes them",
+            file=sys.stderr,
+        )
+        return 130
     except USER_ERRORS as err:
         print(redact(f"error: {err}"), file=sys.stderr)
         return 2

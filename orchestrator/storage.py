@@ -77,6 +77,37 @@ def object_errors(uri: str, action: str) -> Iterator[None]:
             f"{action} {uri}: bucket '{bucket}' does not exist at {endpoint_name()}; "
             "create it or fix the URI"
         ) from None
+    except Exception as err:
+        problem = connection_problem(err)
+        if problem is None:
+            raise
+        raise StorageError(f"{action} {uri}: {problem}") from None
+
+
+# botocore's exception classes, by name (botocore is imported only with s3fs).
+NO_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}
+UNREACHABLE = {
+    "EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError",
+    "ClientConnectorError", "ServerDisconnectedError", "ReadTimeoutError",
+}  # fmt: skip
+
+
+def connection_problem(err: BaseException) -> str | None:
+    """What a user should fix when ``err`` is a missing credential or an endpoint that
+    cannot be reached (None for anything else)."""
+    names = {cls.__name__ for cls in type(err).__mro__}
+    if names & NO_CREDENTIALS:
+        return (
+            f"no object-store credentials were found for {endpoint_name()}: set "
+            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or use an instance role / service "
+            "account"
+        )
+    if names & UNREACHABLE or isinstance(err, ConnectionError):
+        return (
+            f"cannot reach {endpoint_name()} ({type(err).__name__}); check AWS_ENDPOINT_URL or "
+            "storage.endpoint_url, and that the server is up"
+        )
+    return None
 
 
 def is_local(uri: str) -> bool:
@@ -157,7 +188,13 @@ def size(uri: str) -> int:
 
 
 def read_text(uri: str) -> str:
-    return read_bytes(uri).decode("utf-8")
+    data = read_bytes(uri)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise StorageError(
+            f"{uri}: expected UTF-8 text, found bytes that are not (at byte {err.start})"
+        ) from None
 
 
 def read_published_json(uri: str, name: str, *, what: str, error: type[Exception]) -> Any:

@@ -58,6 +58,7 @@ class Case:
     what: str
     argv: Callable[[Workspace], list[str]]  # sets the crafted input up, returns the argv
     expect: str  # a fragment of the one error line
+    env: tuple[tuple[str, str | None], ...] = ()  # the process environment for this row
 
 
 MAINS = {
@@ -115,6 +116,16 @@ def crafted_classifier(chunk: Callable[[Workspace], str]) -> Callable[[Workspace
         ]  # fmt: skip
 
     return setup
+
+
+def non_utf8_ijb(ws: Workspace) -> Path:
+    """An IJB-C tree whose face list is not text."""
+    root = ws.root / "IJBC"
+    (root / "meta").mkdir(parents=True)
+    (root / "meta" / "ijbc_face_tid_mid.txt").write_bytes(b"\xff\xfe\x00 1 1\n")
+    for stem in ("name_5pts_score", "template_pair_label"):
+        (root / "meta" / f"ijbc_{stem}.txt").write_text("")
+    return root
 
 
 def student_file(ws: Workspace) -> str:
@@ -200,6 +211,41 @@ CASES = [
         "compare.seeds: a seed must be in",
     ),
     Case(
+        "distill",
+        "no object-store credentials",
+        lambda ws: ["--set", "data.train=s3://bucket/train"],
+        "no object-store credentials were found",
+        env=(
+            ("AWS_ACCESS_KEY_ID", None),
+            ("AWS_SECRET_ACCESS_KEY", None),
+            ("AWS_ENDPOINT_URL", "http://127.0.0.1:9"),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+        ),
+    ),
+    Case(
+        "distill",
+        "an unreachable endpoint",
+        lambda ws: ["--set", "data.train=s3://bucket/train"],
+        "cannot reach http://127.0.0.1:9",
+        env=(
+            ("AWS_ACCESS_KEY_ID", "k"),
+            ("AWS_SECRET_ACCESS_KEY", "s"),
+            ("AWS_ENDPOINT_URL", "http://127.0.0.1:9"),
+        ),
+    ),
+    Case(
+        "evaluate",
+        "an IJB face list that is not text",
+        lambda ws: [
+            "--student",
+            f"a={student_file(ws)}",
+            "--no-eval",
+            "--ijb",
+            str(non_utf8_ijb(ws)),
+        ],
+        "expected UTF-8 text",
+    ),
+    Case(
         "tune",
         "a missing dataset",
         lambda ws: ["--set", f"data.train={ws.root / 'nothing'}"],
@@ -220,7 +266,15 @@ def test_a_hostile_input_is_one_error_line_and_touches_nothing(
     tmp_path: Path,
     tiny_synthetic: SyntheticDatasets,
     capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    for key, value in case.env:
+        if value is None:
+            monkeypatch.delenv(key, raising=False)
+        else:
+            monkeypatch.setenv(key, value)
+    fresh_s3_clients()
+    monkeypatch.setattr(cli, "use_endpoint", lambda *_: None)  # keep this row's environment
     sentinel = tmp_path / "sentinel"
     sentinel.mkdir()
     (sentinel / "v.bin").write_bytes(b"keep me")
@@ -238,3 +292,11 @@ def test_a_hostile_input_is_one_error_line_and_touches_nothing(
     assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("error: "), lines
     assert case.expect in lines[0], lines[0]
     assert tree_hash(sentinel, inputs) == before, "something outside the job's output changed"
+
+
+def fresh_s3_clients() -> None:
+    """s3fs keeps one client per set of arguments; a row's credentials and endpoint come
+    from its environment, so no client made before it may be reused."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()

@@ -67,3 +67,14 @@ def test_a_run_without_a_checkpoint_takes_new_settings_one_with_is_refused(
     (tmp_path / "r" / "checkpoint_2026-12-05_00-00-00.000000").mkdir()
     with pytest.raises(RunConflictError, match=r"data.train: 'fixed/train' -> 'other'"):
         claim_run(replace(first, data=replace(first.data, train="other")), "r", role="student")
+
+
+def test_ctrl_c_is_one_line_and_exit_130(capsys: pytest.CaptureFixture[str]) -> None:
+    from orchestrator import cli
+
+    def interrupted(argv: object) -> int:
+        raise KeyboardInterrupt
+
+    assert cli.run(interrupted, []) == 130
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("interrupted:") and "resumes" in lines[0]
