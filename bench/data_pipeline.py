@@ -217,7 +217,9 @@ def mean_later(rates: list[EpochRate]) -> EpochRate:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description=" ".join((__doc__ or "").strip().split("\n\n")[0].split())
+    )
     parser.add_argument("--images", type=int, default=100000, help="rows per epoch")
     parser.add_argument("--distinct", type=int, default=1000, help="distinct faces among them")
     parser.add_argument("--actors", type=int, default=2, help="decode actors / loader workers")

@@ -349,7 +349,9 @@ def print_table(title: str, rows: dict[str, dict[str, Any]]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description=" ".join((__doc__ or "").strip().split("\n\n")[0].split())
+    )
     parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N or cpu")
     parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test")
     args = parser.parse_args(argv)

@@ -342,7 +342,9 @@ def run_config(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description=" ".join((__doc__ or "").strip().split("\n\n")[0].split())
+    )
     parser.add_argument("--sizes", default="100000x512,1000000x512,10000000x128")
     parser.add_argument("--worlds", default="2,4")
     parser.add_argument("--chunk", type=int, default=32768)

@@ -30,7 +30,9 @@ from orchestrator.teacher import iter_dataset_batches
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description=" ".join((__doc__ or "").strip().split("\n\n")[0].split())
+    )
     cli.add_config_args(parser)
     parser.set_defaults(config="configs/demo.yaml")
     parser.add_argument("--epochs", type=int, default=3)

@@ -409,7 +409,9 @@ def labels_of(config: Any) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description=" ".join((__doc__ or "").strip().split("\n\n")[0].split())
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--methods", nargs="+", default=["proxyless", "scratch", "l2", "logit"])
     parser.add_argument("--classes", nargs="+", type=int, default=[1000, 100_000])

@@ -1,4 +1,4 @@
-"""Build the teacher classifier the student inherits (format: DESIGN.md section 4).
+"""Build the teacher classifier the student inherits (format: README "Formats").
 
 Three sources:
     python -m jobs.build_classifier checkpoint --teacher runs/teacher/teacher.pt --dataset runs/data/synthetic/train --out runs/teacher/classifier
@@ -35,7 +35,7 @@ from orchestrator.teacher import (
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m jobs.build_classifier", description=__doc__.split("\n")[0]
+        prog="python -m jobs.build_classifier", description=cli.description(__doc__)
     )
     parser.add_argument("source", choices=["checkpoint", "arcface-torch", "mean-embedding"])
     parser.add_argument(

@@ -29,7 +29,7 @@ from orchestrator.compare import run_compare
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m jobs.compare", description=__doc__.split("\n")[0]
+        prog="python -m jobs.compare", description=cli.description(__doc__)
     )
     cli.add_config_args(parser)
     parser.add_argument(

@@ -52,7 +52,9 @@ METHODS = (Method.PROXYLESS, Method.L2, Method.SCRATCH)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.demo", description=cli.description(__doc__)
+    )
     cli.add_config_args(parser)
     parser.set_defaults(config="configs/demo.yaml")
     parser.add_argument(

@@ -29,7 +29,7 @@ from orchestrator.train.launch import distill, summary
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m jobs.distill", description=__doc__.split("\n")[0]
+        prog="python -m jobs.distill", description=cli.description(__doc__)
     )
     cli.add_config_args(parser)
     parser.add_argument("--name", help="run name (default: the config's name); reuse it to resume")

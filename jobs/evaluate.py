@@ -70,7 +70,7 @@ def parse_students(items: Sequence[str]) -> dict[str, str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m jobs.evaluate", description=__doc__.split("\n")[0]
+        prog="python -m jobs.evaluate", description=cli.description(__doc__)
     )
     cli.add_config_args(parser)
     parser.add_argument(

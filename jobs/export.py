@@ -33,7 +33,7 @@ from orchestrator.export import (
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m jobs.export", description=__doc__.split("\n")[0]
+        prog="python -m jobs.export", description=cli.description(__doc__)
     )
     parser.add_argument("--student", required=True, help="a student.pt from jobs.distill")
     parser.add_argument("--out", required=True, help="output directory or object-store URI")

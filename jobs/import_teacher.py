@@ -30,7 +30,7 @@ from orchestrator.teacher_import import import_teacher
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m jobs.import_teacher", description=__doc__.split("\n")[0]
+        prog="python -m jobs.import_teacher", description=cli.description(__doc__)
     )
     parser.add_argument("--backbone", required=True, help="the teacher file (local or URI)")
     parser.add_argument(

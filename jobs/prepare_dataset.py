@@ -46,7 +46,7 @@ from orchestrator.errors import UsageError
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m jobs.prepare_dataset", description=__doc__.split("\n")[0]
+        prog="python -m jobs.prepare_dataset", description=cli.description(__doc__)
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", help="folder with one sub-folder per identity")

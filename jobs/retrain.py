@@ -24,7 +24,7 @@ from orchestrator.retrain import run
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m jobs.retrain", description=__doc__.split("\n")[0]
+        prog="python -m jobs.retrain", description=cli.description(__doc__)
     )
     cli.add_config_args(parser)
     args = parser.parse_args(argv)

@@ -20,7 +20,7 @@ from orchestrator.data.prepare import write_synthetic
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m jobs.synthesize", description=__doc__.split("\n")[0]
+        prog="python -m jobs.synthesize", description=cli.description(__doc__)
     )
     cli.add_config_args(parser)
     args = parser.parse_args(argv)

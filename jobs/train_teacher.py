@@ -7,7 +7,7 @@ On a cluster:
     ray job submit --working-dir . -- python -m jobs.train_teacher --config configs/demo.yaml
 
 Outputs: the run under <storage_path>/<name>-teacher, teacher.backbone (backbone + head) and
-teacher.classifier (DESIGN.md section 4 format). Rerunning with the same name resumes.
+teacher.classifier (the format of README "Formats"). Rerunning with the same name resumes.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from orchestrator.train.launch import summary, train_teacher
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m jobs.train_teacher", description=__doc__.split("\n")[0]
+        prog="python -m jobs.train_teacher", description=cli.description(__doc__)
     )
     cli.add_config_args(parser)
     parser.add_argument(

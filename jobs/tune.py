@@ -27,7 +27,9 @@ from orchestrator.tune import run_search
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.tune", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.tune", description=cli.description(__doc__)
+    )
     cli.add_config_args(parser)
     parser.add_argument(
         "--resume", action="store_true", help="continue the interrupted search of this name"

@@ -1,4 +1,4 @@
-"""The teacher classifier format (DESIGN.md section 4, a contract).
+"""The teacher classifier format (README "Formats", a contract).
 
 A directory or object-store prefix holding row chunks ``rows-NNNNN.bin`` (raw little-endian,
 row-major, ``chunk_rows`` rows of ``emb_dim`` values each, the last one shorter) and a

@@ -12,6 +12,11 @@ from orchestrator.errors import USER_ERRORS
 from orchestrator.storage import redact, use_endpoint
 
 
+def description(doc: str | None) -> str:
+    """A module docstring's first paragraph, as one line: the ``--help`` description."""
+    return " ".join((doc or "").strip().split("\n\n")[0].split())
+
+
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="experiment YAML (configs/*.yaml); defaults if omitted")
     parser.add_argument(

@@ -36,7 +36,7 @@ __all__ = ["ConfigError", "dump_yaml", "from_dict", "load_config", "to_dict"]
 
 
 class Method(enum.StrEnum):
-    """How the student is trained (DESIGN.md section 3)."""
+    """How the student is trained (README "Millions of identities", orchestrator/losses)."""
 
     PROXYLESS = "proxyless"  # inherited frozen teacher classifier (ProxylessKD)
     SCRATCH = "scratch"  # the student's own trainable margin classifier
@@ -134,7 +134,7 @@ class DataConfig:
     """Where the faces come from.
 
     ``train`` and ``eval`` are dataset directories or object-store prefixes in the format of
-    DESIGN.md section 4; ``eval`` holds held-out identities and its ``pairs.parquet``.
+    README "Formats"; ``eval`` holds held-out identities and its ``pairs.parquet``.
     """
 
     train: str = "runs/data/synthetic/train"
@@ -312,7 +312,7 @@ class TeacherInputConfig:
 class TeacherConfig:
     """The teacher.
 
-    ``classifier``: its classifier W in the format of DESIGN.md section 4 (what
+    ``classifier``: its classifier W in the format of README "Formats" (what
     ``jobs.train_teacher``, ``jobs.build_classifier`` and ``jobs.import_teacher`` write).
     ``backbone``: the file the teacher's embeddings come from, for the methods that need
     them (``l2``, ``logit``, ``proxyless+l2``), for ``jobs.build_classifier mean-embedding``
@@ -346,7 +346,7 @@ class TeacherConfig:
 
 @dataclass(frozen=True)
 class MarginConfig:
-    """The margin on the target cosine (DESIGN.md section 3): ArcFace ``s*cos(theta+m)``,
+    """The margin on the target cosine (README "Millions of identities", orchestrator/losses): ArcFace ``s*cos(theta+m)``,
     CosFace ``s*(cos(theta)-m)``, combined ``s*(cos(m1*theta+m2)-m3)``."""
 
     type: MarginType = MarginType.ARCFACE
@@ -460,7 +460,7 @@ class MultistepConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """The training objective: the method (DESIGN.md section 3), its margin and the weights
+    """The training objective: the method (README "Millions of identities", orchestrator/losses), its margin and the weights
     of the baselines' extra terms."""
 
     method: Method = Method.PROXYLESS
@@ -513,7 +513,9 @@ class ScalingConfig:
     """
 
     num_workers: int | tuple[int, ...] = 2
-    cpus_per_worker: float = 0.5  # leave CPUs for Ray Data (DESIGN.md section 5)
+    cpus_per_worker: float = (
+        0.5  # leave CPUs for Ray Data (README "Object storage and the input pipeline")
+    )
     use_gpu: bool = False
     # On a cluster reached by RAY_ADDRESS (it may autoscale): how long to wait for the
     # resources the run needs before refusing it. A private local cluster never waits.

@@ -1,4 +1,4 @@
-"""Which rows of a class-sharded classifier each rank owns (DESIGN.md section 3).
+"""Which rows of a class-sharded classifier each rank owns (README "Millions of identities", orchestrator/losses).
 
 The one definition of the shard formula: the classifier reader, the sharded loss, the
 arcface_torch importer and the benchmarks all ask :meth:`Shard.for_rank`.

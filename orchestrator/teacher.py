@@ -1,5 +1,5 @@
 """Teachers: this project's teacher checkpoint, outside backbones, and the three ways to
-build the inherited classifier (DESIGN.md section 4):
+build the inherited classifier (README "Formats"):
 
 (a) from a teacher trained by this project: its trained margin-classifier head;
 (b) from an insightface arcface_torch run: its per-rank Partial FC weights, concatenated in

@@ -3,7 +3,7 @@
 Layout (local path or object-store prefix)::
 
     backbone.pt | backbone.onnx   the source file, byte for byte (its sha256 is in the card)
-    classifier/                   W from the Partial FC shards, when given (DESIGN.md s. 4)
+    classifier/                   W from the Partial FC shards, when given (README "Formats")
     teacher.yaml                  the ``teacher:`` section that points at them
     model_card.json, model_card.md
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -83,6 +84,8 @@ def import_teacher(
     returns the model card."""
     if partial_fc and not dataset:
         raise UsageError("--partial-fc needs --dataset (the labels W's rows refer to)")
+    # teacher.yaml names files by absolute paths (or URIs): it works from any directory.
+    out = os.path.abspath(out) if storage.is_local(out) else out
     source, raw = source_file(teacher.backbone)
     model, chosen = backbone_from_bytes(raw, teacher, image_size=image_size)
     with torch.no_grad():
@@ -121,6 +124,8 @@ def import_teacher(
     section.pop("dropout")
     if not partial_fc:
         section.pop("classifier")
+    if chosen is not TeacherFormat.INSIGHTFACE:
+        section.pop("arch")  # known only for a state dict mapped onto our backbones
     card = {
         "kind": "proxylesskd-imported-teacher",
         "format": chosen.value,

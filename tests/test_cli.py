@@ -150,3 +150,13 @@ def test_names_and_shard_paths_stay_inside_their_roots(
         (copy / "dataset.json").write_text(json.dumps(data))
         with pytest.raises(fmt.DatasetError, match=r"is not a plain file name inside the dataset"):
             fmt.read_meta(str(copy))
+
+
+@pytest.mark.unit  # pure: reads files, runs nothing
+def test_help_is_a_whole_sentence_and_names_no_file_outside_the_repository() -> None:
+    from orchestrator.cli import description
+
+    doc = "First line of a\nsentence that goes on.\n\nSecond paragraph."
+    assert description(doc) == "First line of a sentence that goes on."
+    for path in [*(REPO / "jobs").glob("*.py"), *(REPO / "orchestrator").rglob("*.py")]:
+        assert "DESIGN.md" not in path.read_text(), f"{path} sends users to a file they do not have"

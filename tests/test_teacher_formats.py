@@ -465,3 +465,39 @@ def test_teacher_input_config_errors(tmp_path: Path) -> None:
     assert (
         config.teacher.input.size == (112, 96) and config.teacher.input.channels is ChannelOrder.BGR
     )
+
+
+def test_an_imported_onnx_teachers_yaml_loads_the_same_teacher_from_anywhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """jobs.import_teacher with a relative --out: teacher.yaml names the files by absolute
+    paths and leaves out an arch it does not know; read from another working directory it
+    gives the same embeddings as the ONNX file it came from."""
+    import json
+
+    import yaml
+
+    from jobs import import_teacher
+    from orchestrator.config import from_dict
+
+    torch.manual_seed(0)
+    onnx_file = tmp_path / "mbf.onnx"
+    onnx_file.write_bytes(to_onnx(build_backbone(Arch.TINY_MOBILEFACENET, 8).eval(), 112))
+    monkeypatch.chdir(tmp_path)
+    argv = ["--backbone", "mbf.onnx", "--format", "onnx", "--emb-dim", "8", "--out", "teachers/mbf"]
+    assert import_teacher.main(argv) == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    section = yaml.safe_load((tmp_path / "teachers" / "mbf" / "teacher.yaml").read_text())[
+        "teacher"
+    ]
+    assert "arch" not in section and Path(section["backbone"]).is_absolute()
+    card = json.loads((tmp_path / "teachers" / "mbf" / "model_card.json").read_text())
+    assert card["arch"] is None and card["format"] == "onnx"
+    imported = load_teacher_backbone(from_dict(TeacherConfig, section, "teacher.yaml"))
+    direct = load_teacher_backbone(
+        TeacherConfig(emb_dim=8, backbone=str(onnx_file), format=TeacherFormat.ONNX)
+    )
+    x = torch.rand(2, 3, 112, 112) * 2 - 1
+    torch.testing.assert_close(imported(x), direct(x))

@@ -2,7 +2,7 @@
 an epoch (``run.checkpoint_every_steps``). A run resumed from one continues the interrupted
 epoch on exactly the images of that epoch it had not reached, whatever the worker count.
 
-An image is named by its ``image_id`` (unique within a dataset, DESIGN.md section 4), kept
+An image is named by its ``image_id`` (unique within a dataset, README "Formats"), kept
 as the 64-bit BLAKE2b digest of the id: 8 bytes an image, so a checkpoint taken after k
 images of an epoch holds 8k bytes for this (80 MB at most for a 10M-image epoch), and none
 at the end of an epoch. Two distinct ids share a digest with probability about n^2 / 2^65

@@ -1,4 +1,4 @@
-"""The dataset format (DESIGN.md section 4, a contract).
+"""The dataset format (README "Formats", a contract).
 
 A dataset is a directory or object-store prefix holding
 

@@ -9,7 +9,7 @@ all ranks) with labels y_i, the loss is the mean over the global batch of
 with f the margin of :mod:`orchestrator.losses.margins` (the same code as the dense loss).
 
 Because W is frozen, the gradient with respect to e_i is known as soon as the softmax
-statistics are, with no weight gradient and no third matrix product (DESIGN.md section 3):
+statistics are, with no weight gradient and no third matrix product (README "Millions of identities", orchestrator/losses):
 
     dL/de_i = 1/B * ( s * sum_j p_ij w_j + (f'(cos_iy) - s) * p_iy * w_y - f'(cos_iy) * w_y )
 

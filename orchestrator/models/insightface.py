@@ -1,7 +1,7 @@
 """insightface arcface_torch backbone state dicts onto our backbones.
 
-arcface_torch saves a backbone as a plain state dict in its own module names (DESIGN.md
-section 6). Our :mod:`iresnet` and :mod:`mobilefacenet` compute the same functions with
+arcface_torch saves a backbone as a plain state dict in its own module names (``conv1``,
+``bn1``, ``prelu``, ``layer1..4``, ``bn2``, ``fc``, ``features``). Our :mod:`iresnet` and :mod:`mobilefacenet` compute the same functions with
 other names, so an import is a renaming plus checks: every key of the file is consumed,
 every key of our model is filled, every shape agrees, or the error lists what is missing,
 unexpected and mismatched.
