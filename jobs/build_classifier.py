@@ -12,7 +12,11 @@ mean-embedding is an approximation (class centres of the teacher's features inst
 trained classifier) for teachers whose head is lost; meta.json records it as such. The
 teacher may be in any format (teacher.format, teacher.input from --config/--set; README
 "Bring your own teacher"). It runs on Ray (an actor pool embeds, reducers sum per identity
-range, so nothing holds all of W); --local runs it in this one process instead.
+range, so nothing holds all of W); --local runs it in this one process instead. Its
+meta.json records the teacher, its format and the teacher.input it was embedded with.
+
+--teacher defaults to the config's teacher.backbone and --out to its teacher.classifier,
+so `--config my.yaml` alone names both.
 """
 
 from __future__ import annotations
@@ -22,9 +26,11 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 
-from orchestrator import cli
+from orchestrator import cli, storage
+from orchestrator.config import to_dict
 from orchestrator.data import format as fmt
-from orchestrator.mean_embedding import MeanEmbeddingPlan, build_on_ray
+from orchestrator.errors import UsageError
+from orchestrator.mean_embedding import MeanEmbeddingPlan, build_on_ray, teacher_source
 from orchestrator.teacher import (
     classifier_from_arcface_torch,
     classifier_from_checkpoint,
@@ -41,9 +47,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--dataset", required=True, help="the dataset the classifier's labels refer to"
     )
-    parser.add_argument("--out", required=True)
     parser.add_argument(
-        "--teacher", help="teacher checkpoint (checkpoint) or backbone/TorchScript (mean-embedding)"
+        "--out", help="where to write it (default: the config's teacher.classifier)"
+    )
+    parser.add_argument(
+        "--teacher",
+        help="teacher checkpoint (checkpoint) or backbone in any teacher format (mean-embedding); "
+        "default: the config's teacher.backbone",
     )
     parser.add_argument("--run-dir", help="arcface_torch output directory (arcface-torch)")
     parser.add_argument("--dtype", choices=["float16", "float32"], default="float16")
@@ -60,6 +70,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     cli.add_config_args(parser)
     args = parser.parse_args(argv)
+    config = cli.config_from_args(args)
+    args.out = args.out or config.teacher.classifier
+    args.teacher = args.teacher or config.teacher.backbone
+    if not args.out:
+        raise UsageError("--out: no output given and the config has no teacher.classifier")
+    if min(args.actors, args.batch_size) < 1 or args.actor_cpus <= 0:
+        raise UsageError(
+            f"--actors and --batch-size must be >= 1 and --actor-cpus > 0, found "
+            f"{args.actors}, {args.batch_size} and {args.actor_cpus}"
+        )
+    if storage.exists(args.out) and not storage.isdir(args.out):
+        raise UsageError(f"--out {args.out} is a file: expected a classifier directory")
     meta = fmt.read_meta(args.dataset)
     if args.source == "arcface-torch":
         if not args.run_dir:
@@ -73,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     else:
         if not args.teacher:
-            parser.error(f"{args.source} needs --teacher")
+            raise UsageError(f"{args.source} needs --teacher or a config with teacher.backbone")
         if args.source == "checkpoint":
             built = classifier_from_checkpoint(
                 args.teacher,
@@ -82,12 +104,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 dtype=args.dtype,
             )
         else:
-            config = cli.config_from_args(args)
             teacher = replace(config.teacher, backbone=args.teacher)
+            convention = ", ".join(f"{k} {v}" for k, v in to_dict(teacher.input).items())
+            where = f"--config {args.config}" if args.config else "no --config: the defaults"
+            print(f"[mean embeddings] teacher.input ({where}): {convention}", flush=True)
             if args.local:
                 backbone = load_teacher_backbone(teacher, image_size=config.data.image_size)
                 built = classifier_from_mean_embeddings(
-                    backbone, args.dataset, out=args.out, dtype=args.dtype
+                    backbone,
+                    args.dataset,
+                    out=args.out,
+                    dtype=args.dtype,
+                    teacher=teacher_source(teacher),
                 )
             else:
                 plan = MeanEmbeddingPlan(

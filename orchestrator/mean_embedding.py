@@ -27,7 +27,7 @@ import numpy.typing as npt
 
 from orchestrator import classifier as clf
 from orchestrator import storage
-from orchestrator.config import TeacherConfig
+from orchestrator.config import TeacherConfig, to_dict
 from orchestrator.data import format as fmt
 from orchestrator.progress import Progress
 
@@ -252,8 +252,7 @@ def build_on_ray(
             "kind": "mean_teacher_embedding",
             "dataset": dataset_uri,
             "approximation": True,
-            "teacher": teacher.backbone,
-            "teacher_format": teacher.format.value,
+            **teacher_source(teacher),
             "builder": f"ray ({ranges.count} ranges of {ranges.size})",
         },
     )
@@ -277,3 +276,13 @@ def _start_reducers(ranges: Ranges, emb_dim: int) -> list[Any]:
         # Memory as a resource spreads big ranges over nodes; no CPU (the reducers idle).
         out.append(actor.options(num_cpus=0, memory=held).remote(start, end - start, emb_dim))
     return out
+
+
+def teacher_source(teacher: TeacherConfig) -> dict[str, Any]:
+    """What a classifier built from ``teacher``'s embeddings records of it in meta.json:
+    the file, its format and the input convention the images were embedded with."""
+    return {
+        "teacher": teacher.backbone,
+        "teacher_format": teacher.format.value,
+        "teacher_input": to_dict(teacher.input),
+    }

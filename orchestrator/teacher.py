@@ -182,6 +182,7 @@ def classifier_from_mean_embeddings(
     out: str,
     batch_size: int = 64,
     dtype: str = "float16",
+    teacher: dict[str, Any] | None = None,
 ) -> clf.ClassifierMeta:
     """(c) Row c = normalised mean of the teacher's normalised embeddings of identity c.
 
@@ -207,6 +208,7 @@ def classifier_from_mean_embeddings(
             f"{dataset_uri}: labels {empty[:5].tolist()} have no images; no mean to take"
         )
     source = {"kind": "mean_teacher_embedding", "dataset": dataset_uri, "approximation": True}
+    source.update(teacher or {})  # which teacher, its format and input convention
     return clf.write_classifier(
         out, sums, label_map_fingerprint=meta.label_map_fingerprint, source=source, dtype=dtype
     )

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import itertools
 import json
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ import torch
 
 from orchestrator import classifier as clf
 from orchestrator.artifacts import TeacherCheckpoint, save_teacher
-from orchestrator.config import Arch
+from orchestrator.config import Arch, to_dict
 from orchestrator.data import format as fmt
 from orchestrator.data.prepare import SyntheticDatasets
 from orchestrator.shards import Shard
@@ -282,3 +284,23 @@ def test_a_failed_rewrite_leaves_the_old_classifier_as_it_was(tmp_path: Path) ->
     assert clf.read_meta(uri) == new and new.num_classes == 3
     names = {p.name for p in (tmp_path / "w").iterdir()}
     assert not names & ({n for n in before if n != "meta.json"}), "old chunks are removed"
+
+
+def test_mean_embedding_takes_teacher_and_out_from_the_config_and_records_the_input(
+    tmp_path: Path, train_setup: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from jobs import build_classifier
+    from orchestrator.config import dump_yaml
+
+    out = tmp_path / "from-config"
+    base = train_setup.base
+    config = replace(base, teacher=replace(base.teacher, classifier=str(out)))
+    path = tmp_path / "teacher.yaml"
+    path.write_text(dump_yaml(config))
+    argv = ["mean-embedding", "--local", "--config", str(path), "--dataset", base.data.train]
+    assert build_classifier.main(argv) == 0
+    assert "[mean embeddings] teacher.input (--config" in capsys.readouterr().out
+    meta = clf.read_meta(str(out))
+    assert meta.source["teacher"] == base.teacher.backbone
+    assert meta.source["teacher_input"] == to_dict(config.teacher.input)
+    assert meta.source["teacher_input"]["size"] == [112, 112]
