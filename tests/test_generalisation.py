@@ -121,16 +121,32 @@ def distil(seed: int) -> Outcome:
     )
 
 
-# Seeds 0-7 (python -m tests.test_generalisation 8): filled in from the measurement.
-RECORDED: dict[str, tuple[float, ...]] = {}
-MIN_GAIN = 0.0
+# Seeds 0-5 (python -m tests.test_generalisation 6, 2026-12-05, this machine):
+RECORDED = {
+    "teacher": (0.8869, 0.8905, 0.9060, 0.9023, 0.9080, 0.9133),
+    "distilled": (0.8978, 0.8816, 0.8752, 0.9056, 0.9017, 0.9073),
+    "control": (0.5648, 0.5508, 0.6004, 0.5792, 0.5420, 0.5731),
+}
+# Gains 0.275-0.360, mean 0.326, sd 0.028: 0.15 is six standard deviations below the mean
+# and far above what an untrained or broken student shows (0 by construction for lr = 0).
+MIN_GAIN = 0.15
+MIN_TEACHER_AUC = 0.8  # recorded 0.887-0.913
 
 
 @pytest.mark.slow
 def test_a_distilled_student_generalises_beyond_its_untrained_control() -> None:
     outcome = distil(seed=0)
-    assert outcome.teacher > outcome.control, outcome  # the teacher learned something
+    assert outcome.teacher >= MIN_TEACHER_AUC, outcome  # the teacher learned (not random)
     assert outcome.gain >= MIN_GAIN, outcome
+    # The student reaches its teacher's level on identities neither saw in training
+    # (recorded: distilled - teacher from -0.031 to +0.011).
+    assert outcome.distilled >= outcome.teacher - 0.1, outcome
+
+
+def test_the_recorded_distribution_supports_the_threshold() -> None:
+    gains = np.subtract(RECORDED["distilled"], RECORDED["control"])
+    assert gains.mean() - 5 * gains.std(ddof=1) > MIN_GAIN
+    assert min(RECORDED["teacher"]) > MIN_TEACHER_AUC
 
 
 if __name__ == "__main__":
