@@ -16,6 +16,11 @@ Paths (rows of the table):
               actor pool, Ray Train
   e ray-s3-w  the same with data.decode: worker: no pool, each Train worker decodes its own
               batches in data.decode_threads threads, one batch ahead of its step
+  f ray-s3-u  (d) with data.ordered: false (rows to whichever worker asks first): the
+              cost of the deterministic split is d/f
+  g ray-s3-wu (e) with data.ordered: false: the cost there is e/g
+
+  python bench/train_throughput.py --quick --paths d f e g   # the cost of data.ordered
 
 CPU columns: the shares of the machine's CPU time during each Ray fit used by the Train
 workers and by everything else (Ray's own processes, decode actors, the store server), read
@@ -347,7 +352,13 @@ class CpuSampler:
 
 
 def ray_rates(
-    written: Written, method: str, *, in_memory: bool, run: int, decode: str = "pool"
+    written: Written,
+    method: str,
+    *,
+    in_memory: bool,
+    run: int,
+    decode: str = "pool",
+    ordered: bool = True,
 ) -> dict[str, float]:
     """Steady images/s of the last epoch, its input start-up and input-wait share."""
     import ray
@@ -361,14 +372,15 @@ def ray_rates(
     config = replace(
         written.config,
         loss=LossConfig(method=Method(method)),
-        data=replace(written.config.data, decode=DecodeAt(decode)),
+        data=replace(written.config.data, decode=DecodeAt(decode), ordered=ordered),
     )
     config = absolute_paths(config)
     ensure_ray()
     meta = fmt.read_meta(config.data.train)
     uses_w = config.loss.method.inherits_classifier or config.loss.method.uses_teacher_classifier
     cmeta: clf.ClassifierMeta | None = check_classifier(config, meta) if uses_w else None
-    name = f"bench-{run}-{method}-{meta.num_classes}-{'mem' if in_memory else 's3'}-{decode}"
+    where = "mem" if in_memory else "s3"
+    name = f"bench-{run}-{method}-{meta.num_classes}-{where}-{decode}-{'o' if ordered else 'u'}"
     spec = student_spec(config, name, meta, cmeta)
     dataset = None
     if in_memory:
@@ -419,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--paths", nargs="+", default=["a", "b", "c", "d", "e"])
+    parser.add_argument("--paths", nargs="+", default=["a", "b", "c", "d", "e", "f", "g"])
     args = parser.parse_args(argv)
     if args.quick:
         args.methods, args.classes, args.steps, args.warmup = ["proxyless", "l2"], [1000], 6, 2
@@ -457,10 +469,12 @@ def main(argv: list[str] | None = None) -> int:
                         row["a"] = plain_rate(case, single, images, labels, weight)
                     if "b" in args.paths:
                         row["b"] = ddp_rate(case, setup, images, labels, weight)
-                    for path, in_memory, decode in (
-                        ("c", True, "pool"),
-                        ("d", False, "pool"),
-                        ("e", False, "worker"),
+                    for path, in_memory, decode, ordered in (
+                        ("c", True, "pool", True),
+                        ("d", False, "pool", True),
+                        ("e", False, "worker", True),
+                        ("f", False, "pool", False),
+                        ("g", False, "worker", False),
                     ):
                         if path in args.paths:
                             got = ray_rates(
@@ -469,6 +483,7 @@ def main(argv: list[str] | None = None) -> int:
                                 in_memory=in_memory,
                                 run=len(results),
                                 decode=decode,
+                                ordered=ordered,
                             )
                             row[path] = got["rate"]
                             row[f"{path}_startup_s"] = got["startup_s"]
@@ -519,6 +534,18 @@ def report(results: list[dict[str, Any]], setup: Setup, cores: int) -> None:
             f"{cell(r.get('d_workers_cpu'), 2)} / {cell(r.get('d_other_cpu'), 2)} | "
             f"{cell(r.get('e_workers_cpu'), 2)} / {cell(r.get('e_other_cpu'), 2)} |"
         )
+    if any("f" in r or "g" in r for r in results):
+        print("\nthe cost of data.ordered (images/s, ordered / unordered):\n")
+        print(
+            "| method | C | d pool ordered | f pool unordered | d/f | e worker ordered | g worker unordered | e/g |"
+        )
+        print("|---|---|---|---|---|---|---|---|")
+        for r in results:
+            print(
+                f"| {r['method']} | {r['classes']} | {cell(r.get('d'))} | {cell(r.get('f'))} | "
+                f"{cell(ratio(r.get('d'), r.get('f')), 2)} | {cell(r.get('e'))} | {cell(r.get('g'))} | "
+                f"{cell(ratio(r.get('e'), r.get('g')), 2)} |"
+            )
     by = {(r["method"], r["classes"]): r for r in results}
     targets: dict[str, Any] = {}
     for r in results:
@@ -526,6 +553,10 @@ def report(results: list[dict[str, Any]], setup: Setup, cores: int) -> None:
         targets[f"c/b>=0.95 {key}"] = ratio(r.get("c"), r.get("b"))
         targets[f"d/b>=0.85 {key}"] = ratio(r.get("d"), r.get("b"))
         targets[f"e/b>=0.85 {key}"] = ratio(r.get("e"), r.get("b"))
+        if "f" in r:
+            targets[f"ordered/unordered>=0.9 pool {key}"] = ratio(r.get("d"), r.get("f"))
+        if "g" in r:
+            targets[f"ordered/unordered>=0.9 worker {key}"] = ratio(r.get("e"), r.get("g"))
     for classes in sorted({r["classes"] for r in results}):
         p, l2, scratch = (by.get((m, classes)) for m in ("proxyless", "l2", "scratch"))
         for path in ("a", "b", "c", "d", "e"):
