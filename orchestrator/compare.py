@@ -70,8 +70,53 @@ def run_cell(params: dict[str, Any], base: dict[str, Any]) -> None:
 
     from orchestrator.train.launch import distill
 
-    config = cell_config(base, params["loss.method"], params["seed"])
+    method, seed = cell_of(params)
+    config = cell_config(base, method, seed)
     distill(config, run_name(config, config.loss.method, config.seed), [TuneReportCallback()])
+
+
+def cell_of(params: Mapping[str, Any]) -> tuple[str, int]:
+    """(method, seed) of a trial: ``cell`` "method:seed" (grids since 2026-12), or the
+    separate keys of a grid written before."""
+    if "cell" in params:
+        method, _, seed = str(params["cell"]).rpartition(":")
+        return method, int(seed)
+    return str(params["loss.method"]), int(params["seed"])
+
+
+def finished_cells(config: ExperimentConfig) -> set[tuple[str, int]]:
+    """The cells whose run finished with exactly the settings this comparison trains them
+    with (the run fingerprint, which leaves out the compare section, and every epoch):
+    a comparison that grows (more seeds, more methods, other metrics) reuses them."""
+    from orchestrator.artifacts import read_student_export
+    from orchestrator.runs import RUN_RECORD, fingerprint, run_dir, student_uri, training_settings
+
+    base = to_dict(config)
+    done = set()
+    for method in config.compare.methods:
+        for seed in config.compare.seeds:
+            cell = cell_config(base, method.value, seed)
+            name = run_name(cell, method, seed)
+            record, student = storage.join(run_dir(cell, name), RUN_RECORD), student_uri(cell, name)
+            if not (storage.exists(record) and storage.exists(student)):
+                continue
+            recorded = json.loads(storage.read_text(record)).get("fingerprint")
+            same = recorded == fingerprint(training_settings(cell, "student"))
+            if same and len(read_student_export(student).epochs_done) >= cell.optim.epochs:
+                done.add((method.value, seed))
+    return done
+
+
+def grid_path(path: str, *, resume: bool) -> str | None:
+    """Where this invocation's Tune grid lives: a new ``grid-NNN`` under the comparison, or
+    with ``resume`` the latest one (a comparison written before grids were numbered keeps
+    its grid at ``path`` itself); None when there is none to resume."""
+    grids = sorted(p.rsplit("/", 1)[-1] for p in storage.glob(path, "grid-*"))
+    if resume:
+        if grids:
+            return storage.join(path, grids[-1])
+        return path if storage.exists(storage.join(path, "tuner.pkl")) else None
+    return storage.join(path, f"grid-{len(grids) + 1:03d}")
 
 
 def check_cells(config: ExperimentConfig) -> None:
@@ -192,29 +237,40 @@ def run_compare(config: ExperimentConfig, resume: bool = False) -> Comparison:
         f"state in {path}",
         flush=True,
     )
-    space = {
-        "loss.method": rt.grid_search([m.value for m in compare.methods]),
-        "seed": rt.grid_search(list(compare.seeds)),
-    }
-    grid = fit_trials(
-        run_cell,
-        config,
-        path=path,
-        space=space,
-        tune_config=lambda: rt.TuneConfig(num_samples=1, max_concurrent_trials=concurrent),
-        resume=resume,
-        what="comparison",
+    finished = finished_cells(config)
+    todo = [
+        f"{m.value}:{s}"
+        for m in compare.methods
+        for s in compare.seeds
+        if (m.value, s) not in finished
+    ]
+    print(
+        f"[compare] {len(finished)} run(s) finished already with these settings (reused), "
+        f"{len(todo)} to train",
+        flush=True,
     )
+    grid_at = grid_path(path, resume=resume)
+    if resume and grid_at is None:
+        raise FileNotFoundError(f"--resume: no comparison to resume at {path}")
+    results: list[Any] = []
+    if todo or resume:
+        assert grid_at is not None
+        grid = fit_trials(
+            run_cell,
+            config,
+            path=grid_at,
+            space={"cell": rt.grid_search(todo)},
+            tune_config=lambda: rt.TuneConfig(num_samples=1, max_concurrent_trials=concurrent),
+            resume=resume,
+            what="comparison",
+        )
+        results = [grid[i] for i in range(len(grid))]
     errors = {
-        (str(r.config["loss.method"]), int(r.config["seed"])): storage.redact(str(r.error))[:500]
-        for r in (grid[i] for i in range(len(grid)))
+        cell_of(r.config): storage.redact(str(r.error))[:500]
+        for r in results
         if r.error is not None and r.config
     }
-    extra = {
-        (str(r.config["loss.method"]), int(r.config["seed"])): dict(r.metrics or {})
-        for r in (grid[i] for i in range(len(grid)))
-        if r.config
-    }
+    extra = {cell_of(r.config): dict(r.metrics or {}) for r in results if r.config}
     cells = evaluate_cells(config, errors, extra)
     return summarize(config, cells, path)
 

@@ -257,8 +257,8 @@ def fit_trials(
             param_space=space,
             tune_config=tune_config(),
             run_config=rt.RunConfig(
-                name=config.name,
-                storage_path=path.rsplit("/", 1)[0],
+                name=path.rstrip("/").rsplit("/", 1)[1],
+                storage_path=path.rstrip("/").rsplit("/", 1)[0],
                 verbose=1,
                 failure_config=ray.tune.FailureConfig(max_failures=0),
             ),

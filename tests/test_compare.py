@@ -227,3 +227,39 @@ def test_every_cell_config_is_checked_before_training(tmp_path: Path) -> None:
     config = replace(config, data=DataConfig(train=str(tmp_path), eval=str(tmp_path)))
     with pytest.raises(ConfigError, match=r"method proxyless needs student\.emb_dim"):
         check_cells(config)
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_a_finished_comparison_grows_by_training_only_its_new_cells(comparison: dict) -> None:
+    """2 methods x 2 seeds, then a third seed: the four finished runs are reused (same
+    training settings: the compare section is not part of a run's fingerprint), two train,
+    and the report has n = 3 for each method. Then other metrics only: nothing trains."""
+    root = comparison["root"]
+    path = root / "compare.yaml"
+
+    def grown(*sets: str) -> subprocess.CompletedProcess[str]:
+        args = [a for s in sets for a in ("--set", s)]
+        done = subprocess.run(
+            compare_cli(path, *args),
+            cwd=REPO,
+            env=clean_env(),
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done
+
+    done = grown("compare.seeds=[3,4,5]")
+    assert "4 run(s) finished already with these settings (reused), 2 to train" in done.stdout
+    for student, mtime in comparison["mtimes"].items():
+        assert Path(student).stat().st_mtime_ns == mtime, f"{student} was trained again"
+    assert len(students(root)) == 6
+    data = json.loads((comparison["summary"] / "comparison.json").read_text())
+    assert data["tables"]["acc_10fold"]["proxyless"]["n"] == 3
+    assert data["tables"]["acc_10fold"]["cckd"]["vs_baseline"]["n"] == 3
+    again = grown("compare.seeds=[3,4,5]", "compare.metrics=[auc,rank1]")
+    assert "6 run(s) finished already with these settings (reused), 0 to train" in again.stdout
+    data = json.loads((comparison["summary"] / "comparison.json").read_text())
+    assert "auc" in data["tables"] and "acc_10fold" not in data["tables"]
