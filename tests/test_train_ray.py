@@ -719,3 +719,32 @@ def test_the_dense_classifier_is_one_shared_copy_per_node() -> None:
     assert first_sum == second_sum == pytest.approx(float(weight.sum()), rel=1e-6)
     for holder in holders:
         ray.kill(holder)
+
+
+def multiple_instances_lines(session: Path) -> int:
+    """Lines of the session's logs where a Ray process found more than one cluster."""
+    return sum(
+        path.read_text(errors="replace").count("Found multiple active Ray instances")
+        for path in (session / "logs").rglob("*")
+        if path.is_file()
+    )
+
+
+def test_another_ray_on_the_host_does_not_disturb_a_run(train_setup: TrainSetup) -> None:
+    """A second Ray instance (ray start --head) beside the private cluster: Ray Train's
+    PlacementGroupCleaner looks the cluster up through the State API every second, and
+    found "multiple active Ray instances" (a 27-line traceback per run) until the private
+    cluster's workers were given its address (orchestrator.runs.pin_ray_address)."""
+    import ray
+
+    from tests.test_ray_job import running_head
+
+    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    before = multiple_instances_lines(session)
+    config = replace(
+        train_setup.base, name="beside-another-ray", optim=replace(train_setup.base.optim, epochs=1)
+    )
+    with running_head():
+        outcome = distill(config)
+    assert outcome.state.epochs_done == (0,)
+    assert multiple_instances_lines(session) == before
