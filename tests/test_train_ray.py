@@ -739,7 +739,9 @@ def test_another_ray_on_the_host_does_not_disturb_a_run(train_setup: TrainSetup)
 
     from tests.test_ray_job import running_head
 
-    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    node = ray._private.worker._global_node
+    assert node is not None
+    session = Path(node.get_session_dir_path())
     before = multiple_instances_lines(session)
     config = replace(
         train_setup.base, name="beside-another-ray", optim=replace(train_setup.base.optim, epochs=1)
