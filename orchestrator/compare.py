@@ -40,6 +40,8 @@ from orchestrator.tune import (
 
 SUMMARY_DIR = "summary"
 CROSS_MODEL = "cross_model_acc_10fold"  # teacher gallery, student probes
+CROSS_MODEL_RANK1 = "cross_model_rank1"  # the same search, rank-1 identification
+TEACHER_ROW = "teacher"  # the reference row of each table (the teacher, one evaluation)
 IMAGES_PER_S = "images_per_s"  # training rate, mean over the run's epochs
 
 
@@ -271,15 +273,15 @@ def run_compare(config: ExperimentConfig, resume: bool = False) -> Comparison:
         if r.error is not None and r.config
     }
     extra = {cell_of(r.config): dict(r.metrics or {}) for r in results if r.config}
-    cells = evaluate_cells(config, errors, extra)
-    return summarize(config, cells, path)
+    cells, teacher = evaluate_cells(config, errors, extra)
+    return summarize(config, cells, path, teacher=teacher)
 
 
 def evaluate_cells(
     config: ExperimentConfig,
     errors: Mapping[tuple[str, int], str],
     trial_metrics: Mapping[tuple[str, int], Mapping[str, Any]],
-) -> list[Cell]:
+) -> tuple[list[Cell], dict[str, float | None]]:
     """Every exported student of the grid on ``data.eval`` (with the teacher: cross-model
     accuracy for the students in its space), plus the trials' benchmark validations."""
     from orchestrator.evaluation import evaluate_students
@@ -295,11 +297,10 @@ def evaluate_cells(
             if (method.value, seed) not in errors and storage.exists(uri):
                 students[name], keys[name] = uri, (method.value, seed)
     teacher = load_teacher_backbone(config.teacher, image_size=config.data.image_size)
-    report = (
-        evaluate_students(config.data.eval, teacher, students).report["students"]
-        if students
-        else {}
-    )
+    full = evaluate_students(config.data.eval, teacher, students).report if students else {}
+    report = full.get("students", {})
+    reference = full.get("teacher") or {}
+    teacher_row = {m: Metric(m).read(reference) for m in config.compare.metrics}
     benches = [validation_key(f"{name}_acc") for name in val_targets(config)]
     cells = []
     for method in config.compare.methods:
@@ -316,13 +317,14 @@ def evaluate_cells(
             }
             cross = entry.get("cross_model")
             metrics[CROSS_MODEL] = None if cross is None else float(cross["acc_10fold"])
+            metrics[CROSS_MODEL_RANK1] = None if cross is None else float(cross["rank1"])
             rates = [e["samples_per_s"] for e in entry.get("throughput", [])]
             metrics[IMAGES_PER_S] = float(np.mean(rates)) if rates else None
             for bench in benches:
                 value = trial_metrics.get(key, {}).get(bench)
                 metrics[bench.removeprefix("val_")] = None if value is None else float(value)
             cells.append(Cell(method.value, seed, name, "completed", students[name], metrics))
-    return cells
+    return cells, teacher_row
 
 
 # --- the summary ----------------------------------------------------------------------------
@@ -336,18 +338,27 @@ def by_seed(cells: Sequence[Cell], method: str, column: str) -> dict[int, float]
     }
 
 
-def summarize(config: ExperimentConfig, cells: list[Cell], path: str) -> Comparison:
+def summarize(
+    config: ExperimentConfig,
+    cells: list[Cell],
+    path: str,
+    *,
+    teacher: Mapping[str, float | None] | None = None,
+) -> Comparison:
     """report.md, comparison.json, cells.csv and comparison.png under <path>/summary."""
     done = [c for c in cells if c.status == "completed"]
     if not done:
         raise RuntimeError(f"no run of comparison {config.name} completed; see {path}")
     columns = [m for m in config.compare.metrics]
-    columns += [CROSS_MODEL] if any(c.metrics.get(CROSS_MODEL) is not None for c in done) else []
-    columns += [k for k in done[0].metrics if k not in (*columns, CROSS_MODEL, IMAGES_PER_S)]
+    for cross in (CROSS_MODEL, CROSS_MODEL_RANK1):
+        columns += [cross] if any(c.metrics.get(cross) is not None for c in done) else []
+    skip = (*columns, CROSS_MODEL, CROSS_MODEL_RANK1, IMAGES_PER_S)
+    columns += [k for k in done[0].metrics if k not in skip]
     columns.append(IMAGES_PER_S)
     out = storage.join(path, SUMMARY_DIR)
     storage.makedirs(out)
     data = summary_data(config, cells, columns)
+    data[TEACHER_ROW] = dict(teacher or {})
     text = markdown(config, data)
     storage.write_text_atomic(storage.join(out, "report.md"), text)
     storage.write_text_atomic(storage.join(out, "comparison.json"), json.dumps(data, indent=2))
@@ -398,6 +409,8 @@ def summary_data(config: ExperimentConfig, cells: list[Cell], columns: list[str]
 def label(column: str) -> str:
     if column == CROSS_MODEL:
         return "cross-model acc_10fold (teacher gallery, student probes)"
+    if column == CROSS_MODEL_RANK1:
+        return "cross-model rank-1 (teacher gallery, student probes)"
     if column == IMAGES_PER_S:
         return "training images/s (mean over epochs)"
     return column
@@ -429,6 +442,9 @@ def markdown(config: ExperimentConfig, data: dict[str, Any]) -> str:
             f"| method | mean ± std | n | per seed | Δ vs {baseline} [{level} CI] | significant |",
             "|---|---|---|---|---|---|",
         ]
+        reference = data.get(TEACHER_ROW, {}).get(column)
+        if reference is not None:
+            lines.append(f"| teacher (reference) | {fmt(reference, digits)} | 1 | - | - | - |")
         for method, row in rows.items():
             per_seed = ", ".join(f"{k}: {fmt(v, digits)}" for k, v in row["values"].items())
             vs = row.get("vs_baseline")

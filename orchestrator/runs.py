@@ -77,9 +77,7 @@ def start_private_cluster(**init_kwargs: Any) -> None:
     # State API) find this one, not "multiple active Ray instances" when another Ray runs
     # on the host.
     runtime_env = {"worker_process_setup_hook": "orchestrator.runs.pin_ray_address"}
-    ray.init(
-        address="local", logging_level=logging.WARNING, runtime_env=runtime_env, **init_kwargs
-    )
+    ray.init(address="local", logging_level=logging.WARNING, runtime_env=runtime_env, **init_kwargs)
 
 
 def pin_ray_address() -> None:

@@ -95,6 +95,10 @@ def test_report_says_which_differences_are_significant() -> None:
     assert l2["significant"] and l2["high"] < 0
     assert not scratch["significant"] and scratch["low"] < 0 < scratch["high"]
     text = markdown(config, data)
+    assert "teacher (reference)" not in text  # no teacher measured, no row
+    data["teacher"] = {"acc_10fold": 0.93}
+    text = markdown(config, data)
+    assert "| teacher (reference) | 0.9300 | 1 | - | - | - |" in text
     assert "l2 is lower than proxyless on acc_10fold at the 95% level" in text
     assert "scratch and proxyless are not distinguishable on acc_10fold" in text
 
@@ -193,8 +197,19 @@ def test_compare_cli_tables_intervals_and_plot(comparison: dict) -> None:
         )
         widths.append(vs["high"] - vs["low"])
     assert max(widths) > 0, "at least one column has a proper interval (images/s differ)"
-    # cckd lives in the teacher's space (student width = teacher width): cross-model numbers.
+    # cckd lives in the teacher's space (student width = teacher width): cross-model numbers,
+    # verification and rank-1 identification; the teacher's own row heads each table.
     assert all(per[(m, s)][CROSS_MODEL] != "" for m in ("proxyless", "cckd") for s in (3, 4))
+    assert all(
+        0 <= float(per[(m, s)]["cross_model_rank1"]) <= 1
+        for m in ("proxyless", "cckd")
+        for s in (3, 4)
+    )
+    assert 0.0 <= data["teacher"]["acc_10fold"] <= 1.0
+    assert (
+        f"| teacher (reference) | {data['teacher']['acc_10fold']:.4f} |"
+        in (summary / "report.md").read_text()
+    )
     report = (summary / "report.md").read_text()
     assert "## acc_10fold" in report and "paired t-interval" in report
     assert "cckd" in report and ("not distinguishable" in report or "than proxyless" in report)
