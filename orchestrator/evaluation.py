@@ -320,12 +320,21 @@ def write_report(result: EvaluationReport, out_dir: str) -> str:
         rows["teacher"] = result.report["teacher"]
     rows.update(result.report["students"])
     sections = []
-    if result.report["dataset"] is not None:
+    # Each table says its flip test: the held-out set's default is none, the .bin sets' sum
+    # (insightface's convention); --flip makes them the same.
+    dataset = result.report["dataset"]
+    if dataset is not None:
+        flip = dataset.get("flip_test", Flip.NONE.value)
         sections.append(
-            f"# Evaluation on {result.report['dataset']['eval']}\n\n{markdown_table(rows)}"
+            f"# Evaluation on {dataset['eval']} (flip test: {flip})\n\n{markdown_table(rows)}"
         )
-    if result.report.get("benchmarks"):
-        sections.append(f"# Standard benchmarks\n\n{standard_table(result.report['benchmarks'])}")
+    benchmarks = result.report.get("benchmarks")
+    if benchmarks:
+        flips = ", ".join(
+            f"{name} {entry['flip']}" for name, entry in benchmarks.items() if "flip" in entry
+        )
+        title = f"# Standard benchmarks (flip test: {flips})" if flips else "# Standard benchmarks"
+        sections.append(f"{title}\n\n{standard_table(benchmarks)}")
     text = "\n".join(sections)
     storage.write_text_atomic(storage.join(out_dir, "report.md"), text)
     roc_plot(result.curves, storage.join(out_dir, "roc.png"), "verification ROC")

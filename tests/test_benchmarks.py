@@ -399,7 +399,8 @@ def test_evaluate_benchmarks_through_the_cli(
         assert got["tar_at_far"] == pytest.approx(expected["tar_at_far"])
         assert got["auc"] == pytest.approx(expected["auc"], abs=1e-9)
     text = (out / "report.md").read_text()
-    assert "# Standard benchmarks" in text and "| mbf cross |" in text
+    assert "# Standard benchmarks (flip test: " in text and "| mbf cross |" in text
+    assert "agedb_30 sum" in text, "each .bin set's flip test is stated in the title"
     assert "IJBC TAR@1e-4" in text and "agedb_30" in text
     assert (out / "roc.png").stat().st_size > 1000
 
