@@ -17,7 +17,7 @@ from torch.func import functional_call
 from orchestrator import classifier as clf
 from orchestrator.artifacts import read_student_export
 from orchestrator.audit import EpochAudit, read_epoch_audit
-from orchestrator.config import ExperimentConfig, OptimConfig, RunConfig
+from orchestrator.config import ExperimentConfig, Method, OptimConfig, RunConfig
 from orchestrator.data import format as fmt
 from orchestrator.data.images import to_model_input
 from orchestrator.data.ray_input import augment_draws, decode_augmented
@@ -51,6 +51,8 @@ def runs(train_setup: TrainSetup) -> Runs:
     names = ("seed0-a", "seed0-b", "seed1")
     for name in names:
         distill(replace(config, name=name, seed=1 if name == "seed1" else 0))
+    # Another method at seed 0: the pair jobs.compare forms at one seed.
+    distill(replace(config, name="seed0-l2", loss=replace(config.loss, method=Method.L2)))
     return Runs(config, names)
 
 
@@ -72,6 +74,14 @@ def test_one_seed_trains_the_same_batches_to_the_same_weights(runs: Runs) -> Non
     assert other.trained != a.trained
     third = weights(runs, runs.names[2])
     assert any(not torch.equal(first[k], third[k]) for k in first)
+
+
+def test_two_methods_at_one_seed_train_on_the_same_batches(runs: Runs) -> None:
+    """What makes jobs.compare's differences paired samples: proxyless and l2 at seed 0
+    see the same images in the same order on each rank (and start from the same student)."""
+    assert audit_of(runs, "seed0-l2") == audit_of(runs, runs.names[0])
+    start = read_student_export(student_uri(runs.config, "seed0-l2"))
+    assert start.config["seed"] == 0 and start.config["loss"]["method"] == "l2"
 
 
 def test_the_audit_records_trained_and_skipped_images_apart(runs: Runs) -> None:
