@@ -89,6 +89,21 @@ class Method(enum.StrEnum):
         """The class-sharded loss (sharding.mode sharded) implements this method."""
         return self is Method.PROXYLESS
 
+    @property
+    def loss_settings(self) -> tuple[str, ...]:
+        """The method-specific keys of the ``loss`` section this method reads (the margin
+        aside, which every method reads); the others have no effect on its runs."""
+        return {
+            Method.L2: ("l2_weight",),
+            Method.PROXYLESS_L2: ("l2_weight",),
+            Method.LOGIT: ("kd_temperature", "kd_weight"),
+            Method.CCKD: ("cckd",),
+            Method.MULTISTEP: ("multistep",),
+        }.get(self, ())
+
+
+METHOD_LOSS_SETTINGS = ("l2_weight", "kd_temperature", "kd_weight", "cckd", "multistep")
+
 
 class MarginType(enum.StrEnum):
     ARCFACE = "arcface"  # s*cos(theta + m)

@@ -16,7 +16,7 @@ from typing import Any
 
 from orchestrator import storage
 from orchestrator.artifacts import BEST_DIR, STUDENT_FILE
-from orchestrator.config import ExperimentConfig, to_dict
+from orchestrator.config import METHOD_LOSS_SETTINGS, ExperimentConfig, to_dict
 from orchestrator.errors import UsageError
 from orchestrator.locks import expiring_lock
 
@@ -198,15 +198,36 @@ class RunConflictError(UsageError):
 
 
 def training_settings(config: ExperimentConfig, role: str) -> dict[str, Any]:
-    """Every setting that changes what a run trains, by dotted key."""
+    """Every setting that changes what a run trains, by dotted key: not those of another
+    job or of the other role, and not the loss settings of methods other than this run's
+    (``Method.loss_settings``)."""
     flat = _flatten(to_dict(config))
     other = "optim" if role == "teacher" else "teacher_optim"
+    unused = [f"loss.{k}" for k in METHOD_LOSS_SETTINGS if k not in method_settings(config, role)]
     return {
         key: value
         for key, value in flat.items()
         if key in TRAINING_AFTER_ALL
-        or not any(key == n or key.startswith(n + ".") for n in (*NOT_TRAINING, other))
+        or not any(key == n or key.startswith(n + ".") for n in (*NOT_TRAINING, other, *unused))
     }
+
+
+def method_settings(config: ExperimentConfig, role: str) -> tuple[str, ...]:
+    """The method-specific loss keys a run of ``role`` reads (a teacher reads none)."""
+    return () if role == "teacher" else config.loss.method.loss_settings
+
+
+def ineffective_settings(config: ExperimentConfig, role: str) -> list[str]:
+    """The method-specific loss settings given a non-default value that this run does not
+    read (those of other methods), each with the method that ignores it."""
+    from orchestrator.config import LossConfig
+
+    loss, default = to_dict(config.loss), to_dict(LossConfig())
+    return [
+        f"loss.{k} (loss.method {config.loss.method.value})"
+        for k in METHOD_LOSS_SETTINGS
+        if k not in method_settings(config, role) and loss[k] != default[k]
+    ]
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

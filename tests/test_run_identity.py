@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import CompareConfig, DataConfig, ExperimentConfig, LossConfig, RunConfig
+from orchestrator.config import (
+    CompareConfig,
+    DataConfig,
+    ExperimentConfig,
+    LossConfig,
+    MarginConfig,
+    RunConfig,
+)
 from orchestrator.runs import RunConflictError, claim_run, fingerprint, training_settings
 
 
@@ -34,11 +41,33 @@ def test_bookkeeping_settings_leave_the_fingerprint_alone(
     assert fingerprint(training_settings(replace(base, **change), "student")) == same  # type: ignore[arg-type]
 
 
+def test_loss_settings_of_other_methods_are_not_in_the_fingerprint_and_are_named(
+    tmp_path: Path,
+) -> None:
+    from orchestrator.config import Method
+    from orchestrator.runs import ineffective_settings
+
+    base = config(tmp_path)
+    same = fingerprint(training_settings(base, "student"))
+    proxyless = replace(base, loss=LossConfig(l2_weight=3.0, kd_weight=2.0))
+    assert fingerprint(training_settings(proxyless, "student")) == same
+    assert ineffective_settings(proxyless, "student") == [
+        "loss.l2_weight (loss.method proxyless)",
+        "loss.kd_weight (loss.method proxyless)",
+    ]
+    l2 = replace(base, loss=LossConfig(method=Method.L2, l2_weight=3.0, kd_weight=2.0))
+    other_l2 = replace(l2, loss=replace(l2.loss, l2_weight=1.0))
+    assert fingerprint(training_settings(l2, "student")) != fingerprint(
+        training_settings(other_l2, "student")
+    ), "l2 reads l2_weight"
+    assert ineffective_settings(l2, "student") == ["loss.kd_weight (loss.method l2)"]
+
+
 @pytest.mark.parametrize(
     "change",
     [
         {"seed": 1},
-        {"loss": LossConfig(kd_weight=2.0)},
+        {"loss": LossConfig(margin=MarginConfig(m=0.4))},
         {"run": RunConfig(shuffle_buffer=10)},
         {"run": RunConfig(sync_batchnorm=True)},
         {"data": DataConfig(crop_pad=2)},

@@ -55,6 +55,7 @@ from orchestrator.runs import (
     best_uri,
     claim_run,
     ensure_ray,
+    ineffective_settings,
     object_store_env,
     run_dir,
     run_lock,
@@ -362,6 +363,8 @@ def distill(
     synced = config.run.sync_batchnorm
     batch = config.optim.batch_size
     warn(small_batch_warning(batch, config.scaling, key="optim.batch_size", synced=synced))
+    unused = ineffective_settings(config, Role.STUDENT.value)
+    warn(f"warning: settings with no effect in this run: {', '.join(unused)}" if unused else None)
     ensure_ray()  # before the classifier's ray.put: every method gets the same cluster
     preflight(config)  # every input and the cluster's size checked before a run exists
     with run_lock(config, name):
