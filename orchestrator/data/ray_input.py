@@ -1,12 +1,14 @@
-"""Training input through Ray Data: Parquet (local or object storage) -> JPEG decode and
-augmentation on an actor pool -> ``streaming_split`` into the Train workers. With
-``data.decode: worker`` the JPEG bytes go to the workers as they are and each decodes them
-in threads of its own (:func:`decoded_ahead`), one batch ahead of its training step.
+"""Training input through Ray Data: Parquet (local or object storage) -> JPEG decode on an
+actor pool -> ``streaming_split`` into the Train workers, which augment. With
+``data.decode: worker`` the JPEG bytes go to the workers as they are and each decodes and
+augments them in threads of its own (:func:`decoded_ahead`), one batch ahead of its step.
 
 Each epoch reads the shards in a new order (Ray's file shuffle, seeded from the config and
-reseeded per execution, i.e. per epoch); rows are further mixed by each worker's local
-shuffle buffer. ``TorchTrainer(datasets=...)`` splits every epoch into equal disjoint parts,
-one per worker.
+reseeded per execution, i.e. per epoch); with ``data.ordered`` the split of the rows over
+the workers is a function of the data (Ray Data's preserve_order); rows are further mixed
+by each worker's local shuffle buffer, seeded from (seed, epoch, rank); augmentation is
+drawn per image from (seed, epoch, image id). ``TorchTrainer(datasets=...)`` splits every
+epoch into equal disjoint parts, one per worker.
 """
 
 from __future__ import annotations
