@@ -121,9 +121,13 @@ def test_reject_keeps_the_champion(
     assert last["decision"] == "rejected" and last["snapshot"].endswith("2026-02")
     assert last["champion_value"] is not None and "acc_10fold" in last["metrics"]
     assert run(strict) is Outcome.SKIPPED  # decided: not evaluated again
-    # The champion's student disappears: the next snapshot is refused before it trains,
-    # never promoted as if there were no champion.
-    object_store.client().rm(first["student"].removeprefix("s3://"))
+    # The champion's student disappears (its record is made to name a file that is gone:
+    # the run itself is shared with other tests): the next snapshot is refused before it
+    # trains, never promoted as if there were no champion.
+    pointer = f"{config.retrain.registry}/champion.json"
+    lost = {**first, "student": first["student"].replace("/student.pt", "/lost/student.pt")}
+    storage.write_text_atomic(pointer, json.dumps(lost))
+    first = lost
     publish_snapshot(object_store, config.retrain.snapshots, "2026-03", seed=14)
     with pytest.raises(MissingMetricError, match=r"champion's student .* does not exist"):
         run(config)

@@ -184,7 +184,9 @@ def test_a_teacher_that_does_not_fit_fails_before_any_worker_starts(
         student=replace(base.student, emb_dim=32),
         loss=replace(base.loss, method=Method.L2),
     )
-    with pytest.raises(ArtifactError, match=r"gives 16-d embeddings, teacher\.emb_dim is 32"):
+    with pytest.raises(
+        ArtifactError, match=r"gives 16-d embeddings on 112x112 inputs, teacher\.emb_dim is 32"
+    ):
         distill(config)
     for name in ("bad-teacher", "bad-width"):
         assert not (Path(base.storage_path) / name).exists(), "no run was started"
