@@ -232,6 +232,18 @@ class SyntheticConfig:
         )
         require(self.images_per_identity >= 2, "images_per_identity", "must be >= 2")
         require(self.pairs_per_fold >= 2, "pairs_per_fold", "must be >= 2")
+        # Pairs are drawn without replacement: the smallest fold must hold half of them.
+        fold = self.eval_identities // 10  # identities in the smallest of the 10 folds
+        same = fold * self.images_per_identity * (self.images_per_identity - 1) // 2
+        different = fold * (fold - 1) // 2 * self.images_per_identity**2
+        require(
+            self.pairs_per_fold // 2 <= min(same, different),
+            "pairs_per_fold",
+            f"{self.pairs_per_fold} needs {self.pairs_per_fold // 2} distinct same-identity and "
+            f"different-identity pairs per fold, but {fold} identities of "
+            f"{self.images_per_identity} images hold {same} and {different}: at most "
+            f"{2 * min(same, different)}",
+        )
         require(1 <= self.jpeg_quality <= 100, "jpeg_quality", "must be in [1, 100]")
         require(self.shard_bytes > 0, "shard_bytes", "must be > 0")
 

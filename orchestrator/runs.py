@@ -72,20 +72,12 @@ def start_private_cluster(**init_kwargs: Any) -> None:
     # Ray Data's per-epoch INFO lines ("execution finished in ...") in every process.
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     Config.initialize("")  # Ray reads RAY_AUTH_MODE once at import: make it see token mode
-    # Every worker of the private cluster knows its cluster's address (pin_ray_address), so
+    # Every worker of the private cluster knows its cluster's address (ray_hook), so
     # Ray's own actors that look a cluster up (Train's PlacementGroupCleaner, through the
     # State API) find this one, not "multiple active Ray instances" when another Ray runs
     # on the host.
-    runtime_env = {"worker_process_setup_hook": "orchestrator.runs.pin_ray_address"}
+    runtime_env = {"worker_process_setup_hook": "orchestrator.ray_hook.pin_ray_address"}
     ray.init(address="local", logging_level=logging.WARNING, runtime_env=runtime_env, **init_kwargs)
-
-
-def pin_ray_address() -> None:
-    """In a worker of the private cluster (Ray's worker_process_setup_hook): RAY_ADDRESS is
-    that cluster's GCS, which every Ray lookup without an address then uses."""
-    import ray
-
-    os.environ["RAY_ADDRESS"] = str(ray.get_runtime_context().gcs_address)
 
 
 _TOKEN: list[str] = []

@@ -113,7 +113,12 @@ def test_decode_plan_leaves_room_for_reads() -> None:
 def many_shards(tmp_path_factory: pytest.TempPathFactory) -> SyntheticDatasets:
     out = tmp_path_factory.mktemp("shards")
     config = SyntheticConfig(
-        out=str(out), num_identities=6, eval_identities=20, images_per_identity=2, shard_bytes=1
+        out=str(out),
+        num_identities=6,
+        eval_identities=20,
+        images_per_identity=2,
+        shard_bytes=1,
+        pairs_per_fold=2,  # 2 identities of 2 images per fold: 2 distinct positives
     )
     return write_synthetic(config)  # one image per shard
 

@@ -40,6 +40,7 @@ def publish_snapshot(store: EmbeddedObjectStore, prefix: str, name: str, seed: i
             num_identities=6,
             eval_identities=20,
             images_per_identity=3,
+            pairs_per_fold=4,  # 2 identities of 3 images per fold: 6 distinct positives
             seed=seed,
         )
     )

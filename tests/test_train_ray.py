@@ -733,7 +733,7 @@ def test_another_ray_on_the_host_does_not_disturb_a_run(train_setup: TrainSetup)
     """A second Ray instance (ray start --head) beside the private cluster: Ray Train's
     PlacementGroupCleaner looks the cluster up through the State API every second, and
     found "multiple active Ray instances" (a 27-line traceback per run) until the private
-    cluster's workers were given its address (orchestrator.runs.pin_ray_address)."""
+    cluster's workers were given its address (orchestrator.ray_hook)."""
     import ray
 
     from tests.test_ray_job import running_head
