@@ -129,8 +129,8 @@ def check_cells(config: ExperimentConfig) -> None:
     from orchestrator.train.launch import check_run_inputs
 
     base = to_dict(config)
-    for method in config.compare.methods:
-        check_run_inputs(cell_config(base, method.value, config.compare.seeds[0]))
+    seed = config.compare.seeds[0]
+    check_run_inputs([cell_config(base, method.value, seed) for method in config.compare.methods])
 
 
 # --- the statistics -----------------------------------------------------------------------

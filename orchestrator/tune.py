@@ -186,7 +186,7 @@ def run_search(config: ExperimentConfig, resume: bool = False) -> SearchOutcome:
     from orchestrator.train.launch import check_run_inputs
 
     config = absolute_paths(config)
-    check_run_inputs(config)  # every trial shares the data, the classifier and the teacher
+    check_run_inputs([config])  # every trial shares the data, the classifier and the teacher
     ensure_ray()
     path = search_path(config)
     resources = cluster_resources()

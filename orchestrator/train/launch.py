@@ -139,17 +139,37 @@ def small_batch_warning(
     )
 
 
-def check_run_inputs(config: ExperimentConfig) -> None:
-    """What ``distill`` checks on the driver before a run exists (the dataset and its
-    labels, the teacher classifier against it, the teacher), for the jobs that launch many
-    runs (``jobs.tune``, ``jobs.compare``): a bad input fails once, in seconds, instead of
-    in every trial."""
-    config = absolute_paths(config)
-    use_object_store_config(config)
+def checked_inputs(
+    config: ExperimentConfig,
+) -> tuple[fmt.DatasetMeta, clf.ClassifierMeta | None]:
+    """What a student run checks on the driver before it exists: the dataset and its
+    labels, the teacher classifier against it (when the method uses W), the teacher (when
+    the method runs it per batch). ``config`` has absolute paths."""
     meta = check_inputs(config)
-    if config.loss.method.uses_teacher_classifier:
-        check_classifier(config, meta)
+    uses_w = config.loss.method.uses_teacher_classifier
+    cmeta = check_classifier(config, meta) if uses_w else None
     check_teacher(config)
+    return meta, cmeta
+
+
+def check_run_inputs(configs: Sequence[ExperimentConfig]) -> None:
+    """:func:`checked_inputs` for the jobs that launch many runs (``jobs.tune``,
+    ``jobs.compare``), whose runs share the data, the classifier and the teacher and differ
+    in method and seed: each input is checked once (the labels scanned once, each teacher
+    loaded once), and a bad one fails in seconds instead of in every trial."""
+    configs = [absolute_paths(c) for c in configs]
+    first = configs[0]
+    use_object_store_config(first)
+    meta = check_inputs(first)
+    users_of_w = [c for c in configs if c.loss.method.uses_teacher_classifier]
+    if users_of_w:
+        check_classifier(users_of_w[0], meta)
+    checked_stages: set[tuple[TeacherStage, ...]] = set()
+    for config in configs:
+        stages = teacher_stages(config)
+        if config.loss.method.needs_teacher_embeddings and stages not in checked_stages:
+            checked_stages.add(stages)
+            check_teacher(config)
 
 
 def warn(line: str | None) -> None:
@@ -356,10 +376,7 @@ def distill(
     name = checked_run_name(name or config.name)
     config = absolute_paths(config)
     use_object_store_config(config)
-    meta = check_inputs(config)
-    uses_w = config.loss.method.uses_teacher_classifier
-    cmeta = check_classifier(config, meta) if uses_w else None
-    check_teacher(config)
+    meta, cmeta = checked_inputs(config)
     synced = config.run.sync_batchnorm
     batch = config.optim.batch_size
     warn(small_batch_warning(batch, config.scaling, key="optim.batch_size", synced=synced))
