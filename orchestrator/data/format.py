@@ -362,17 +362,12 @@ def _shortfall(kind: str, asked: int, available: int, fold: int) -> DatasetError
 def positive_pairs(
     members: Sequence[Sequence[str]], count: int, rng: np.random.Generator, *, fold: int
 ) -> list[tuple[str, str]]:
-    """``count`` distinct same-identity pairs: indices into the concatenation of each
-    identity's n(n-1)/2 pairs, drawn without replacement, then unranked."""
-    sizes = np.array([len(ids) * (len(ids) - 1) // 2 for ids in members], dtype=np.int64)
-    total = int(sizes.sum())
-    if count > total:
-        raise _shortfall("same-identity", count, total, fold)
-    starts = np.concatenate([[0], np.cumsum(sizes)])
+    """``count`` distinct same-identity pairs: each identity's n(n-1)/2 pairs are a block,
+    drawn from without replacement (:func:`_draw_from_blocks`), then unranked."""
+    sizes = [len(ids) * (len(ids) - 1) // 2 for ids in members]
     out = []
-    for k in np.sort(rng.choice(total, size=count, replace=False)):
-        who = int(np.searchsorted(starts, k, side="right")) - 1
-        a, b = _unrank_pair(int(k - starts[who]))
+    for who, k in _draw_from_blocks(sizes, count, rng, kind="same-identity", fold=fold):
+        a, b = _unrank_pair(k)
         out.append((members[who][a], members[who][b]))
     return out
 
@@ -380,20 +375,32 @@ def positive_pairs(
 def negative_pairs(
     members: Sequence[Sequence[str]], count: int, rng: np.random.Generator, *, fold: int
 ) -> list[tuple[str, str]]:
-    """``count`` distinct different-identity pairs: indices into the concatenation of
-    each identity pair's n_i * n_j image pairs, drawn without replacement."""
+    """``count`` distinct different-identity pairs: each identity pair's n_i * n_j image
+    pairs are a block, drawn from without replacement (:func:`_draw_from_blocks`)."""
     couples = [(i, j) for i in range(len(members)) for j in range(i + 1, len(members))]
-    sizes = np.array([len(members[i]) * len(members[j]) for i, j in couples], dtype=np.int64)
-    total = int(sizes.sum())
+    sizes = [len(members[i]) * len(members[j]) for i, j in couples]
+    out = []
+    for which, k in _draw_from_blocks(sizes, count, rng, kind="different-identity", fold=fold):
+        i, j = couples[which]
+        a, b = divmod(k, len(members[j]))
+        out.append((members[i][a], members[j][b]))
+    return out
+
+
+def _draw_from_blocks(
+    sizes: Sequence[int], count: int, rng: np.random.Generator, *, kind: str, fold: int
+) -> list[tuple[int, int]]:
+    """``count`` distinct items of blocks of ``sizes`` items, in order, as (block, index in
+    the block): indices into the blocks' concatenation drawn without replacement. Too few
+    items is an error naming the fold and the shortfall."""
+    starts = np.concatenate([[0], np.cumsum(np.asarray(sizes, dtype=np.int64))])
+    total = int(starts[-1])
     if count > total:
-        raise _shortfall("different-identity", count, total, fold)
-    starts = np.concatenate([[0], np.cumsum(sizes)])
+        raise _shortfall(kind, count, total, fold)
     out = []
     for k in np.sort(rng.choice(total, size=count, replace=False)):
-        which = int(np.searchsorted(starts, k, side="right")) - 1
-        i, j = couples[which]
-        a, b = divmod(int(k - starts[which]), len(members[j]))
-        out.append((members[i][a], members[j][b]))
+        block = int(np.searchsorted(starts, k, side="right")) - 1
+        out.append((block, int(k - starts[block])))
     return out
 
 
