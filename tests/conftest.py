@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,6 +188,16 @@ def clean_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_AUTH_MODE"] = "disabled"
     return env
+
+
+def run_ok(command: list[str], *, timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run a CLI subprocess that starts its own private Ray cluster; it must exit 0 (the
+    tail of its output is the failure message)."""
+    done = subprocess.run(
+        command, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
 
 
 def interrupt_when(command: list[str], ready: Callable[[], object], what: str) -> str:

@@ -34,7 +34,7 @@ from orchestrator.config import (
     dump_yaml,
     load_config,
 )
-from tests.conftest import REPO, TrainSetup, clean_env, interrupt_when
+from tests.conftest import TrainSetup, interrupt_when, run_ok
 
 
 def test_paired_interval_is_scipys_paired_t_interval() -> None:
@@ -142,15 +142,7 @@ def comparison(train_setup: TrainSetup, tmp_path_factory: pytest.TempPathFactory
     interrupt_when(compare_cli(path), lambda: students(root), "run")
     finished_before = students(root)
     mtimes = {p: Path(p).stat().st_mtime_ns for p in finished_before}
-    resumed = subprocess.run(
-        compare_cli(path, "--resume"),
-        cwd=REPO,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    resumed = run_ok(compare_cli(path, "--resume"), timeout=600)
     summary = root / "runs" / "compare" / "cmp" / "summary"
     return {
         "root": root,
@@ -254,17 +246,7 @@ def test_a_finished_comparison_grows_by_training_only_its_new_cells(comparison: 
     path = root / "compare.yaml"
 
     def grown(*sets: str) -> subprocess.CompletedProcess[str]:
-        args = [a for s in sets for a in ("--set", s)]
-        done = subprocess.run(
-            compare_cli(path, *args),
-            cwd=REPO,
-            env=clean_env(),
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        return done
+        return run_ok(compare_cli(path, *[a for s in sets for a in ("--set", s)]), timeout=900)
 
     done = grown("compare.seeds=[3,4,5]")
     assert "4 run(s) finished already with these settings (reused), 2 to train" in done.stdout
@@ -278,3 +260,17 @@ def test_a_finished_comparison_grows_by_training_only_its_new_cells(comparison: 
     assert "6 run(s) finished already with these settings (reused), 0 to train" in again.stdout
     data = json.loads((comparison["summary"] / "comparison.json").read_text())
     assert "auc" in data["tables"] and "acc_10fold" not in data["tables"]
+
+
+def test_cell_inputs_are_checked_once_however_many_methods(
+    train_setup: TrainSetup, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The teacher that l2, cckd and proxyless+l2 all run per batch is loaded and checked
+    once, not once per method (a large ONNX teacher takes a while to load)."""
+    from orchestrator.compare import check_cells
+
+    methods = (Method.PROXYLESS, Method.L2, Method.CCKD, Method.PROXYLESS_L2)
+    config = replace(train_setup.base, compare=CompareConfig(methods=methods, seeds=(0,)))
+    capsys.readouterr()
+    check_cells(config)
+    assert capsys.readouterr().out.count("[teacher] ") == 1

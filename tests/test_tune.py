@@ -32,7 +32,7 @@ from orchestrator.config import (
 )
 from orchestrator.evaluation import evaluate_model, load_eval_set, load_student
 from orchestrator.tune import param_space, trial_resources
-from tests.conftest import REPO, TrainSetup, clean_env, interrupt_when
+from tests.conftest import REPO, TrainSetup, clean_env, interrupt_when, run_ok
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -79,15 +79,7 @@ def search(train_setup: TrainSetup, tmp_path_factory: pytest.TempPathFactory) ->
     config = search_config(train_setup, root)
     first_output = interrupt_when(tune_cli(config), lambda: students(root), "trial")
     finished_before = students(root)
-    resumed = subprocess.run(
-        tune_cli(config, "--resume"),
-        cwd=REPO,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    resumed = run_ok(tune_cli(config, "--resume"), timeout=600)
     summary = root / "runs" / "tune" / "search" / "summary"
     return {
         "root": root,
