@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
+import time
 import traceback
 from collections.abc import Callable, Sequence
 
 from orchestrator.config import ExperimentConfig, load_config
-from orchestrator.errors import USER_ERRORS
+from orchestrator.errors import USER_ERRORS, remote_trace, unwrapped_user_error
 from orchestrator.storage import redact, use_endpoint
 
 
@@ -40,9 +43,12 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
 def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
     """Call ``main``; a user error prints ``error: ...`` and returns 2 instead of a traceback.
 
-    Anything else prints its traceback and returns 1. Both pass through :func:`redact`, so
-    a secret that some library put in a message is never printed. Ctrl-C prints one line
-    and returns 130 (128 + SIGINT, what a shell reports for an interrupted command).
+    An input error raised inside a Ray worker, actor or Ray Data task counts too: the line
+    is the error's own message, and the whole failure as Ray reported it (the remote
+    tracebacks) goes to a log file the line names (:func:`error_log`). Anything else prints
+    its traceback and returns 1. Both pass through :func:`redact`, so a secret that some
+    library put in a message is never printed. Ctrl-C prints one line and returns 130
+    (128 + SIGINT, what a shell reports for an interrupted command).
     """
     try:
         return main(argv)
@@ -52,9 +58,44 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
             file=sys.stderr,
         )
         return 130
-    except USER_ERRORS as err:
-        print(redact(f"error: {err}"), file=sys.stderr)
+    except Exception as err:
+        cause = input_error(err)
+        if cause is None:
+            print(redact(traceback.format_exc()), file=sys.stderr, end="")
+            return 1
+        trace = remote_trace(cause)
+        where = "" if trace is None else f" (traceback: {error_log(main, redact(trace))})"
+        print(redact(f"error: {cause}{where}"), file=sys.stderr)
         return 2
-    except Exception:
-        print(redact(traceback.format_exc()), file=sys.stderr, end="")
-        return 1
+
+
+def input_error(err: Exception) -> Exception | None:
+    """``err`` if it is an input error; the input error inside it if Ray raised it (a
+    worker's, an actor's or a task's failure); otherwise None. A program error raised while
+    another exception was handled stays a program error."""
+    if isinstance(err, USER_ERRORS):
+        return err
+    if type(err).__module__.startswith("ray."):
+        return unwrapped_user_error(err)
+    return None
+
+
+ERROR_LOG_DIR_ENV = "PROXYLESSKD_ERROR_LOGS"
+
+
+def error_log(main: Callable[..., object], text: str) -> str:
+    """Write ``text`` to a new file under ``$PROXYLESSKD_ERROR_LOGS`` (default: the
+    temporary directory's ``proxylesskd-errors``) and return its path."""
+    root = os.environ.get(ERROR_LOG_DIR_ENV) or os.path.join(
+        tempfile.gettempdir(), "proxylesskd-errors"
+    )
+    os.makedirs(root, exist_ok=True)
+    module = getattr(main, "__module__", "job")
+    if module == "__main__":  # python -m jobs.<name>
+        module = os.path.splitext(os.path.basename(sys.argv[0]))[0]
+    job = module.rsplit(".", 1)[-1]
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = os.path.join(root, f"{job}-{stamp}-{os.getpid()}.log")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    return path

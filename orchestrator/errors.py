@@ -4,6 +4,9 @@ one inside the wrappers Ray puts around an exception raised in a worker."""
 
 from __future__ import annotations
 
+import re
+import traceback
+
 from orchestrator.artifacts import ArtifactError
 from orchestrator.classifier import ClassifierError
 from orchestrator.config import ConfigError
@@ -38,6 +41,25 @@ USER_ERRORS: tuple[type[Exception], ...] = (
 )
 
 
+REMOTE_TRACE = "proxylesskd_remote_trace"
+
+
+def unwrapped_user_error(err: BaseException) -> Exception | None:
+    """:func:`user_error_in`, keeping the whole failure as Ray reported it (its text holds
+    the remote tracebacks) on the error found, for :func:`remote_trace`."""
+    cause = user_error_in(err)
+    if cause is not None and cause is not err:
+        setattr(cause, REMOTE_TRACE, "".join(traceback.format_exception(err)))
+    return cause
+
+
+def remote_trace(err: BaseException) -> str | None:
+    """The failure an input error was unwrapped from, as text, or None if it was raised
+    where it was caught."""
+    trace = getattr(err, REMOTE_TRACE, None)
+    return trace if isinstance(trace, str) else None
+
+
 def user_error_in(err: BaseException) -> Exception | None:
     """The input error at the root of ``err``, if there is one.
 
@@ -64,4 +86,33 @@ def user_error_in(err: BaseException) -> Exception | None:
         from_ray = type(current).__module__.startswith("ray.")  # a wrapper, not the original
         if isinstance(current, USER_ERRORS) and not from_ray:
             return current
+    if any(type(e).__module__.startswith("ray.") for e in chain_of(err)):
+        return user_error_in_text("".join(traceback.format_exception(err)))
     return None
+
+
+def chain_of(err: BaseException) -> list[BaseException]:
+    """``err`` and its Python chain (``__cause__``, else ``__context__``)."""
+    chain: list[BaseException] = []
+    current: BaseException | None = err
+    while current is not None and all(current is not e for e in chain):
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def user_error_in_text(text: str) -> Exception | None:
+    """The first input error named in a traceback's text, re-created from its message line.
+
+    Some of Ray's wrappers (a Ray Data task's ``UserCodeException``) cross the process
+    boundary with the original exception only as text: its qualified class name, ``: ``
+    and its message, on a line of their own."""
+    found: list[tuple[int, Exception]] = []
+    for cls in USER_ERRORS:
+        name = (
+            cls.__name__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+        )
+        match = re.search(rf"^{re.escape(name)}: (.+)$", text, re.MULTILINE)
+        if match:
+            found.append((match.start(), cls(match.group(1))))
+    return min(found, key=lambda pair: pair[0])[1] if found else None

@@ -171,6 +171,7 @@ def build_on_ray(
     """Write the mean-embedding classifier of ``dataset_uri`` under ``out`` (any teacher
     format), on the Ray cluster of :func:`orchestrator.runs.ensure_ray`."""
     import ray
+    import ray.data
 
     from orchestrator.runs import ensure_ray
 
@@ -183,10 +184,33 @@ def build_on_ray(
         fn_constructor_args=(teacher, image_size, dataset_uri),
         batch_size=plan.batch_size,
         batch_format="numpy",
-        concurrency=plan.actors,
+        compute=ray.data.ActorPoolStrategy(size=plan.actors),
         num_gpus=1 if use_gpu else 0,
         num_cpus=0 if use_gpu else plan.actor_cpus,
     )
+    if not storage.exists(teacher.backbone):
+        raise FileNotFoundError(f"teacher.backbone {teacher.backbone} does not exist")
+    made_out = not storage.exists(out)
+    try:
+        return _build(teacher, dataset_uri, meta, embedded, out=out, plan=plan, use_gpu=use_gpu)
+    except BaseException:
+        if made_out:
+            storage.remove_empty_dir(out)  # a failed first build leaves no directory
+        raise
+
+
+def _build(
+    teacher: TeacherConfig,
+    dataset_uri: str,
+    meta: fmt.DatasetMeta,
+    embedded: Any,
+    *,
+    out: str,
+    plan: MeanEmbeddingPlan,
+    use_gpu: bool,
+) -> clf.ClassifierMeta:
+    import ray
+
     prefix, previous = clf.new_generation(out)
     progress = Progress("mean embeddings", meta.num_images)
     started = time.monotonic()

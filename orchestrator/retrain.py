@@ -42,6 +42,7 @@ from orchestrator.config import (
 from orchestrator.data import format as fmt
 from orchestrator.errors import MissingMetricError
 from orchestrator.locks import LockHeldError, expiring_lock
+from orchestrator.storage import StorageError
 
 CHAMPION = "champion.json"
 LOCK = "lock.json"
@@ -91,15 +92,49 @@ def newest_snapshot(prefix: str) -> Snapshot | None:
     return Snapshot(uri, "sha256:" + hashlib.sha256(text).hexdigest())
 
 
-def read_json(uri: str) -> Any:
-    return json.loads(storage.read_text(uri)) if storage.exists(uri) else None
+# The keys every registry record must have, with their types: a record that lacks one,
+# or is not JSON, is refused naming the file (and line), before anything is decided.
+CHAMPION_KEYS: dict[str, type | tuple[type, ...]] = {
+    "student": str, "fingerprint": str, "metrics": dict,
+}  # fmt: skip
+HISTORY_KEYS: dict[str, type | tuple[type, ...]] = {"fingerprint": str, "decision": str}
+
+
+def registry_record(text: str, where: str, keys: dict[str, type | tuple[type, ...]]) -> Any:
+    """One registry record parsed from ``text`` and checked for ``keys``."""
+    try:
+        record = json.loads(text)
+    except ValueError as err:
+        raise StorageError(f"{where}: not valid JSON ({err}); the registry is damaged") from None
+    if not isinstance(record, dict):
+        raise StorageError(f"{where}: expected a JSON object, found {type(record).__name__}")
+    wrong = [k for k, kind in keys.items() if not isinstance(record.get(k), kind)]
+    if wrong:
+        expected = ", ".join(f"{k}: {type_names(keys[k])}" for k in wrong)
+        raise StorageError(f"{where}: missing or mistyped keys (expected {expected})")
+    return record
+
+
+def type_names(kind: type | tuple[type, ...]) -> str:
+    return " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+
+
+def read_champion(registry: str) -> dict[str, Any] | None:
+    uri = storage.join(registry, CHAMPION)
+    if not storage.exists(uri):
+        return None
+    return dict(registry_record(storage.read_text(uri), uri, CHAMPION_KEYS))
 
 
 def history(registry: str) -> list[dict[str, Any]]:
     uri = storage.join(registry, HISTORY)
     if not storage.exists(uri):
         return []
-    return [json.loads(line) for line in storage.read_text(uri).splitlines() if line.strip()]
+    return [
+        dict(registry_record(line, f"{uri} line {number}", HISTORY_KEYS))
+        for number, line in enumerate(storage.read_text(uri).splitlines(), start=1)
+        if line.strip()
+    ]
 
 
 def append_history(registry: str, entry: dict[str, Any]) -> None:
@@ -145,7 +180,7 @@ def run(config: ExperimentConfig) -> Decision:
 
 def decide(config: ExperimentConfig, snapshot: Snapshot) -> Decision:
     registry = config.retrain.registry
-    champion = read_json(storage.join(registry, CHAMPION))
+    champion = read_champion(registry)
     decided = [h for h in history(registry) if h["fingerprint"] == snapshot.fingerprint]
     final = [h for h in decided if h["decision"] in ("promoted", "rejected")]
     if champion is not None and champion["fingerprint"] == snapshot.fingerprint and not final:

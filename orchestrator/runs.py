@@ -9,12 +9,13 @@ import importlib.metadata
 import json
 import logging
 import os
+import re
 import secrets
 import subprocess
 from dataclasses import replace
 from typing import Any
 
-from orchestrator import storage
+from orchestrator import ray_hook, storage
 from orchestrator.artifacts import BEST_DIR, STUDENT_FILE
 from orchestrator.config import METHOD_LOSS_SETTINGS, ExperimentConfig, to_dict
 from orchestrator.errors import UsageError
@@ -50,6 +51,7 @@ def ensure_ray() -> None:
         start_private_cluster()
         print(f"[ray] private local cluster (token auth) at {gcs_address()}", flush=True)
     quiet_data_logs()
+    quiet_worker_lines()
 
 
 def start_private_cluster(**init_kwargs: Any) -> None:
@@ -76,7 +78,9 @@ def start_private_cluster(**init_kwargs: Any) -> None:
     # Ray's own actors that look a cluster up (Train's PlacementGroupCleaner, through the
     # State API) find this one, not "multiple active Ray instances" when another Ray runs
     # on the host.
-    runtime_env = {"worker_process_setup_hook": "orchestrator.ray_hook.pin_ray_address"}
+    # The hook also keeps a failed task's traceback from being echoed to the console
+    # before the driver reports the failure (ray_hook.QUIET_RECORDS).
+    runtime_env = {"worker_process_setup_hook": "orchestrator.ray_hook.setup_worker"}
     ray.init(address="local", logging_level=logging.WARNING, runtime_env=runtime_env, **init_kwargs)
 
 
@@ -98,6 +102,49 @@ def gcs_address() -> str:
     return str(ray.get_runtime_context().gcs_address)
 
 
+# Lines of workers' output, streamed to the driver, that tell a user nothing they can act
+# on: Ray's core worker logs this at ERROR level for every actor that Ray Data and Ray
+# Train create with their arguments in the object store (ray-project/ray#53727).
+QUIET_WORKER_LINES = (
+    re.compile(
+        r"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in the object store and max_restarts > 0"
+    ),
+)
+
+
+def quiet_worker_lines() -> None:
+    """Drop :data:`QUIET_WORKER_LINES` from the worker output this driver prints.
+
+    Ray 2.60 streams workers' stdout and stderr to the driver through one dispatcher
+    (``ray._private.ray_logging.global_worker_stdstream_dispatcher``, handler
+    ``ray_print_logs``); its handler is wrapped once. With another Ray the dispatcher may
+    differ: then nothing is filtered."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
+    with dispatcher._lock:
+        handlers = list(dispatcher.handlers)
+        for i, (name, handler) in enumerate(handlers):
+            if name == "ray_print_logs" and not getattr(handler, "quiet_lines", False):
+                handlers[i] = (name, filtered_handler(handler))
+        dispatcher.handlers = handlers
+
+
+def filtered_handler(handler: Any) -> Any:
+    def handle(data: dict[str, Any]) -> None:
+        lines = [
+            line
+            for line in data.get("lines", [])
+            if not any(pattern.search(line) for pattern in QUIET_WORKER_LINES)
+        ]
+        if lines:
+            handler({**data, "lines": lines})
+
+    handle.quiet_lines = True  # type: ignore[attr-defined]
+    return handle
+
+
 def quiet_data_logs() -> None:
     """No per-epoch execution plans and progress bars from Ray Data in our output."""
     import ray.data
@@ -106,6 +153,7 @@ def quiet_data_logs() -> None:
     context.enable_progress_bars = False
     context.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # this process's read planning
+    ray_hook.quiet_ray_records()  # the Ray Data executions this process runs
 
 
 def storage_root(config: ExperimentConfig) -> str:

@@ -7,6 +7,7 @@ part of a URI we print.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
@@ -59,10 +60,17 @@ def redact(text: str) -> str:
 
 @contextmanager
 def object_errors(uri: str, action: str) -> Iterator[None]:
-    """Turn an object store's access-denied and no-such-bucket into a :class:`StorageError`
-    that says which object, which endpoint and what to check."""
+    """Turn an object store's access-denied and no-such-bucket, and a directory where a
+    file was expected, into a :class:`StorageError` that says which object, which endpoint
+    and what to check."""
     try:
         yield
+    except IsADirectoryError:
+        raise StorageError(f"{action} {uri}: is a directory, expected a file") from None
+    except (NotADirectoryError, FileExistsError):
+        raise StorageError(
+            f"{action} {uri}: a file is in the way (it or a parent is a file, expected a directory)"
+        ) from None
     except PermissionError as err:
         raise StorageError(
             f"{action} {uri}: access denied by {endpoint_name()} ({redact(str(err))}). "
@@ -241,7 +249,8 @@ def makedirs(uri: str) -> None:
     are no directories to create)."""
     fs, path = filesystem(uri)
     if is_local(uri):
-        fs.makedirs(path, exist_ok=True)
+        with object_errors(uri, "creating"):
+            fs.makedirs(path, exist_ok=True)
         return
     bucket = path.split("/", 1)[0]
     with object_errors(uri, "writing"):
@@ -261,6 +270,14 @@ def delete(uri: str) -> None:
             fs.rm_file(path)
 
 
+def remove_empty_dir(uri: str) -> None:
+    """Remove a local directory if it is empty (an object-store prefix with nothing under
+    it does not exist); anything in it is left alone."""
+    if is_local(uri):
+        with contextlib.suppress(FileNotFoundError, OSError):
+            os.rmdir(uri)
+
+
 def remove_tree(uri: str) -> None:
     """Delete a local directory or every object under a prefix; no error if absent."""
     if exists(uri):
@@ -277,6 +294,18 @@ def glob(uri: str, pattern: str) -> list[str]:
         if not is_local(uri):
             fs.invalidate_cache(path)
         return sorted(fs.glob(f"{path.rstrip('/')}/{pattern}"))
+
+
+def file_names(uri: str) -> set[str]:
+    """The relative names (``/``-separated) of every file under ``uri``, listed now: one
+    listing, where checking each file would be one request per file on an object store."""
+    fs, path = filesystem(uri)
+    base = path.rstrip("/") + "/"
+    with object_errors(uri, "listing"):
+        if not is_local(uri):
+            fs.invalidate_cache(path)
+        found = fs.find(path) if fs.isdir(path) else []
+    return {str(p)[len(base) :] for p in found if str(p).startswith(base)}
 
 
 def use_endpoint(endpoint_url: str, region: str) -> None:

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +20,28 @@ import numpy as np
 import pytest
 import torch
 
-from jobs import build_classifier, compare, demo, distill, evaluate, tune
+from jobs import (
+    build_classifier,
+    compare,
+    demo,
+    distill,
+    evaluate,
+    export,
+    import_teacher,
+    prepare_dataset,
+    retrain,
+    synthesize,
+    train_teacher,
+    tune,
+)
 from orchestrator import classifier as clf
-from orchestrator import cli
+from orchestrator import cli, runs
 from orchestrator.data import format as fmt
+from orchestrator.data.images import encode_jpeg
 from orchestrator.data.prepare import SyntheticDatasets
+from orchestrator.data.synthetic import render_image
+from tests.conftest import REPO, TrainSetup, clean_env
+from tests.test_benchmarks import write_ijb_tree
 
 
 @dataclass(frozen=True)
@@ -68,6 +89,12 @@ MAINS = {
     "distill": distill.main,
     "compare": compare.main,
     "tune": tune.main,
+    "prepare_dataset": prepare_dataset.main,
+    "export": export.main,
+    "import_teacher": import_teacher.main,
+    "synthesize": synthesize.main,
+    "train_teacher": train_teacher.main,
+    "retrain": retrain.main,
 }
 
 
@@ -126,6 +153,68 @@ def non_utf8_ijb(ws: Workspace) -> Path:
     for stem in ("name_5pts_score", "template_pair_label"):
         (root / "meta" / f"ijbc_{stem}.txt").write_text("")
     return root
+
+
+def face_folder(ws: Workspace, name: bytes = b"caf\xe9") -> str:
+    """An identity folder holding one real JPEG; by default its name is Latin-1, not UTF-8."""
+    root = ws.root / "faces"
+    folder = os.fsencode(root) + b"/" + name
+    os.makedirs(folder)
+    face = render_image(0, 0, image=0, size=32)
+    with open(folder + b"/0.jpg", "wb") as f:
+        f.write(encode_jpeg(face))
+    return str(root)
+
+
+def random_recordio(ws: Workspace) -> str:
+    """Random bytes as train.rec, beside a well-formed .idx that points into them."""
+    rec = ws.root / "train.rec"
+    rec.write_bytes(np.random.default_rng(0).bytes(4096))
+    (ws.root / "train.idx").write_text("0\t0\n1\t100\n")
+    return str(rec)
+
+
+def shardless_dataset(ws: Workspace) -> str:
+    """A copy of the training set whose dataset.json lists no shard files."""
+    copy = ws.root / "shardless"
+    shutil.copytree(ws.data.train_uri, copy)
+    meta = json.loads((copy / "dataset.json").read_text())
+    (copy / "dataset.json").write_text(json.dumps({**meta, "files": []}))
+    return str(copy)
+
+
+def damaged_registry(ws: Workspace) -> list[str]:
+    """A registry whose champion.json is cut short (a torn copy by hand)."""
+    registry = ws.out / "registry"
+    registry.mkdir(parents=True)
+    (registry / "champion.json").write_text('{"student": "s3://b/champion/stu')
+    return [
+        "--set", f"retrain.snapshots={Path(ws.data.train_uri).parent}",
+        "--set", f"retrain.benchmark={ws.data.eval_uri}",
+        "--set", f"retrain.registry={registry}",
+        "--set", f"storage_path={ws.out / 'runs'}",
+        *ws.data_args(),
+    ]  # fmt: skip
+
+
+def ijb_tree(ws: Workspace, damage: Callable[[Path], None]) -> str:
+    """A small IJB-C tree (tests.test_benchmarks), then ``damage`` done to it."""
+    root = ws.root / "IJBC"
+    write_ijb_tree(root, identities=2)
+    damage(root)
+    return str(root)
+
+
+def remove_one_image(root: Path) -> None:
+    (root / "loose_crop" / "2.jpg").unlink()
+
+
+def nan_landmark(root: Path) -> None:
+    path = root / "meta" / "ijbc_name_5pts_score.txt"
+    lines = path.read_text().splitlines()
+    fields = lines[1].split()
+    lines[1] = " ".join([fields[0], "nan", *fields[2:]])
+    path.write_text("\n".join(lines) + "\n")
 
 
 def student_file(ws: Workspace) -> str:
@@ -274,6 +363,94 @@ CASES = [
         "expected UTF-8 text",
     ),
     Case(
+        "prepare_dataset",
+        "an identity folder name that is not UTF-8",
+        lambda ws: ["--input", face_folder(ws), "--out", str(ws.out / "ds")],
+        "the name is not UTF-8 text",
+    ),
+    Case(
+        "prepare_dataset",
+        "random bytes as RecordIO",
+        lambda ws: ["--recordio", random_recordio(ws), "--out", str(ws.out / "ds")],
+        "bad record magic",
+    ),
+    Case(
+        "prepare_dataset",
+        "--out under an existing file",
+        lambda ws: [
+            "--input",
+            face_folder(ws, b"cafe"),
+            "--out",
+            str(ws.sentinel / "notes.txt" / "ds"),
+        ],
+        "a file is in the way",
+    ),
+    Case(
+        "distill",
+        "a dataset.json that lists no shards",
+        lambda ws: ["--set", f"data.train={shardless_dataset(ws)}"],
+        "expected at least one shard with images",
+    ),
+    Case(
+        "synthesize",
+        "synthetic.out under an existing file",
+        lambda ws: ["--set", f"synthetic.out={ws.sentinel / 'notes.txt'}"],
+        "a file is in the way",
+    ),
+    Case(
+        "train_teacher",
+        "a missing dataset",
+        lambda ws: [
+            "--set",
+            f"data.train={ws.root / 'nothing'}",
+            "--set",
+            f"storage_path={ws.out}",
+        ],
+        "dataset.json not found",
+    ),
+    Case(
+        "retrain",
+        "a torn champion.json in the registry",
+        damaged_registry,
+        "champion.json: not valid JSON",
+    ),
+    Case(
+        "export",
+        "a directory as --student",
+        lambda ws: ["--student", str(ws.sentinel), "--out", str(ws.out / "export")],
+        "is a directory, expected a file",
+    ),
+    Case(
+        "import_teacher",
+        "a directory as --backbone",
+        lambda ws: ["--backbone", str(ws.sentinel), "--out", str(ws.out / "teacher")],
+        "is a directory, expected a file",
+    ),
+    Case(
+        "evaluate",
+        "an IJB image that is missing",
+        lambda ws: [
+            "--student",
+            f"a={student_file(ws)}",
+            "--no-eval",
+            "--ijb",
+            ijb_tree(ws, remove_one_image),
+        ],
+        "have no image, e.g. ['2.jpg']",
+    ),
+    Case(
+        "evaluate",
+        "a NaN landmark in IJB",
+        lambda ws: [
+            "--student",
+            f"a={student_file(ws)}",
+            "--no-eval",
+            "--ijb",
+            ijb_tree(ws, nan_landmark),
+        ],
+        "NaN or infinite landmark",
+    ),
+    Case(
         "tune",
         "a missing dataset",
         lambda ws: ["--set", f"data.train={ws.root / 'nothing'}"],
@@ -328,3 +505,83 @@ def fresh_s3_clients() -> None:
     import s3fs
 
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+def corrupt_copy(data: SyntheticDatasets, out: Path, victim: int = 5) -> str:
+    """The training set rewritten with image ``victim`` cut to 300 bytes."""
+    writer = fmt.DatasetWriter(
+        str(out), data.train.image_size, shard_bytes=2**20, source={"kind": "test"}
+    )
+    for table in fmt.iter_shards(data.train_uri, data.train):
+        for i, row in enumerate(table.to_pylist()):
+            image = row["image"][:300] if i == victim else row["image"]
+            writer.add(image, row["label"], row["identity"], row["image_id"])
+    writer.publish(fmt.read_identities(data.train_uri, data.train))
+    return str(out)
+
+
+@pytest.mark.e2e
+def test_an_input_error_inside_ray_actors_is_one_line_naming_its_log(
+    tmp_path: Path, train_setup: TrainSetup
+) -> None:
+    """The real CLI, its own Ray cluster, its workers' output streamed to the console: a
+    corrupt JPEG met by a Ray Data actor of ``build_classifier mean-embedding`` is one
+    ``error:`` line naming the image and a log file that holds the remote traceback; no
+    worker traceback or worker log line before it, and no output directory left behind."""
+    dataset = corrupt_copy(train_setup_data(train_setup), tmp_path / "corrupt")
+    out = tmp_path / "classifier"
+    logs = tmp_path / "logs"
+    env = {**clean_env(), cli.ERROR_LOG_DIR_ENV: str(logs)}
+    teacher = train_setup.base.teacher
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "jobs.build_classifier", "mean-embedding",
+            "--dataset", dataset, "--out", str(out), "--teacher", teacher.backbone,
+            "--set", f"teacher.emb_dim={teacher.emb_dim}",
+            "--set", f"student.emb_dim={teacher.emb_dim}",
+            "--set", f"data.image_size={train_setup.base.data.image_size}",
+        ],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    # The driver's own core worker prints Ray 2.60's notice about actor arguments in the
+    # object store straight to its stderr (C++, not a stream Python can filter; README,
+    # "Console output"): the one line allowed besides ours.
+    lines = [
+        line
+        for line in done.stderr.splitlines()
+        if line.strip() and not any(p.search(line) for p in runs.QUIET_WORKER_LINES)
+    ]
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "pid=" not in done.stderr, done.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert "cannot decode JPEG (300 bytes)" in lines[0]
+    (log,) = logs.iterdir()
+    assert lines[0].endswith(f"(traceback: {log})")
+    assert "Traceback (most recent call last)" in log.read_text()
+    assert "CorruptImageError" in log.read_text()
+    assert not out.exists(), "a failed first build leaves no output directory"
+
+
+def train_setup_data(setup: TrainSetup) -> SyntheticDatasets:
+    """The dataset ``setup`` was made for, from its config."""
+    train, evaluation = setup.base.data.train, setup.base.data.eval
+    return SyntheticDatasets(fmt.read_meta(train), fmt.read_meta(evaluation), train, evaluation)
+
+
+def test_an_input_error_is_found_in_the_text_ray_carries() -> None:
+    """A Ray Data task's failure reaches the driver with the original exception only as
+    text: the first input error named on a line of its own is re-created, by type."""
+    from orchestrator.data.images import CorruptImageError
+    from orchestrator.errors import user_error_in_text
+
+    text = (
+        "Traceback (most recent call last):\n  File 'x.py', line 1\n"
+        "orchestrator.data.images.CorruptImageError: ds, image_id a/1: cannot decode JPEG\n"
+        "\nThe above exception was the direct cause of the following exception:\n\n"
+        "ray.exceptions.UserCodeException: UDF failed to process a data block.\n"
+        "FileNotFoundError: a later one\n"
+    )
+    found = user_error_in_text(text)
+    assert type(found) is CorruptImageError
+    assert str(found) == "ds, image_id a/1: cannot decode JPEG"
+    assert user_error_in_text("ValueError: not ours\nCorruptImageError: unqualified\n") is None

@@ -142,7 +142,28 @@ def read_ijb_meta(root: str, ijb: IjbSet) -> IjbMeta:
             f"{root}: template pairs name {unknown.size} templates with no faces, "
             f"e.g. {unknown[:3].tolist()}"
         )
+    check_ijb_content(meta, crops)
     return meta
+
+
+def check_ijb_content(meta: IjbMeta, crops: str) -> None:
+    """Every landmark and score a number, every face's image present under ``crops``
+    (one listing): refused before any face is embedded, naming the faces."""
+    values = np.concatenate([meta.landmarks.reshape(len(meta.images), -1), meta.scores[:, None]], 1)
+    bad = np.flatnonzero(~np.isfinite(values).all(axis=1))
+    if bad.size:
+        names = [meta.images[i] for i in bad[:3]]
+        raise BenchmarkError(
+            f"{meta.root}: {bad.size} faces have a NaN or infinite landmark or score in "
+            f"name_5pts_score, e.g. {names}; expected finite pixel coordinates"
+        )
+    present = storage.file_names(crops)
+    missing = [name for name in meta.images if name not in present]
+    if missing:
+        raise BenchmarkError(
+            f"{crops}: {len(missing)} of the {len(meta.images)} faces listed in face_tid_mid "
+            f"have no image, e.g. {missing[:3]}"
+        )
 
 
 # --- alignment ------------------------------------------------------------------------------
@@ -307,6 +328,7 @@ def embed_faces(
     """(N, d) features of every face of ``meta``, in face order, from an actor pool of
     ``actors`` (a GPU each when the cluster has GPUs)."""
     import ray
+    import ray.data
 
     from orchestrator.runs import ensure_ray
 
@@ -321,7 +343,7 @@ def embed_faces(
         AlignAndEmbed,
         fn_constructor_args=(source, flip.value, meta.root),
         batch_size=batch_size,
-        concurrency=actors,
+        compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=1 if use_gpu else 0,
         num_cpus=0 if use_gpu else 0.5,
     )

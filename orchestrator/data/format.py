@@ -229,7 +229,10 @@ def read_meta(uri: str) -> DatasetMeta:
             num_images=int(data["num_images"]),
             image_size=int(data["image_size"][0]),
             label_map_fingerprint=str(data["label_map_fingerprint"]),
-            files=tuple(ShardInfo(**f) for f in data["files"]),
+            files=tuple(
+                ShardInfo(name=str(f["name"]), rows=int(f["rows"]), bytes=int(f["bytes"]))
+                for f in data["files"]
+            ),
             source=dict(data.get("source", {})),
             skipped=tuple(data.get("skipped", ())),
             pairs=data.get("pairs"),
@@ -249,7 +252,26 @@ def read_meta(uri: str) -> DatasetMeta:
                 f"{meta_uri}: file name {name!r} is not a plain file name inside the dataset "
                 "(no directories, '..', absolute paths or URIs): refusing to open it"
             )
+    problem = degenerate_meta_problem(meta)
+    if problem is not None:
+        raise DatasetError(f"{meta_uri}: {problem}")
     return meta
+
+
+def degenerate_meta_problem(meta: DatasetMeta) -> str | None:
+    """Why a ``dataset.json`` that parsed cannot describe a dataset, or None: no
+    identities, no shards, or image counts that do not add up."""
+    listed = sum(f.rows for f in meta.files)
+    if meta.num_classes < 1:
+        return f"num_classes is {meta.num_classes}; expected at least 1 identity"
+    if not meta.files or meta.num_images < 1:
+        return (
+            f"{len(meta.files)} shard file(s) with {meta.num_images} image(s); expected at "
+            "least one shard with images"
+        )
+    if listed != meta.num_images:
+        return f"the shards list {listed} rows in all, num_images is {meta.num_images}"
+    return None
 
 
 def read_identities(uri: str, meta: DatasetMeta) -> list[str]:

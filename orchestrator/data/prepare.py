@@ -317,11 +317,26 @@ def scan_image_folder(root: str) -> list[tuple[str, list[str]]]:
             for f in os.listdir(folder)
             if f.lower().endswith(IMAGE_SUFFIXES)
         )
+        for path in (folder, *files):
+            check_utf8_name(path)
         if files:
             identities.append((name, files))
     if not identities:
         raise FileNotFoundError(f"{root}: no sub-folders with images ({', '.join(IMAGE_SUFFIXES)})")
     return identities
+
+
+def check_utf8_name(path: str) -> None:
+    """Identity names and image paths are recorded as UTF-8 text (labels, dataset.json,
+    the source fingerprint): a name in another encoding is refused, naming it."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(path)
+        raise DatasetError(
+            f"{shown!r}: the name is not UTF-8 text; identity folders and image files must "
+            "have UTF-8 names (rename it, e.g. with convmv)"
+        ) from None
 
 
 def write_image_folder(options: FolderImport) -> DatasetMeta:

@@ -48,7 +48,7 @@ from orchestrator.config import (
 from orchestrator.data import format as fmt
 from orchestrator.data.consumed import skip_dir
 from orchestrator.data.ray_input import DecodePlan, decode_plan, training_dataset
-from orchestrator.errors import UsageError, user_error_in
+from orchestrator.errors import UsageError, unwrapped_user_error
 from orchestrator.runs import (
     RerunPolicy,
     absolute_paths,
@@ -264,7 +264,7 @@ def fit(
         if result.error is not None:
             raise result.error
     except Exception as err:  # Train V2 raises a failed run's error from fit()
-        cause = user_error_in(err)
+        cause = unwrapped_user_error(err)
         if cause is not None:
             raise cause from None
         raise

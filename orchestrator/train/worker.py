@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import tempfile
 import time
 import traceback
@@ -57,9 +56,8 @@ from orchestrator.config import (
     val_targets,
     validation_key,
 )
-from orchestrator.data import format as fmt
 from orchestrator.data.consumed import EpochProgress, clear_skip, publish_skip, skip_dir
-from orchestrator.data.images import CorruptImageError, to_model_input
+from orchestrator.data.images import to_model_input
 from orchestrator.data.ray_input import (
     TimedBatches,
     augment_decoded,
@@ -68,6 +66,7 @@ from orchestrator.data.ray_input import (
     epoch_batches,
     shuffle_seed,
 )
+from orchestrator.errors import user_error_in_text
 from orchestrator.evaluation import (
     EvalSet,
     Flip,
@@ -639,11 +638,9 @@ def input_errors_named(batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, 
         yield from batches
     except Exception as err:
         # The original exception crosses a process boundary as text inside Ray's wrappers.
-        text = "".join(traceback.format_exception(err))
-        for error_type in (CorruptImageError, fmt.DatasetError):
-            match = re.search(rf"{error_type.__name__}: (.+)", text)
-            if match:
-                raise error_type(match.group(1)) from None
+        cause = user_error_in_text("".join(traceback.format_exception(err)))
+        if cause is not None:
+            raise cause from None
         raise
 
 
