@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "pairs_per_fold": args.pairs_per_fold,
         "seed": args.seed,
         "jpeg_quality": args.jpeg_quality,
-        "shard_bytes": max(1, int(args.shard_mb * 2**20)),
+        "shard_bytes": int(args.shard_mb * 2**20),
     }
     if args.eval_set:
         return freeze_bin(args.eval_set, args.out)

@@ -432,7 +432,8 @@ def markdown(config: ExperimentConfig, data: dict[str, Any]) -> str:
         f"{len(compare.methods)} methods x {len(compare.seeds)} seeds {list(compare.seeds)} at "
         f"one budget: student {budget['student']}, {budget['epochs']} epoch(s), global batch "
         f"{budget['global_batch']}, lr {budget['lr']}; trained on {budget['train']}, evaluated "
-        f"on {budget['eval']}. Differences are to `{baseline}` at the same seed; the interval "
+        f"on {budget['eval']} (flip test: none, as in training's validation). Differences "
+        f"are to `{baseline}` at the same seed; the interval "
         f"is the {level} paired t-interval over the seeds both completed (n - 1 degrees of "
         "freedom); a difference is significant when its interval excludes 0.",
         "",

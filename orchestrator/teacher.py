@@ -75,6 +75,11 @@ _ARCFACE_PATTERNS = (
 
 def find_arcface_shards(run_dir: str) -> list[str]:
     """The per-rank weight files of an arcface_torch run, in rank order (ranks 0..N-1)."""
+    if not os.path.isdir(run_dir):
+        raise clf.ClassifierError(
+            f"{run_dir}: no such directory (expected arcface_torch's output directory, with "
+            "its per-rank Partial FC weights)"
+        )
     names = os.listdir(run_dir)
     for pattern in _ARCFACE_PATTERNS:
         found = {int(m.group(1)): n for n in names if (m := pattern.match(n))}

@@ -238,6 +238,8 @@ def fit_trials(
     import ray
     from ray import tune as rt
 
+    from orchestrator.tune_progress import TrialProgress
+
     trainable = rt.with_parameters(trial, base=to_dict(config))
     # The trial's driver only waits on its TorchTrainer: Train reserves the real resources
     # (Tune refuses an empty request, hence a token share).
@@ -259,7 +261,13 @@ def fit_trials(
             run_config=rt.RunConfig(
                 name=path.rstrip("/").rsplit("/", 1)[1],
                 storage_path=path.rstrip("/").rsplit("/", 1)[0],
-                verbose=1,
+                # Our progress lines (TrialProgress) instead of Tune's status tables.
+                verbose=0,
+                callbacks=[
+                    TrialProgress(
+                        what, metric=validation_key(config.tune.metric), epochs=config.optim.epochs
+                    )
+                ],
                 failure_config=ray.tune.FailureConfig(max_failures=0),
             ),
         )

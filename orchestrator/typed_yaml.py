@@ -224,12 +224,20 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     try:
         loaded = parse_yaml(text)
     except _yaml_error() as err:
-        raise ConfigError(f"{source}: not valid YAML: {err}") from None
+        raise ConfigError(f"{source}: not valid YAML: {yaml_problem(err)}") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level")
     return loaded
+
+
+def yaml_problem(err: Exception) -> str:
+    """A YAML parse error on one line: what is wrong and where (line, column from 1)."""
+    problem = getattr(err, "problem", None) or str(err)
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return " ".join(f"{problem}{where}".split())
 
 
 def _yaml_error() -> type[Exception]:
@@ -255,7 +263,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = parse_yaml(raw) if raw.strip() else ""
     except _yaml_error() as err:
-        raise ConfigError(f"--set {text!r}: value is not valid YAML: {err}") from None
+        raise ConfigError(f"--set {text!r}: value is not valid YAML: {yaml_problem(err)}") from None
     return key.strip().split("."), value
 
 

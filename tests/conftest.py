@@ -29,6 +29,22 @@ def tiny_synthetic_config(out: Path, seed: int = 0) -> SyntheticConfig:
     )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def error_logs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The jobs' error logs (cli.error_log) of this session go under its temporary
+    directory, not the machine's /tmp/proxylesskd-errors."""
+    from orchestrator.cli import ERROR_LOG_DIR_ENV
+
+    root = tmp_path_factory.mktemp("error-logs")
+    saved = os.environ.get(ERROR_LOG_DIR_ENV)
+    os.environ[ERROR_LOG_DIR_ENV] = str(root)
+    yield root
+    if saved is None:
+        os.environ.pop(ERROR_LOG_DIR_ENV, None)
+    else:
+        os.environ[ERROR_LOG_DIR_ENV] = saved
+
+
 @pytest.fixture(scope="session")
 def tiny_synthetic(tmp_path_factory: pytest.TempPathFactory) -> SyntheticDatasets:
     return write_synthetic(tiny_synthetic_config(tmp_path_factory.mktemp("synthetic")))

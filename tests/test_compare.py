@@ -1,12 +1,11 @@
 """jobs.compare: the statistics against scipy/numpy, the report's words, and the real CLI
-on tiny data (proxyless and cckd x 2 seeds, 1 epoch), interrupted with Ctrl-C after the
-first run finished and resumed with --resume."""
+on tiny data (proxyless x 2 seeds, 1 epoch), interrupted with Ctrl-C after the first run
+finished and resumed with --resume, then grown to proxyless and cckd x 3 seeds."""
 
 from __future__ import annotations
 
 import csv
 import json
-import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -120,12 +119,16 @@ def compare_cli(config: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "jobs.compare", "--config", str(config), *extra]
 
 
+SEEDS = (3, 4, 5)
+
+
 def students(root: Path) -> set[str]:
     return {str(p) for p in (root / "runs").glob("cmp-*-seed*/student.pt")}
 
 
 @pytest.fixture(scope="module")
 def comparison(train_setup: TrainSetup, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """1 method x 2 seeds, interrupted with Ctrl-C after its first run and resumed."""
     root = tmp_path_factory.mktemp("compare")
     base = train_setup.base
     config = replace(
@@ -135,54 +138,118 @@ def comparison(train_setup: TrainSetup, tmp_path_factory: pytest.TempPathFactory
         data=replace(base.data, decode_actors=1, decode_cpus=0.25),
         scaling=ScalingConfig(num_workers=1, cpus_per_worker=0.25),
         optim=OptimConfig(lr=0.05, epochs=1, batch_size=8),
-        compare=CompareConfig(methods=(Method.PROXYLESS, Method.CCKD), seeds=(3, 4)),
+        compare=CompareConfig(methods=(Method.PROXYLESS,), seeds=(3, 4)),
     )
     path = root / "compare.yaml"
     path.write_text(dump_yaml(config))
     interrupt_when(compare_cli(path), lambda: students(root), "run")
-    finished_before = students(root)
-    mtimes = {p: Path(p).stat().st_mtime_ns for p in finished_before}
     resumed = run_ok(compare_cli(path, "--resume"), timeout=600)
-    summary = root / "runs" / "compare" / "cmp" / "summary"
+    finished = students(root)
     return {
         "root": root,
+        "path": path,
         "output": resumed.stdout,
+        "mtimes": {p: Path(p).stat().st_mtime_ns for p in finished},
+    }
+
+
+@pytest.fixture(scope="module")
+def grown(comparison: dict) -> dict:
+    """The finished comparison grown to 2 methods x 3 seeds: a method and a seed more."""
+    done = run_ok(
+        compare_cli(
+            comparison["path"],
+            "--set", "compare.methods=[proxyless,cckd]",
+            "--set", "compare.seeds=[3,4,5]",
+        ),
+        timeout=900,
+    )  # fmt: skip
+    summary = comparison["root"] / "runs" / "compare" / "cmp" / "summary"
+    return {
+        "output": done.stdout,
         "summary": summary,
-        "mtimes": mtimes,
+        "students": students(comparison["root"]),
         "data": json.loads((summary / "comparison.json").read_text()),
+        "cells": list(csv.DictReader((summary / "cells.csv").open())),
+        "report": (summary / "report.md").read_text(),
+        "png": (summary / "comparison.png").read_bytes(),
     }
 
 
 @pytest.mark.slow
 @pytest.mark.e2e
-def test_compare_cli_tables_intervals_and_plot(comparison: dict) -> None:
-    data, summary = comparison["data"], comparison["summary"]
+def test_compare_resume_keeps_the_runs_that_finished(comparison: dict) -> None:
+    root = comparison["root"] / "runs"
+    assert set(comparison["mtimes"]) == {
+        str(root / f"cmp-proxyless-seed{s}" / "student.pt") for s in (3, 4)
+    }
+    assert "2/2 runs completed" in comparison["output"]
+    for path, mtime in comparison["mtimes"].items():
+        assert Path(path).stat().st_mtime_ns == mtime, f"{path} was trained again"
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_a_finished_comparison_grows_by_training_only_its_new_cells(
+    comparison: dict, grown: dict
+) -> None:
+    """1 method x 2 seeds grown to 2 methods x 3 seeds: the two finished runs are reused
+    (same training settings: the compare section is not part of a run's fingerprint),
+    four train, and the report has n = 3 for each method. Then other metrics only:
+    nothing trains."""
+    output = grown["output"]
+    assert "2 run(s) finished already with these settings (reused), 4 to train" in output
+    for student, mtime in comparison["mtimes"].items():
+        assert Path(student).stat().st_mtime_ns == mtime, f"{student} was trained again"
+    assert len(grown["students"]) == 6
+    assert grown["data"]["tables"]["acc_10fold"]["proxyless"]["n"] == 3
+    assert grown["data"]["tables"]["acc_10fold"]["cckd"]["vs_baseline"]["n"] == 3
+    # Our per-trial lines, not Tune's status tables.
+    assert output.count("[comparison] trial ") >= 4 * 3  # started, an epoch, finished
+    assert "Trial status" not in output and "╭" not in output
+    again = run_ok(
+        compare_cli(
+            comparison["path"],
+            "--set", "compare.methods=[proxyless,cckd]",
+            "--set", "compare.seeds=[3,4,5]",
+            "--set", "compare.metrics=[auc,rank1]",
+        ),
+        timeout=900,
+    )  # fmt: skip
+    assert "6 run(s) finished already with these settings (reused), 0 to train" in again.stdout
+    data = json.loads((grown["summary"] / "comparison.json").read_text())
+    assert "auc" in data["tables"] and "acc_10fold" not in data["tables"]
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_compare_cli_tables_intervals_and_plot(grown: dict) -> None:
+    data = grown["data"]
     assert {(c["method"], c["seed"]) for c in data["cells"]} == {
-        ("proxyless", 3),
-        ("proxyless", 4),
-        ("cckd", 3),
-        ("cckd", 4),
+        (m, s) for m in ("proxyless", "cckd") for s in SEEDS
     }
     assert all(c["status"] == "completed" for c in data["cells"])
-    rows = list(csv.DictReader((summary / "cells.csv").open()))
+    rows = grown["cells"]
     per = {(r["method"], int(r["seed"])): r for r in rows}
     widths: list[float] = []
     for column in ("acc_10fold", "auc", CROSS_MODEL, IMAGES_PER_S):
         table = data["tables"][column]
         for method in ("proxyless", "cckd"):
-            values = [float(per[(method, s)][column]) for s in (3, 4)]
+            values = [float(per[(method, s)][column]) for s in SEEDS]
             assert table[method]["mean"] == pytest.approx(np.mean(values), rel=1e-9)
             assert table[method]["std"] == pytest.approx(
                 np.std(values, ddof=1), rel=1e-9, abs=1e-12
             )
         diffs = [
-            float(per[("cckd", s)][column]) - float(per[("proxyless", s)][column]) for s in (3, 4)
+            float(per[("cckd", s)][column]) - float(per[("proxyless", s)][column]) for s in SEEDS
         ]
         vs = table["cckd"]["vs_baseline"]
-        assert vs["n"] == 2 and vs["mean"] == pytest.approx(np.mean(diffs), rel=1e-9, abs=1e-12)
-        # Hand-derived: mean +- t_{0.975, 1} * sd / sqrt(2), a zero-width interval when the
-        # two differences are equal (no branch that could skip the check).
-        half = stats.t.ppf(0.975, df=1) * np.std(diffs, ddof=1) / np.sqrt(2)
+        assert vs["n"] == len(SEEDS) and vs["mean"] == pytest.approx(
+            np.mean(diffs), rel=1e-9, abs=1e-12
+        )
+        # Hand-derived: mean +- t_{0.975, n-1} * sd / sqrt(n), a zero-width interval when the
+        # differences are equal (no branch that could skip the check).
+        half = stats.t.ppf(0.975, df=len(SEEDS) - 1) * np.std(diffs, ddof=1) / np.sqrt(len(SEEDS))
         assert (vs["low"], vs["high"]) == (
             pytest.approx(np.mean(diffs) - half, abs=1e-12),
             pytest.approx(np.mean(diffs) + half, abs=1e-12),
@@ -191,31 +258,20 @@ def test_compare_cli_tables_intervals_and_plot(comparison: dict) -> None:
     assert max(widths) > 0, "at least one column has a proper interval (images/s differ)"
     # cckd lives in the teacher's space (student width = teacher width): cross-model numbers,
     # verification and rank-1 identification; the teacher's own row heads each table.
-    assert all(per[(m, s)][CROSS_MODEL] != "" for m in ("proxyless", "cckd") for s in (3, 4))
+    assert all(per[(m, s)][CROSS_MODEL] != "" for m in ("proxyless", "cckd") for s in SEEDS)
     assert all(
         0 <= float(per[(m, s)]["cross_model_rank1"]) <= 1
         for m in ("proxyless", "cckd")
-        for s in (3, 4)
+        for s in SEEDS
     )
     assert 0.0 <= data["teacher"]["acc_10fold"] <= 1.0
-    assert (
-        f"| teacher (reference) | {data['teacher']['acc_10fold']:.4f} |"
-        in (summary / "report.md").read_text()
-    )
-    report = (summary / "report.md").read_text()
+    assert f"| teacher (reference) | {data['teacher']['acc_10fold']:.4f} |" in grown["report"]
+    report = grown["report"]
     assert "## acc_10fold" in report and "paired t-interval" in report
     assert "cckd" in report and ("not distinguishable" in report or "than proxyless" in report)
-    png = (summary / "comparison.png").read_bytes()
+    png = grown["png"]
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-    assert "4/4 runs completed" in comparison["output"]
-
-
-@pytest.mark.slow
-@pytest.mark.e2e
-def test_compare_resume_keeps_the_runs_that_finished(comparison: dict) -> None:
-    for path, mtime in comparison["mtimes"].items():
-        assert Path(path).stat().st_mtime_ns == mtime, f"{path} was trained again"
-    assert len(students(comparison["root"])) == 4
+    assert "6/6 runs completed" in grown["output"]
 
 
 def test_every_cell_config_is_checked_before_training(tmp_path: Path) -> None:
@@ -234,32 +290,6 @@ def test_every_cell_config_is_checked_before_training(tmp_path: Path) -> None:
     config = replace(config, data=DataConfig(train=str(tmp_path), eval=str(tmp_path)))
     with pytest.raises(ConfigError, match=r"method proxyless needs student\.emb_dim"):
         check_cells(config)
-
-
-@pytest.mark.slow
-@pytest.mark.e2e
-def test_a_finished_comparison_grows_by_training_only_its_new_cells(comparison: dict) -> None:
-    """2 methods x 2 seeds, then a third seed: the four finished runs are reused (same
-    training settings: the compare section is not part of a run's fingerprint), two train,
-    and the report has n = 3 for each method. Then other metrics only: nothing trains."""
-    root = comparison["root"]
-    path = root / "compare.yaml"
-
-    def grown(*sets: str) -> subprocess.CompletedProcess[str]:
-        return run_ok(compare_cli(path, *[a for s in sets for a in ("--set", s)]), timeout=900)
-
-    done = grown("compare.seeds=[3,4,5]")
-    assert "4 run(s) finished already with these settings (reused), 2 to train" in done.stdout
-    for student, mtime in comparison["mtimes"].items():
-        assert Path(student).stat().st_mtime_ns == mtime, f"{student} was trained again"
-    assert len(students(root)) == 6
-    data = json.loads((comparison["summary"] / "comparison.json").read_text())
-    assert data["tables"]["acc_10fold"]["proxyless"]["n"] == 3
-    assert data["tables"]["acc_10fold"]["cckd"]["vs_baseline"]["n"] == 3
-    again = grown("compare.seeds=[3,4,5]", "compare.metrics=[auc,rank1]")
-    assert "6 run(s) finished already with these settings (reused), 0 to train" in again.stdout
-    data = json.loads((comparison["summary"] / "comparison.json").read_text())
-    assert "auc" in data["tables"] and "acc_10fold" not in data["tables"]
 
 
 def test_cell_inputs_are_checked_once_however_many_methods(

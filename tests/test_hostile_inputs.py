@@ -80,6 +80,7 @@ class Case:
     argv: Callable[[Workspace], list[str]]  # sets the crafted input up, returns the argv
     expect: str  # a fragment of the one error line
     env: tuple[tuple[str, str | None], ...] = ()  # the process environment for this row
+    made_nothing: str = ""  # a path under the workspace that must not exist afterwards
 
 
 MAINS = {
@@ -217,6 +218,12 @@ def nan_landmark(root: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def broken_yaml(ws: Workspace) -> Path:
+    path = ws.root / "broken.yaml"
+    path.write_text("data:\n  train: [1, 2\n")
+    return path
+
+
 def student_file(ws: Workspace) -> str:
     path = ws.root / "student.pt"
     path.write_bytes(b"not read: the arguments are refused first")
@@ -317,6 +324,26 @@ CASES = [
     ),
     Case(
         "distill",
+        "a config that is not valid YAML",
+        lambda ws: ["--config", str(broken_yaml(ws))],
+        "not valid YAML: expected ',' or ']', but got '<stream end>' at line 3, column 1",
+    ),
+    Case(
+        "build_classifier",
+        "a missing arcface_torch --run-dir",
+        lambda ws: [
+            "arcface-torch",
+            "--run-dir",
+            str(ws.root / "nothing"),
+            "--dataset",
+            ws.data.train_uri,
+            "--out",
+            str(ws.out / "classifier"),
+        ],
+        "nothing: no such directory (expected arcface_torch's output directory",
+    ),
+    Case(
+        "distill",
         "seed -1",
         lambda ws: ["--set", "seed=-1"],
         "seed: a seed must be in [0, 2**63 - 1]",
@@ -384,6 +411,34 @@ CASES = [
             str(ws.sentinel / "notes.txt" / "ds"),
         ],
         "a file is in the way",
+    ),
+    Case(
+        "prepare_dataset",
+        "--jpeg-quality out of range",
+        lambda ws: [
+            "--input",
+            face_folder(ws, b"cafe"),
+            "--out",
+            str(ws.out / "ds"),
+            "--jpeg-quality",
+            "300",
+        ],
+        "--jpeg-quality: expected in [1, 100], found 300",
+        made_nothing="out/ds",
+    ),
+    Case(
+        "prepare_dataset",
+        "pairs asked of too few identities (refused before the import)",
+        lambda ws: [
+            "--input",
+            face_folder(ws, b"cafe"),
+            "--out",
+            str(ws.out / "ds"),
+            "--pairs-per-fold",
+            "10",
+        ],
+        "verification pairs need at least 20 identities with 2+ images",
+        made_nothing="out/ds",
     ),
     Case(
         "distill",
@@ -497,6 +552,8 @@ def test_a_hostile_input_is_one_error_line_and_touches_nothing(
     assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("error: "), lines
     assert case.expect in lines[0], lines[0]
     assert tree_hash(sentinel, inputs) == before, "something outside the job's output changed"
+    if case.made_nothing:
+        assert not (tmp_path / case.made_nothing).exists(), "refused only after it started work"
 
 
 def fresh_s3_clients() -> None:

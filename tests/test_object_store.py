@@ -190,6 +190,7 @@ def test_corrupt_jpeg_in_training_data_names_the_image(
     # Through the command line: one error line, exit code 2.
     path = tmp_path / "corrupt.yaml"
     path.write_text(dump_yaml(config))
+    capsys.readouterr()
     assert cli.run(distill_job.main, ["--config", str(path)]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: dataset s3://"), lines

@@ -336,6 +336,15 @@ def read_pairs(uri: str, meta: DatasetMeta) -> pa.Table:
     return table
 
 
+def check_pair_identities(usable: int) -> None:
+    """Verification pairs need two identities with 2+ images in each of the folds."""
+    if usable < 2 * NUM_FOLDS:
+        raise DatasetError(
+            f"verification pairs need at least {2 * NUM_FOLDS} identities with 2+ images "
+            f"({NUM_FOLDS} folds, 2 identities each), found {usable}"
+        )
+
+
 def make_pairs(
     image_ids: Sequence[str], labels: Sequence[int], *, pairs_per_fold: int, seed: int
 ) -> pa.Table:
@@ -351,11 +360,7 @@ def make_pairs(
     for image_id, label in zip(image_ids, labels, strict=True):
         by_label.setdefault(int(label), []).append(image_id)
     usable = sorted(label for label, ids in by_label.items() if len(ids) >= 2)
-    if len(usable) < 2 * NUM_FOLDS:
-        raise DatasetError(
-            f"verification pairs need at least {2 * NUM_FOLDS} identities with 2+ images "
-            f"({NUM_FOLDS} folds, 2 identities each), found {len(usable)}"
-        )
+    check_pair_identities(len(usable))
     columns: dict[str, list[Any]] = {name: [] for name in PAIRS_SCHEMA.names}
     half = pairs_per_fold // 2
     for fold in range(NUM_FOLDS):

@@ -99,6 +99,31 @@ class ImportOptions:
     jpeg_quality: int = 95
     shard_bytes: int = 256 * 2**20
 
+    def __post_init__(self) -> None:
+        problem = import_option_problem(self)
+        if problem is not None:
+            raise DatasetError(problem)
+
+
+MIN_IMAGE_SIZE = 16
+MAX_SEED = 2**63 - 1
+
+
+def import_option_problem(options: ImportOptions) -> str | None:
+    """Why ``options`` cannot make a dataset (named by the command-line flag), or None."""
+    checks = (
+        (MIN_IMAGE_SIZE <= options.image_size <= 4096, "--image-size", "in [16, 4096]",
+         options.image_size),
+        (1 <= options.jpeg_quality <= 100, "--jpeg-quality", "in [1, 100]", options.jpeg_quality),
+        (options.pairs_per_fold >= 0, "--pairs-per-fold", ">= 0", options.pairs_per_fold),
+        (0 <= options.seed <= MAX_SEED, "--seed", "in [0, 2**63 - 1]", options.seed),
+        (options.shard_bytes >= 1, "--shard-mb", "> 0", options.shard_bytes / 2**20),
+    )  # fmt: skip
+    for ok, flag, expected, found in checks:
+        if not ok:
+            return f"{flag}: expected {expected}, found {found}"
+    return None
+
 
 @dataclass(frozen=True)
 class FolderImport(ImportOptions):
@@ -354,6 +379,8 @@ def write_image_folder(options: FolderImport) -> DatasetMeta:
                 f"{len(folders)} identity folders"
             )
         folders = chosen
+    if options.pairs_per_fold:  # refused before any image is read, not after the import
+        fmt.check_pair_identities(sum(len(files) >= 2 for _, files in folders))
     names = [name for name, _ in folders]
     items = [(label, path) for label, (_, files) in enumerate(folders) for path in files]
     sizes = [os.path.getsize(path) for _, path in items]

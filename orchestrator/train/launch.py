@@ -451,7 +451,8 @@ def export_best(config: ExperimentConfig, name: str) -> None:
     )
     write_student_export(storage.join(where, STUDENT_FILE), export)
     print(
-        f"[run] {name}: best epoch {record.epoch} ({record.metric} {record.value:.4f}) "
+        f"[run] {name}: best epoch {record.epoch + 1}/{config.optim.epochs} "
+        f"({record.metric} {record.value:.4f}) "
         f"-> {storage.join(where, STUDENT_FILE)}",
         flush=True,
     )
