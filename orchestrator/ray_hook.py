@@ -15,7 +15,7 @@ import warnings
 # one line for an input error, the remote tracebacks in a log file it names; the whole
 # traceback for anything else), so the copies streamed to the console ahead of that line
 # are dropped where they are made. Ray Data also warns that the progress bars we turn off
-# are off, once per process.
+# are off, once per process, and Ray that tqdm is missing.
 QUIET_RECORDS: dict[str, tuple[str, ...]] = {
     "ray.train.v2._internal.util": ("Error in training function",),
     "ray.data._internal.iterator.stream_split_iterator": ("get() failed after",),
@@ -24,6 +24,8 @@ QUIET_RECORDS: dict[str, tuple[str, ...]] = {
     ),
     "ray.data.exceptions": ("Exception occurred in user code",),
     "ray.data._internal.progress": ("Progress bars disabled",),
+    # Ray's progress bars want tqdm, which we do not install: our own lines report progress.
+    "ray.experimental.tqdm_ray": ("tqdm is not installed",),
 }
 
 

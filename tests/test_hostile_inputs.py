@@ -642,3 +642,29 @@ def test_an_input_error_is_found_in_the_text_ray_carries() -> None:
     assert type(found) is CorruptImageError
     assert str(found) == "ds, image_id a/1: cannot decode JPEG"
     assert user_error_in_text("ValueError: not ours\nCorruptImageError: unqualified\n") is None
+
+
+def test_ray_records_that_repeat_a_failure_are_dropped_and_others_kept() -> None:
+    """The filters ray_hook installs drop exactly the listed messages of the listed
+    loggers: another record of the same logger still gets through."""
+    import logging
+
+    from orchestrator import ray_hook
+
+    ray_hook.quiet_ray_records()
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    for name, fragments in ray_hook.QUIET_RECORDS.items():
+        logger = logging.getLogger(name)
+        handler = Keep()
+        logger.addHandler(handler)
+        try:
+            logger.error(f"{fragments[0]}: and the rest of the message")
+            logger.error("something else entirely")
+        finally:
+            logger.removeHandler(handler)
+    assert seen == ["something else entirely"] * len(ray_hook.QUIET_RECORDS)
