@@ -31,7 +31,8 @@ from orchestrator import cli, storage
 from orchestrator.config import ExperimentConfig, Method
 from orchestrator.data.prepare import write_synthetic
 from orchestrator.errors import UsageError
-from orchestrator.evaluation import evaluate_students, write_report
+from orchestrator.evaluation import evaluate_students
+from orchestrator.evaluation_report import write_report
 from orchestrator.objectstore import EmbeddedObjectStore
 from orchestrator.progress import format_seconds
 from orchestrator.runs import (

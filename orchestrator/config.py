@@ -894,6 +894,16 @@ class ExperimentConfig:
     retrain: RetrainConfig = field(default_factory=RetrainConfig)  # jobs.retrain
 
     def __post_init__(self) -> None:
+        self._check_name_and_seed()
+        self._check_method_fits()
+        for key, batch in (
+            ("optim.batch_size", self.optim.batch_size),
+            ("teacher_optim.batch_size", self.teacher_optim.batch_size),
+        ):
+            self._check_global_batch(key, batch)
+        self._check_metric_names()
+
+    def _check_name_and_seed(self) -> None:
         require(bool(self.name.strip()), "name", "must not be empty")
         require(seed_problem([self.seed]) is None, "seed", str(seed_problem([self.seed])))
         require(
@@ -901,6 +911,9 @@ class ExperimentConfig:
             "name",
             f"must be a single path component (no '/', '\\', ':', '..'), found {self.name!r}",
         )
+
+    def _check_method_fits(self) -> None:
+        """The method, the classifier layout, the stages and the teacher's input agree."""
         # The inherited classifier (and the L2 target) live in the teacher's embedding space.
         require(
             not self.loss.method.needs_teacher_width
@@ -924,14 +937,6 @@ class ExperimentConfig:
             "sampling exists only in the sharded layout (sharding.mode sharded or auto, method "
             "proxyless); remove it or change the mode",
         )
-        uneven = uneven_world_size(self.optim.batch_size, self.scaling)
-        require(
-            uneven is None,
-            "optim.batch_size",
-            f"the global batch {self.optim.batch_size} must split evenly over every world "
-            f"size of scaling.num_workers={self.scaling.describe()}; it does not over {uneven} "
-            "(an elastic run keeps the global batch at every size)",
-        )
         last_stage = self.loss.multistep.stages()[-1].from_epoch
         require(
             self.loss.method is not Method.MULTISTEP or last_stage < self.optim.epochs,
@@ -946,6 +951,18 @@ class ExperimentConfig:
             f"{list(crop)} reaches outside the {self.data.image_size}x{self.data.image_size} "
             "images of data.image_size",
         )
+
+    def _check_global_batch(self, key: str, batch: int) -> None:
+        uneven = uneven_world_size(batch, self.scaling)
+        require(
+            uneven is None,
+            key,
+            f"the global batch {batch} must split evenly over every world size of "
+            f"scaling.num_workers={self.scaling.describe()}; it does not over {uneven} "
+            "(an elastic run keeps the global batch at every size)",
+        )
+
+    def _check_metric_names(self) -> None:
         targets = val_targets(self)
         require(
             len(targets) == len(self.run.val_targets),
@@ -966,14 +983,6 @@ class ExperimentConfig:
                 f"expected one of {', '.join(known)} (benchmarks: <run.val_targets name>_acc), "
                 f"found {metric!r}",
             )
-        uneven = uneven_world_size(self.teacher_optim.batch_size, self.scaling)
-        require(
-            uneven is None,
-            "teacher_optim.batch_size",
-            f"the global batch {self.teacher_optim.batch_size} must split evenly over every world "
-            f"size of scaling.num_workers={self.scaling.describe()}; it does not over {uneven} "
-            "(an elastic run keeps the global batch at every size)",
-        )
 
 
 MAX_SEED = 2**63 - 1  # a seed is a non-negative 64-bit signed integer

@@ -199,6 +199,16 @@ def build_on_ray(
         raise
 
 
+@dataclass
+class Reduction:
+    """The reducers of one build, started at the first batch (its width fixes the ranges)."""
+
+    ranges: Ranges
+    reducers: list[Any]
+    emb_dim: int
+    chunk_rows: int
+
+
 def _build(
     teacher: TeacherConfig,
     dataset_uri: str,
@@ -209,15 +219,50 @@ def _build(
     plan: MeanEmbeddingPlan,
     use_gpu: bool,
 ) -> clf.ClassifierMeta:
+    prefix, previous = clf.new_generation(out)
+    started = time.monotonic()
+    reduction = _reduce(dataset_uri, meta, embedded, plan=plan, use_gpu=use_gpu)
+    chunks = _write_ranges(reduction, dataset_uri, out=out, prefix=prefix, dtype=plan.dtype)
+    result = clf.ClassifierMeta(
+        num_classes=meta.num_classes,
+        emb_dim=reduction.emb_dim,
+        dtype=plan.dtype,
+        normalized=True,
+        chunk_rows=reduction.chunk_rows,
+        chunks=tuple(chunks),  # reducers in range order, each its chunks in order
+        label_map_fingerprint=meta.label_map_fingerprint,
+        source={
+            "kind": "mean_teacher_embedding",
+            "dataset": dataset_uri,
+            "approximation": True,
+            **teacher_source(teacher),
+            "builder": f"ray ({reduction.ranges.count} ranges of {reduction.ranges.size})",
+        },
+    )
+    clf.publish(out, result, previous=previous)
+    print(
+        f"[mean embeddings] {meta.num_classes} x {result.emb_dim} -> {out} in "
+        f"{time.monotonic() - started:.1f}s",
+        flush=True,
+    )
+    return result
+
+
+def _reduce(
+    dataset_uri: str,
+    meta: fmt.DatasetMeta,
+    embedded: Any,
+    *,
+    plan: MeanEmbeddingPlan,
+    use_gpu: bool,
+) -> Reduction:
+    """Every embedded batch's per-label sums sent to the reducer of its label range; every
+    image of ``dataset.json`` accounted for."""
     import ray
 
-    prefix, previous = clf.new_generation(out)
     progress = Progress("mean embeddings", meta.num_images)
-    started = time.monotonic()
-    reducers: list[Any] = []
-    ranges: Ranges | None = None
+    reduction: Reduction | None = None
     pending: list[Any] = []
-    chunk_rows = emb_dim = 0
     for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
         labels, sums, counts = batch["label"], batch["sum"], batch["count"]
         if labels.size and (labels.min() < 0 or labels.max() >= meta.num_classes):
@@ -225,16 +270,9 @@ def _build(
                 f"{dataset_uri}: label {int(labels.max())} outside [0, {meta.num_classes}) "
                 "(dataset.json's num_classes)"
             )
-        if ranges is None:
-            emb_dim = sums.shape[1]
-            chunk_rows = plan.chunk_rows or clf.default_chunk_rows(emb_dim, plan.dtype)
-            ranges = Ranges.of(meta.num_classes, chunk_rows, plan.identities_per_range)
-            reducers = _start_reducers(ranges, emb_dim)
-            print(
-                f"[mean embeddings] {meta.num_classes} identities in {ranges.count} range(s) of "
-                f"{ranges.size}; {plan.actors} {'GPU' if use_gpu else 'CPU'} actor(s)",
-                flush=True,
-            )
+        if reduction is None:
+            reduction = _start_reduction(meta, sums.shape[1], plan=plan, use_gpu=use_gpu)
+        ranges, reducers = reduction.ranges, reduction.reducers
         which = labels // ranges.size
         for r in np.unique(which):
             mask = which == r
@@ -244,16 +282,39 @@ def _build(
             progress.update(sum(ray.get(done)))
     progress.update(sum(ray.get(pending)))
     progress.close()
-    if ranges is None:
+    if reduction is None:
         raise clf.ClassifierError(f"{dataset_uri}: no images; no mean to take")
     if progress.done != meta.num_images:
         raise clf.ClassifierError(
             f"{dataset_uri}: embedded {progress.done} images, dataset.json lists {meta.num_images}"
         )
+    return reduction
+
+
+def _start_reduction(
+    meta: fmt.DatasetMeta, emb_dim: int, *, plan: MeanEmbeddingPlan, use_gpu: bool
+) -> Reduction:
+    chunk_rows = plan.chunk_rows or clf.default_chunk_rows(emb_dim, plan.dtype)
+    ranges = Ranges.of(meta.num_classes, chunk_rows, plan.identities_per_range)
+    print(
+        f"[mean embeddings] {meta.num_classes} identities in {ranges.count} range(s) of "
+        f"{ranges.size}; {plan.actors} {'GPU' if use_gpu else 'CPU'} actor(s)",
+        flush=True,
+    )
+    return Reduction(ranges, _start_reducers(ranges, emb_dim), emb_dim, chunk_rows)
+
+
+def _write_ranges(
+    reduction: Reduction, dataset_uri: str, *, out: str, prefix: str, dtype: str
+) -> list[clf.ChunkInfo]:
+    """Each reducer writes its range's normalised means as chunks under ``out``; a label
+    with no image removes them all and is an error."""
+    import ray
+
     written = ray.get(
         [
-            reducer.write.remote(out, prefix=prefix, chunk_rows=chunk_rows, dtype=plan.dtype)
-            for reducer in reducers
+            reducer.write.remote(out, prefix=prefix, chunk_rows=reduction.chunk_rows, dtype=dtype)
+            for reducer in reduction.reducers
         ]
     )
     chunks = [c for chunk_list, _ in written for c in chunk_list]
@@ -264,29 +325,7 @@ def _build(
         raise clf.ClassifierError(
             f"{dataset_uri}: labels {empty[:5]} ({len(empty)} in all) have no images; no mean to take"
         )
-    result = clf.ClassifierMeta(
-        num_classes=meta.num_classes,
-        emb_dim=emb_dim,
-        dtype=plan.dtype,
-        normalized=True,
-        chunk_rows=chunk_rows,
-        chunks=tuple(chunks),  # reducers in range order, each its chunks in order
-        label_map_fingerprint=meta.label_map_fingerprint,
-        source={
-            "kind": "mean_teacher_embedding",
-            "dataset": dataset_uri,
-            "approximation": True,
-            **teacher_source(teacher),
-            "builder": f"ray ({ranges.count} ranges of {ranges.size})",
-        },
-    )
-    clf.publish(out, result, previous=previous)
-    print(
-        f"[mean embeddings] {meta.num_classes} x {result.emb_dim} -> {out} in "
-        f"{time.monotonic() - started:.1f}s",
-        flush=True,
-    )
-    return result
+    return chunks
 
 
 def _start_reducers(ranges: Ranges, emb_dim: int) -> list[Any]:

@@ -103,45 +103,74 @@ def import_teacher(
     if partial_fc:
         assert dataset is not None
         sources += [source_file(path)[0] for path in find_arcface_shards(partial_fc)]
-        meta = fmt.read_meta(dataset)
-        cmeta = classifier_from_arcface_torch(
-            partial_fc,
-            storage.join(out, "classifier"),
-            num_classes=meta.num_classes,
-            dataset_fingerprint=meta.label_map_fingerprint,
-            dtype=dtype,
-            emb_dim=width,  # checked before anything is written
-        )
+        classifier = import_partial_fc(partial_fc, dataset, out=out, dtype=dtype, width=width)
         placed = replace(placed, classifier=storage.join(out, "classifier"))
-        classifier = {
-            "num_classes": cmeta.num_classes,
-            "world_size": cmeta.source.get("world_size"),
-            "checksum": clf.checksum(cmeta),
-            "dataset": dataset,
-        }
     storage.write_bytes_atomic(backbone_uri, raw)
-    section = to_dict(placed)
-    section.pop("dropout")
-    if not partial_fc:
-        section.pop("classifier")
-    if chosen is not TeacherFormat.INSIGHTFACE:
-        section.pop("arch")  # known only for a state dict mapped onto our backbones
-    card = {
-        "kind": "proxylesskd-imported-teacher",
-        "format": chosen.value,
-        "arch": teacher.arch.value if chosen is TeacherFormat.INSIGHTFACE else None,
-        "emb_dim": width,
-        "params": parameter_count(model, raw),
-        "input": _input_card(placed, model, image_size),
-        "sources": [vars(s) for s in sources],
-        "backbone": backbone_uri,
-        "classifier": classifier,
-        "teacher_config": section,
-    }
+    card = teacher_card(
+        placed, model, raw, image_size=image_size, arch=teacher.arch, width=width,
+        has_classifier=classifier is not None,
+    )  # fmt: skip
+    card["sources"], card["classifier"] = [vars(s) for s in sources], classifier
+    section = card["teacher_config"]
     storage.write_text_atomic(storage.join(out, TEACHER_YAML), _yaml({"teacher": section}))
     storage.write_text_atomic(storage.join(out, CARD_JSON), json.dumps(card, indent=2) + "\n")
     storage.write_text_atomic(storage.join(out, CARD_MD), card_markdown(card))
     return card
+
+
+def import_partial_fc(
+    partial_fc: str, dataset: str, *, out: str, dtype: str, width: int
+) -> dict[str, Any]:
+    """arcface_torch's Partial FC weights as ``out/classifier``, their width checked
+    against the backbone's before anything is written; the card's classifier entry."""
+    meta = fmt.read_meta(dataset)
+    cmeta = classifier_from_arcface_torch(
+        partial_fc,
+        storage.join(out, "classifier"),
+        num_classes=meta.num_classes,
+        dataset_fingerprint=meta.label_map_fingerprint,
+        dtype=dtype,
+        emb_dim=width,
+    )
+    return {
+        "num_classes": cmeta.num_classes,
+        "world_size": cmeta.source.get("world_size"),
+        "checksum": clf.checksum(cmeta),
+        "dataset": dataset,
+    }
+
+
+def teacher_card(
+    placed: TeacherConfig,
+    model: torch.nn.Module,
+    raw: bytes,
+    *,
+    image_size: int,
+    arch: Any,
+    width: int,
+    has_classifier: bool,
+) -> dict[str, Any]:
+    """The model card of an imported teacher (sources and classifier filled in by the
+    caller) with its ``teacher:`` section: only the facts that were measured or given."""
+    section = to_dict(placed)
+    section.pop("dropout")
+    if not has_classifier:
+        section.pop("classifier")
+    known_arch = placed.format is TeacherFormat.INSIGHTFACE
+    if not known_arch:
+        section.pop("arch")  # known only for a state dict mapped onto our backbones
+    return {
+        "kind": "proxylesskd-imported-teacher",
+        "format": placed.format.value,
+        "arch": arch.value if known_arch else None,
+        "emb_dim": width,
+        "params": parameter_count(model, raw),
+        "input": _input_card(placed, model, image_size),
+        "sources": [],
+        "backbone": placed.backbone,
+        "classifier": None,
+        "teacher_config": section,
+    }
 
 
 def parameter_count(model: torch.nn.Module, raw: bytes) -> int:

@@ -11,13 +11,14 @@ margin and scale.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -271,7 +272,27 @@ def fit_trials(
                 failure_config=ray.tune.FailureConfig(max_failures=0),
             ),
         )
-    return tuner.fit()
+    with classic_tune_output():
+        return tuner.fit()
+
+
+NEW_OUTPUT_ENV = "RAY_AIR_NEW_OUTPUT"
+
+
+@contextlib.contextmanager
+def classic_tune_output() -> Iterator[None]:
+    """Tune's reporter of before 2.5 for the length of a run: at ``verbose=0`` it prints
+    nothing, where the newer one (Ray 2.60's default) still prints a configuration table at
+    the start and the trial-status table at the end. Our TrialProgress lines report."""
+    saved = os.environ.get(NEW_OUTPUT_ENV)
+    os.environ[NEW_OUTPUT_ENV] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(NEW_OUTPUT_ENV, None)
+        else:
+            os.environ[NEW_OUTPUT_ENV] = saved
 
 
 def cluster_resources() -> tuple[float, float]:

@@ -37,6 +37,23 @@ __all__ = [
 ]
 
 
+def checked_classifier(
+    weight: torch.Tensor | None, method: Method, *, num_classes: int, emb_dim: int
+) -> torch.Tensor:
+    """The teacher classifier ``method`` uses, once its shape is shown to fit: (num_classes,
+    emb_dim) when the method inherits it, (num_classes, d) otherwise."""
+    if weight is None:
+        raise ValueError(f"method {method.value} needs the teacher classifier")
+    shape = tuple(weight.shape)
+    width_ok = not method.inherits_classifier or shape[1:] == (emb_dim,)
+    if len(shape) != 2 or shape[0] != num_classes or not width_ok:
+        expected = f"emb_dim={emb_dim}" if method.inherits_classifier else "d"
+        raise ValueError(
+            f"teacher classifier has shape {shape}, expected (num_classes={num_classes}, {expected})"
+        )
+    return weight
+
+
 def build_loss(
     config: LossConfig,
     *,
@@ -56,17 +73,9 @@ def build_loss(
     margin = Margin.from_config(config.margin)
 
     def classifier() -> torch.Tensor:
-        if teacher_classifier is None:
-            raise ValueError(f"method {config.method.value} needs the teacher classifier")
-        shape = tuple(teacher_classifier.shape)
-        width_ok = not config.method.inherits_classifier or shape[1:] == (emb_dim,)
-        if len(shape) != 2 or shape[0] != num_classes or not width_ok:
-            expected = f"emb_dim={emb_dim}" if config.method.inherits_classifier else "d"
-            raise ValueError(
-                f"teacher classifier has shape {shape}, expected "
-                f"(num_classes={num_classes}, {expected})"
-            )
-        return teacher_classifier
+        return checked_classifier(
+            teacher_classifier, config.method, num_classes=num_classes, emb_dim=emb_dim
+        )
 
     match config.method:
         case Method.PROXYLESS:

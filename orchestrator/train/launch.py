@@ -295,6 +295,13 @@ def controller_env(config: ExperimentConfig) -> Iterator[None]:
             os.environ[WORKER_START_TIMEOUT_ENV] = saved
 
 
+def run_dataset(config: ExperimentConfig, name: str) -> Any:
+    """The run's Parquet input; with checkpoints inside epochs, read past the images a
+    resumed epoch already trained (the run's skip directory)."""
+    skip = skip_dir(run_dir(config, name)) if config.run.checkpoint_every_steps else None
+    return training_dataset(config.data, input_plan(config), config.seed, skip_dir=skip)
+
+
 def torch_trainer(
     config: ExperimentConfig,
     spec: TrainSpec,
@@ -326,18 +333,7 @@ def torch_trainer(
             use_gpu=config.scaling.use_gpu,
             resources_per_worker={"CPU": config.scaling.cpus_per_worker},
         ),
-        datasets={
-            "train": dataset
-            if dataset is not None
-            else training_dataset(
-                config.data,
-                input_plan(config),
-                config.seed,
-                skip_dir=skip_dir(run_dir(config, name))
-                if config.run.checkpoint_every_steps
-                else None,
-            )
-        },
+        datasets={"train": dataset if dataset is not None else run_dataset(config, name)},
         # Explicit ingest options: Train's defaults copy the deprecated
         # ExecutionOptions.exclude_resources (a RayDeprecationWarning on every run).
         # preserve_order makes the split of each epoch's rows over the workers a function of

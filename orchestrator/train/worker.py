@@ -445,15 +445,21 @@ def run_epoch(state: WorkerState, epoch: int) -> EpochStats:
         input_wait_s=timed.waited - timed.first_wait,
         input_startup_s=timed.first_wait,
     )
-    if state.rank == 0:
-        print(
-            f"{state.tag} epoch {epoch + 1}/{state.spec.optim.epochs} done: loss "
-            f"{stats.mean_loss:.4f}  {stats.samples_per_s:.0f} samples/s  "
-            f"{format_seconds(stats.seconds)}  input: {stats.input_startup_s:.1f}s start-up, "
-            f"then {stats.input_wait_share:.0%} of the time waiting",
-            flush=True,
-        )
+    print_epoch_done(state, stats)
     return stats
+
+
+def print_epoch_done(state: WorkerState, stats: EpochStats) -> None:
+    """Rank 0's line at the end of an epoch."""
+    if state.rank != 0:
+        return
+    print(
+        f"{state.tag} epoch {stats.epoch + 1}/{state.spec.optim.epochs} done: loss "
+        f"{stats.mean_loss:.4f}  {stats.samples_per_s:.0f} samples/s  "
+        f"{format_seconds(stats.seconds)}  input: {stats.input_startup_s:.1f}s start-up, "
+        f"then {stats.input_wait_share:.0%} of the time waiting",
+        flush=True,
+    )
 
 
 # --- checkpoints inside an epoch (run.checkpoint_every_steps) ------------------------------
