@@ -184,6 +184,20 @@ def shardless_dataset(ws: Workspace) -> str:
     return str(copy)
 
 
+def positive_pairs_only(ws: Workspace) -> str:
+    """A copy of the evaluation set whose pairs.parquet keeps its same-identity pairs only."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    copy = ws.root / "positives"
+    shutil.copytree(ws.data.eval_uri, copy)
+    meta = fmt.read_meta(str(copy))
+    assert meta.pairs is not None
+    table = pq.read_table(copy / meta.pairs)
+    pq.write_table(table.filter(pc.field("same")), copy / meta.pairs)
+    return str(copy)
+
+
 def damaged_registry(ws: Workspace) -> list[str]:
     """A registry whose champion.json is cut short (a torn copy by hand)."""
     registry = ws.out / "registry"
@@ -480,6 +494,18 @@ CASES = [
         "a directory as --backbone",
         lambda ws: ["--backbone", str(ws.sentinel), "--out", str(ws.out / "teacher")],
         "is a directory, expected a file",
+    ),
+    Case(
+        "evaluate",
+        "pairs that are all same-identity",
+        lambda ws: [
+            "--no-teacher",
+            "--student",
+            f"a={student_file(ws)}",
+            "--set",
+            f"data.eval={positive_pairs_only(ws)}",
+        ],
+        "same-identity and 0 different-identity pairs; verification needs both",
     ),
     Case(
         "evaluate",
