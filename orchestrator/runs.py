@@ -32,6 +32,10 @@ def use_object_store_config(config: ExperimentConfig) -> None:
     storage.use_endpoint(config.storage.endpoint_url, config.storage.region)
 
 
+# Every worker of a job's Ray cluster runs orchestrator.ray_hook.setup_worker first.
+WORKER_SETUP = {"worker_process_setup_hook": "orchestrator.ray_hook.setup_worker"}
+
+
 def ensure_ray() -> None:
     """The one way a job gets its Ray cluster, before anything touches Ray.
 
@@ -46,7 +50,9 @@ def ensure_ray() -> None:
         return
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, logging_level=logging.WARNING)
+        # Inside `ray job submit` Ray merges this with the job's own runtime_env (its
+        # working_dir ships the package the hook lives in, as it ships the training loop).
+        ray.init(address=address, logging_level=logging.WARNING, runtime_env=WORKER_SETUP)
     else:
         start_private_cluster()
         print(f"[ray] private local cluster (token auth) at {gcs_address()}", flush=True)
@@ -80,8 +86,9 @@ def start_private_cluster(**init_kwargs: Any) -> None:
     # on the host.
     # The hook also keeps a failed task's traceback from being echoed to the console
     # before the driver reports the failure (ray_hook.QUIET_RECORDS).
-    runtime_env = {"worker_process_setup_hook": "orchestrator.ray_hook.setup_worker"}
-    ray.init(address="local", logging_level=logging.WARNING, runtime_env=runtime_env, **init_kwargs)
+    ray.init(
+        address="local", logging_level=logging.WARNING, runtime_env=WORKER_SETUP, **init_kwargs
+    )
 
 
 _TOKEN: list[str] = []

@@ -23,6 +23,7 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 from orchestrator.config import to_dict
 from orchestrator.evaluation import evaluate_model, load_eval_set, load_student
 from tests.conftest import REPO, TrainSetup
+from tests.test_hostile_inputs import corrupt_copy, train_setup_data
 
 pytestmark = pytest.mark.e2e
 
@@ -140,6 +141,22 @@ def test_ray_job_submit_distill(head_node: str, train_setup: TrainSetup, tmp_pat
     again = evaluate_model(student, load_eval_set(base["data"]["eval"]))
     assert summary["val_acc_10fold"] == pytest.approx(round(again["acc_10fold"], 4), abs=1e-9)
     assert summary["val_auc"] == pytest.approx(round(again["auc"], 4), abs=1e-9)
+
+    # The same job on a training set with a corrupt JPEG: one error line in the job's log,
+    # and none of the tracebacks Ray's workers would echo (the setup hook the driver puts in
+    # the job's runtime_env drops them on the cluster's workers too).
+    broken = corrupt_copy(train_setup_data(train_setup), tmp_path / "corrupt")
+    failing = [*sets, "--set", f"data.train={broken}", "--set", "name=corrupt"]
+    subprocess.run(
+        [RAY, "job", "submit", "--address", head_node, "--submission-id", "corrupt-test", "--working-dir", ".",
+         "--", "python", "-m", "jobs.distill", "--config", "configs/demo.yaml", *failing],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert JobSubmissionClient(head_node).get_job_status("corrupt-test") == JobStatus.FAILED
+    logs = JobSubmissionClient(head_node).get_job_logs("corrupt-test")
+    errors = [line for line in logs.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "cannot decode JPEG (300 bytes)" in errors[0], logs[-3000:]
+    assert "Traceback" not in logs and "Error in training function" not in logs, logs[-3000:]
 
 
 # The record a cloud autoscaler reports to the GCS (ReportClusterConfig): a 2-CPU head and
