@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from orchestrator import classifier as clf
+from orchestrator.audit import read_epoch_audit
 from orchestrator.config import (
     ClassifierMode,
     DecodeAt,
@@ -116,12 +117,8 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Scenario:
 
 
 def epoch_audit(base: ExperimentConfig, name: str, epoch: int) -> list[str]:
-    run_dir = Path(base.storage_path) / name / "audit"
-    return [
-        image
-        for path in sorted(run_dir.glob(f"epoch-{epoch:04d}-rank-*.txt"))
-        for image in path.read_text().split()
-    ]
+    """Every image the run trained on in ``epoch``, all ranks (the audit's one reader)."""
+    return read_epoch_audit(str(Path(base.storage_path) / name), epoch).all_trained()
 
 
 def assert_every_image_once(scenario: Scenario, name: str) -> None:
