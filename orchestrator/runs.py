@@ -3,6 +3,7 @@ driver, Tune and the retraining pipeline share (none of them is training itself)
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import hashlib
 import importlib.metadata
@@ -12,6 +13,7 @@ import os
 import re
 import secrets
 import subprocess
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -30,6 +32,21 @@ def object_store_env(config: ExperimentConfig) -> dict[str, str]:
 def use_object_store_config(config: ExperimentConfig) -> None:
     """Make the config's endpoint and region visible to this process's S3 clients."""
     storage.use_endpoint(config.storage.endpoint_url, config.storage.region)
+
+
+@contextlib.contextmanager
+def process_env(name: str, value: str) -> Iterator[None]:
+    """``os.environ[name] = value`` for the length of the block, then as it was (unset if
+    it was unset): settings Ray reads from the environment of the process that calls it."""
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
 
 
 # Every worker of a job's Ray cluster runs orchestrator.ray_hook.setup_worker first.

@@ -18,7 +18,7 @@ import io
 import json
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -279,20 +279,13 @@ def fit_trials(
 NEW_OUTPUT_ENV = "RAY_AIR_NEW_OUTPUT"
 
 
-@contextlib.contextmanager
-def classic_tune_output() -> Iterator[None]:
+def classic_tune_output() -> contextlib.AbstractContextManager[None]:
     """Tune's reporter of before 2.5 for the length of a run: at ``verbose=0`` it prints
     nothing, where the newer one (Ray 2.60's default) still prints a configuration table at
     the start and the trial-status table at the end. Our TrialProgress lines report."""
-    saved = os.environ.get(NEW_OUTPUT_ENV)
-    os.environ[NEW_OUTPUT_ENV] = "0"
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(NEW_OUTPUT_ENV, None)
-        else:
-            os.environ[NEW_OUTPUT_ENV] = saved
+    from orchestrator.runs import process_env
+
+    return process_env(NEW_OUTPUT_ENV, "0")
 
 
 def cluster_resources() -> tuple[float, float]:

@@ -8,7 +8,6 @@ outside [0, C), a classifier whose size, embedding width or label map does not m
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -57,6 +56,7 @@ from orchestrator.runs import (
     ensure_ray,
     ineffective_settings,
     object_store_env,
+    process_env,
     run_dir,
     run_lock,
     storage_root,
@@ -284,15 +284,8 @@ WORKER_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 def controller_env(config: ExperimentConfig) -> Iterator[None]:
     """The settings Ray Train's controller reads from its environment, which it takes from
     the driver's when ``fit`` creates it: this process's, for the length of the call."""
-    saved = os.environ.get(WORKER_START_TIMEOUT_ENV)
-    os.environ[WORKER_START_TIMEOUT_ENV] = f"{config.scaling.worker_start_timeout_s:g}"
-    try:
+    with process_env(WORKER_START_TIMEOUT_ENV, f"{config.scaling.worker_start_timeout_s:g}"):
         yield
-    finally:
-        if saved is None:
-            os.environ.pop(WORKER_START_TIMEOUT_ENV, None)
-        else:
-            os.environ[WORKER_START_TIMEOUT_ENV] = saved
 
 
 def run_dataset(config: ExperimentConfig, name: str) -> Any:
