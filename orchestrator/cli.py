@@ -11,7 +11,7 @@ import traceback
 from collections.abc import Callable, Sequence
 
 from orchestrator.config import ExperimentConfig, load_config
-from orchestrator.errors import USER_ERRORS, remote_trace, unwrapped_user_error
+from orchestrator.errors import USER_ERRORS, raised_by_ray, remote_trace, unwrapped_user_error
 from orchestrator.storage import redact, use_endpoint
 
 
@@ -75,7 +75,7 @@ def input_error(err: Exception) -> Exception | None:
     another exception was handled stays a program error."""
     if isinstance(err, USER_ERRORS):
         return err
-    if type(err).__module__.startswith("ray."):
+    if raised_by_ray(err):
         return unwrapped_user_error(err)
     return None
 

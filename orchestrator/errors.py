@@ -70,6 +70,7 @@ def user_error_in(err: BaseException) -> Exception | None:
     type and carry the remote traceback in their text)."""
     seen: set[int] = set()
     pending: list[BaseException] = [err]
+    wrapped = False  # a Ray wrapper was met: the original may survive only as text
     while pending:
         current = pending.pop(0)
         if id(current) in seen:
@@ -83,22 +84,19 @@ def user_error_in(err: BaseException) -> Exception | None:
             inner = getattr(current, attr, None)
             if isinstance(inner, BaseException):
                 pending.append(inner)
-        from_ray = type(current).__module__.startswith("ray.")  # a wrapper, not the original
-        if isinstance(current, USER_ERRORS) and not from_ray:
+        if raised_by_ray(current):  # a wrapper, not the original
+            wrapped = True
+        elif isinstance(current, USER_ERRORS):
             return current
-    if any(type(e).__module__.startswith("ray.") for e in chain_of(err)):
+    if wrapped:
         return user_error_in_text("".join(traceback.format_exception(err)))
     return None
 
 
-def chain_of(err: BaseException) -> list[BaseException]:
-    """``err`` and its Python chain (``__cause__``, else ``__context__``)."""
-    chain: list[BaseException] = []
-    current: BaseException | None = err
-    while current is not None and all(current is not e for e in chain):
-        chain.append(current)
-        current = current.__cause__ or current.__context__
-    return chain
+def raised_by_ray(err: BaseException) -> bool:
+    """Whether ``err`` is one of Ray's exception types (a wrapper around a remote failure,
+    even when it also subclasses the original's type)."""
+    return type(err).__module__.startswith("ray.")
 
 
 def user_error_in_text(text: str) -> Exception | None:

@@ -177,6 +177,8 @@ def build_on_ray(
 
     plan = plan or MeanEmbeddingPlan()
     meta = fmt.read_meta(dataset_uri)
+    if not storage.exists(teacher.backbone):  # before the cluster and the actors start
+        raise FileNotFoundError(f"teacher.backbone {teacher.backbone} does not exist")
     ensure_ray()
     use_gpu = float(ray.cluster_resources().get("GPU", 0)) >= 1
     embedded = _dataset(dataset_uri, meta, read_cpus=min(plan.actor_cpus, 0.5)).map_batches(
@@ -188,8 +190,6 @@ def build_on_ray(
         num_gpus=1 if use_gpu else 0,
         num_cpus=0 if use_gpu else plan.actor_cpus,
     )
-    if not storage.exists(teacher.backbone):
-        raise FileNotFoundError(f"teacher.backbone {teacher.backbone} does not exist")
     made_out = not storage.exists(out)
     try:
         return _build(teacher, dataset_uri, meta, embedded, out=out, plan=plan, use_gpu=use_gpu)
@@ -199,7 +199,7 @@ def build_on_ray(
         raise
 
 
-@dataclass
+@dataclass(frozen=True)
 class Reduction:
     """The reducers of one build, started at the first batch (its width fixes the ranges)."""
 

@@ -94,13 +94,11 @@ def newest_snapshot(prefix: str) -> Snapshot | None:
 
 # The keys every registry record must have, with their types: a record that lacks one,
 # or is not JSON, is refused naming the file (and line), before anything is decided.
-CHAMPION_KEYS: dict[str, type | tuple[type, ...]] = {
-    "student": str, "fingerprint": str, "metrics": dict,
-}  # fmt: skip
-HISTORY_KEYS: dict[str, type | tuple[type, ...]] = {"fingerprint": str, "decision": str}
+CHAMPION_KEYS: dict[str, type] = {"student": str, "fingerprint": str, "metrics": dict}
+HISTORY_KEYS: dict[str, type] = {"fingerprint": str, "decision": str}
 
 
-def registry_record(text: str, where: str, keys: dict[str, type | tuple[type, ...]]) -> Any:
+def registry_record(text: str, where: str, keys: dict[str, type]) -> Any:
     """One registry record parsed from ``text`` and checked for ``keys``."""
     try:
         record = json.loads(text)
@@ -110,13 +108,9 @@ def registry_record(text: str, where: str, keys: dict[str, type | tuple[type, ..
         raise StorageError(f"{where}: expected a JSON object, found {type(record).__name__}")
     wrong = [k for k, kind in keys.items() if not isinstance(record.get(k), kind)]
     if wrong:
-        expected = ", ".join(f"{k}: {type_names(keys[k])}" for k in wrong)
+        expected = ", ".join(f"{k}: {keys[k].__name__}" for k in wrong)
         raise StorageError(f"{where}: missing or mistyped keys (expected {expected})")
     return record
-
-
-def type_names(kind: type | tuple[type, ...]) -> str:
-    return " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
 
 
 def read_champion(registry: str) -> dict[str, Any] | None:

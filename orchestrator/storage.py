@@ -7,13 +7,12 @@ part of a URI we print.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import posixpath
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import fsspec
@@ -274,7 +273,7 @@ def remove_empty_dir(uri: str) -> None:
     """Remove a local directory if it is empty (an object-store prefix with nothing under
     it does not exist); anything in it is left alone."""
     if is_local(uri):
-        with contextlib.suppress(FileNotFoundError, OSError):
+        with suppress(OSError):  # absent, or not empty
             os.rmdir(uri)
 
 

@@ -108,9 +108,8 @@ def import_teacher(
     storage.write_bytes_atomic(backbone_uri, raw)
     card = teacher_card(
         placed, model, raw, image_size=image_size, arch=teacher.arch, width=width,
-        has_classifier=classifier is not None,
+        sources=[vars(s) for s in sources], classifier=classifier,
     )  # fmt: skip
-    card["sources"], card["classifier"] = [vars(s) for s in sources], classifier
     section = card["teacher_config"]
     storage.write_text_atomic(storage.join(out, TEACHER_YAML), _yaml({"teacher": section}))
     storage.write_text_atomic(storage.join(out, CARD_JSON), json.dumps(card, indent=2) + "\n")
@@ -148,13 +147,14 @@ def teacher_card(
     image_size: int,
     arch: Any,
     width: int,
-    has_classifier: bool,
+    sources: list[dict[str, Any]],
+    classifier: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    """The model card of an imported teacher (sources and classifier filled in by the
-    caller) with its ``teacher:`` section: only the facts that were measured or given."""
+    """The model card of an imported teacher with its ``teacher:`` section: only the facts
+    that were measured or given."""
     section = to_dict(placed)
     section.pop("dropout")
-    if not has_classifier:
+    if classifier is None:
         section.pop("classifier")
     known_arch = placed.format is TeacherFormat.INSIGHTFACE
     if not known_arch:
@@ -166,9 +166,9 @@ def teacher_card(
         "emb_dim": width,
         "params": parameter_count(model, raw),
         "input": _input_card(placed, model, image_size),
-        "sources": [],
+        "sources": sources,
         "backbone": placed.backbone,
-        "classifier": None,
+        "classifier": classifier,
         "teacher_config": section,
     }
 

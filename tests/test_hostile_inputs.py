@@ -238,6 +238,12 @@ def broken_yaml(ws: Workspace) -> Path:
     return path
 
 
+def evaluate_ijb(tree: Callable[[Workspace], str]) -> Callable[[Workspace], list[str]]:
+    """``jobs.evaluate`` arguments that score a student on the IJB tree ``tree`` makes
+    (the student file is never read: the tree is refused first)."""
+    return lambda ws: ["--student", f"a={student_file(ws)}", "--no-eval", "--ijb", tree(ws)]
+
+
 def student_file(ws: Workspace) -> str:
     path = ws.root / "student.pt"
     path.write_bytes(b"not read: the arguments are refused first")
@@ -394,13 +400,7 @@ CASES = [
     Case(
         "evaluate",
         "an IJB face list that is not text",
-        lambda ws: [
-            "--student",
-            f"a={student_file(ws)}",
-            "--no-eval",
-            "--ijb",
-            str(non_utf8_ijb(ws)),
-        ],
+        evaluate_ijb(lambda ws: str(non_utf8_ijb(ws))),
         "expected UTF-8 text",
     ),
     Case(
@@ -510,25 +510,13 @@ CASES = [
     Case(
         "evaluate",
         "an IJB image that is missing",
-        lambda ws: [
-            "--student",
-            f"a={student_file(ws)}",
-            "--no-eval",
-            "--ijb",
-            ijb_tree(ws, remove_one_image),
-        ],
+        evaluate_ijb(lambda ws: ijb_tree(ws, remove_one_image)),
         "have no image, e.g. ['2.jpg']",
     ),
     Case(
         "evaluate",
         "a NaN landmark in IJB",
-        lambda ws: [
-            "--student",
-            f"a={student_file(ws)}",
-            "--no-eval",
-            "--ijb",
-            ijb_tree(ws, nan_landmark),
-        ],
+        evaluate_ijb(lambda ws: ijb_tree(ws, nan_landmark)),
         "NaN or infinite landmark",
     ),
     Case(

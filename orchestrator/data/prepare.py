@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Generic, TypeVar
 
 from orchestrator import storage
-from orchestrator.config import OnCorrupt, SyntheticConfig
+from orchestrator.config import MAX_SEED, OnCorrupt, SyntheticConfig
 from orchestrator.data import format as fmt
 from orchestrator.data import recordio
 from orchestrator.data.format import DatasetError, DatasetMeta, DatasetWriter, ShardInfo, make_pairs
@@ -106,7 +106,6 @@ class ImportOptions:
 
 
 MIN_IMAGE_SIZE = 16
-MAX_SEED = 2**63 - 1
 
 
 def import_option_problem(options: ImportOptions) -> str | None:
