@@ -21,7 +21,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from orchestrator.config import Arch, LossConfig, MarginConfig, Method
 from orchestrator.losses import build_loss
 from orchestrator.models import build_backbone
-from orchestrator.train.step import lr_at, train_step
+from orchestrator.train.schedule import lr_at
+from orchestrator.train.step import train_step
 
 pytestmark = pytest.mark.dist
 

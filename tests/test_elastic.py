@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from orchestrator import classifier as clf
-from orchestrator.audit import read_epoch_audit
+from orchestrator.audit import read_epoch_audit, read_rows_audit
 from orchestrator.config import (
     ClassifierMode,
     DecodeAt,
@@ -184,20 +184,15 @@ def test_the_sharded_classifier_is_re_split_for_each_world_size(scenario: Scenar
     uri = scenario.base.teacher.classifier
     weight = clf.load_full(uri, clf.read_meta(uri)).astype(np.float32)
     classes = weight.shape[0]
-    audit = Path(scenario.base.storage_path) / "elastic-sharded" / "audit"
+    run_uri = str(Path(scenario.base.storage_path) / "elastic-sharded")
     for attempt, world_size in enumerate(report["world_sizes"]):
-        records = [
-            json.loads(
-                (audit / f"classifier-rows-attempt-{attempt:03d}-rank-{rank:03d}.json").read_text()
-            )
-            for rank in range(world_size)
-        ]
+        records = [read_rows_audit(run_uri, attempt, rank) for rank in range(world_size)]
         base, extra = divmod(classes, world_size)
         for rank, record in enumerate(records):
             start = base * rank + min(rank, extra)  # the shard formula, written out here
             size = base + (1 if rank < extra else 0)
-            assert (record["world_size"], record["rank"]) == (world_size, rank)
-            assert (record["start"], record["size"]) == (start, size), (attempt, record)
+            assert (record.world_size, record.rank) == (world_size, rank)
+            assert (record.start, record.size) == (start, size), (attempt, record)
             rows = np.ascontiguousarray(weight[start : start + size])
-            assert record["sha256"] == hashlib.sha256(rows.tobytes()).hexdigest()
-        assert sum(r["size"] for r in records) == classes
+            assert record.sha256 == hashlib.sha256(rows.tobytes()).hexdigest()
+        assert sum(r.size for r in records) == classes

@@ -1,8 +1,5 @@
 from __future__ import annotations
 
-from types import SimpleNamespace
-from typing import Any
-
 import numpy as np
 import pytest
 import torch
@@ -101,25 +98,17 @@ def test_validation_without_finite_embeddings_is_recorded_as_failed_and_keeps_go
     (val_nonfinite, every metric at -1) with a warning, and the epoch's checkpoint is saved
     after it; a sound one gets its metrics."""
     from orchestrator.config import DataConfig, ExperimentConfig
-    from orchestrator.train.worker import validation_metrics
+    from orchestrator.train.validation import Validator
 
-    def state(student: torch.nn.Module) -> Any:
-        config = ExperimentConfig(data=DataConfig(train="unused", eval=tiny_synthetic.eval_uri))
-        return SimpleNamespace(
-            spec=SimpleNamespace(eval_uri=tiny_synthetic.eval_uri),
-            config=config,
-            eval_set=None,
-            student=student,
-            val_benches={},
-            tag="[run]",
-        )
+    config = ExperimentConfig(data=DataConfig(train="unused", eval=tiny_synthetic.eval_uri))
+    validator = Validator(tiny_synthetic.eval_uri, config, tag="[run]")
 
-    failed = validation_metrics(state(RowBlowsUp(row=0)))
+    failed = validator.metrics(RowBlowsUp(row=0))
     assert failed["val_nonfinite"] == 1.0
     assert {k: v for k, v in failed.items() if k != "val_nonfinite"} == {
         m.validation_key: -1.0 for m in Metric
     }, "every metric below any measurable value: ranked last"
     assert "[run] WARNING: validation failed this epoch" in capsys.readouterr().out
-    sound = validation_metrics(state(model))
+    sound = validator.metrics(model)
     assert 0.0 <= sound["val_acc_10fold"] <= 1.0 and "val_rank1" in sound
     assert sound["val_nonfinite"] == 0.0

@@ -25,7 +25,7 @@ from orchestrator.losses import build_loss
 from orchestrator.models import build_backbone
 from orchestrator.runs import run_dir, student_uri
 from orchestrator.train.launch import distill
-from orchestrator.train.step import lr_at
+from orchestrator.train.schedule import lr_at
 from tests.conftest import TrainSetup, dataset_image_ids
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")

@@ -679,13 +679,13 @@ def test_workers_that_decode_their_own_input_see_every_image_once(
 
 def test_the_dense_classifier_is_one_shared_copy_per_node() -> None:
     """Two workers on one node that take the dense classifier from the object store
-    (worker.shared_classifier) read the node's one copy: the same bytes of the same
+    (builders.shared_classifier) read the node's one copy: the same bytes of the same
     shared-memory file, read-only; neither holds a private copy of W."""
     import ray
 
     from orchestrator.artifacts import ClassifierRef
+    from orchestrator.train.builders import shared_classifier
     from orchestrator.train.spec import DenseClassifier
-    from orchestrator.train.worker import shared_classifier
 
     class Holder:
         def view(self, source: DenseClassifier) -> tuple[tuple[str, int], bool, float]:
