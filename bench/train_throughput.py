@@ -207,7 +207,6 @@ def write_inputs(
     the teacher checkpoint and a classifier of ``classes`` unit rows."""
     import torch
 
-    from orchestrator.artifacts import TeacherCheckpoint, save_teacher
     from orchestrator.classifier import write_classifier
     from orchestrator.config import (
         Arch,
@@ -225,6 +224,7 @@ def write_inputs(
     from orchestrator.data.images import decode_jpeg, encode_jpeg
     from orchestrator.data.synthetic import render_image
     from orchestrator.models import build_backbone
+    from orchestrator.teacher_pkg.checkpoint import TeacherCheckpoint, save_teacher
 
     count = setup.batch * (setup.steps + 1)
     labels = rng.integers(0, classes, size=count)

@@ -20,7 +20,6 @@ from collections.abc import Sequence
 
 from orchestrator import cli, storage
 from orchestrator.errors import UsageError
-from orchestrator.evaluation import load_student
 from orchestrator.export import (
     card_markdown,
     check_finite,
@@ -29,6 +28,7 @@ from orchestrator.export import (
     to_onnx,
     to_torchscript,
 )
+from orchestrator.formats.student import load_student
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -92,7 +92,7 @@ def finished_cells(config: ExperimentConfig) -> set[tuple[str, int]]:
     """The cells whose run finished with exactly the settings this comparison trains them
     with (the run fingerprint, which leaves out the compare section, and every epoch):
     a comparison that grows (more seeds, more methods, other metrics) reuses them."""
-    from orchestrator.artifacts import read_student_export
+    from orchestrator.formats.student import read_student_export
     from orchestrator.runs import RUN_RECORD, fingerprint, run_dir, student_uri, training_settings
 
     base = to_dict(config)

@@ -7,12 +7,12 @@ from __future__ import annotations
 import re
 import traceback
 
-from orchestrator.artifacts import ArtifactError
 from orchestrator.classifier import ClassifierError
 from orchestrator.config import ConfigError
 from orchestrator.data.format import DatasetError
 from orchestrator.data.images import CorruptImageError
 from orchestrator.export import NonFiniteStudentError
+from orchestrator.formats.loading import ArtifactError
 from orchestrator.losses.heads import LabelRangeError
 from orchestrator.storage import StorageError
 

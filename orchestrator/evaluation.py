@@ -17,9 +17,9 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-from orchestrator.artifacts import StudentExport, model_from, read_student_export
 from orchestrator.data import format as fmt
 from orchestrator.data.images import decode_jpeg, to_model_input
+from orchestrator.formats.student import load_student
 from orchestrator.metrics import (
     gallery_probe_split,
     identification_rank_k,
@@ -224,15 +224,6 @@ def evaluate_model(
     if teacher_embeddings is not None:
         report["cross_model"] = embedding_metrics(eval_set, emb, gallery=teacher_embeddings)
     return report
-
-
-def load_student(uri: str) -> tuple[nn.Module, StudentExport]:
-    """A student exported by jobs.distill (student.pt), in eval mode, and its metadata."""
-    export = read_student_export(uri)
-    model = model_from(
-        uri, export.student, arch=export.arch, emb_dim=export.emb_dim, image_size=export.image_size
-    )
-    return model, export
 
 
 @dataclass(frozen=True)

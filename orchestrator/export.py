@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from orchestrator import storage
-from orchestrator.artifacts import StudentExport
+from orchestrator.formats.student import StudentExport
 
 # Parity tolerance, float32 on CPU: the exported graph computes the same operations.
 MAX_ABS_DIFF = 1e-4

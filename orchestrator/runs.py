@@ -18,9 +18,10 @@ from dataclasses import replace
 from typing import Any
 
 from orchestrator import ray_hook, storage
-from orchestrator.artifacts import BEST_DIR, STUDENT_FILE
 from orchestrator.config import METHOD_LOSS_SETTINGS, ExperimentConfig, to_dict
 from orchestrator.errors import UsageError
+from orchestrator.formats.best import BEST_DIR
+from orchestrator.formats.student import STUDENT_FILE
 from orchestrator.locks import expiring_lock
 
 

@@ -21,13 +21,14 @@ import torch
 
 from orchestrator import classifier as clf
 from orchestrator import storage
-from orchestrator.artifacts import load_data, load_teacher
 from orchestrator.config import FINAL_TEACHER, MultistepStage, TeacherConfig
 from orchestrator.data import format as fmt
 from orchestrator.data.images import decode_jpeg, to_model_input
+from orchestrator.formats.loading import load_data
 from orchestrator.progress import Progress
 from orchestrator.shards import Shard
 from orchestrator.teacher_models import load_teacher_backbone
+from orchestrator.teacher_pkg.checkpoint import load_teacher
 
 __all__ = [
     "classifier_from_arcface_torch",

@@ -22,16 +22,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from orchestrator.artifacts import (
+from orchestrator.config import ChannelOrder, TeacherConfig, TeacherFormat, TeacherInputConfig
+from orchestrator.formats.loading import ArtifactError, load_data, model_from
+from orchestrator.teacher_pkg.checkpoint import (
     TEACHER_KIND,
-    ArtifactError,
     archive_kind,
-    load_data,
-    model_from,
     read_teacher_bytes,
     teacher_from_data,
 )
-from orchestrator.config import ChannelOrder, TeacherConfig, TeacherFormat, TeacherInputConfig
 
 OUR_MEAN = 127.5
 OUR_STD = 127.5

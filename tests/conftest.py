@@ -132,7 +132,6 @@ def make_train_setup(root: Path | str, data: SyntheticDatasets, emb_dim: int = 1
     """A random teacher (backbone + classifier) for ``data``, and a config around them."""
     import torch
 
-    from orchestrator.artifacts import TeacherCheckpoint, save_teacher
     from orchestrator.classifier import write_classifier
     from orchestrator.config import (
         Arch,
@@ -147,6 +146,7 @@ def make_train_setup(root: Path | str, data: SyntheticDatasets, emb_dim: int = 1
     from orchestrator.data import format as fmt
     from orchestrator.models import build_backbone
     from orchestrator.storage import join
+    from orchestrator.teacher_pkg.checkpoint import TeacherCheckpoint, save_teacher
 
     def at(name: str) -> str:
         return join(str(root), name)

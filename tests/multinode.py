@@ -80,12 +80,12 @@ class TestCluster:
 def resumed_checkpoints(run_dir: Path, attempt: int) -> list[float]:
     """The write times of the checkpoints saved by attempt ``attempt`` (0: the first) or a
     later one: what the run trained after it restarted that many times."""
-    from orchestrator.artifacts import load_state
+    from orchestrator.formats.state import load_state
 
     times = []
     for path in run_dir.glob("checkpoint_*/state.pt"):
         try:
-            attempts = len(load_state(str(path.parent)).world_sizes)
+            attempts = len(load_state(str(path.parent)).history.world_sizes)
         except Exception:  # being written
             continue
         if attempts > attempt:
@@ -174,10 +174,10 @@ def one_run(cluster: TestCluster, run: Run, timeout_s: float, source: str) -> di
     if outcome:
         state = outcome[0].state
         report |= {
-            "world_sizes": list(state.world_sizes),
-            "epochs_done": list(state.epochs_done),
-            "resumed_at": list(state.resumed_at),
-            "resumed_at_step": list(state.extra.get("resumed_at_step", [])),
+            "world_sizes": list(state.history.world_sizes),
+            "epochs_done": list(state.history.epochs_done),
+            "resumed_at": list(state.history.resumed_at),
+            "resumed_at_step": list(state.history.resumed_steps),
             "metrics": {k: v for k, v in outcome[0].metrics.items() if _plain(v)},
         }
     elif thread.is_alive():

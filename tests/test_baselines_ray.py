@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.artifacts import load_teacher
 from orchestrator.config import Method, MultistepConfig, MultistepStage, OptimConfig
 from orchestrator.teacher import snapshot_uri
+from orchestrator.teacher_pkg.checkpoint import load_teacher
 from orchestrator.train.launch import distill, train_teacher
 from tests.conftest import TrainSetup
 
@@ -60,6 +60,6 @@ def test_multistep_distils_from_the_teachers_snapshot_then_the_final_teacher(
         optim=replace(config.optim, epochs=2),
     )
     outcome = distill(student, "ms-student")
-    assert outcome.state.epochs_done == (0, 1)
-    assert outcome.state.extra["teacher_by_epoch"] == [snapshot, teacher_cfg.backbone]
+    assert outcome.state.history.epochs_done == (0, 1)
+    assert list(outcome.state.history.teachers) == [snapshot, teacher_cfg.backbone]
     assert "scratch.classifier.weight" in outcome.state.loss  # its own margin classifier

@@ -22,7 +22,6 @@ from sklearn.metrics import roc_curve as sk_roc_curve
 
 from jobs import evaluate as evaluate_job
 from orchestrator import cli
-from orchestrator.artifacts import StudentExport, write_student_export
 from orchestrator.benchmarks.ijb import (
     ARCFACE_TEMPLATE,
     align_face,
@@ -50,6 +49,7 @@ from orchestrator.evaluation import (
     pair_decisions,
     pair_verification,
 )
+from orchestrator.formats.student import StudentExport, write_student_export
 from orchestrator.models import build_backbone
 from tests.conftest import TrainSetup
 

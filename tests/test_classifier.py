@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from orchestrator import classifier as clf
-from orchestrator.artifacts import TeacherCheckpoint, save_teacher
 from orchestrator.config import Arch, to_dict
 from orchestrator.data import format as fmt
 from orchestrator.data.prepare import SyntheticDatasets
@@ -25,6 +24,7 @@ from orchestrator.teacher import (
     iter_dataset_batches,
     load_teacher_backbone,
 )
+from orchestrator.teacher_pkg.checkpoint import TeacherCheckpoint, save_teacher
 
 FP = "sha256:" + "ab" * 32
 

@@ -11,7 +11,6 @@ import pyarrow as pa
 import pytest
 import torch
 
-from orchestrator.artifacts import TrainingState, state_bytes, state_from_data
 from orchestrator.data.consumed import (
     EpochProgress,
     clear_skip,
@@ -21,6 +20,7 @@ from orchestrator.data.consumed import (
     publish_skip,
     skip_dir,
 )
+from orchestrator.formats.state import TrainingState, state_bytes, state_from_data
 
 pytestmark = pytest.mark.unit
 

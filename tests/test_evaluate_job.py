@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from orchestrator.artifacts import StudentExport, TrainingState, write_student_export
 from orchestrator.config import Arch
 from orchestrator.evaluation import embed_images, embedding_metrics, load_eval_set
+from orchestrator.formats.state import RunHistory, TrainingState
+from orchestrator.formats.student import StudentExport, write_student_export
 from orchestrator.models import build_backbone
 from orchestrator.teacher import load_teacher_backbone
 from tests.conftest import REPO, TrainSetup
@@ -31,8 +32,7 @@ def export(path: Path, seed: int) -> torch.nn.Module:
         optimizer={},
         classifier=None,
         config={},
-        epochs_done=(0, 1),
-        train_seconds=12.5,
+        history=RunHistory(epochs_done=(0, 1), train_seconds=12.5),
     )
     write_student_export(
         str(path),

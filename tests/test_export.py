@@ -12,10 +12,12 @@ import pytest
 import torch
 
 from jobs import export as export_job
-from orchestrator.artifacts import ClassifierRef, StudentExport, TrainingState, write_student_export
 from orchestrator.config import Arch, DataConfig, ExperimentConfig, to_dict
 from orchestrator.data.prepare import SyntheticDatasets
 from orchestrator.export import MAX_ABS_DIFF, to_onnx
+from orchestrator.formats.loading import ClassifierRef
+from orchestrator.formats.state import RunHistory, TrainingState
+from orchestrator.formats.student import StudentExport, write_student_export
 from orchestrator.models import build_backbone
 
 onnxruntime = pytest.importorskip("onnxruntime")
@@ -40,7 +42,7 @@ def write_student(
         optimizer={},
         classifier=ClassifierRef("s3://bucket/classifier", "sha256:abc"),
         config=to_dict(config),
-        epochs_done=(0, 1),
+        history=RunHistory(epochs_done=(0, 1)),
     )
     write_student_export(
         str(path),

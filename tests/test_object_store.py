@@ -79,7 +79,7 @@ def test_two_workers_stream_s3_and_split_every_epoch_exactly(
         run=RunConfig(eval_every_epochs=0, log_every_s=5.0, shuffle_buffer=0, audit_ids=True),
     )
     outcome = distill(config)
-    assert outcome.state.epochs_done == (0, 1)
+    assert outcome.state.history.epochs_done == (0, 1)
     assert outcome.checkpoint_path.startswith(f"{BUCKET}/e2e/runs/s3run")  # on the store
     assert np.isfinite(outcome.metrics["val_acc_10fold"])
 

@@ -21,7 +21,8 @@ import pytest
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from orchestrator.config import to_dict
-from orchestrator.evaluation import evaluate_model, load_eval_set, load_student
+from orchestrator.evaluation import evaluate_model, load_eval_set
+from orchestrator.formats.student import load_student
 from tests.conftest import REPO, TrainSetup
 from tests.test_hostile_inputs import corrupt_copy, train_setup_data
 

@@ -15,12 +15,12 @@ import torch
 from torch.func import functional_call
 
 from orchestrator import classifier as clf
-from orchestrator.artifacts import read_student_export
 from orchestrator.audit import EpochAudit, read_epoch_audit
 from orchestrator.config import ExperimentConfig, Method, OptimConfig, RunConfig
 from orchestrator.data import format as fmt
 from orchestrator.data.images import to_model_input
 from orchestrator.data.ray_input import augment_draws, decode_augmented
+from orchestrator.formats.student import read_student_export
 from orchestrator.losses import build_loss
 from orchestrator.models import build_backbone
 from orchestrator.runs import run_dir, student_uri

@@ -20,7 +20,8 @@ from orchestrator.benchmarks.verification_bin import write_bin
 from orchestrator.config import ExperimentConfig, OptimConfig, RetrainConfig, SyntheticConfig
 from orchestrator.data.prepare import SyntheticDatasets, write_synthetic
 from orchestrator.errors import MissingMetricError
-from orchestrator.evaluation import Flip, embed_images, load_student, pair_verification
+from orchestrator.evaluation import Flip, embed_images, pair_verification
+from orchestrator.formats.student import load_student
 from orchestrator.objectstore import EmbeddedObjectStore
 from orchestrator.retrain import Outcome, candidate_config, newest_snapshot
 from orchestrator.runs import student_uri

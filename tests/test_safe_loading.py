@@ -13,17 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.artifacts import (
-    ArtifactError,
-    BestRecord,
-    TrainingState,
-    load_best_state,
-    load_state,
-    read_best,
-    read_student_export,
-    write_best,
-)
 from orchestrator.data.prepare import SyntheticDatasets
+from orchestrator.formats.best import BestRecord, load_best_state, read_best, write_best
+from orchestrator.formats.loading import ArtifactError
+from orchestrator.formats.state import TrainingState, load_state
+from orchestrator.formats.student import read_student_export
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.e2e

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from orchestrator.artifacts import ArtifactError
 from orchestrator.config import (
     Arch,
     ChannelOrder,
@@ -25,6 +24,7 @@ from orchestrator.config import (
 )
 from orchestrator.data.images import to_model_input
 from orchestrator.export import to_onnx
+from orchestrator.formats.loading import ArtifactError
 from orchestrator.models import build_backbone
 from orchestrator.teacher_models import OnnxBackbone, load_teacher_backbone, normalizes_inside
 

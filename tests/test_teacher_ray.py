@@ -16,7 +16,6 @@ import yaml
 from jobs import build_classifier, evaluate, import_teacher
 from orchestrator import classifier as clf
 from orchestrator import cli
-from orchestrator.artifacts import ArtifactError
 from orchestrator.config import (
     Arch,
     Method,
@@ -27,6 +26,7 @@ from orchestrator.config import (
 )
 from orchestrator.data import format as fmt
 from orchestrator.export import to_onnx
+from orchestrator.formats.loading import ArtifactError
 from orchestrator.mean_embedding import MeanEmbeddingPlan, build_on_ray
 from orchestrator.runs import student_uri
 from orchestrator.teacher import classifier_from_mean_embeddings
@@ -125,7 +125,7 @@ def test_an_onnx_teacher_trains_l2_and_its_centroids_train_proxyless(
             optim=one_epoch,
         )
     )
-    assert l2.state.epochs_done == (0,) and l2.state.world_sizes == (2,)
+    assert l2.state.history.epochs_done == (0,) and l2.state.history.world_sizes == (2,)
     assert np.isfinite(l2.metrics["loss"])
 
     # Evaluation and cross-model evaluation with the ONNX teacher: the numbers of the

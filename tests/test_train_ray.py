@@ -19,7 +19,6 @@ import torch
 from jobs import distill as distill_job
 from orchestrator import classifier as clf
 from orchestrator import cli
-from orchestrator.artifacts import load_state, read_best, read_student_export
 from orchestrator.audit import read_epoch_audit
 from orchestrator.benchmarks.suite import bin_from_eval_set, load_bin_benchmark
 from orchestrator.benchmarks.verification_bin import write_bin
@@ -40,9 +39,11 @@ from orchestrator.evaluation import (
     embed_images,
     evaluate_model,
     load_eval_set,
-    load_student,
     pair_verification,
 )
+from orchestrator.formats.best import read_best
+from orchestrator.formats.state import load_state
+from orchestrator.formats.student import load_student, read_student_export
 from orchestrator.models import build_backbone
 from orchestrator.runs import student_uri
 from orchestrator.train.launch import RunOutcome, distill, summary, train_teacher
@@ -64,7 +65,11 @@ def test_proxyless_run_keeps_the_classifier_out_of_everything_it_saves(
     config = replace(train_setup.base, name="proxyless")
     outcome = distill(config)
     state = outcome.state
-    assert state.epochs_done == (0, 1) and state.world_sizes == (2,) and state.resumed_at == ()
+    assert (
+        state.history.epochs_done == (0, 1)
+        and state.history.world_sizes == (2,)
+        and state.history.resumed_at == ()
+    )
     # Never saved: no tensor of the classifier's shape anywhere in the checkpoint.
     shape = train_setup.classifier_weight.shape
     saved = [*state.student.values(), *state.loss.values()]
@@ -91,7 +96,7 @@ def test_resume_by_name_and_with_fewer_workers(train_setup: TrainSetup) -> None:
         train_setup.base, name="resume", optim=replace(train_setup.base.optim, epochs=1)
     )
     first = distill(config)
-    assert first.state.epochs_done == (0,)
+    assert first.state.history.epochs_done == (0,)
     # Same name, one more epoch, one worker instead of two: continues after epoch 0.
     longer = replace(
         config,
@@ -99,13 +104,13 @@ def test_resume_by_name_and_with_fewer_workers(train_setup: TrainSetup) -> None:
         scaling=ScalingConfig(num_workers=1, cpus_per_worker=0.5),
     )
     second = distill(longer)
-    assert second.state.epochs_done == (0, 1)
-    assert second.state.resumed_at == (1,)
-    assert second.state.world_sizes == (2, 1)
+    assert second.state.history.epochs_done == (0, 1)
+    assert second.state.history.resumed_at == (1,)
+    assert second.state.history.world_sizes == (2, 1)
     # Rerunning a finished run trains nothing and hands back its final checkpoint, with its
     # validation metrics measured again (a restored Tune trial reports them to ASHA).
     third = distill(longer)
-    assert third.state.epochs_done == (0, 1)
+    assert third.state.history.epochs_done == (0, 1)
     assert third.metrics["epoch"] == 1
     for key in ("val_acc_10fold", "val_auc", "val_rank1"):  # the same weights, measured again
         assert third.metrics[key] == pytest.approx(second.metrics[key], abs=1e-12), key
@@ -291,9 +296,9 @@ def test_killed_worker_resumes_from_last_checkpoint(longer_setup: TrainSetup) ->
     state = background.finished(timeout=400).state
     # Resumed once, after the last checkpoint; every epoch trained exactly once in the
     # checkpointed history, ending at the configured count.
-    assert len(state.resumed_at) == 1 and 1 <= state.resumed_at[0] < epochs
-    assert state.epochs_done == tuple(range(epochs))
-    assert state.world_sizes == (2, 2)
+    assert len(state.history.resumed_at) == 1 and 1 <= state.history.resumed_at[0] < epochs
+    assert state.history.epochs_done == tuple(range(epochs))
+    assert state.history.world_sizes == (2, 2)
 
 
 def test_a_worker_killed_inside_an_epoch_loses_no_image_and_repeats_none(
@@ -337,14 +342,14 @@ def test_a_worker_killed_inside_an_epoch_loses_no_image_and_repeats_none(
     resumed = [
         (path.stat().st_mtime, path)
         for path in run_dir.glob("checkpoint_*/state.pt")
-        if load_state(str(path.parent)).resumed_at
+        if load_state(str(path.parent)).history.resumed_at
     ]
     first_after = min(resumed)[0] - killed_at
     print(f"worker killed -> first checkpoint of the resumed attempt: {first_after:.1f}s")
     assert first_after > 0
-    assert state.epochs_done == (0, 1) and state.world_sizes == (2, 2)
-    assert state.resumed_at == (0,), state.resumed_at  # inside the first epoch
-    (inside,) = state.extra["resumed_at_step"]
+    assert state.history.epochs_done == (0, 1) and state.history.world_sizes == (2, 2)
+    assert state.history.resumed_at == (0,), state.history.resumed_at  # inside the first epoch
+    (inside,) = state.history.resumed_steps
     assert inside in (4, 8, 12, 16, 20), inside  # at a checkpoint inside the epoch
 
     all_ids = dataset_image_ids(config.data.train)
@@ -645,10 +650,10 @@ def test_a_slowed_input_shows_in_the_input_wait_share(train_setup: TrainSetup) -
         )
         outcome = distill(config)
         shares[name] = outcome.metrics["input_wait_share"]
-        ((rate, wait),) = outcome.state.throughput
+        ((rate, wait),) = outcome.state.history.throughput
         assert wait == shares[name] and rate == outcome.metrics["samples_per_s"]
         export = read_student_export(student_uri(config, f"wait-{name}"))
-        assert export.throughput == outcome.state.throughput
+        assert export.throughput == outcome.state.history.throughput
         assert summary(outcome)["throughput"][0]["input_wait_share"] == round(wait, 3)
     assert shares["starved"] > shares["fed"], shares
     assert shares["starved"] > 0.5, shares  # held 0.5 s per 2-image batch, steps of ~ms
@@ -666,8 +671,8 @@ def test_workers_that_decode_their_own_input_see_every_image_once(
         run=replace(train_setup.base.run, audit_ids=True, shuffle_buffer=0),
     )
     outcome = distill(config)
-    assert outcome.state.epochs_done == tuple(range(config.optim.epochs))
-    assert np.isfinite(outcome.state.throughput[0][0])
+    assert outcome.state.history.epochs_done == tuple(range(config.optim.epochs))
+    assert np.isfinite(outcome.state.history.throughput[0][0])
     all_ids = dataset_image_ids(config.data.train)
     for epoch in range(config.optim.epochs):
         audit = read_epoch_audit(str(Path(config.storage_path) / "decode-in-workers"), epoch)
@@ -683,7 +688,7 @@ def test_the_dense_classifier_is_one_shared_copy_per_node() -> None:
     shared-memory file, read-only; neither holds a private copy of W."""
     import ray
 
-    from orchestrator.artifacts import ClassifierRef
+    from orchestrator.formats.loading import ClassifierRef
     from orchestrator.train.builders import shared_classifier
     from orchestrator.train.spec import DenseClassifier
 
@@ -750,5 +755,5 @@ def test_another_ray_on_the_host_does_not_disturb_a_run(train_setup: TrainSetup)
     )
     with running_head():
         outcome = distill(config)
-    assert outcome.state.epochs_done == (0,)
+    assert outcome.state.history.epochs_done == (0,)
     assert multiple_instances_lines(session) == before

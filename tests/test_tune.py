@@ -30,7 +30,8 @@ from orchestrator.config import (
     from_dict,
     load_config,
 )
-from orchestrator.evaluation import evaluate_model, load_eval_set, load_student
+from orchestrator.evaluation import evaluate_model, load_eval_set
+from orchestrator.formats.student import load_student
 from orchestrator.tune import param_space, trial_resources
 from tests.conftest import REPO, TrainSetup, clean_env, interrupt_when, run_ok
 

@@ -290,7 +290,7 @@ class AlignAndEmbed:
     def __init__(self, source: ModelSource, flip: str, root: str) -> None:
         import torch
 
-        from orchestrator.evaluation import load_student
+        from orchestrator.formats.student import load_student
         from orchestrator.teacher_models import load_teacher_backbone
 
         model = (

@@ -139,7 +139,7 @@ def run_benchmarks(
 ) -> tuple[dict[str, Any], dict[str, tuple[np.ndarray, np.ndarray]]]:
     """Every set of ``plan`` on the teacher (None: none; any format) and the students
     (name -> a ``student.pt``): ``{set name: result}`` and the IJB ROC curves."""
-    from orchestrator.evaluation import load_student
+    from orchestrator.formats.student import load_student
     from orchestrator.teacher_models import load_teacher_backbone
 
     results: dict[str, Any] = {}

@@ -4,20 +4,16 @@ and the classifier-rows audit (:mod:`orchestrator.audit`)."""
 
 from __future__ import annotations
 
-from orchestrator.artifacts import (
-    TeacherCheckpoint,
-    TrainingState,
-    save_teacher,
-    write_best,
-)
 from orchestrator.audit import RowsAudit, write_rows_audit
 from orchestrator.config import (
     to_dict,
 )
 from orchestrator.data.consumed import EpochProgress
+from orchestrator.formats.best import write_best
+from orchestrator.formats.state import TrainingState
 from orchestrator.shards import Shard
+from orchestrator.teacher_pkg.checkpoint import TeacherCheckpoint, save_teacher
 from orchestrator.train.distributed import unwrap
-from orchestrator.train.history import RESUMED_AT_STEP, TEACHER_BY_EPOCH
 from orchestrator.train.spec import TeacherSnapshots
 from orchestrator.train.state import WorkerState
 from orchestrator.train.validation import new_best
@@ -46,7 +42,6 @@ def save_snapshot(state: WorkerState, snapshots: TeacherSnapshots, epoch: int) -
 def training_state(
     state: WorkerState, epoch: int, *, progress: EpochProgress | None = None
 ) -> TrainingState:
-    history = state.history
     return TrainingState(
         epoch=epoch,
         student=unwrap(state.student).state_dict(),
@@ -54,16 +49,8 @@ def training_state(
         optimizer=state.optimizer.state_dict(),
         classifier=state.spec.classifier_ref,
         config=to_dict(state.config),
-        epochs_done=history.epochs_done,
-        resumed_at=history.resumed_at,
-        world_sizes=history.world_sizes,
-        train_seconds=history.train_seconds,
-        throughput=history.throughput,
-        extra={
-            **state.spec.provenance(),
-            TEACHER_BY_EPOCH: list(history.teachers),
-            RESUMED_AT_STEP: list(history.resumed_steps),
-        },
+        history=state.history,
+        extra=state.spec.provenance(),
         progress=progress,
     )
 

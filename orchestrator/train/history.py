@@ -9,54 +9,35 @@ from typing import Any
 
 import numpy as np
 
-from orchestrator.artifacts import (
-    TrainingState,
-)
+from orchestrator.formats.state import RunHistory, TrainingState
 
 
-@dataclass(frozen=True)
-class History:
-    epochs_done: tuple[int, ...]
-    resumed_at: tuple[int, ...]
-    world_sizes: tuple[int, ...]
-    train_seconds: float
-    throughput: tuple[tuple[float, float], ...] = ()  # per epoch: samples/s, input wait share
-    # Per trained epoch: the teacher file it distilled from ("" for none); multistep
-    # changes it along its schedule. Kept in the checkpoint's extra as teacher_by_epoch.
-    teachers: tuple[str, ...] = ()
-    # Per resume (as resumed_at): the steps of that epoch already done (0: at its start).
-    resumed_steps: tuple[int, ...] = ()
-
-    @classmethod
-    def start(cls, previous: TrainingState | None, world_size: int) -> History:
-        """A new attempt: from scratch, or resumed at the epoch after ``previous``'s."""
-        if previous is None:
-            return cls((), (), (world_size,), 0.0)
-        inside = previous.progress.steps if previous.progress is not None else 0
-        return cls(
-            previous.epochs_done,
-            (*previous.resumed_at, previous.epoch + 1),
-            (*previous.world_sizes, world_size),
-            previous.train_seconds,
-            previous.throughput,
-            tuple(previous.extra.get(TEACHER_BY_EPOCH, ())),
-            (*previous.extra.get(RESUMED_AT_STEP, ()), inside),
-        )
-
-    def after_epoch(self, epoch: int, stats: EpochStats, teacher: str | None = None) -> History:
-        return replace(
-            self,
-            epochs_done=(*self.epochs_done, epoch),
-            train_seconds=self.train_seconds + stats.seconds,
-            throughput=(*self.throughput, (stats.samples_per_s, stats.input_wait_share)),
-            teachers=(*self.teachers, teacher or ""),
-        )
+def history_at_start(previous: TrainingState | None, world_size: int) -> RunHistory:
+    """A new attempt's history: from scratch, or resumed at the epoch after ``previous``'s
+    (inside it when ``previous`` was a checkpoint inside an epoch)."""
+    if previous is None:
+        return RunHistory(world_sizes=(world_size,))
+    history = previous.history
+    inside = previous.progress.steps if previous.progress is not None else 0
+    return replace(
+        history,
+        resumed_at=(*history.resumed_at, previous.epoch + 1),
+        world_sizes=(*history.world_sizes, world_size),
+        resumed_steps=(*history.resumed_steps, inside),
+    )
 
 
-TEACHER_BY_EPOCH = "teacher_by_epoch"
-
-
-RESUMED_AT_STEP = "resumed_at_step"
+def after_epoch(
+    history: RunHistory, epoch: int, stats: EpochStats, teacher: str | None = None
+) -> RunHistory:
+    """``history`` with ``epoch`` trained (distilling from ``teacher``, if any)."""
+    return replace(
+        history,
+        epochs_done=(*history.epochs_done, epoch),
+        train_seconds=history.train_seconds + stats.seconds,
+        throughput=(*history.throughput, (stats.samples_per_s, stats.input_wait_share)),
+        teachers=(*history.teachers, teacher or ""),
+    )
 
 
 @dataclass(frozen=True)
@@ -121,7 +102,7 @@ class EpochStats:
 
 
 def report_metrics(
-    history: History,
+    history: RunHistory,
     stats: EpochStats,
     *,
     start_epoch: int,

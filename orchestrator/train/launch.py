@@ -20,19 +20,6 @@ import torch
 from orchestrator import classifier as clf
 from orchestrator import config as settings
 from orchestrator import storage
-from orchestrator.artifacts import (
-    STUDENT_FILE,
-    ArtifactError,
-    ClassifierRef,
-    StudentExport,
-    TeacherCheckpoint,
-    TrainingState,
-    load_best_state,
-    load_state,
-    read_best,
-    save_teacher,
-    write_student_export,
-)
 from orchestrator.benchmarks.verification_bin import read_bin
 from orchestrator.config import (
     ClassifierMode,
@@ -48,6 +35,10 @@ from orchestrator.data import format as fmt
 from orchestrator.data.consumed import skip_dir
 from orchestrator.data.ray_input import DecodePlan, decode_plan, training_dataset
 from orchestrator.errors import UsageError, unwrapped_user_error
+from orchestrator.formats.best import load_best_state, read_best
+from orchestrator.formats.loading import ArtifactError, ClassifierRef
+from orchestrator.formats.state import TrainingState, load_state
+from orchestrator.formats.student import STUDENT_FILE, StudentExport, write_student_export
 from orchestrator.runs import (
     RerunPolicy,
     absolute_paths,
@@ -64,6 +55,7 @@ from orchestrator.runs import (
     use_object_store_config,
 )
 from orchestrator.teacher import check_stage_files, classifier_from_checkpoint, snapshot_uri
+from orchestrator.teacher_pkg.checkpoint import TeacherCheckpoint, save_teacher
 from orchestrator.train.resources import preflight
 from orchestrator.train.spec import (
     ClassifierSource,
@@ -608,17 +600,18 @@ def summary(outcome: RunOutcome) -> dict[str, Any]:
         "val_nonfinite",
         *(m.validation_key for m in headline),
     )
+    history = outcome.state.history
     return {
         "name": outcome.name,
         "checkpoint": outcome.checkpoint_path,
-        "epochs_done": list(outcome.state.epochs_done),
+        "epochs_done": list(history.epochs_done),
         # Each attempt's worker count, and the epoch each restart resumed in.
-        "world_sizes": list(outcome.state.world_sizes),
-        "resumed_at": list(outcome.state.resumed_at),
-        "train_seconds": round(outcome.state.train_seconds, 1),
+        "world_sizes": list(history.world_sizes),
+        "resumed_at": list(history.resumed_at),
+        "train_seconds": round(history.train_seconds, 1),
         "throughput": [
             {"epoch": epoch, "samples_per_s": round(rate, 1), "input_wait_share": round(wait, 3)}
-            for epoch, (rate, wait) in throughput_by_epoch(outcome.state)
+            for epoch, (rate, wait) in history.measured_throughput()
         ],
         **{
             k: (round(v, 4) if isinstance(v, float) and np.isfinite(v) else v)
@@ -626,10 +619,3 @@ def summary(outcome: RunOutcome) -> dict[str, Any]:
             if k in keep
         },
     }
-
-
-def throughput_by_epoch(state: TrainingState) -> list[tuple[int, tuple[float, float]]]:
-    """(epoch, (samples/s, input wait share)) for the epochs that recorded it (a run
-    resumed from a checkpoint older than the record has none for its first epochs)."""
-    measured = state.epochs_done[len(state.epochs_done) - len(state.throughput) :]
-    return list(zip(measured, state.throughput, strict=True))

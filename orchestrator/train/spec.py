@@ -11,9 +11,9 @@ import enum
 from dataclasses import dataclass, replace
 from typing import Any
 
-from orchestrator.artifacts import ClassifierRef
 from orchestrator.classifier import ClassifierMeta
 from orchestrator.config import Arch, LossConfig, OptimConfig, TeacherConfig, started_by
+from orchestrator.formats.loading import ClassifierRef
 
 
 class Role(enum.StrEnum):

@@ -9,15 +9,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from orchestrator.artifacts import (
-    BestRecord,
-    TrainingState,
-)
 from orchestrator.config import (
     ExperimentConfig,
 )
 from orchestrator.data.consumed import EpochProgress
-from orchestrator.train.history import History
+from orchestrator.formats.best import BestRecord
+from orchestrator.formats.state import RunHistory, TrainingState
 from orchestrator.train.schedule import Schedule
 from orchestrator.train.spec import TrainSpec
 from orchestrator.train.validation import Validator
@@ -41,7 +38,7 @@ class WorkerState:
     schedule: Schedule
     data: Any  # this worker's ray.data DataIterator
     previous: TrainingState | None
-    history: History
+    history: RunHistory
     run_uri: str  # <storage_path>/<run name>
     # Inside the epoch a checkpoint was taken in: its steps and trained images so far.
     progress: EpochProgress | None = None

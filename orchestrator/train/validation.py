@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from orchestrator.artifacts import BestRecord
 from orchestrator.benchmarks.suite import BinBenchmark, load_bin_benchmark
 from orchestrator.config import (
     BENCHMARK_METRIC,
@@ -27,6 +26,7 @@ from orchestrator.evaluation import (
     load_eval_set,
     pair_verification,
 )
+from orchestrator.formats.best import BestRecord
 
 NONFINITE_KEY = "val_nonfinite"  # 1.0: the epoch's validation embeddings were not finite
 NONFINITE_SCORE = -1.0  # every metric is in [0, 1]: -1 is below any measured value

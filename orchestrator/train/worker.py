@@ -20,17 +20,12 @@ import ray.train.torch
 import torch
 from torch import nn
 
-from orchestrator.artifacts import (
-    TrainingState,
-    load_state,
-    read_best,
-    save_state,
-    verify_same_classifier,
-)
 from orchestrator.audit import write_audit
 from orchestrator.config import ExperimentConfig, from_dict
 from orchestrator.data.consumed import EpochProgress
 from orchestrator.data.ray_input import TimedBatches
+from orchestrator.formats.best import read_best
+from orchestrator.formats.state import TrainingState, load_state, save_state, verify_same_classifier
 from orchestrator.runs import run_dir
 from orchestrator.train.builders import build_training, quiet_worker_logs, use_teacher_of
 from orchestrator.train.checkpoints import (
@@ -50,7 +45,12 @@ from orchestrator.train.epoch import (
     print_epoch_done,
     train_batch,
 )
-from orchestrator.train.history import EpochStats, History, report_metrics
+from orchestrator.train.history import (
+    EpochStats,
+    after_epoch,
+    history_at_start,
+    report_metrics,
+)
 from orchestrator.train.midepoch import (
     epoch_progress,
     inside_line,
@@ -87,7 +87,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             world_size=state.world_size,
         )
         stats = run_epoch(state, epoch)
-        state.history = state.history.after_epoch(epoch, stats, state.teacher_backbone)
+        state.history = after_epoch(state.history, epoch, stats, state.teacher_backbone)
         if spec.snapshots is not None and state.rank == 0:
             save_snapshot(state, spec.snapshots, epoch)
         epochs, run = spec.optim.epochs, config.run
@@ -120,7 +120,7 @@ def set_up(spec: TrainSpec, config: ExperimentConfig) -> WorkerState:
         schedule=Schedule.of(spec, world_size),
         data=ray.train.get_dataset_shard("train"),
         previous=previous,
-        history=History.start(previous, world_size),
+        history=history_at_start(previous, world_size),
         run_uri=run_dir(config, ctx.get_experiment_name()),
         progress=None if previous is None else previous.progress,
         best=read_best(spec.best_uri) if spec.best_uri and rank == 0 else None,
