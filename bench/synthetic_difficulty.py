@@ -26,7 +26,7 @@ from orchestrator.evaluation import evaluate_model, load_eval_set
 from orchestrator.losses import build_loss
 from orchestrator.models import build_backbone
 from orchestrator.progress import Progress
-from orchestrator.teacher import iter_dataset_batches
+from orchestrator.teacher.classifiers import iter_dataset_batches
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -224,7 +224,7 @@ def write_inputs(
     from orchestrator.data.images import decode_jpeg, encode_jpeg
     from orchestrator.data.synthetic import render_image
     from orchestrator.models import build_backbone
-    from orchestrator.teacher_pkg.checkpoint import TeacherCheckpoint, save_teacher
+    from orchestrator.teacher.checkpoint import TeacherCheckpoint, save_teacher
 
     count = setup.batch * (setup.steps + 1)
     labels = rng.integers(0, classes, size=count)

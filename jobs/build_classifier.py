@@ -30,13 +30,13 @@ from orchestrator import cli, storage
 from orchestrator.config import to_dict
 from orchestrator.data import format as fmt
 from orchestrator.errors import UsageError
-from orchestrator.mean_embedding import MeanEmbeddingPlan, build_on_ray, teacher_source
-from orchestrator.teacher import (
+from orchestrator.teacher.classifiers import (
     classifier_from_arcface_torch,
     classifier_from_checkpoint,
     classifier_from_mean_embeddings,
     load_teacher_backbone,
 )
+from orchestrator.teacher.mean_embedding import MeanEmbeddingPlan, build_on_ray, teacher_source
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -43,7 +43,7 @@ from orchestrator.runs import (
     student_uri,
     training_settings,
 )
-from orchestrator.teacher_models import load_teacher_backbone
+from orchestrator.teacher.models import load_teacher_backbone
 from orchestrator.train.launch import check_inputs, distill, train_teacher
 from orchestrator.train.spec import Role
 

@@ -26,7 +26,7 @@ from orchestrator.data import format as fmt
 from orchestrator.errors import UsageError
 from orchestrator.evaluation import EvaluationReport, Flip, evaluate_students
 from orchestrator.evaluation_report import write_report
-from orchestrator.teacher_models import load_teacher_backbone
+from orchestrator.teacher.models import load_teacher_backbone
 from orchestrator.train.launch import checked_teacher_width
 
 

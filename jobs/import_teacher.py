@@ -25,7 +25,7 @@ from dataclasses import replace
 
 from orchestrator import cli
 from orchestrator.config import Arch, TeacherFormat
-from orchestrator.teacher_import import import_teacher
+from orchestrator.teacher.importing import import_teacher
 
 
 def main(argv: Sequence[str] | None = None) -> int:

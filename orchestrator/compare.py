@@ -288,7 +288,7 @@ def evaluate_cells(
     accuracy for the students in its space), plus the trials' benchmark validations."""
     from orchestrator.evaluation import evaluate_students
     from orchestrator.runs import student_uri
-    from orchestrator.teacher_models import load_teacher_backbone
+    from orchestrator.teacher.models import load_teacher_backbone
 
     students: dict[str, str] = {}
     keys: dict[str, tuple[str, int]] = {}

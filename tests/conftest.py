@@ -146,7 +146,7 @@ def make_train_setup(root: Path | str, data: SyntheticDatasets, emb_dim: int = 1
     from orchestrator.data import format as fmt
     from orchestrator.models import build_backbone
     from orchestrator.storage import join
-    from orchestrator.teacher_pkg.checkpoint import TeacherCheckpoint, save_teacher
+    from orchestrator.teacher.checkpoint import TeacherCheckpoint, save_teacher
 
     def at(name: str) -> str:
         return join(str(root), name)

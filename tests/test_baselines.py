@@ -28,7 +28,7 @@ from orchestrator.losses.objectives import (
     correlation_congruence,
     rbf_correlation,
 )
-from orchestrator.teacher import check_stage_files, snapshot_uri, stage_backbone
+from orchestrator.teacher.classifiers import check_stage_files, snapshot_uri, stage_backbone
 from orchestrator.train.spec import ModelSpec, Role, TeacherStage, TrainSpec
 from tests.test_losses import reference_margin_ce
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from orchestrator.config import Method, MultistepConfig, MultistepStage, OptimConfig
-from orchestrator.teacher import snapshot_uri
-from orchestrator.teacher_pkg.checkpoint import load_teacher
+from orchestrator.teacher.checkpoint import load_teacher
+from orchestrator.teacher.classifiers import snapshot_uri
 from orchestrator.train.launch import distill, train_teacher
 from tests.conftest import TrainSetup
 

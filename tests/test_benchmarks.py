@@ -358,7 +358,7 @@ def test_evaluate_benchmarks_through_the_cli(
     capsys: pytest.CaptureFixture[str],
     ray_cluster: None,
 ) -> None:
-    from orchestrator.teacher import load_teacher_backbone
+    from orchestrator.teacher.classifiers import load_teacher_backbone
 
     vb = bin_from_eval_set(tiny_synthetic.eval_uri)
     bin_uri = str(tmp_path / "agedb_30.bin")

@@ -17,14 +17,14 @@ from orchestrator.config import Arch, to_dict
 from orchestrator.data import format as fmt
 from orchestrator.data.prepare import SyntheticDatasets
 from orchestrator.shards import Shard
-from orchestrator.teacher import (
+from orchestrator.teacher.checkpoint import TeacherCheckpoint, save_teacher
+from orchestrator.teacher.classifiers import (
     classifier_from_arcface_torch,
     classifier_from_checkpoint,
     classifier_from_mean_embeddings,
     iter_dataset_batches,
     load_teacher_backbone,
 )
-from orchestrator.teacher_pkg.checkpoint import TeacherCheckpoint, save_teacher
 
 FP = "sha256:" + "ab" * 32
 

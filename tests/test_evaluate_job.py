@@ -16,7 +16,7 @@ from orchestrator.evaluation import embed_images, embedding_metrics, load_eval_s
 from orchestrator.formats.state import RunHistory, TrainingState
 from orchestrator.formats.student import StudentExport, write_student_export
 from orchestrator.models import build_backbone
-from orchestrator.teacher import load_teacher_backbone
+from orchestrator.teacher.classifiers import load_teacher_backbone
 from tests.conftest import REPO, TrainSetup
 
 pytestmark = pytest.mark.e2e

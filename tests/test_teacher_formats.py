@@ -1,5 +1,5 @@
 """Teachers in the formats users own: insightface state dicts, ONNX graphs, other input
-geometry (orchestrator.teacher_models). Each against a reference written here."""
+geometry (orchestrator.teacher.models). Each against a reference written here."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from orchestrator.data.images import to_model_input
 from orchestrator.export import to_onnx
 from orchestrator.formats.loading import ArtifactError
 from orchestrator.models import build_backbone
-from orchestrator.teacher_models import OnnxBackbone, load_teacher_backbone, normalizes_inside
+from orchestrator.teacher.models import OnnxBackbone, load_teacher_backbone, normalizes_inside
 
 onnxruntime = pytest.importorskip("onnxruntime")
 
@@ -425,7 +425,7 @@ def test_a_112x96_bgr_teacher_is_fed_through_teacher_input(tmp_path: Path, kind:
 
 def test_a_resize_is_bilinear_from_the_crop() -> None:
     """size != crop: the crop is resized (bilinear, align_corners=False) before the teacher."""
-    from orchestrator.teacher_models import Normalization, TeacherInput
+    from orchestrator.teacher.models import Normalization, TeacherInput
 
     seen: list[torch.Tensor] = []
 

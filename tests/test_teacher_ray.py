@@ -27,10 +27,10 @@ from orchestrator.config import (
 from orchestrator.data import format as fmt
 from orchestrator.export import to_onnx
 from orchestrator.formats.loading import ArtifactError
-from orchestrator.mean_embedding import MeanEmbeddingPlan, build_on_ray
 from orchestrator.runs import student_uri
-from orchestrator.teacher import classifier_from_mean_embeddings
-from orchestrator.teacher_models import load_teacher_backbone
+from orchestrator.teacher.classifiers import classifier_from_mean_embeddings
+from orchestrator.teacher.mean_embedding import MeanEmbeddingPlan, build_on_ray
+from orchestrator.teacher.models import load_teacher_backbone
 from orchestrator.train.launch import distill
 from tests.conftest import TrainSetup
 from tests.test_teacher_formats import IRESNET18, Normalizing, as_float32, insightface_iresnet

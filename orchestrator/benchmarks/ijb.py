@@ -291,7 +291,7 @@ class AlignAndEmbed:
         import torch
 
         from orchestrator.formats.student import load_student
-        from orchestrator.teacher_models import load_teacher_backbone
+        from orchestrator.teacher.models import load_teacher_backbone
 
         model = (
             load_student(source.uri)[0]

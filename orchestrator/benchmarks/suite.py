@@ -140,7 +140,7 @@ def run_benchmarks(
     """Every set of ``plan`` on the teacher (None: none; any format) and the students
     (name -> a ``student.pt``): ``{set name: result}`` and the IJB ROC curves."""
     from orchestrator.formats.student import load_student
-    from orchestrator.teacher_models import load_teacher_backbone
+    from orchestrator.teacher.models import load_teacher_backbone
 
     results: dict[str, Any] = {}
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}

@@ -22,7 +22,7 @@ from orchestrator.losses import Margin, build_loss
 from orchestrator.losses.sharded import ShardedProxylessLoss
 from orchestrator.models import build_backbone
 from orchestrator.shards import Shard
-from orchestrator.teacher_models import load_teacher_backbone
+from orchestrator.teacher.models import load_teacher_backbone
 from orchestrator.train.spec import (
     DenseClassifier,
     ShardedClassifier,
@@ -96,7 +96,7 @@ def shared_classifier(source: DenseClassifier) -> torch.Tensor:
 
 
 def frozen_teacher(teacher: TeacherConfig, *, image_size: int, device: torch.device) -> nn.Module:
-    """The teacher backbone (any format, :mod:`orchestrator.teacher_models`) on ``device``,
+    """The teacher backbone (any format, :mod:`orchestrator.teacher.models`) on ``device``,
     in eval mode, with no gradients."""
     model = load_teacher_backbone(teacher, image_size=image_size).to(device).eval()
     for p in model.parameters():
@@ -123,7 +123,7 @@ def build_training(
 
 
 def use_teacher_of(state: WorkerState, epoch: int) -> None:
-    """Load the frozen teacher of ``epoch`` (any format, :mod:`orchestrator.teacher_models`)
+    """Load the frozen teacher of ``epoch`` (any format, :mod:`orchestrator.teacher.models`)
     onto the worker's device, unless it is the one loaded already: once per run, or once
     per ``multistep`` stage."""
     teacher = state.spec.teacher_at(epoch)

@@ -12,7 +12,7 @@ from orchestrator.data.consumed import EpochProgress
 from orchestrator.formats.best import write_best
 from orchestrator.formats.state import TrainingState
 from orchestrator.shards import Shard
-from orchestrator.teacher_pkg.checkpoint import TeacherCheckpoint, save_teacher
+from orchestrator.teacher.checkpoint import TeacherCheckpoint, save_teacher
 from orchestrator.train.distributed import unwrap
 from orchestrator.train.spec import TeacherSnapshots
 from orchestrator.train.state import WorkerState

@@ -54,8 +54,12 @@ from orchestrator.runs import (
     student_uri,
     use_object_store_config,
 )
-from orchestrator.teacher import check_stage_files, classifier_from_checkpoint, snapshot_uri
-from orchestrator.teacher_pkg.checkpoint import TeacherCheckpoint, save_teacher
+from orchestrator.teacher.checkpoint import TeacherCheckpoint, save_teacher
+from orchestrator.teacher.classifiers import (
+    check_stage_files,
+    classifier_from_checkpoint,
+    snapshot_uri,
+)
 from orchestrator.train.resources import preflight
 from orchestrator.train.spec import (
     ClassifierSource,
@@ -175,7 +179,7 @@ def check_teacher(config: ExperimentConfig) -> None:
     any worker starts rather than in every worker."""
     if not config.loss.method.needs_teacher_embeddings:
         return
-    from orchestrator.teacher_models import load_teacher_backbone
+    from orchestrator.teacher.models import load_teacher_backbone
 
     size = config.data.image_size
     for stage in teacher_stages(config) or (TeacherStage(0, config.teacher.backbone),):

@@ -27,8 +27,8 @@ from orchestrator.data.images import decode_jpeg, to_model_input
 from orchestrator.formats.loading import load_data
 from orchestrator.progress import Progress
 from orchestrator.shards import Shard
-from orchestrator.teacher_models import load_teacher_backbone
-from orchestrator.teacher_pkg.checkpoint import load_teacher
+from orchestrator.teacher.checkpoint import load_teacher
+from orchestrator.teacher.models import load_teacher_backbone
 
 __all__ = [
     "classifier_from_arcface_torch",

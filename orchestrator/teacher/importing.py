@@ -26,8 +26,8 @@ from orchestrator import storage
 from orchestrator.config import TeacherConfig, TeacherFormat, to_dict
 from orchestrator.data import format as fmt
 from orchestrator.errors import UsageError
-from orchestrator.teacher import classifier_from_arcface_torch, find_arcface_shards
-from orchestrator.teacher_models import (
+from orchestrator.teacher.classifiers import classifier_from_arcface_torch, find_arcface_shards
+from orchestrator.teacher.models import (
     OnnxBackbone,
     TeacherInput,
     backbone_from_bytes,

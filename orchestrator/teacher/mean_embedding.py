@@ -58,7 +58,7 @@ class EmbedAndSum:
     def __init__(self, teacher: TeacherConfig, image_size: int, dataset: str) -> None:
         import torch
 
-        from orchestrator.teacher_models import load_teacher_backbone
+        from orchestrator.teacher.models import load_teacher_backbone
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load_teacher_backbone(teacher, image_size=image_size).to(self.device)

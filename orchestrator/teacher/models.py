@@ -24,7 +24,7 @@ from torch import nn
 
 from orchestrator.config import ChannelOrder, TeacherConfig, TeacherFormat, TeacherInputConfig
 from orchestrator.formats.loading import ArtifactError, load_data, model_from
-from orchestrator.teacher_pkg.checkpoint import (
+from orchestrator.teacher.checkpoint import (
     TEACHER_KIND,
     archive_kind,
     read_teacher_bytes,
