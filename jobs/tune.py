@@ -22,7 +22,7 @@ import sys
 from collections.abc import Sequence
 
 from orchestrator import cli
-from orchestrator.config import validation_key
+from orchestrator.metric_names import validation_key
 from orchestrator.tune import run_search
 
 

@@ -24,14 +24,8 @@ from typing import Any
 import numpy as np
 
 from orchestrator import storage
-from orchestrator.config import (
-    ExperimentConfig,
-    Method,
-    Metric,
-    to_dict,
-    val_targets,
-    validation_key,
-)
+from orchestrator.config import ExperimentConfig, Method, to_dict, val_targets
+from orchestrator.metric_names import Metric, validation_key
 from orchestrator.tune import (
     apply_params,
     check_trial_fits,

@@ -31,17 +31,11 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from orchestrator import storage
-from orchestrator.config import (
-    BENCHMARK_METRIC,
-    ConfigError,
-    ExperimentConfig,
-    Metric,
-    RetrainConfig,
-    val_targets,
-)
+from orchestrator.config import ConfigError, ExperimentConfig, RetrainConfig, val_targets
 from orchestrator.data import format as fmt
 from orchestrator.errors import MissingMetricError
 from orchestrator.locks import LockHeldError, expiring_lock
+from orchestrator.metric_names import BENCHMARK_METRIC, Metric
 from orchestrator.storage import StorageError
 
 CHAMPION = "champion.json"

@@ -33,8 +33,8 @@ from orchestrator.config import (
     dump_yaml,
     from_dict,
     to_dict,
-    validation_key,
 )
+from orchestrator.metric_names import validation_key
 
 SUMMARY_DIR = "summary"
 TRIAL_DRIVER_CPU = 0.01

@@ -13,13 +13,12 @@ from orchestrator.config import (
     MarginConfig,
     MarginType,
     Method,
-    Metric,
     dump_yaml,
     from_dict,
     load_config,
     val_targets,
-    validation_key,
 )
+from orchestrator.metric_names import Metric, validation_key
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from orchestrator.config import Arch, Metric
+from orchestrator.config import Arch
 from orchestrator.data.images import to_model_input
 from orchestrator.data.prepare import SyntheticDatasets
 from orchestrator.evaluation import (
@@ -14,6 +14,7 @@ from orchestrator.evaluation import (
     evaluate_model,
     load_eval_set,
 )
+from orchestrator.metric_names import Metric
 from orchestrator.metrics import pair_scores, verification_metrics
 from orchestrator.models import build_backbone
 

@@ -235,13 +235,7 @@ def test_a_job_whose_driver_died_resumes_its_run_when_submitted_again(tmp_path: 
     OOM kill does) after a checkpoint inside its first epoch; the job fails. The same
     command submitted again resumes that run by its name, inside the epoch, and the audit
     holds every image of every epoch exactly once."""
-    from orchestrator.config import (
-        DecodeAt,
-        OptimConfig,
-        RunConfig,
-        ScalingConfig,
-        dump_yaml,
-    )
+    from orchestrator.config import DecodeAt, OptimConfig, RunConfig, ScalingConfig, dump_yaml
     from tests.conftest import dataset_image_ids, kill_test_setup, registered_inside
 
     setup = kill_test_setup(tmp_path)

@@ -25,7 +25,6 @@ from orchestrator.benchmarks.verification_bin import write_bin
 from orchestrator.config import (
     DecodeAt,
     Method,
-    Metric,
     OptimConfig,
     RunConfig,
     ScalingConfig,
@@ -44,6 +43,7 @@ from orchestrator.evaluation import (
 from orchestrator.formats.best import read_best
 from orchestrator.formats.state import load_state
 from orchestrator.formats.student import load_student, read_student_export
+from orchestrator.metric_names import Metric
 from orchestrator.models import build_backbone
 from orchestrator.runs import student_uri
 from orchestrator.train.launch import RunOutcome, distill, summary, train_teacher

@@ -20,7 +20,6 @@ from orchestrator.config import (
     ExperimentConfig,
     FloatSearch,
     MarginType,
-    Metric,
     OptimConfig,
     ScalingConfig,
     SearchAlgorithm,
@@ -32,6 +31,7 @@ from orchestrator.config import (
 )
 from orchestrator.evaluation import evaluate_model, load_eval_set
 from orchestrator.formats.student import load_student
+from orchestrator.metric_names import Metric
 from orchestrator.tune import param_space, trial_resources
 from tests.conftest import REPO, TrainSetup, clean_env, interrupt_when, run_ok
 

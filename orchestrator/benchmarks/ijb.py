@@ -37,8 +37,9 @@ import numpy.typing as npt
 
 from orchestrator import storage
 from orchestrator.benchmarks.verification_bin import BenchmarkError
-from orchestrator.config import IJB_FAR_KEYS, TeacherConfig
+from orchestrator.config import TeacherConfig
 from orchestrator.evaluation import Flip
+from orchestrator.metric_names import IJB_FAR_KEYS
 from orchestrator.metrics import roc_auc, roc_curve, tar_at_far
 
 # Where the five points of an aligned 112x112 face sit (ArcFace's template: eyes, nose tip,

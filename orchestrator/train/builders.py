@@ -13,11 +13,7 @@ import torch
 from torch import nn
 
 from orchestrator import classifier as clf
-from orchestrator.config import (
-    ExperimentConfig,
-    Precision,
-    TeacherConfig,
-)
+from orchestrator.config import ExperimentConfig, Precision, TeacherConfig
 from orchestrator.losses import Margin, build_loss
 from orchestrator.losses.sharded import ShardedProxylessLoss
 from orchestrator.models import build_backbone

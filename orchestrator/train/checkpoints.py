@@ -5,9 +5,7 @@ and the classifier-rows audit (:mod:`orchestrator.audit`)."""
 from __future__ import annotations
 
 from orchestrator.audit import RowsAudit, write_rows_audit
-from orchestrator.config import (
-    to_dict,
-)
+from orchestrator.config import to_dict
 from orchestrator.data.consumed import EpochProgress
 from orchestrator.formats.best import write_best
 from orchestrator.formats.state import TrainingState

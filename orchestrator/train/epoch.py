@@ -13,11 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from orchestrator.config import (
-    DataConfig,
-    DecodeAt,
-    Precision,
-)
+from orchestrator.config import DataConfig, DecodeAt, Precision
 from orchestrator.data.images import to_model_input
 from orchestrator.data.ray_input import (
     augment_decoded,

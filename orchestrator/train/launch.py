@@ -26,7 +26,6 @@ from orchestrator.config import (
     DecodeAt,
     ExperimentConfig,
     Method,
-    Metric,
     is_single_component,
     to_dict,
     val_targets,
@@ -39,6 +38,7 @@ from orchestrator.formats.best import load_best_state, read_best
 from orchestrator.formats.loading import ArtifactError, ClassifierRef
 from orchestrator.formats.state import TrainingState, load_state
 from orchestrator.formats.student import STUDENT_FILE, StudentExport, write_student_export
+from orchestrator.metric_names import Metric
 from orchestrator.runs import (
     RerunPolicy,
     absolute_paths,

@@ -9,9 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from orchestrator.config import (
-    ExperimentConfig,
-)
+from orchestrator.config import ExperimentConfig
 from orchestrator.data.consumed import EpochProgress
 from orchestrator.formats.best import BestRecord
 from orchestrator.formats.state import RunHistory, TrainingState

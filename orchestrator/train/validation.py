@@ -10,13 +10,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from orchestrator.benchmarks.suite import BinBenchmark, load_bin_benchmark
-from orchestrator.config import (
-    BENCHMARK_METRIC,
-    ExperimentConfig,
-    Metric,
-    val_targets,
-    validation_key,
-)
+from orchestrator.config import ExperimentConfig, val_targets
 from orchestrator.evaluation import (
     EvalSet,
     Flip,
@@ -27,6 +21,7 @@ from orchestrator.evaluation import (
     pair_verification,
 )
 from orchestrator.formats.best import BestRecord
+from orchestrator.metric_names import BENCHMARK_METRIC, Metric, validation_key
 
 NONFINITE_KEY = "val_nonfinite"  # 1.0: the epoch's validation embeddings were not finite
 NONFINITE_SCORE = -1.0  # every metric is in [0, 1]: -1 is below any measured value

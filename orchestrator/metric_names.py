@@ -1,0 +1,51 @@
+"""The names of the metrics (beside :mod:`orchestrator.metrics`, which computes them): the
+headline numbers of an evaluation report, their keys in a training run's per-epoch report,
+and the benchmark and IJB metric names."""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+
+class Metric(enum.StrEnum):
+    """The evaluation report's headline numbers (``report.json``: the first three at the top
+    of a model's entry, TAR@FAR under ``tar_at_far``). Tune ranks trials by the validation
+    copy a training run reports, ``val_<name>``; retraining compares reports."""
+
+    ACC_10FOLD = "acc_10fold"
+    AUC = "auc"
+    RANK1 = "rank1"
+    TAR_AT_FAR_1E_1 = "tar_at_far_1e-1"
+    TAR_AT_FAR_1E_2 = "tar_at_far_1e-2"
+    TAR_AT_FAR_1E_3 = "tar_at_far_1e-3"
+    TAR_AT_FAR_1E_4 = "tar_at_far_1e-4"
+
+    @property
+    def validation_key(self) -> str:
+        """The key of this metric in a training run's per-epoch report."""
+        return f"val_{self.value}"
+
+    def read(self, report: dict[str, Any]) -> float | None:
+        """This metric from one model's entry of an evaluation report (None: not measured,
+        e.g. too few negative pairs for the FAR)."""
+        if self.value.startswith("tar_at_far_"):
+            value = (report.get("tar_at_far") or {}).get(self.value.removeprefix("tar_at_far_"))
+        else:
+            value = report.get(self.value)
+        return None if value is None else float(value)
+
+
+BENCHMARK_METRIC = "_acc"  # a .bin benchmark's metric: <name>_acc, its 10-fold accuracy
+
+
+IJB_SETS = ("IJBB", "IJBC")
+
+
+IJB_FAR_KEYS = ("1e-6", "1e-5", "1e-4", "1e-3", "1e-2", "1e-1")  # the FARs IJB reports
+
+
+def validation_key(metric: str) -> str:
+    """The key of ``metric`` (a :class:`Metric` or ``<val target>_acc``) in a training
+    run's per-epoch report."""
+    return f"val_{metric}"
