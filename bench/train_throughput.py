@@ -367,7 +367,9 @@ def ray_rates(
     from orchestrator.config import DecodeAt, LossConfig, Method
     from orchestrator.data import format as fmt
     from orchestrator.runs import absolute_paths, ensure_ray
-    from orchestrator.train.launch import check_classifier, fit, student_spec
+    from orchestrator.train.checks import check_classifier
+    from orchestrator.train.launch import student_spec
+    from orchestrator.train.trainer import fit
 
     config = replace(
         written.config,

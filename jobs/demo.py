@@ -44,8 +44,10 @@ from orchestrator.runs import (
     training_settings,
 )
 from orchestrator.teacher.models import load_teacher_backbone
-from orchestrator.train.launch import check_inputs, distill, train_teacher
+from orchestrator.train.checks import check_inputs
+from orchestrator.train.launch import distill
 from orchestrator.train.spec import Role
+from orchestrator.train.teacher_job import train_teacher
 
 DEMO_BUCKET = "demo"
 

@@ -24,7 +24,8 @@ from collections.abc import Sequence
 
 from orchestrator import cli
 from orchestrator.runs import RerunPolicy, student_uri
-from orchestrator.train.launch import distill, summary
+from orchestrator.train.launch import distill
+from orchestrator.train.trainer import summary
 
 
 def main(argv: Sequence[str] | None = None) -> int:

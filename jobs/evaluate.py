@@ -27,7 +27,7 @@ from orchestrator.errors import UsageError
 from orchestrator.evaluation import EvaluationReport, Flip, evaluate_students
 from orchestrator.evaluation_report import write_report
 from orchestrator.teacher.models import load_teacher_backbone
-from orchestrator.train.launch import checked_teacher_width
+from orchestrator.train.checks import checked_teacher_width
 
 
 def warn_duplicate_pairs(uri: str) -> None:

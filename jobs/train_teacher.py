@@ -18,7 +18,8 @@ import sys
 from collections.abc import Sequence
 
 from orchestrator import cli
-from orchestrator.train.launch import summary, train_teacher
+from orchestrator.train.teacher_job import train_teacher
+from orchestrator.train.trainer import summary
 
 
 def main(argv: Sequence[str] | None = None) -> int:

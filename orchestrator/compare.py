@@ -120,7 +120,7 @@ def grid_path(path: str, *, resume: bool) -> str | None:
 def check_cells(config: ExperimentConfig) -> None:
     """Every cell's config is valid before any trial starts (a method whose settings do not
     fit the experiment fails here, not after the others trained)."""
-    from orchestrator.train.launch import check_run_inputs
+    from orchestrator.train.checks import check_run_inputs
 
     base = to_dict(config)
     seed = config.compare.seeds[0]

@@ -184,7 +184,7 @@ def run_search(config: ExperimentConfig, resume: bool = False) -> SearchOutcome:
     from ray import tune as rt
 
     from orchestrator.runs import absolute_paths, ensure_ray
-    from orchestrator.train.launch import check_run_inputs
+    from orchestrator.train.checks import check_run_inputs
 
     config = absolute_paths(config)
     check_run_inputs([config])  # every trial shares the data, the classifier and the teacher

@@ -122,7 +122,8 @@ def main(path: str) -> None:
 
 def one_run(cluster: TestCluster, run: Run, timeout_s: float, source: str) -> dict[str, Any]:
     from orchestrator.config import ExperimentConfig
-    from orchestrator.train.launch import RunOutcome, distill
+    from orchestrator.train.launch import distill
+    from orchestrator.train.trainer import RunOutcome
     from orchestrator.typed_yaml import from_dict
     from tests.conftest import registered_inside
 

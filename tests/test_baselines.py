@@ -238,7 +238,7 @@ def test_bad_baseline_settings_are_refused(overrides: list[str], message: str) -
 
 def test_snapshot_epochs_past_the_teachers_last_are_refused() -> None:
     from orchestrator.data.format import DatasetMeta
-    from orchestrator.train.launch import teacher_snapshots
+    from orchestrator.train.teacher_job import teacher_snapshots
 
     config = load_config(None, ["teacher.snapshot_epochs=[2,12]", "teacher_optim.epochs=10"])
     meta = DatasetMeta.__new__(DatasetMeta)

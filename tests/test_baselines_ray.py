@@ -13,7 +13,8 @@ import torch
 from orchestrator.config import Method, MultistepConfig, MultistepStage, OptimConfig
 from orchestrator.teacher.checkpoint import load_teacher
 from orchestrator.teacher.classifiers import snapshot_uri
-from orchestrator.train.launch import distill, train_teacher
+from orchestrator.train.launch import distill
+from orchestrator.train.teacher_job import train_teacher
 from tests.conftest import TrainSetup
 
 pytestmark = [pytest.mark.usefixtures("ray_cluster"), pytest.mark.slow]

@@ -76,7 +76,7 @@ def test_shortfall_against_autoscaler_limits(scaling: ScalingConfig, expected: s
 
 
 def test_a_per_worker_batch_below_batchnorms_minimum_is_warned_about() -> None:
-    from orchestrator.train.launch import BATCHNORM_MIN_LOCAL, small_batch_warning
+    from orchestrator.train.checks import BATCHNORM_MIN_LOCAL, small_batch_warning
 
     assert BATCHNORM_MIN_LOCAL == 4
     line = small_batch_warning(6, ScalingConfig(num_workers=(1, 3)), key="optim.batch_size")

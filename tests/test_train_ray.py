@@ -46,7 +46,9 @@ from orchestrator.formats.student import load_student, read_student_export
 from orchestrator.metric_names import Metric
 from orchestrator.models import build_backbone
 from orchestrator.runs import student_uri
-from orchestrator.train.launch import RunOutcome, distill, summary, train_teacher
+from orchestrator.train.launch import distill
+from orchestrator.train.teacher_job import train_teacher
+from orchestrator.train.trainer import RunOutcome, summary
 from tests.conftest import (
     TrainSetup,
     dataset_image_ids,
