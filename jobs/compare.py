@@ -24,7 +24,7 @@ import sys
 from collections.abc import Sequence
 
 from orchestrator import cli
-from orchestrator.compare import run_compare
+from orchestrator.compare.grid import run_compare
 
 
 def main(argv: Sequence[str] | None = None) -> int:

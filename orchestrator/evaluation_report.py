@@ -9,7 +9,7 @@ from typing import Any
 from orchestrator import storage
 from orchestrator.benchmarks.suite import standard_table
 from orchestrator.evaluation import EvaluationReport, Flip
-from orchestrator.report import markdown_table, roc_plot
+from orchestrator.report import models_table, roc_plot
 
 
 def write_report(result: EvaluationReport, out_dir: str) -> str:
@@ -29,7 +29,7 @@ def write_report(result: EvaluationReport, out_dir: str) -> str:
     if dataset is not None:
         flip = dataset.get("flip_test", Flip.NONE.value)
         sections.append(
-            f"# Evaluation on {dataset['eval']} (flip test: {flip})\n\n{markdown_table(rows)}"
+            f"# Evaluation on {dataset['eval']} (flip test: {flip})\n\n{models_table(rows)}"
         )
     benchmarks = result.report.get("benchmarks")
     if benchmarks:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping
 from typing import Any
 
-from orchestrator import storage
+from orchestrator.tables import markdown_table, pyplot, save_figure
 
 
 def fmt_value(value: Any) -> str:
@@ -17,7 +16,7 @@ def fmt_value(value: Any) -> str:
     return str(value)
 
 
-def markdown_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
+def models_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
     """One row per model: 10-fold accuracy, TAR@FAR, AUC, EER, rank-1/5, cross-model, and
     for a trained student its last epoch's images/s and input-wait share."""
     header = [
@@ -34,7 +33,7 @@ def markdown_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
         "img/s",
         "input wait",
     ]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    table = []
     for name, m in rows.items():
         cross = m.get("cross_model") or {}
         tar = m.get("tar_at_far", {})
@@ -52,8 +51,8 @@ def markdown_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
             fmt_value(cross.get("rank1")),
             *last_epoch_throughput(m),
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        table.append(cells)
+    return "\n".join(markdown_table(header, table)) + "\n"
 
 
 def last_epoch_throughput(entry: Mapping[str, Any]) -> list[str]:
@@ -67,12 +66,7 @@ def last_epoch_throughput(entry: Mapping[str, Any]) -> list[str]:
 
 def roc_plot(curves: Mapping[str, tuple[Any, Any]], path: str, title: str) -> None:
     """ROC curves (log-scale FAR) to a PNG; ``curves`` maps a label to (fpr, tpr)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=100)
+    fig, ax = pyplot().subplots(figsize=(6.4, 4.8), dpi=100)
     for label, (fpr, tpr) in curves.items():
         keep = fpr > 0
         ax.plot(fpr[keep], tpr[keep], label=label, linestyle="--" if "cross" in label else "-")
@@ -84,7 +78,4 @@ def roc_plot(curves: Mapping[str, tuple[Any, Any]], path: str, title: str) -> No
     ax.set_title(title)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    storage.write_bytes_atomic(path, buffer.getvalue())
-    plt.close(fig)
+    save_figure(fig, path)

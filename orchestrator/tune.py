@@ -12,9 +12,7 @@ margin and scale.
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
-import io
 import json
 import math
 import os
@@ -35,6 +33,7 @@ from orchestrator.config import (
     to_dict,
 )
 from orchestrator.metric_names import validation_key
+from orchestrator.tables import csv_text, markdown_table, pyplot, save_figure
 
 SUMMARY_DIR = "summary"
 TRIAL_DRIVER_CPU = 0.01
@@ -389,14 +388,12 @@ def summarize(config: ExperimentConfig, rows: list[TrialRow], path: str) -> Sear
 
 def markdown(rows: list[TrialRow], metric: str, best: TrialRow) -> str:
     keys = sorted({k for r in rows for k in r.params})
-    head = ["trial", "status", "epochs", metric, *keys]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    table = []
     for r in sorted(rows, key=lambda r: -(r.metric if r.metric is not None else -math.inf)):
         value = "n/a" if r.metric is None else f"{r.metric:.4f}"
         cells = [r.trial_id + (" (best)" if r is best else ""), r.status, str(r.epochs), value]
-        cells += [format_value(r.params.get(k)) for k in keys]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        table.append(cells + [format_value(r.params.get(k)) for k in keys])
+    return "\n".join(markdown_table(["trial", "status", "epochs", metric, *keys], table)) + "\n"
 
 
 def format_value(value: Any) -> str:
@@ -406,28 +403,22 @@ def format_value(value: Any) -> str:
 def as_csv(rows: list[TrialRow]) -> str:
     params = sorted({k for r in rows for k in r.params})
     metrics = sorted({k for r in rows for k in r.metrics})
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["trial_id", "status", "epochs", "metric", *params, *metrics, "student"])
-    for r in rows:
-        writer.writerow(
+    return csv_text(
+        ["trial_id", "status", "epochs", "metric", *params, *metrics, "student"],
+        (
             [r.trial_id, r.status, r.epochs, r.metric]
             + [r.params.get(k) for k in params]
             + [r.metrics.get(k) for k in metrics]
             + [r.student]
-        )
-    return buffer.getvalue()
+            for r in rows
+        ),
+    )
 
 
 def plot(rows: list[TrialRow], *, metric: str, base: dict[str, float], uri: str) -> None:
     """The metric against margin (colour: margin type) and against scale, one dot a trial;
     a key that was not searched is drawn at the base config's value."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    fig, axes = pyplot().subplots(1, 2, figsize=(10, 4), sharey=True)
     measured = [r for r in rows if r.metric is not None]
     for ax, key, label in (
         (axes[0], "loss.margin.m", "margin m"),
@@ -446,7 +437,4 @@ def plot(rows: list[TrialRow], *, metric: str, base: dict[str, float], uri: str)
     axes[0].legend(title="margin type")
     fig.suptitle(f"{metric} at the last reported epoch of each trial")
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    storage.write_bytes_atomic(uri, buffer.getvalue())
+    save_figure(fig, uri)

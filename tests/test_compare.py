@@ -14,15 +14,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from orchestrator.compare import (
-    CROSS_MODEL,
-    IMAGES_PER_S,
-    Cell,
-    markdown,
-    paired_interval,
-    spread,
-    summary_data,
-)
+from orchestrator.compare.cells import CROSS_MODEL, IMAGES_PER_S, Cell
+from orchestrator.compare.report import markdown
+from orchestrator.compare.statistics import paired_interval, spread, summary_data
 from orchestrator.config import (
     CompareConfig,
     ConfigError,
@@ -276,7 +270,7 @@ def test_compare_cli_tables_intervals_and_plot(grown: dict) -> None:
 
 def test_every_cell_config_is_checked_before_training(tmp_path: Path) -> None:
     """A method that cannot run with the experiment's settings fails at once, naming it."""
-    from orchestrator.compare import check_cells
+    from orchestrator.compare.grid import check_cells
 
     config = load_config(
         None,
@@ -297,7 +291,7 @@ def test_cell_inputs_are_checked_once_however_many_methods(
 ) -> None:
     """The teacher that l2, cckd and proxyless+l2 all run per batch is loaded and checked
     once, not once per method (a large ONNX teacher takes a while to load)."""
-    from orchestrator.compare import check_cells
+    from orchestrator.compare.grid import check_cells
 
     methods = (Method.PROXYLESS, Method.L2, Method.CCKD, Method.PROXYLESS_L2)
     config = replace(train_setup.base, compare=CompareConfig(methods=methods, seeds=(0,)))
