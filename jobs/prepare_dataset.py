@@ -35,12 +35,8 @@ from orchestrator.benchmarks.suite import bin_from_eval_set
 from orchestrator.benchmarks.verification_bin import write_bin
 from orchestrator.config import OnCorrupt
 from orchestrator.data.format import DatasetMeta
-from orchestrator.data.prepare import (
-    FolderImport,
-    RecordIOImport,
-    write_image_folder,
-    write_recordio,
-)
+from orchestrator.data.prepare import FolderImport, write_image_folder
+from orchestrator.data.recordio_import import RecordIOImport, write_recordio
 from orchestrator.errors import UsageError
 
 

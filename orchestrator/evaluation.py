@@ -25,8 +25,10 @@ from orchestrator.metrics import (
     identification_rank_k,
     kfold_accuracy,
     pair_scores,
+    roc_curve,
     verification_metrics,
 )
+from orchestrator.models import profile_model
 from orchestrator.progress import Progress
 
 
@@ -239,9 +241,6 @@ def evaluate_students(
     flip: Flip | bool = Flip.NONE,
 ) -> EvaluationReport:
     """The teacher, each student, and each student's cross-model numbers on one eval set."""
-    from orchestrator.metrics import roc_curve
-    from orchestrator.models import profile_model
-
     eval_set = load_eval_set(eval_uri)
     report: dict[str, Any] = {
         "dataset": {

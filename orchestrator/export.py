@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from orchestrator import storage
+from orchestrator.data import format as fmt
 from orchestrator.formats.student import StudentExport
 
 # Parity tolerance, float32 on CPU: the exported graph computes the same operations.
@@ -90,6 +91,7 @@ def check_parity(
 ) -> list[Parity]:
     """Run the PyTorch model, the TorchScript module and the ONNX graph (onnxruntime, CPU)
     on the same random faces at several batch sizes; raise if any output differs."""
+    # onnxruntime: heavy, only for ONNX models
     import onnxruntime
 
     scripted = torch.jit.load(io.BytesIO(torchscript))
@@ -124,8 +126,6 @@ def model_card(
 ) -> dict[str, Any]:
     """What the model is and where it came from: data fingerprint, teacher classifier
     checksum, metrics, the training config."""
-    from orchestrator.data import format as fmt
-
     config = export.config
     train_uri = (config.get("data") or {}).get("train")
     fingerprint = None

@@ -174,6 +174,7 @@ class EmbeddedObjectStore:
 
     def client(self) -> Any:
         """A fresh (uncached) s3fs client for this store."""
+        # s3fs: heavy, only for object stores
         import s3fs
 
         return s3fs.S3FileSystem(

@@ -9,6 +9,8 @@ import logging
 import os
 import warnings
 
+import ray
+
 # Records Ray logs that only repeat what the user is told anyway, by logger. When a task
 # fails, Ray logs its traceback in the worker (and Ray Data in the process that runs the
 # dataset) and also hands the failure to the caller; the driver reports it once (cli.run:
@@ -66,6 +68,4 @@ def pin_ray_address() -> None:
     """In a worker of the private cluster: RAY_ADDRESS is that cluster's GCS, which every
     Ray lookup without an address then uses (Train's PlacementGroupCleaner, through the
     State API, found "multiple active Ray instances" when another Ray ran on the host)."""
-    import ray
-
     os.environ["RAY_ADDRESS"] = str(ray.get_runtime_context().gcs_address)

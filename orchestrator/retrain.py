@@ -31,12 +31,17 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from orchestrator import storage
+from orchestrator.benchmarks.ijb import IjbSet
+from orchestrator.benchmarks.suite import BenchmarkPlan, run_benchmarks
 from orchestrator.config import ConfigError, ExperimentConfig, RetrainConfig, val_targets
 from orchestrator.data import format as fmt
 from orchestrator.errors import MissingMetricError
+from orchestrator.evaluation import evaluate_students
 from orchestrator.locks import LockHeldError, expiring_lock
 from orchestrator.metric_names import BENCHMARK_METRIC, Metric
+from orchestrator.runs import student_uri
 from orchestrator.storage import StorageError
+from orchestrator.train.launch import distill
 
 CHAMPION = "champion.json"
 LOCK = "lock.json"
@@ -276,12 +281,6 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
     """The snapshot's candidate: trained unless its student exists, evaluated on the
     benchmark next to the champion. Saved in the registry before any decision."""
-    from orchestrator.benchmarks.ijb import IjbSet
-    from orchestrator.benchmarks.suite import BenchmarkPlan, run_benchmarks
-    from orchestrator.evaluation import evaluate_students
-    from orchestrator.runs import student_uri
-    from orchestrator.train.launch import distill
-
     run_config = candidate_config(config, snapshot)
     student = student_uri(run_config, run_config.name)
     if storage.exists(student):

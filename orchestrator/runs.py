@@ -17,8 +17,11 @@ from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
+import ray
+from ray._raylet import Config  # type: ignore[attr-defined]
+
 from orchestrator import ray_hook, storage
-from orchestrator.config import METHOD_LOSS_SETTINGS, ExperimentConfig, to_dict
+from orchestrator.config import METHOD_LOSS_SETTINGS, ExperimentConfig, LossConfig, to_dict
 from orchestrator.errors import UsageError
 from orchestrator.formats.best import BEST_DIR
 from orchestrator.formats.student import STUDENT_FILE
@@ -62,8 +65,6 @@ def ensure_ray() -> None:
     found by auto-discovery (a stale ``/tmp/ray/ray_current_cluster`` or another user's
     ``ray start --head``).
     """
-    import ray
-
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
@@ -87,9 +88,6 @@ def start_private_cluster(**init_kwargs: Any) -> None:
     cluster's processes, written nowhere): a client elsewhere that reaches a port is
     refused. The dashboard listens on 127.0.0.1 only.
     """
-    import ray
-    from ray._raylet import Config  # type: ignore[attr-defined]
-
     os.environ["RAY_AUTH_MODE"] = "token"
     os.environ["RAY_AUTH_TOKEN"] = process_token()
     # Nothing scrapes a private cluster's metrics: collecting them only costs a
@@ -122,7 +120,6 @@ def process_token() -> str:
 
 
 def gcs_address() -> str:
-    import ray
 
     return str(ray.get_runtime_context().gcs_address)
 
@@ -145,6 +142,7 @@ def quiet_worker_lines() -> None:
     ``ray_print_logs``); its handler is wrapped once. With another Ray the dispatcher may
     differ: then nothing is filtered."""
     try:
+        # ray._private: optional, a private module of Ray that may move between releases.
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
     except ImportError:
         return
@@ -172,6 +170,7 @@ def filtered_handler(handler: Any) -> Any:
 
 def quiet_data_logs() -> None:
     """No per-epoch execution plans and progress bars from Ray Data in our output."""
+    # ray.data: heavy (about a second to import), imported where it is used
     import ray.data
 
     context = ray.data.DataContext.get_current()
@@ -285,8 +284,6 @@ def method_settings(config: ExperimentConfig, role: str) -> tuple[str, ...]:
 def ineffective_settings(config: ExperimentConfig, role: str) -> list[str]:
     """The method-specific loss settings given a non-default value that this run does not
     read (those of other methods), each with the method that ignores it."""
-    from orchestrator.config import LossConfig
-
     loss, default = to_dict(config.loss), to_dict(LossConfig())
     return [
         f"loss.{k} (loss.method {config.loss.method.value})"

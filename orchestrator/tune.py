@@ -20,6 +20,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+import ray
+
 from orchestrator import storage
 from orchestrator.config import (
     ConfigError,
@@ -32,8 +34,14 @@ from orchestrator.config import (
     from_dict,
     to_dict,
 )
+from orchestrator.data.ray_input import configured_plan
+from orchestrator.errors import UsageError
 from orchestrator.metric_names import validation_key
+from orchestrator.runs import absolute_paths, ensure_ray, process_env, student_uri
 from orchestrator.tables import csv_text, markdown_table, pyplot, save_figure
+from orchestrator.train.checks import check_run_inputs
+from orchestrator.train.launch import distill
+from orchestrator.tune_progress import TrialProgress
 
 SUMMARY_DIR = "summary"
 TRIAL_DRIVER_CPU = 0.01
@@ -46,6 +54,7 @@ def plain(value: Any) -> Any:
 def param_space(tune: TuneConfig) -> dict[str, Any]:
     """Tune domains keyed by the experiment config key each one sets (``loss.margin.m``,
     ...: the ``sets`` metadata of :class:`SearchSpace`'s fields)."""
+    # ray.tune: heavy (about a second to import), imported where it is used
     from ray import tune as rt
 
     grid = tune.search is SearchAlgorithm.GRID
@@ -103,8 +112,6 @@ def trial_resources(
 ) -> TrialResources:
     """How much one trial holds, and how many trials the cluster runs at once: never more
     than fit (a trial beyond that would start a driver that waits, idle, for workers)."""
-    from orchestrator.data.ray_input import configured_plan
-
     scaling, data = config.scaling, config.data
     pipeline = configured_plan(data)
     cpus = scaling.max_workers * scaling.cpus_per_worker + pipeline.cpus + TRIAL_DRIVER_CPU
@@ -121,8 +128,6 @@ def check_trial_fits(plan: TrialResources, cluster: tuple[float, float], what: s
     a trial starts its Train workers, never gets its decode actors scheduled, and Ray Data
     times out after 30 minutes. On a cluster of our own (``RAY_ADDRESS``) the autoscaler
     may still add the nodes, so the check is left to it."""
-    from orchestrator.errors import UsageError
-
     cpus, gpus = cluster
     if os.environ.get("RAY_ADDRESS"):
         return
@@ -142,10 +147,11 @@ def check_trial_fits(plan: TrialResources, cluster: tuple[float, float], what: s
 
 def run_trial(params: dict[str, Any], base: dict[str, Any]) -> None:
     """The Tune function trainable: one full distillation run, reported to Tune per epoch."""
+    # ray.tune: heavy (about a second to import), imported where it is used
     import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
-    from orchestrator.train.launch import distill
+    # ray.tune: heavy (about a second to import), imported where it is used
+    from ray.tune.integration.ray_train import TuneReportCallback
 
     config = trial_config(apply_params(base, params))
     name = f"{config.name}-{ray.tune.get_context().get_trial_id()}"
@@ -180,10 +186,8 @@ class SearchOutcome:
 
 def run_search(config: ExperimentConfig, resume: bool = False) -> SearchOutcome:
     """Run (or, with ``resume``, continue) the search of ``config.tune``."""
+    # ray.tune: heavy (about a second to import), imported where it is used
     from ray import tune as rt
-
-    from orchestrator.runs import absolute_paths, ensure_ray
-    from orchestrator.train.checks import check_run_inputs
 
     config = absolute_paths(config)
     check_run_inputs([config])  # every trial shares the data, the classifier and the teacher
@@ -235,10 +239,8 @@ def fit_trials(
     """Run (or, with ``resume``, continue) Tune trials of the function ``trial(params,
     base)`` over ``space``, state in ``path``; Tune's ResultGrid. ``tune_config``: a
     callable making the TuneConfig (a restored search keeps its own)."""
-    import ray
+    # ray.tune: heavy (about a second to import), imported where it is used
     from ray import tune as rt
-
-    from orchestrator.tune_progress import TrialProgress
 
     trainable = rt.with_parameters(trial, base=to_dict(config))
     # The trial's driver only waits on its TorchTrainer: Train reserves the real resources
@@ -282,13 +284,10 @@ def classic_tune_output() -> contextlib.AbstractContextManager[None]:
     """Tune's reporter of before 2.5 for the length of a run: at ``verbose=0`` it prints
     nothing, where the newer one (Ray 2.60's default) still prints a configuration table at
     the start and the trial-status table at the end. Our TrialProgress lines report."""
-    from orchestrator.runs import process_env
-
     return process_env(NEW_OUTPUT_ENV, "0")
 
 
 def cluster_resources() -> tuple[float, float]:
-    import ray
 
     total = ray.cluster_resources()
     return float(total.get("CPU", 1.0)), float(total.get("GPU", 0.0))
@@ -298,6 +297,7 @@ def search_algorithm(tune: TuneConfig) -> Any:
     if tune.search is not SearchAlgorithm.OPTUNA:
         return None  # Tune's variant generator: random draws, or the full grid
     try:
+        # ray.tune: heavy (about a second to import), imported where it is used
         from ray.tune.search.optuna import OptunaSearch
     except ImportError as err:  # the module imports optuna
         raise ConfigError(f"tune.search: optuna needs `pip install optuna` ({err})") from None
@@ -307,6 +307,7 @@ def search_algorithm(tune: TuneConfig) -> Any:
 def scheduler(config: ExperimentConfig) -> Any:
     if not config.tune.early_stopping:
         return None
+    # ray.tune: heavy (about a second to import), imported where it is used
     from ray.tune.schedulers import ASHAScheduler
 
     return ASHAScheduler(
@@ -321,7 +322,6 @@ def scheduler(config: ExperimentConfig) -> Any:
 
 
 def trial_row(result: Any, config: ExperimentConfig) -> TrialRow:
-    from orchestrator.runs import student_uri
 
     metrics = dict(result.metrics or {})
     params = {k: plain(v) for k, v in (result.config or {}).items()}

@@ -24,6 +24,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
+
 
 class ConfigError(ValueError):
     """A config value is unknown, mistyped or contradicts another value."""
@@ -173,7 +175,6 @@ _FLOAT = re.compile(
 def _loader() -> Any:
     """SafeLoader with YAML 1.2-style floats (``1e-4``) and duplicate keys refused. Built on
     first use, so importing the schema needs no YAML library (bench/gpu_check.py)."""
-    import yaml
 
     class Loader(yaml.SafeLoader):
         pass
@@ -204,7 +205,6 @@ def _loader() -> Any:
 
 
 def parse_yaml(text: str) -> Any:
-    import yaml
 
     return yaml.load(text, Loader=_loader())
 
@@ -241,13 +241,11 @@ def yaml_problem(err: Exception) -> str:
 
 
 def _yaml_error() -> type[Exception]:
-    import yaml
 
     return yaml.YAMLError
 
 
 def dump_yaml(config: Any) -> str:
-    import yaml
 
     return yaml.safe_dump(to_dict(config), sort_keys=False)
 

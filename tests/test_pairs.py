@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from orchestrator.data import format as fmt
+from orchestrator.data import pairs as pair_draw
 from orchestrator.data.prepare import FolderImport, write_image_folder
 from orchestrator.data.synthetic import render_image
 
@@ -27,10 +28,10 @@ def test_every_pair_at_most_once_even_when_the_folds_are_just_big_enough() -> No
     with replacement would repeat one almost surely (6 draws from 6: P(no repeat) = 1.5%)."""
     labels = [i for i in range(20) for _ in range(3)]
     ids = [f"p{i}/{j}" for i in range(20) for j in range(3)]
-    table = fmt.make_pairs(ids, labels, pairs_per_fold=12, seed=0)
+    table = pair_draw.make_pairs(ids, labels, pairs_per_fold=12, seed=0)
     pairs = unordered(table)
     assert table.num_rows == 120 and len(set(pairs)) == 120, "no pair twice"
-    assert fmt.duplicate_pairs(table) == 0
+    assert pair_draw.duplicate_pairs(table) == 0
     label_of = dict(zip(ids, labels, strict=True))
     same = table.column("same").to_pylist()
     assert all((label_of[a] == label_of[b]) == s for (a, b), s in zip(pairs, same, strict=True))
@@ -42,7 +43,7 @@ def test_every_pair_at_most_once_even_when_the_folds_are_just_big_enough() -> No
     with pytest.raises(
         fmt.DatasetError, match=r"fold 0: 7 same-identity pairs asked .* only 6 distinct"
     ):
-        fmt.make_pairs(ids, labels, pairs_per_fold=14, seed=0)
+        pair_draw.make_pairs(ids, labels, pairs_per_fold=14, seed=0)
 
 
 def test_a_repeated_pair_is_counted() -> None:
@@ -55,8 +56,8 @@ def test_a_repeated_pair_is_counted() -> None:
         },
         schema=fmt.PAIRS_SCHEMA,
     )
-    assert fmt.duplicate_pairs(table) == 1
-    assert fmt.single_image_identities([0, 0, 1, 2, 2, 3]) == 2
+    assert pair_draw.duplicate_pairs(table) == 1
+    assert pair_draw.single_image_identities([0, 0, 1, 2, 2, 3]) == 2
 
 
 def test_an_import_prints_the_pairs_it_wrote_and_the_single_image_identities(

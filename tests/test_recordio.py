@@ -13,7 +13,7 @@ from jobs import prepare_dataset
 from orchestrator.config import OnCorrupt
 from orchestrator.data import format as fmt
 from orchestrator.data.images import CorruptImageError, decode_jpeg, encode_jpeg
-from orchestrator.data.prepare import RecordIOImport, write_recordio
+from orchestrator.data.recordio_import import RecordIOImport, write_recordio
 from orchestrator.data.synthetic import iter_identity_images
 
 MAGIC = 0xCED7230A

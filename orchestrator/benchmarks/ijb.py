@@ -34,13 +34,18 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from PIL import Image
 
 from orchestrator import storage
 from orchestrator.benchmarks.verification_bin import BenchmarkError
 from orchestrator.config import TeacherConfig
-from orchestrator.evaluation import Flip
+from orchestrator.data.images import decode_image
+from orchestrator.evaluation import Flip, embed_images
+from orchestrator.formats.student import load_student
 from orchestrator.metric_names import IJB_FAR_KEYS
 from orchestrator.metrics import roc_auc, roc_curve, tar_at_far
+from orchestrator.runs import ensure_ray
+from orchestrator.teacher.models import load_teacher_backbone
 
 # Where the five points of an aligned 112x112 face sit (ArcFace's template: eyes, nose tip,
 # mouth corners), in pixels.
@@ -192,8 +197,6 @@ def warp_affine(
 ) -> npt.NDArray[np.uint8]:
     """``out[y, x] = image`` at ``M^-1 (x, y)`` (bilinear, black outside): ``matrix`` maps
     input pixel coordinates to output ones. ``size`` is (width, height)."""
-    from PIL import Image
-
     m = np.vstack([np.asarray(matrix, dtype=np.float64), [0.0, 0.0, 1.0]])
     inverse = np.linalg.inv(m)[:2].ravel()
     warped = Image.fromarray(image).transform(
@@ -289,10 +292,8 @@ class AlignAndEmbed:
     """A Ray Data actor: read each face crop, align it, embed it (image + mirror)."""
 
     def __init__(self, source: ModelSource, flip: str, root: str) -> None:
+        # torch: heavy (two seconds to import); Ray Data tasks import this module without it
         import torch
-
-        from orchestrator.formats.student import load_student
-        from orchestrator.teacher.models import load_teacher_backbone
 
         model = (
             load_student(source.uri)[0]
@@ -305,8 +306,6 @@ class AlignAndEmbed:
         self.root = root
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from orchestrator.data.images import decode_image
-        from orchestrator.evaluation import embed_images
 
         faces = np.stack(
             [
@@ -328,10 +327,8 @@ def embed_faces(
 ) -> npt.NDArray[np.float32]:
     """(N, d) features of every face of ``meta``, in face order, from an actor pool of
     ``actors`` (a GPU each when the cluster has GPUs)."""
-    import ray
+    # ray.data: heavy (about a second to import), imported where it is used
     import ray.data
-
-    from orchestrator.runs import ensure_ray
 
     ensure_ray()
     use_gpu = float(ray.cluster_resources().get("GPU", 0)) >= 1

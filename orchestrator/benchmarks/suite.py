@@ -22,7 +22,9 @@ from orchestrator.config import TeacherConfig
 from orchestrator.data import format as fmt
 from orchestrator.errors import UsageError
 from orchestrator.evaluation import Flip, Pairs, embed_images, pair_verification
+from orchestrator.formats.student import load_student
 from orchestrator.report import fmt_value
+from orchestrator.teacher.models import load_teacher_backbone
 
 
 @dataclass(frozen=True)
@@ -139,9 +141,6 @@ def run_benchmarks(
 ) -> tuple[dict[str, Any], dict[str, tuple[np.ndarray, np.ndarray]]]:
     """Every set of ``plan`` on the teacher (None: none; any format) and the students
     (name -> a ``student.pt``): ``{set name: result}`` and the IJB ROC curves."""
-    from orchestrator.formats.student import load_student
-    from orchestrator.teacher.models import load_teacher_backbone
-
     results: dict[str, Any] = {}
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if plan.bins:

@@ -58,6 +58,7 @@ def _plain_dtype(spec: Any, *args: Any) -> np.dtype[Any]:
 
 
 def _reconstruct(subtype: Any, *args: Any) -> Any:
+    # numpy: resolved only when a pickle asks for it (the restricted unpickler)
     from numpy._core.multiarray import _reconstruct as numpy_reconstruct
 
     if subtype is not np.ndarray:

@@ -23,7 +23,21 @@ from orchestrator.compare.cells import (
 )
 from orchestrator.compare.report import summarize
 from orchestrator.config import ExperimentConfig, to_dict, val_targets
+from orchestrator.evaluation import evaluate_students
+from orchestrator.formats.student import read_student_export
 from orchestrator.metric_names import Metric, validation_key
+from orchestrator.runs import (
+    RUN_RECORD,
+    absolute_paths,
+    ensure_ray,
+    fingerprint,
+    run_dir,
+    student_uri,
+    training_settings,
+)
+from orchestrator.teacher.models import load_teacher_backbone
+from orchestrator.train.checks import check_run_inputs
+from orchestrator.train.launch import distill
 from orchestrator.tune import (
     apply_params,
     check_trial_fits,
@@ -46,9 +60,8 @@ def cell_config(base: Mapping[str, Any], method: str, seed: int) -> ExperimentCo
 
 def run_cell(params: dict[str, Any], base: dict[str, Any]) -> None:
     """The Tune function trainable: one full distillation run of (method, seed)."""
+    # ray.tune: heavy (about a second to import), imported where it is used
     from ray.tune.integration.ray_train import TuneReportCallback
-
-    from orchestrator.train.launch import distill
 
     method, seed = cell_of(params)
     config = cell_config(base, method, seed)
@@ -68,9 +81,6 @@ def finished_cells(config: ExperimentConfig) -> set[tuple[str, int]]:
     """The cells whose run finished with exactly the settings this comparison trains them
     with (the run fingerprint, which leaves out the compare section, and every epoch):
     a comparison that grows (more seeds, more methods, other metrics) reuses them."""
-    from orchestrator.formats.student import read_student_export
-    from orchestrator.runs import RUN_RECORD, fingerprint, run_dir, student_uri, training_settings
-
     base = to_dict(config)
     done = set()
     for method in config.compare.methods:
@@ -102,8 +112,6 @@ def grid_path(path: str, *, resume: bool) -> str | None:
 def check_cells(config: ExperimentConfig) -> None:
     """Every cell's config is valid before any trial starts (a method whose settings do not
     fit the experiment fails here, not after the others trained)."""
-    from orchestrator.train.checks import check_run_inputs
-
     base = to_dict(config)
     seed = config.compare.seeds[0]
     check_run_inputs([cell_config(base, method.value, seed) for method in config.compare.methods])
@@ -117,9 +125,8 @@ def check_cells(config: ExperimentConfig) -> None:
 
 def run_compare(config: ExperimentConfig, resume: bool = False) -> Comparison:
     """Train (or, with ``resume``, finish training) the grid, then evaluate and summarise."""
+    # ray.tune: heavy (about a second to import), imported where it is used
     from ray import tune as rt
-
-    from orchestrator.runs import absolute_paths, ensure_ray
 
     config = absolute_paths(config)
     check_cells(config)
@@ -182,10 +189,6 @@ def evaluate_cells(
 ) -> tuple[list[Cell], dict[str, float | None]]:
     """Every exported student of the grid on ``data.eval`` (with the teacher: cross-model
     accuracy for the students in its space), plus the trials' benchmark validations."""
-    from orchestrator.evaluation import evaluate_students
-    from orchestrator.runs import student_uri
-    from orchestrator.teacher.models import load_teacher_backbone
-
     students: dict[str, str] = {}
     keys: dict[str, tuple[str, int]] = {}
     for method in config.compare.methods:

@@ -52,6 +52,7 @@ def paired_interval(
 ) -> PairedInterval:
     """Student's t interval of the mean paired difference a - b over the common seeds:
     mean(d) +- t_{(1+confidence)/2, n-1} * sd(d) / sqrt(n)."""
+    # scipy: heavy (about a second to import), only for the intervals
     from scipy import stats
 
     seeds = sorted(set(a) & set(b))
@@ -68,6 +69,7 @@ def paired_interval(
 
 def mean_interval(values: Sequence[float], confidence: float) -> tuple[float, float]:
     """The t interval of a mean (the plot's error bar); nan for fewer than two values."""
+    # scipy: heavy (about a second to import), only for the intervals
     from scipy import stats
 
     s = spread(values)

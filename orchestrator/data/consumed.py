@@ -69,6 +69,7 @@ class EpochProgress:
     def to_data(self) -> dict[str, Any]:
         """Plain data for a checkpoint (the digests as int64 bits: a tensor type torch's
         weights-only loader reads back)."""
+        # torch: heavy (two seconds to import); Ray Data tasks import this module without it
         import torch
 
         return {
@@ -79,6 +80,7 @@ class EpochProgress:
 
     @classmethod
     def from_data(cls, data: Any, where: str) -> EpochProgress:
+        # torch: heavy (two seconds to import); Ray Data tasks import this module without it
         import torch
 
         if not isinstance(data, dict) or not isinstance(data.get("consumed"), torch.Tensor):

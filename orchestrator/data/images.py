@@ -89,6 +89,7 @@ def fit_square(image: Uint8Image, size: int) -> Uint8Image:
 def to_model_input(images: Uint8Image | torch.Tensor) -> torch.Tensor:
     """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 in [-1, 1], the backbones' input. A tensor
     stays on its device; a numpy array becomes a CPU tensor (never the default device)."""
+    # torch: heavy (two seconds to import); Ray Data tasks import this module without it
     import torch
 
     x = images if isinstance(images, torch.Tensor) else torch.as_tensor(images, device="cpu")

@@ -12,15 +12,14 @@ from typing import Any, Generic, TypeVar
 from orchestrator import storage
 from orchestrator.config import MAX_SEED, OnCorrupt, SyntheticConfig
 from orchestrator.data import format as fmt
-from orchestrator.data import recordio
-from orchestrator.data.format import DatasetError, DatasetMeta, DatasetWriter, ShardInfo, make_pairs
+from orchestrator.data import pairs
+from orchestrator.data.format import DatasetError, DatasetMeta, DatasetWriter, ShardInfo
 from orchestrator.data.images import (
     CorruptImageError,
-    decode_jpeg,
     encode_jpeg,
-    fit_square,
     load_image_file,
 )
+from orchestrator.data.pairs import make_pairs
 from orchestrator.data.synthetic import iter_identity_images
 from orchestrator.progress import Progress
 
@@ -310,7 +309,7 @@ def import_pairs(out: str, meta: DatasetMeta, options: ImportOptions) -> Any:
     print(
         f"[pairs] {pairs.num_rows} verification pairs written ({same} same-identity, "
         f"{pairs.num_rows - same} different-identity, each at most once) in {fmt.NUM_FOLDS} "
-        f"folds; {fmt.single_image_identities(labels)} identities with a single image "
+        f"folds; {pairs.single_image_identities(labels)} identities with a single image "
         "make no pair and are left out",
         flush=True,
     )
@@ -379,7 +378,7 @@ def write_image_folder(options: FolderImport) -> DatasetMeta:
             )
         folders = chosen
     if options.pairs_per_fold:  # refused before any image is read, not after the import
-        fmt.check_pair_identities(sum(len(files) >= 2 for _, files in folders))
+        pairs.check_pair_identities(sum(len(files) >= 2 for _, files in folders))
     names = [name for name, _ in folders]
     items = [(label, path) for label, (_, files) in enumerate(folders) for path in files]
     sizes = [os.path.getsize(path) for _, path in items]
@@ -411,51 +410,3 @@ def write_image_folder(options: FolderImport) -> DatasetMeta:
         identities=lambda _max_label: names,
     )
     return run_import(plan, options, "import")
-
-
-@dataclass(frozen=True)
-class RecordIOImport(ImportOptions):
-    rec: str = ""  # train.rec; train.idx is expected beside it unless idx is given
-    idx: str = ""
-
-
-def write_recordio(options: RecordIOImport) -> DatasetMeta:
-    """insightface's ``train.rec``/``train.idx`` -> the dataset format, labels as stored.
-
-    JPEGs already at the target size are kept byte for byte (after a test decode); others
-    are decoded, fitted to the square and re-encoded. Identity names are the labels.
-    """
-    rec = options.rec
-    idx = options.idx
-    if not idx and rec.endswith(".rec"):
-        idx = rec[: -len(".rec")] + ".idx"
-    if not idx:
-        raise DatasetError(f"{rec}: cannot infer the .idx file; pass it explicitly")
-    for uri in (rec, idx):
-        if not storage.exists(uri):
-            raise FileNotFoundError(f"{uri}: no such file (RecordIO import needs .rec and .idx)")
-    index = recordio.read_index(idx, storage.size(rec))
-    entries = recordio.image_keys(rec, index)
-    size = options.image_size
-
-    def make_rows(shard: Sequence[recordio.IndexEntry]) -> Iterator[Row | str]:
-        for record in recordio.read_images(rec, shard):
-
-            def make(record: recordio.ImageRecord = record) -> Row:
-                where = f"{rec} key {record.key}"
-                pixels = decode_jpeg(record.image, where)
-                image = record.image
-                if pixels.shape != (size, size, 3):
-                    image = encode_jpeg(fit_square(pixels, size), options.jpeg_quality)
-                return Row(image, record.label, str(record.label), f"rec{record.key}")
-
-            yield checked(make, options.on_corrupt)
-
-    listing = (f"{e.key}\t{e.offset}\t{e.end}" for e in entries)
-    plan = ImportPlan(
-        source={"kind": "recordio", "rec": rec, "fingerprint": fingerprint_lines(listing)},
-        shards=plan_shards(entries, [e.end - e.offset for e in entries], options.shard_bytes),
-        make_rows=make_rows,
-        identities=lambda max_label: [str(label) for label in range(max_label + 1)],
-    )
-    return run_import(plan, options, "import recordio")

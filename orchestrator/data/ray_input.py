@@ -28,6 +28,7 @@ import numpy as np
 from orchestrator import storage
 from orchestrator.config import DataConfig, DecodeAt, ScalingConfig
 from orchestrator.data import format as fmt
+from orchestrator.data.consumed import drop_consumed
 from orchestrator.data.images import decode_jpeg
 
 COLUMNS = ["image", "label", "image_id"]
@@ -342,6 +343,7 @@ def training_dataset(
     """A Ray Dataset of augmented images, labels and image ids, re-read every epoch (of JPEG
     bytes, labels and image ids with ``data.decode: worker``). With ``skip_dir``, the rows
     its skip file names are dropped as they are read (:mod:`orchestrator.data.consumed`)."""
+    # ray.data: heavy (about a second to import), imported where it is used
     import ray.data
 
     # Ray 2.60's DataSourceV2 Parquet path adds a ListFiles task that asks for a whole CPU
@@ -360,8 +362,6 @@ def training_dataset(
     finally:
         context.use_datasource_v2 = previous
     if skip_dir is not None:
-        from orchestrator.data.consumed import drop_consumed
-
         ds = ds.map_batches(
             functools.partial(drop_consumed, directory=skip_dir),
             batch_format="pyarrow",

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from orchestrator.config import Arch
+from orchestrator.models import build_backbone
 
 
 class ArtifactError(ValueError):
@@ -82,8 +83,6 @@ def model_from(
 ) -> torch.nn.Module:
     """The backbone ``arch`` with ``weights`` loaded, in eval mode; weights that do not fit
     are an :class:`ArtifactError` naming ``where``."""
-    from orchestrator.models import build_backbone
-
     model = build_backbone(arch, emb_dim, input_size=image_size)
     try:
         model.load_state_dict(weights)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import zipfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,8 +92,6 @@ def archive_kind(data: bytes) -> str | None:
     """A look at the file's zip directory (nothing is unpickled): ``"torchscript"`` for a
     TorchScript module (it has a ``code/`` folder), ``"checkpoint"`` for a ``torch.save``
     archive, None for anything else."""
-    import zipfile
-
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
             names = archive.namelist()

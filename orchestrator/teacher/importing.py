@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+import yaml
 
 from orchestrator import classifier as clf
 from orchestrator import storage
@@ -177,8 +179,7 @@ def parameter_count(model: torch.nn.Module, raw: bytes) -> int:
     """Weights in the network: torch parameters, or an ONNX graph's initializers."""
     inner = model.teacher if isinstance(model, TeacherInput) else model
     if isinstance(inner, OnnxBackbone):
-        import math
-
+        # onnx: heavy, only for ONNX teachers
         import onnx
 
         graph = onnx.load_model_from_string(raw).graph
@@ -187,7 +188,6 @@ def parameter_count(model: torch.nn.Module, raw: bytes) -> int:
 
 
 def _yaml(data: dict[str, Any]) -> str:
-    import yaml
 
     return yaml.safe_dump(data, sort_keys=False)
 

@@ -24,12 +24,17 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import ray
 
 from orchestrator import classifier as clf
 from orchestrator import storage
 from orchestrator.config import TeacherConfig, to_dict
 from orchestrator.data import format as fmt
+from orchestrator.data.images import decode_jpeg, to_model_input
+from orchestrator.data.ray_input import ray_path, shard_uris
 from orchestrator.progress import Progress
+from orchestrator.runs import ensure_ray
+from orchestrator.teacher.models import load_teacher_backbone
 
 
 @dataclass(frozen=True)
@@ -56,18 +61,16 @@ class EmbedAndSum:
     """A Ray Data actor: JPEG bytes -> teacher embeddings -> per-label sums of the batch."""
 
     def __init__(self, teacher: TeacherConfig, image_size: int, dataset: str) -> None:
+        # torch: heavy (two seconds to import); Ray Data tasks import this module without it
         import torch
-
-        from orchestrator.teacher.models import load_teacher_backbone
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load_teacher_backbone(teacher, image_size=image_size).to(self.device)
         self.dataset = dataset
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, npt.NDArray[Any]]:
+        # torch: heavy (two seconds to import); Ray Data tasks import this module without it
         import torch
-
-        from orchestrator.data.images import decode_jpeg, to_model_input
 
         images = np.stack(
             [
@@ -145,9 +148,8 @@ class Ranges:
 
 
 def _dataset(uri: str, meta: fmt.DatasetMeta, read_cpus: float) -> Any:
+    # ray.data: heavy (about a second to import), imported where it is used
     import ray.data
-
-    from orchestrator.data.ray_input import ray_path, shard_uris
 
     # The V1 Parquet reader takes num_cpus as given (see ray_input.training_dataset).
     context = ray.data.DataContext.get_current()
@@ -170,10 +172,8 @@ def build_on_ray(
 ) -> clf.ClassifierMeta:
     """Write the mean-embedding classifier of ``dataset_uri`` under ``out`` (any teacher
     format), on the Ray cluster of :func:`orchestrator.runs.ensure_ray`."""
-    import ray
+    # ray.data: heavy (about a second to import), imported where it is used
     import ray.data
-
-    from orchestrator.runs import ensure_ray
 
     plan = plan or MeanEmbeddingPlan()
     meta = fmt.read_meta(dataset_uri)
@@ -258,8 +258,6 @@ def _reduce(
 ) -> Reduction:
     """Every embedded batch's per-label sums sent to the reducer of its label range; every
     image of ``dataset.json`` accounted for."""
-    import ray
-
     progress = Progress("mean embeddings", meta.num_images)
     reduction: Reduction | None = None
     pending: list[Any] = []
@@ -309,8 +307,6 @@ def _write_ranges(
 ) -> list[clf.ChunkInfo]:
     """Each reducer writes its range's normalised means as chunks under ``out``; a label
     with no image removes them all and is an error."""
-    import ray
-
     written = ray.get(
         [
             reducer.write.remote(out, prefix=prefix, chunk_rows=reduction.chunk_rows, dtype=dtype)
@@ -329,7 +325,6 @@ def _write_ranges(
 
 
 def _start_reducers(ranges: Ranges, emb_dim: int) -> list[Any]:
-    import ray
 
     actor = ray.remote(RangeSums)
     out = []

@@ -24,6 +24,8 @@ from torch import nn
 
 from orchestrator.config import ChannelOrder, TeacherConfig, TeacherFormat, TeacherInputConfig
 from orchestrator.formats.loading import ArtifactError, load_data, model_from
+from orchestrator.models import build_backbone
+from orchestrator.models.insightface import InsightfaceKeyError, load_insightface
 from orchestrator.teacher.checkpoint import (
     TEACHER_KIND,
     archive_kind,
@@ -97,6 +99,7 @@ def normalizes_inside(graph_bytes: bytes) -> bool:
     Sub and a Mul among the first 8 nodes (it reads node names, ``Sub*``/``_minus*`` and
     ``Mul*``/``_mul*``; we also read op types, since other exporters name nodes otherwise,
     and skip Identity and Constant nodes, which torch's exporter puts first)."""
+    # onnx: heavy, only for ONNX teachers
     import onnx
 
     model = onnx.load_model_from_string(graph_bytes)
@@ -112,6 +115,7 @@ def normalizes_inside(graph_bytes: bytes) -> bool:
 def looks_like_onnx(data: bytes) -> bool:
     """A protobuf ModelProto with a graph that has nodes and an input."""
     try:
+        # onnx: heavy, only for ONNX teachers
         import onnx
 
         model = onnx.load_model_from_string(data)
@@ -128,6 +132,7 @@ class OnnxBackbone(nn.Module):
 
     def __init__(self, graph: bytes, where: str) -> None:
         super().__init__()
+        # onnxruntime: heavy, only for ONNX models
         import onnxruntime
 
         self.where = where
@@ -203,8 +208,6 @@ def _torchscript(raw: bytes, where: str) -> nn.Module:
 
 
 def _insightface(data: Any, teacher: TeacherConfig, where: str) -> nn.Module:
-    from orchestrator.models import build_backbone
-    from orchestrator.models.insightface import InsightfaceKeyError, load_insightface
 
     if not isinstance(data, dict):
         raise ArtifactError(

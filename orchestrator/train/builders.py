@@ -35,6 +35,7 @@ def quiet_worker_logs() -> None:
     named by its file path, which Train's own LoggingConfig does not reach: our epoch lines
     already say what each report holds."""
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    # ray.train: heavy (about a second to import), imported where it is used
     from ray.train.v2._internal.execution import context as train_context
 
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)

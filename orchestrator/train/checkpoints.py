@@ -4,15 +4,18 @@ and the classifier-rows audit (:mod:`orchestrator.audit`)."""
 
 from __future__ import annotations
 
+import torch
+from torch import nn
+
 from orchestrator.audit import RowsAudit, write_rows_audit
 from orchestrator.config import to_dict
 from orchestrator.data.consumed import EpochProgress
 from orchestrator.formats.best import write_best
-from orchestrator.formats.state import TrainingState
+from orchestrator.formats.state import TrainingState, verify_same_classifier
 from orchestrator.shards import Shard
 from orchestrator.teacher.checkpoint import TeacherCheckpoint, save_teacher
 from orchestrator.train.distributed import unwrap
-from orchestrator.train.spec import TeacherSnapshots
+from orchestrator.train.spec import TeacherSnapshots, TrainSpec
 from orchestrator.train.state import WorkerState
 from orchestrator.train.validation import new_best
 
@@ -89,3 +92,20 @@ def resume_line(tag: str, state: TrainingState, workers: int, path: str) -> str:
         f"({len(progress.consumed)} of its images trained, skipped as they are read)"
     )
     return f"[{tag}] resuming {where} with {workers} worker(s) from {path}"
+
+
+def restore(
+    state: TrainingState,
+    spec: TrainSpec,
+    *,
+    student: nn.Module,
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    where: str,
+) -> None:
+    """Load a checkpoint's state into the freshly built student, loss and optimiser, after
+    checking it was trained against this run's classifier (``where``: the checkpoint)."""
+    verify_same_classifier(state.classifier, spec.classifier_ref, where=f"checkpoint {where}")
+    student.load_state_dict(state.student)
+    loss_fn.load_state_dict(state.loss)
+    optimizer.load_state_dict(state.optimizer)

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 
+import ray
 import torch
 
 from orchestrator import classifier as clf
@@ -32,13 +33,13 @@ from orchestrator.runs import (
 from orchestrator.teacher.classifiers import (
     check_stage_files,
 )
+from orchestrator.teacher.models import load_teacher_backbone
 from orchestrator.train.spec import (
     TeacherStage,
 )
 
 
 def input_plan(config: ExperimentConfig) -> DecodePlan:
-    import ray
 
     cpus = float(ray.cluster_resources().get("CPU", 1.0))
     plan = decode_plan(config.data, config.scaling, cpus)
@@ -142,7 +143,6 @@ def check_teacher(config: ExperimentConfig) -> None:
     any worker starts rather than in every worker."""
     if not config.loss.method.needs_teacher_embeddings:
         return
-    from orchestrator.teacher.models import load_teacher_backbone
 
     size = config.data.image_size
     for stage in teacher_stages(config) or (TeacherStage(0, config.teacher.backbone),):

@@ -74,7 +74,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 def wrap_student(student: nn.Module) -> nn.Module:
     """DDP over the Ray Train workers (Ray's ``prepare_model``; on one worker, the model
     as it is): the student's gradients are all-reduced in buckets during the backward."""
-    import ray.train.torch  # heavy (about a second); the gloo tests use this room without Ray
+    # ray.train: heavy (about a second to import); the gloo tests use this room without Ray
+    import ray.train.torch
 
     return ray.train.torch.prepare_model(student)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import sys
 
+import ray
+
 from orchestrator import classifier as clf
 from orchestrator.config import (
     ClassifierMode,
@@ -22,8 +24,6 @@ def place_classifier(config: ExperimentConfig, cmeta: clf.ClassifierMeta) -> Cla
     """Either ``ray.put`` the (checked) classifier once (dense: each node holds one shared
     copy and workers get read-only views) or leave it in storage for each worker to read
     its own rows."""
-    import ray
-
     uri = config.teacher.classifier
     ref = ClassifierRef(uri, clf.checksum(cmeta))
     if use_sharded(config, cmeta):

@@ -21,6 +21,10 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
+import ray
+import yaml
+from ray._private import state
+
 from orchestrator.config import ExperimentConfig
 from orchestrator.data.ray_input import configured_plan
 from orchestrator.errors import UsageError
@@ -42,7 +46,6 @@ class ClusterSize:
 
     @classmethod
     def now(cls) -> ClusterSize:
-        import ray
 
         nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
         return cls(
@@ -80,8 +83,6 @@ def size_of(groups: list[NodeGroup], *, cap: dict[str, float] | None = None) -> 
 
 def reported_limits() -> ClusterSize | None:
     """From the ``ClusterConfig`` an autoscaler reported to the GCS (None: none reported)."""
-    from ray._private import state
-
     config = state.state.get_cluster_config()
     if config is None or not config.node_group_configs:
         return None
@@ -139,7 +140,6 @@ def bootstrap_limits(path: str = BOOTSTRAP_CONFIG) -> ClusterSize | None:
     where = os.path.expanduser(path)
     if not os.path.exists(where):
         return None
-    import yaml
 
     with open(where) as handle:
         launcher = yaml.safe_load(handle) or {}

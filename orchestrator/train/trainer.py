@@ -112,7 +112,11 @@ def torch_trainer(
 ) -> Any:
     # Train V2's classes (what ray.train.* resolves to at run time), named so types agree.
     from ray.data import ExecutionOptions
+
+    # ray.train: heavy (about a second to import), imported where it is used
     from ray.train import DataConfig
+
+    # ray.train: heavy (about a second to import), imported where it is used
     from ray.train.v2.api.config import (
         CheckpointConfig,
         FailureConfig,
@@ -120,6 +124,8 @@ def torch_trainer(
         RunConfig,
         ScalingConfig,
     )
+
+    # ray.train: heavy (about a second to import), imported where it is used
     from ray.train.v2.torch.torch_trainer import TorchTrainer
 
     return TorchTrainer(

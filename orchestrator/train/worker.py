@@ -14,8 +14,6 @@ import tempfile
 import time
 from typing import Any
 
-import ray
-import ray.train
 import ray.train.torch
 import torch
 from torch import nn
@@ -25,12 +23,13 @@ from orchestrator.config import ExperimentConfig, from_dict
 from orchestrator.data.consumed import EpochProgress
 from orchestrator.data.ray_input import TimedBatches
 from orchestrator.formats.best import read_best
-from orchestrator.formats.state import TrainingState, load_state, save_state, verify_same_classifier
+from orchestrator.formats.state import TrainingState, load_state, save_state
 from orchestrator.runs import run_dir
 from orchestrator.train.builders import build_training, quiet_worker_logs, use_teacher_of
 from orchestrator.train.checkpoints import (
     audit_rows,
     keep_if_best,
+    restore,
     resume_line,
     save_snapshot,
     training_state,
@@ -45,12 +44,7 @@ from orchestrator.train.epoch import (
     print_epoch_done,
     train_batch,
 )
-from orchestrator.train.history import (
-    EpochStats,
-    after_epoch,
-    history_at_start,
-    report_metrics,
-)
+from orchestrator.train.history import EpochStats, after_epoch, history_at_start, report_metrics
 from orchestrator.train.midepoch import (
     epoch_progress,
     inside_line,
@@ -140,19 +134,13 @@ def resume(
         return None
     with checkpoint.as_directory() as directory:
         state = load_state(directory)
-    verify_same_classifier(
-        state.classifier, spec.classifier_ref, where=f"checkpoint {checkpoint.path}"
+    restore(
+        state, spec, student=student, loss_fn=loss_fn, optimizer=optimizer, where=checkpoint.path
     )
-    student.load_state_dict(state.student)
-    loss_fn.load_state_dict(state.loss)
-    optimizer.load_state_dict(state.optimizer)
     ctx = ray.train.get_context()
     if ctx.get_world_rank() == 0:
         print(resume_line(spec.tag, state, ctx.get_world_size(), checkpoint.path), flush=True)
     return state
-
-
-# --- one epoch ---------------------------------------------------------------------------
 
 
 def run_epoch(state: WorkerState, epoch: int) -> EpochStats:
