@@ -23,7 +23,7 @@ from orchestrator import cli, storage
 from orchestrator.benchmarks.ijb import IjbOptions, IjbSet
 from orchestrator.benchmarks.suite import BenchmarkPlan, run_benchmarks
 from orchestrator.data import format as fmt
-from orchestrator.data import pairs
+from orchestrator.data import pairs as pair_draw
 from orchestrator.errors import UsageError
 from orchestrator.evaluation import EvaluationReport, Flip, evaluate_students
 from orchestrator.evaluation_report import write_report
@@ -34,7 +34,7 @@ from orchestrator.train.checks import checked_teacher_width
 def warn_duplicate_pairs(uri: str) -> None:
     """Pairs drawn with replacement (by versions before 2026-12) count twice in every metric
     and fold: say how many, once."""
-    repeats = pairs.duplicate_pairs(fmt.read_pairs(uri, fmt.read_meta(uri)))
+    repeats = pair_draw.duplicate_pairs(fmt.read_pairs(uri, fmt.read_meta(uri)))
     if repeats:
         print(
             f"warning: {uri}: {repeats} verification pairs repeat an earlier pair (the same two "

@@ -12,7 +12,7 @@ from typing import Any, Generic, TypeVar
 from orchestrator import storage
 from orchestrator.config import MAX_SEED, OnCorrupt, SyntheticConfig
 from orchestrator.data import format as fmt
-from orchestrator.data import pairs
+from orchestrator.data import pairs as pair_draw
 from orchestrator.data.format import DatasetError, DatasetMeta, DatasetWriter, ShardInfo
 from orchestrator.data.images import (
     CorruptImageError,
@@ -309,7 +309,7 @@ def import_pairs(out: str, meta: DatasetMeta, options: ImportOptions) -> Any:
     print(
         f"[pairs] {pairs.num_rows} verification pairs written ({same} same-identity, "
         f"{pairs.num_rows - same} different-identity, each at most once) in {fmt.NUM_FOLDS} "
-        f"folds; {pairs.single_image_identities(labels)} identities with a single image "
+        f"folds; {pair_draw.single_image_identities(labels)} identities with a single image "
         "make no pair and are left out",
         flush=True,
     )
@@ -378,7 +378,7 @@ def write_image_folder(options: FolderImport) -> DatasetMeta:
             )
         folders = chosen
     if options.pairs_per_fold:  # refused before any image is read, not after the import
-        pairs.check_pair_identities(sum(len(files) >= 2 for _, files in folders))
+        pair_draw.check_pair_identities(sum(len(files) >= 2 for _, files in folders))
     names = [name for name, _ in folders]
     items = [(label, path) for label, (_, files) in enumerate(folders) for path in files]
     sizes = [os.path.getsize(path) for _, path in items]
