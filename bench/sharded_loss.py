@@ -32,16 +32,14 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
+import benchlib  # first: it puts this checkout on sys.path
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dnn
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from orchestrator.losses import Margin
 from orchestrator.losses.heads import FrozenClassifier
@@ -52,29 +50,6 @@ from orchestrator.losses.sharded import Shard, sharded_margin_loss
 GLOBAL_BATCH = 512
 MARGIN = Margin.arcface(64.0, 0.5)
 METHODS = ("ours", "ours@0.1", "dense", "pfc@1.0", "pfc@0.1", "bound")
-
-
-def rss_reset() -> None:
-    """Reset the peak-RSS high-water mark of this process (Linux /proc/self/clear_refs)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def status_mb(field: str) -> float:
-    """A memory field of /proc/self/status (reported in kB) in MB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(f"{field}:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def rss_now_mb() -> float:
-    return status_mb("VmRSS")
-
-
-def rss_peak_mb() -> float:
-    return status_mb("VmHWM")  # the high-water mark that rss_reset() clears
 
 
 def estimate_gb(method: str, c: int, d: int, world: int) -> float:
@@ -229,7 +204,7 @@ def worker(rank: int, world: int, rendezvous: str, plan: dict[str, Any], out: st
     torch.manual_seed(rank)
     e = torch.randn(GLOBAL_BATCH // world, d)
     y = torch.randint(0, c, (GLOBAL_BATCH // world,))
-    base = rss_now_mb()  # the process before this method's state (W_r, optimizer, ...)
+    base = benchlib.rss_now_mb()  # the process before this method's state (W_r, optimizer, ...)
     result: dict[str, Any]
     if method == "train(ours)":
         result = train_steps(c, d, world, rank, plan)
@@ -246,9 +221,9 @@ def worker(rank: int, world: int, rendezvous: str, plan: dict[str, Any], out: st
         dist.barrier()
         # Peak from here on: the method's resident state plus its working memory during the
         # steps, not set-up transients (e.g. generating random W_r).
-        rss_reset()
+        benchlib.rss_reset()
         result = {"seconds": time_steps(step, plan["repeats"])}
-    result["peak_mb"] = rss_peak_mb() - base
+    result["peak_mb"] = benchlib.rss_peak_mb() - base
     torch.save(result, f"{out}.{rank}")
     dist.barrier()  # no rank tears gloo down while a peer is still exchanging
     dist.destroy_process_group()
@@ -264,7 +239,7 @@ def train_steps(c: int, d: int, world: int, rank: int, plan: dict[str, Any]) -> 
 
     shard = Shard.for_rank(c, world, rank)
     w = unit_rows(shard.local_classes, d)
-    rss_reset()
+    benchlib.rss_reset()
     torch.manual_seed(0)
     student = torch.nn.Linear(256, d)
     model = DDP(student)

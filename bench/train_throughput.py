@@ -45,9 +45,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import benchlib  # first: it puts this checkout on sys.path
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 STUDENT, TEACHER, EMB_DIM = "small_mobilefacenet", "mobilefacenet", 128
 
@@ -289,68 +288,6 @@ def write_inputs(
     return Written(config, images)
 
 
-class CpuSampler:
-    """CPU seconds used during a run by the Train workers and by everything else (Ray's
-    own processes: raylet, GCS, the Train controller, the split coordinator, the decode
-    actors, the store server), from /proc, sampled twice a second (a process that ends
-    keeps its last sample). Linux only; empty elsewhere."""
-
-    def __init__(self) -> None:
-        import threading
-
-        self.last: dict[int, tuple[str, float]] = {}
-        self.start: dict[int, float] = {}
-        self.workers: set[int] = set()  # pids seen as a Train worker in any sample
-        self.stop_event = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-
-    @staticmethod
-    def read() -> dict[int, tuple[str, float]]:
-        out = {}
-        tick = os.sysconf("SC_CLK_TCK")
-        for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/stat") as handle:
-                    fields = handle.read().rsplit(")", 1)[1].split()
-                with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                    command = handle.read().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            out[int(entry)] = (command, (int(fields[11]) + int(fields[12])) / tick)
-        return out
-
-    def sample(self) -> None:
-        now = self.read()
-        self.workers |= {pid for pid, (command, _) in now.items() if "RayTrainWorker" in command}
-        self.last.update(now)
-
-    def run(self) -> None:
-        while not self.stop_event.wait(0.5):
-            self.sample()
-
-    def __enter__(self) -> CpuSampler:
-        self.start = {pid: cpu for pid, (_, cpu) in self.read().items()}
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop_event.set()
-        self.thread.join()
-        self.sample()
-
-    def split(self) -> dict[str, float]:
-        me = os.getpid()
-        totals = {"workers": 0.0, "other": 0.0}
-        for pid, (_, cpu) in self.last.items():
-            used = cpu - self.start.get(pid, 0.0)
-            if pid == me or used <= 0:
-                continue
-            totals["workers" if pid in self.workers else "other"] += used
-        return totals
-
-
 def ray_rates(
     written: Written,
     method: str,
@@ -392,17 +329,17 @@ def ray_rates(
         ]
         dataset = ray.data.from_items(rows).materialize()
     started = time.monotonic()
-    with CpuSampler() as cpu:
+    with benchlib.CpuSampler("RayTrainWorker") as cpu:
         outcome = fit(config, spec, name=name, dataset=dataset)
     wall = time.monotonic() - started
-    m, used = outcome.metrics, cpu.split()
+    m, used = outcome.metrics, cpu.split(leave_out={os.getpid()})
     cores = os.cpu_count() or 1
     return {
         "rate": float(m["steady_samples_per_s"]),
         "startup_s": float(m["input_startup_s"]),
         "input_wait": float(m["input_wait_share"]),
         # Shares of the machine's CPU time during the whole fit (start-up included).
-        "workers_cpu": used["workers"] / (wall * cores),
+        "workers_cpu": used["marked"] / (wall * cores),
         "other_cpu": used["other"] / (wall * cores),
     }
 
@@ -549,32 +486,28 @@ def report(results: list[dict[str, Any]], setup: Setup, cores: int) -> None:
                 f"{cell(ratio(r.get('e'), r.get('g')), 2)} |"
             )
     by = {(r["method"], r["classes"]): r for r in results}
-    targets: dict[str, Any] = {}
+    targets: list[benchlib.Target] = []
     for r in results:
         key = f"{r['method']}@{r['classes']}"
-        targets[f"c/b>=0.95 {key}"] = ratio(r.get("c"), r.get("b"))
-        targets[f"d/b>=0.85 {key}"] = ratio(r.get("d"), r.get("b"))
-        targets[f"e/b>=0.85 {key}"] = ratio(r.get("e"), r.get("b"))
+        targets.append(benchlib.Target(f"c/b {key}", ratio(r.get("c"), r.get("b")), 0.95))
+        targets.append(benchlib.Target(f"d/b {key}", ratio(r.get("d"), r.get("b")), 0.85))
+        targets.append(benchlib.Target(f"e/b {key}", ratio(r.get("e"), r.get("b")), 0.85))
         if "f" in r:
-            targets[f"ordered/unordered>=0.9 pool {key}"] = ratio(r.get("d"), r.get("f"))
+            value = ratio(r.get("d"), r.get("f"))
+            targets.append(benchlib.Target(f"ordered/unordered pool {key}", value, 0.9))
         if "g" in r:
-            targets[f"ordered/unordered>=0.9 worker {key}"] = ratio(r.get("e"), r.get("g"))
+            value = ratio(r.get("e"), r.get("g"))
+            targets.append(benchlib.Target(f"ordered/unordered worker {key}", value, 0.9))
     for classes in sorted({r["classes"] for r in results}):
         p, l2, scratch = (by.get((m, classes)) for m in ("proxyless", "l2", "scratch"))
         for path in ("a", "b", "c", "d", "e"):
             if p and l2:
-                targets[f"proxyless/l2>=1.3 {path}@{classes}"] = ratio(p.get(path), l2.get(path))
+                value = ratio(p.get(path), l2.get(path))
+                targets.append(benchlib.Target(f"proxyless/l2 {path}@{classes}", value, 1.3))
             if p and scratch:
-                targets[f"proxyless/scratch>=1.0 {path}@{classes}"] = ratio(
-                    p.get(path), scratch.get(path)
-                )
-    print("\ntargets (value, met):")
-    judged = {}
-    for name, value in targets.items():
-        bound = float(name.split(">=")[1].split()[0])
-        met = None if value is None else value >= bound
-        judged[name] = {"value": None if value is None else round(value, 3), "met": met}
-        print(f"  {name}: {cell(value, 3)} {'met' if met else 'NOT met' if met is False else ''}")
+                value = ratio(p.get(path), scratch.get(path))
+                targets.append(benchlib.Target(f"proxyless/scratch {path}@{classes}", value, 1.0))
+    judged = benchlib.judged(targets)
     print(
         json.dumps({"setup": setup.__dict__, "cores": cores, "results": results, "targets": judged})
     )

@@ -24,8 +24,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
-
 
 class ConfigError(ValueError):
     """A config value is unknown, mistyped or contradicts another value."""
@@ -175,6 +173,8 @@ _FLOAT = re.compile(
 def _loader() -> Any:
     """SafeLoader with YAML 1.2-style floats (``1e-4``) and duplicate keys refused. Built on
     first use, so importing the schema needs no YAML library (bench/gpu_check.py)."""
+    # yaml: optional where only the schema is needed (bench/gpu_check.py on a bare GPU box)
+    import yaml
 
     class Loader(yaml.SafeLoader):
         pass
@@ -205,6 +205,8 @@ def _loader() -> Any:
 
 
 def parse_yaml(text: str) -> Any:
+    # yaml: optional where only the schema is needed (bench/gpu_check.py on a bare GPU box)
+    import yaml
 
     return yaml.load(text, Loader=_loader())
 
@@ -241,11 +243,15 @@ def yaml_problem(err: Exception) -> str:
 
 
 def _yaml_error() -> type[Exception]:
+    # yaml: optional where only the schema is needed (bench/gpu_check.py on a bare GPU box)
+    import yaml
 
     return yaml.YAMLError
 
 
 def dump_yaml(config: Any) -> str:
+    # yaml: optional where only the schema is needed (bench/gpu_check.py on a bare GPU box)
+    import yaml
 
     return yaml.safe_dump(to_dict(config), sort_keys=False)
 
