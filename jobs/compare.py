@@ -32,9 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m jobs.compare", description=cli.description(__doc__)
     )
     cli.add_config_args(parser)
-    parser.add_argument(
-        "--resume", action="store_true", help="continue the interrupted comparison of this name"
-    )
+    cli.add_resume_arg(parser, "comparison")
     args = parser.parse_args(argv)
     config = cli.config_from_args(args)
     outcome = run_compare(config, resume=args.resume)

@@ -31,9 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m jobs.tune", description=cli.description(__doc__)
     )
     cli.add_config_args(parser)
-    parser.add_argument(
-        "--resume", action="store_true", help="continue the interrupted search of this name"
-    )
+    cli.add_resume_arg(parser, "search")
     args = parser.parse_args(argv)
     config = cli.config_from_args(args)
     outcome = run_search(config, resume=args.resume)

@@ -32,6 +32,13 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_resume_arg(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--resume``: continue the interrupted ``what`` (a Tune experiment) of this name."""
+    parser.add_argument(
+        "--resume", action="store_true", help=f"continue the interrupted {what} of this name"
+    )
+
+
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     """The config, with its object-store endpoint and region put in this process's
     ``AWS_*`` environment for every S3 client to see."""
