@@ -59,7 +59,7 @@ def overlapped_averaging(
 
 
 def gather_ids(ids: list[str], world_size: int) -> list[str]:
-    """Every rank's ``ids``, on every rank."""
+    """Every rank's ``ids``, on every rank, in rank order (``all_gather_object``)."""
     if world_size == 1:
         return list(ids)
     parts: list[Any] = [None] * world_size
@@ -68,6 +68,7 @@ def gather_ids(ids: list[str], world_size: int) -> list[str]:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
+    """The student inside its DDP wrapper (no collective)."""
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
