@@ -45,6 +45,24 @@ def error_logs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         os.environ[ERROR_LOG_DIR_ENV] = saved
 
 
+# Ray Train's controller polls its workers every 2 s (its default): a run's end, a worker's
+# exit and a failure are noticed up to 2 s late, several times per run. The tests' clusters
+# (and the CLI subprocesses, which inherit this process's environment) poll every 0.25 s.
+TRAIN_POLL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def train_poll() -> Iterator[None]:
+    saved = {key: os.environ.get(key) for key in TRAIN_POLL_ENV}
+    os.environ.update(TRAIN_POLL_ENV)
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture(scope="session")
 def tiny_synthetic(tmp_path_factory: pytest.TempPathFactory) -> SyntheticDatasets:
     return write_synthetic(tiny_synthetic_config(tmp_path_factory.mktemp("synthetic")))
@@ -136,6 +154,7 @@ def make_train_setup(root: Path | str, data: SyntheticDatasets, emb_dim: int = 1
     from orchestrator.config import (
         Arch,
         DataConfig,
+        DecodeAt,
         ExperimentConfig,
         OptimConfig,
         RunConfig,
@@ -176,7 +195,9 @@ def make_train_setup(root: Path | str, data: SyntheticDatasets, emb_dim: int = 1
     base = ExperimentConfig(
         name="t",
         storage_path=at("runs"),
-        data=DataConfig(train=data.train_uri, eval=data.eval_uri),
+        # Decoded in the Train workers: no decode actor pool to start every epoch. The
+        # tests of the pool's own behaviour ask for DecodeAt.POOL.
+        data=DataConfig(train=data.train_uri, eval=data.eval_uri, decode=DecodeAt.WORKER),
         student=StudentConfig(arch=Arch.TINY_MOBILEFACENET, emb_dim=emb_dim),
         teacher=TeacherConfig(
             arch=Arch.TINY_IRESNET,
@@ -187,7 +208,9 @@ def make_train_setup(root: Path | str, data: SyntheticDatasets, emb_dim: int = 1
         optim=OptimConfig(lr=0.05, epochs=2, batch_size=8),
         teacher_optim=OptimConfig(lr=0.05, epochs=1, batch_size=8),
         scaling=ScalingConfig(num_workers=2, cpus_per_worker=0.5),
-        run=RunConfig(eval_every_epochs=0, log_every_s=5.0, shuffle_buffer=0),
+        # lock_settle_s: the run lock's wait before it re-reads its claim, 0.2 s on this
+        # local disk (test_run_lock and test_locks set their own).
+        run=RunConfig(eval_every_epochs=0, log_every_s=5.0, shuffle_buffer=0, lock_settle_s=0.2),
     )
     return TrainSetup(base, weight)
 

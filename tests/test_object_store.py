@@ -19,6 +19,7 @@ from jobs import distill as distill_job
 from jobs import evaluate, prepare_dataset
 from orchestrator import cli, storage
 from orchestrator.config import RunConfig, SyntheticConfig, dump_yaml, to_dict
+from orchestrator.config.data import DecodeAt
 from orchestrator.data import format as fmt
 from orchestrator.data.images import CorruptImageError, encode_jpeg
 from orchestrator.data.prepare import SyntheticDatasets, write_synthetic
@@ -76,6 +77,7 @@ def test_two_workers_stream_s3_and_split_every_epoch_exactly(
         setup.base,
         name="s3run",
         storage_path=f"s3://{BUCKET}/e2e/runs",
+        data=replace(setup.base.data, decode=DecodeAt.POOL),  # read tasks and the decode pool
         run=RunConfig(eval_every_epochs=0, log_every_s=5.0, shuffle_buffer=0, audit_ids=True),
     )
     outcome = distill(config)
@@ -183,7 +185,12 @@ def test_corrupt_jpeg_in_training_data_names_the_image(
     meta = writer.publish(names)
     data = SyntheticDatasets(meta, clean.eval, f"{prefix}/train", clean.eval_uri)
     setup = make_train_setup(f"{prefix}/teacher", data)
-    config = replace(setup.base, name="corrupt", storage_path=f"{prefix}/runs")
+    config = replace(
+        setup.base,
+        name="corrupt",
+        storage_path=f"{prefix}/runs",
+        data=replace(setup.base.data, decode=DecodeAt.POOL),
+    )
     # Raised in a decode actor, re-raised in the worker and then in the driver as itself.
     with pytest.raises(CorruptImageError, match=r"image_id synth0000001/005: cannot decode JPEG"):
         distill(config)

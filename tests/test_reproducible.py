@@ -17,6 +17,7 @@ from torch.func import functional_call
 from orchestrator import classifier as clf
 from orchestrator.audit import EpochAudit, read_epoch_audit
 from orchestrator.config import ExperimentConfig, Method, OptimConfig, RunConfig
+from orchestrator.config.data import DecodeAt
 from orchestrator.data import format as fmt
 from orchestrator.data.images import to_model_input
 from orchestrator.data.ray_input import augment_draws, decode_augmented
@@ -44,7 +45,8 @@ def runs(train_setup: TrainSetup) -> Runs:
     base = train_setup.base
     config = replace(
         base,
-        data=replace(base.data, flip=True, crop_pad=3),
+        # The decode pool: its blocks must reach the workers in one order (data.ordered).
+        data=replace(base.data, flip=True, crop_pad=3, decode=DecodeAt.POOL),
         optim=OptimConfig(lr=0.05, epochs=1, batch_size=8, warmup_epochs=0.5),
         run=RunConfig(eval_every_epochs=0, log_every_s=30.0, shuffle_buffer=6, audit_ids=True),
     )

@@ -505,8 +505,12 @@ def test_unsatisfiable_resources_are_refused_at_once(
     overrides: dict[str, Any],
     expected: str,
 ) -> None:
+    base = train_setup.base
     config = replace(
-        train_setup.base, name="too-big", scaling=replace(train_setup.base.scaling, **overrides)
+        base,
+        name="too-big",
+        data=replace(base.data, decode=DecodeAt.POOL),  # the message names the pool's CPUs
+        scaling=replace(base.scaling, **overrides),
     )
     path = tmp_path / "big.yaml"
     path.write_text(dump_yaml(config))
