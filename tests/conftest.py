@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -237,6 +237,22 @@ def run_ok(command: list[str], *, timeout: float) -> subprocess.CompletedProcess
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
+
+
+def run_job_here(main: Callable[[Sequence[str] | None], int], argv: list[str]) -> str:
+    """A job's CLI called in this process (``cli.run``, on the session's Ray cluster: no
+    cluster of its own to start), where the subprocess is not what a test is about; it must
+    exit 0. What it printed."""
+    import contextlib
+    import io
+
+    from orchestrator import cli
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cli.run(main, argv)
+    assert code == 0, out.getvalue()[-3000:]
+    return out.getvalue()
 
 
 def interrupt_when(command: list[str], ready: Callable[[], object], what: str) -> str:

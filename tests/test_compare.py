@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from jobs import compare as compare_job
 from orchestrator.compare.cells import CROSS_MODEL, IMAGES_PER_S, Cell
 from orchestrator.compare.report import markdown
 from orchestrator.compare.statistics import paired_interval, spread, summary_data
@@ -27,7 +28,7 @@ from orchestrator.config import (
     dump_yaml,
     load_config,
 )
-from tests.conftest import TrainSetup, interrupt_when, run_ok
+from tests.conftest import TrainSetup, interrupt_when, run_job_here
 
 
 def test_paired_interval_is_scipys_paired_t_interval() -> None:
@@ -121,8 +122,11 @@ def students(root: Path) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def comparison(train_setup: TrainSetup, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """1 method x 2 seeds, interrupted with Ctrl-C after its first run and resumed."""
+def comparison(
+    train_setup: TrainSetup, tmp_path_factory: pytest.TempPathFactory, ray_cluster: None
+) -> dict:
+    """1 method x 2 seeds, interrupted with Ctrl-C after its first run (the real CLI, a
+    process of its own) and resumed (the CLI called here, on the session's cluster)."""
     root = tmp_path_factory.mktemp("compare")
     base = train_setup.base
     config = replace(
@@ -137,12 +141,12 @@ def comparison(train_setup: TrainSetup, tmp_path_factory: pytest.TempPathFactory
     path = root / "compare.yaml"
     path.write_text(dump_yaml(config))
     interrupt_when(compare_cli(path), lambda: students(root), "run")
-    resumed = run_ok(compare_cli(path, "--resume"), timeout=600)
+    resumed = run_job_here(compare_job.main, ["--config", str(path), "--resume"])
     finished = students(root)
     return {
         "root": root,
         "path": path,
-        "output": resumed.stdout,
+        "output": resumed,
         "mtimes": {p: Path(p).stat().st_mtime_ns for p in finished},
     }
 
@@ -150,17 +154,17 @@ def comparison(train_setup: TrainSetup, tmp_path_factory: pytest.TempPathFactory
 @pytest.fixture(scope="module")
 def grown(comparison: dict) -> dict:
     """The finished comparison grown to 2 methods x 3 seeds: a method and a seed more."""
-    done = run_ok(
-        compare_cli(
-            comparison["path"],
+    done = run_job_here(
+        compare_job.main,
+        [
+            "--config", str(comparison["path"]),
             "--set", "compare.methods=[proxyless,cckd]",
             "--set", "compare.seeds=[3,4,5]",
-        ),
-        timeout=900,
+        ],
     )  # fmt: skip
     summary = comparison["root"] / "runs" / "compare" / "cmp" / "summary"
     return {
-        "output": done.stdout,
+        "output": done,
         "summary": summary,
         "students": students(comparison["root"]),
         "data": json.loads((summary / "comparison.json").read_text()),
@@ -201,16 +205,16 @@ def test_a_finished_comparison_grows_by_training_only_its_new_cells(
     # Our per-trial lines, not Tune's status tables.
     assert output.count("[comparison] trial ") >= 4 * 3  # started, an epoch, finished
     assert "Trial status" not in output and "╭" not in output
-    again = run_ok(
-        compare_cli(
-            comparison["path"],
+    again = run_job_here(
+        compare_job.main,
+        [
+            "--config", str(comparison["path"]),
             "--set", "compare.methods=[proxyless,cckd]",
             "--set", "compare.seeds=[3,4,5]",
             "--set", "compare.metrics=[auc,rank1]",
-        ),
-        timeout=900,
+        ],
     )  # fmt: skip
-    assert "6 run(s) finished already with these settings (reused), 0 to train" in again.stdout
+    assert "6 run(s) finished already with these settings (reused), 0 to train" in again
     data = json.loads((grown["summary"] / "comparison.json").read_text())
     assert "auc" in data["tables"] and "acc_10fold" not in data["tables"]
 

@@ -64,13 +64,17 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Scenario:
     base = replace(
         setup.base,
         name="elastic",
-        # One Train worker (0.75 CPU) and one read slot (0.25) per 1-CPU worker node; the
-        # throttle keeps an epoch long enough (~4 s) to lose a node inside it.
+        # One Train worker (0.75 CPU) and one read slot (0.25) per 1-CPU worker node. The
+        # throttle keeps the runs that lose a node long enough to lose it inside an epoch
+        # and to grow back before they end: after the node is added back, Ray takes ~8 s to
+        # register it, see its resources and decide the resize, while the run has ~2.8
+        # epochs left at one worker (about 19 s at 30 images/s; at 60 the run sometimes
+        # ended first). The reference, never interrupted, reads at 60.
         data=replace(
             setup.base.data,
             decode=DecodeAt.WORKER,
             decode_cpus=0.25,
-            throttle_images_per_s=60.0,
+            throttle_images_per_s=30.0,
         ),
         optim=OptimConfig(lr=0.05, epochs=EPOCHS, batch_size=8),
         scaling=ScalingConfig(
@@ -92,7 +96,12 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Scenario:
     runs = [
         {
             "config": to_dict(
-                replace(base, name="reference", scaling=replace(base.scaling, num_workers=2))
+                replace(
+                    base,
+                    name="reference",
+                    data=replace(base.data, throttle_images_per_s=60.0),
+                    scaling=replace(base.scaling, num_workers=2),
+                )
             )
         },
         {"config": to_dict(base), "kill": True},

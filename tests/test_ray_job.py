@@ -52,11 +52,19 @@ class Head:
     gcs: str  # what RAY_ADDRESS names, 127.0.0.1:<port>
 
 
-@pytest.fixture
-def head_node() -> Iterator[str]:
-    """A separate Ray head node on free ports; yields the job-server address."""
+@pytest.fixture(scope="module")
+def shared_head() -> Iterator[Head]:
+    """One separate Ray head node on free ports for this module's jobs (each its own
+    submission id and run name). The preflight test, which reports autoscaler limits into
+    its GCS, runs last."""
     with running_head() as head:
-        yield head.dashboard
+        yield head
+
+
+@pytest.fixture
+def head_node(shared_head: Head) -> str:
+    """The shared head's job-server address."""
+    return shared_head.dashboard
 
 
 @contextlib.contextmanager
@@ -160,77 +168,9 @@ def test_ray_job_submit_distill(head_node: str, train_setup: TrainSetup, tmp_pat
     assert "Traceback" not in logs and "Error in training function" not in logs, logs[-3000:]
 
 
-# The record a cloud autoscaler reports to the GCS (ReportClusterConfig): a 2-CPU head and
-# at most two 4-CPU, 1-GPU workers. No autoscaler can launch nodes here, so this test
-# reports the record itself, into a real head's GCS, through Ray's own GCS client.
-REPORT_LIMITS = """
-import ray
-from ray.core.generated import autoscaler_pb2
-ray.init()
-config = autoscaler_pb2.ClusterConfig()
-head = config.node_group_configs.add(name="head", max_count=1)
-head.resources["CPU"] = 2
-gpu = config.node_group_configs.add(name="gpu", max_count=2)
-gpu.resources["CPU"] = 4
-gpu.resources["GPU"] = 1
-ray._private.worker.global_worker.gcs_client.report_cluster_config(config.SerializeToString())
-print(ray._private.state.state.get_max_resources_from_cluster_config())
-"""
-
-
-def test_preflight_reads_the_autoscalers_limits_and_waits_bounded(
-    train_setup: TrainSetup, tmp_path: Path
+def test_a_job_whose_driver_died_resumes_its_run_when_submitted_again(
+    tmp_path: Path, shared_head: Head
 ) -> None:
-    """On a cluster reached by RAY_ADDRESS: a run above the autoscaler's limits is refused
-    at once; one within them but above what is up now waits scaling.resources_wait_s, with
-    a line saying so, then is refused; neither leaves a run behind."""
-    base = to_dict(train_setup.base)
-    storage = tmp_path / "runs"
-    with running_head() as head:
-        env = {**cluster_env(), "RAY_ADDRESS": head.gcs}
-        reported = subprocess.run(
-            [sys.executable, "-c", REPORT_LIMITS], env=env, capture_output=True, text=True,
-            timeout=120,
-        )  # fmt: skip
-        assert reported.returncode == 0, reported.stderr[-2000:]
-        assert "'GPU': 2" in reported.stdout and "'CPU': 10" in reported.stdout, reported.stdout
-
-        def distill(name: str, workers: int, wait_s: float) -> subprocess.CompletedProcess[str]:
-            overrides = {
-                "name": name,
-                "storage_path": str(storage),
-                "data.train": base["data"]["train"],
-                "data.eval": base["data"]["eval"],
-                "teacher.classifier": base["teacher"]["classifier"],
-                "teacher.backbone": base["teacher"]["backbone"],
-                "student.emb_dim": 16,
-                "teacher.emb_dim": 16,
-                "optim.batch_size": 12,
-                "teacher_optim.batch_size": 12,
-                "scaling.num_workers": workers,
-                "scaling.use_gpu": "true",
-                "scaling.resources_wait_s": wait_s,
-            }
-            sets = [arg for k, v in overrides.items() for arg in ("--set", f"{k}={v}")]
-            return subprocess.run(
-                [sys.executable, "-m", "jobs.distill", "--config", "configs/demo.yaml", *sets],
-                cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-            )  # fmt: skip
-
-        # 3 GPU workers: above the limits (2 GPUs at most); refused without the 600 s wait.
-        never = distill("above-limits", 3, 600)
-        assert never.returncode == 2, never.stderr[-2000:]
-        assert "the autoscaler's limits allow 2 GPU(s): it can never be scheduled" in never.stderr
-        assert "waiting" not in never.stdout
-        # 2 GPU workers: within the limits, none up: a bounded wait, then a clear refusal.
-        later = distill("within-limits", 2, 3)
-        assert later.returncode == 2, later.stderr[-2000:]
-        assert "[ray] waiting up to 3s for the cluster to grow" in later.stdout, later.stdout
-        assert "not there after waiting 3s (scaling.resources_wait_s)" in later.stderr
-    assert not (storage / "above-limits").exists() and not (storage / "within-limits").exists()
-
-
-def test_a_job_whose_driver_died_resumes_its_run_when_submitted_again(tmp_path: Path) -> None:
     """The driver of a `ray job submit` run is killed (SIGKILL, as a lost head process or an
     OOM kill does) after a checkpoint inside its first epoch; the job fails. The same
     command submitted again resumes that run by its name, inside the epoch, and the audit
@@ -255,33 +195,34 @@ def test_a_job_whose_driver_died_resumes_its_run_when_submitted_again(tmp_path: 
     command = ["python", "-m", "jobs.distill", "--config", str(path)]
 
     env = cluster_env()
-    with running_head() as head:
-        client = JobSubmissionClient(head.dashboard)
-        client.submit_job(entrypoint=" ".join(command), submission_id="first",
-                          runtime_env={"working_dir": str(REPO)})  # fmt: skip
-        deadline = time.monotonic() + 300
-        while not [step for epoch, step in registered_inside(run_dir) if epoch == 0]:
-            status = client.get_job_status("first")
-            assert not status.is_terminal(), client.get_job_logs("first")[-3000:]
-            assert time.monotonic() < deadline, "no checkpoint inside the epoch registered"
-            time.sleep(0.05)
-        driver = client.get_job_info("first").driver_info
-        assert driver is not None
-        os.kill(int(driver.pid), signal.SIGKILL)
-        while not client.get_job_status("first").is_terminal():
-            assert time.monotonic() < deadline, "the job outlived its driver"
-            time.sleep(0.5)
-        assert client.get_job_status("first") == JobStatus.FAILED
-        assert not (run_dir / "student.pt").exists()
-        again = subprocess.run(
-            [RAY, "job", "submit", "--address", head.dashboard, "--submission-id", "second",
-             "--working-dir", ".", "--", *command],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-        )  # fmt: skip
-        assert client.get_job_status("second") == JobStatus.SUCCEEDED, (
-            again.stdout[-3000:] + again.stderr[-3000:]
-        )
-        logs = client.get_job_logs("second")
+    head = shared_head
+    # The module's head, shared with the other jobs
+    client = JobSubmissionClient(head.dashboard)
+    client.submit_job(entrypoint=" ".join(command), submission_id="first",
+                      runtime_env={"working_dir": str(REPO)})  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not [step for epoch, step in registered_inside(run_dir) if epoch == 0]:
+        status = client.get_job_status("first")
+        assert not status.is_terminal(), client.get_job_logs("first")[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint inside the epoch registered"
+        time.sleep(0.05)
+    driver = client.get_job_info("first").driver_info
+    assert driver is not None
+    os.kill(int(driver.pid), signal.SIGKILL)
+    while not client.get_job_status("first").is_terminal():
+        assert time.monotonic() < deadline, "the job outlived its driver"
+        time.sleep(0.5)
+    assert client.get_job_status("first") == JobStatus.FAILED
+    assert not (run_dir / "student.pt").exists()
+    again = subprocess.run(
+        [RAY, "job", "submit", "--address", head.dashboard, "--submission-id", "second",
+         "--working-dir", ".", "--", *command],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert client.get_job_status("second") == JobStatus.SUCCEEDED, (
+        again.stdout[-3000:] + again.stderr[-3000:]
+    )
+    logs = client.get_job_logs("second")
     summary = json.loads(
         [line for line in logs.splitlines() if line.startswith('{"name": "resubmitted"')][-1]
     )
@@ -297,3 +238,74 @@ def test_a_job_whose_driver_died_resumes_its_run_when_submitted_again(tmp_path: 
               f"{len(set(all_ids) - set(trained))} never")  # fmt: skip
         assert sorted(trained) == all_ids, f"epoch {epoch}"
     assert (run_dir / "student.pt").exists()
+
+
+# The record a cloud autoscaler reports to the GCS (ReportClusterConfig): a 2-CPU head and
+# at most two 4-CPU, 1-GPU workers. No autoscaler can launch nodes here, so this test
+# reports the record itself, into a real head's GCS, through Ray's own GCS client.
+REPORT_LIMITS = """
+import ray
+from ray.core.generated import autoscaler_pb2
+ray.init()
+config = autoscaler_pb2.ClusterConfig()
+head = config.node_group_configs.add(name="head", max_count=1)
+head.resources["CPU"] = 2
+gpu = config.node_group_configs.add(name="gpu", max_count=2)
+gpu.resources["CPU"] = 4
+gpu.resources["GPU"] = 1
+ray._private.worker.global_worker.gcs_client.report_cluster_config(config.SerializeToString())
+print(ray._private.state.state.get_max_resources_from_cluster_config())
+"""
+
+
+def test_preflight_reads_the_autoscalers_limits_and_waits_bounded(
+    train_setup: TrainSetup, tmp_path: Path, shared_head: Head
+) -> None:
+    """On a cluster reached by RAY_ADDRESS: a run above the autoscaler's limits is refused
+    at once; one within them but above what is up now waits scaling.resources_wait_s, with
+    a line saying so, then is refused; neither leaves a run behind."""
+    base = to_dict(train_setup.base)
+    storage = tmp_path / "runs"
+    head = shared_head
+    # The shared head (this test runs last: the limits stay in its GCS)
+    env = {**cluster_env(), "RAY_ADDRESS": head.gcs}
+    reported = subprocess.run(
+        [sys.executable, "-c", REPORT_LIMITS], env=env, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert reported.returncode == 0, reported.stderr[-2000:]
+    assert "'GPU': 2" in reported.stdout and "'CPU': 10" in reported.stdout, reported.stdout
+
+    def distill(name: str, workers: int, wait_s: float) -> subprocess.CompletedProcess[str]:
+        overrides = {
+            "name": name,
+            "storage_path": str(storage),
+            "data.train": base["data"]["train"],
+            "data.eval": base["data"]["eval"],
+            "teacher.classifier": base["teacher"]["classifier"],
+            "teacher.backbone": base["teacher"]["backbone"],
+            "student.emb_dim": 16,
+            "teacher.emb_dim": 16,
+            "optim.batch_size": 12,
+            "teacher_optim.batch_size": 12,
+            "scaling.num_workers": workers,
+            "scaling.use_gpu": "true",
+            "scaling.resources_wait_s": wait_s,
+        }
+        sets = [arg for k, v in overrides.items() for arg in ("--set", f"{k}={v}")]
+        return subprocess.run(
+            [sys.executable, "-m", "jobs.distill", "--config", "configs/demo.yaml", *sets],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+
+    # 3 GPU workers: above the limits (2 GPUs at most); refused without the 600 s wait.
+    never = distill("above-limits", 3, 600)
+    assert never.returncode == 2, never.stderr[-2000:]
+    assert "the autoscaler's limits allow 2 GPU(s): it can never be scheduled" in never.stderr
+    assert "waiting" not in never.stdout
+    # 2 GPU workers: within the limits, none up: a bounded wait, then a clear refusal.
+    later = distill("within-limits", 2, 3)
+    assert later.returncode == 2, later.stderr[-2000:]
+    assert "[ray] waiting up to 3s for the cluster to grow" in later.stdout, later.stdout
+    assert "not there after waiting 3s (scaling.resources_wait_s)" in later.stderr
+    assert not (storage / "above-limits").exists() and not (storage / "within-limits").exists()

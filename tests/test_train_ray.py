@@ -8,7 +8,7 @@ import re
 import signal
 import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from orchestrator.config import (
     SyntheticConfig,
     dump_yaml,
 )
+from orchestrator.config.experiment import ExperimentConfig
 from orchestrator.data import format as fmt
 from orchestrator.data.prepare import SyntheticDatasets, write_synthetic
 from orchestrator.evaluation import (
@@ -61,14 +62,37 @@ from tests.test_safe_loading import crafted
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
+@dataclass(frozen=True)
+class Reference:
+    config: ExperimentConfig
+    outcome: RunOutcome
+
+
+@pytest.fixture(scope="module")
+def reference(train_setup: TrainSetup) -> Reference:
+    """One finished run read by the tests that only read a run: proxyless, 3 epochs at 2
+    workers decoding their own input, the ids audited, validated every epoch, every
+    checkpoint kept (lr 0.2: the validation metric moves between epochs)."""
+    base = train_setup.base
+    config = replace(
+        base,
+        name="reference",
+        optim=replace(base.optim, epochs=3, lr=0.2),
+        data=replace(base.data, decode=DecodeAt.WORKER, decode_threads=2),
+        run=replace(
+            base.run, eval_every_epochs=1, keep_checkpoints=0, audit_ids=True, shuffle_buffer=0
+        ),
+    )
+    return Reference(config, distill(config))
+
+
 def test_proxyless_run_keeps_the_classifier_out_of_everything_it_saves(
-    train_setup: TrainSetup,
+    train_setup: TrainSetup, reference: Reference
 ) -> None:
-    config = replace(train_setup.base, name="proxyless")
-    outcome = distill(config)
+    config, outcome = reference.config, reference.outcome
     state = outcome.state
     assert (
-        state.history.epochs_done == (0, 1)
+        state.history.epochs_done == (0, 1, 2)
         and state.history.world_sizes == (2,)
         and state.history.resumed_at == ()
     )
@@ -85,10 +109,10 @@ def test_proxyless_run_keeps_the_classifier_out_of_everything_it_saves(
     # Referred to by URI and checksum instead.
     cmeta = clf.read_meta(config.teacher.classifier)
     assert state.classifier is not None and state.classifier.checksum == clf.checksum(cmeta)
-    export = read_student_export(student_uri(config, "proxyless"))
+    export = read_student_export(student_uri(config, "reference"))
     assert export.classifier is not None and export.classifier.checksum == clf.checksum(cmeta)
-    assert export.epochs_done == (0, 1)
-    model, _ = load_student(student_uri(config, "proxyless"))
+    assert export.epochs_done == (0, 1, 2)
+    model, _ = load_student(student_uri(config, "reference"))
     assert model(torch.zeros(1, 3, 112, 112)).shape == (1, 16)
     assert np.isfinite(outcome.metrics["loss"])
 
@@ -562,19 +586,13 @@ def test_a_rerun_with_other_settings_is_refused_unless_told(
 
 
 def test_the_best_validated_epoch_is_kept_beside_the_last_checkpoints(
-    train_setup: TrainSetup,
+    reference: Reference,
 ) -> None:
     """``run.keep_best``: ``<run>/best`` holds the epoch whose validation metric is highest,
     recomputed here from every checkpoint the run kept (``keep_checkpoints: 0`` keeps all),
     and its ``student.pt`` is that epoch's student."""
-    config = replace(
-        train_setup.base,
-        name="best-kept",
-        optim=replace(train_setup.base.optim, epochs=3, lr=0.2),
-        run=replace(train_setup.base.run, eval_every_epochs=1, keep_checkpoints=0),
-    )
-    distill(config)
-    run = Path(config.storage_path) / "best-kept"
+    config = reference.config
+    run = Path(config.storage_path) / "reference"
     record = read_best(str(run / "best"))
     assert record is not None and record.metric == Metric.ACC_10FOLD.value
     eval_set = load_eval_set(config.data.eval)
@@ -666,22 +684,16 @@ def test_a_slowed_input_shows_in_the_input_wait_share(train_setup: TrainSetup) -
 
 
 def test_workers_that_decode_their_own_input_see_every_image_once(
-    train_setup: TrainSetup,
+    reference: Reference,
 ) -> None:
     """``data.decode: worker``: no decode pool, the JPEG bytes are split between the two
     workers and decoded there; each image reaches exactly one worker per epoch."""
-    config = replace(
-        train_setup.base,
-        name="decode-in-workers",
-        data=replace(train_setup.base.data, decode=DecodeAt.WORKER, decode_threads=2),
-        run=replace(train_setup.base.run, audit_ids=True, shuffle_buffer=0),
-    )
-    outcome = distill(config)
+    config, outcome = reference.config, reference.outcome
     assert outcome.state.history.epochs_done == tuple(range(config.optim.epochs))
     assert np.isfinite(outcome.state.history.throughput[0][0])
     all_ids = dataset_image_ids(config.data.train)
     for epoch in range(config.optim.epochs):
-        audit = read_epoch_audit(str(Path(config.storage_path) / "decode-in-workers"), epoch)
+        audit = read_epoch_audit(str(Path(config.storage_path) / "reference"), epoch)
         # 18 images, 9 per rank at a local batch of 4: 8 trained and 1 skipped on each.
         assert {r: len(ids) for r, ids in audit.trained.items()} == {0: 8, 1: 8}
         assert {r: len(ids) for r, ids in audit.skipped.items()} == {0: 1, 1: 1}

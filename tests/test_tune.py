@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from jobs import distill as distill_job
+from jobs import tune as tune_job
 from orchestrator.config import (
     ConfigError,
     DataConfig,
@@ -29,11 +30,12 @@ from orchestrator.config import (
     from_dict,
     load_config,
 )
+from orchestrator.config.data import DecodeAt
 from orchestrator.evaluation import evaluate_model, load_eval_set
 from orchestrator.formats.student import load_student
 from orchestrator.metric_names import Metric
 from orchestrator.tune import param_space, trial_resources
-from tests.conftest import REPO, TrainSetup, clean_env, interrupt_when, run_ok
+from tests.conftest import REPO, TrainSetup, clean_env, interrupt_when, run_job_here
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -44,7 +46,7 @@ def search_config(setup: TrainSetup, root: Path) -> Path:
         base,
         name="search",
         storage_path=str(root / "runs"),
-        data=replace(base.data, decode_actors=1, decode_cpus=0.25),
+        data=replace(base.data, decode=DecodeAt.POOL, decode_actors=1, decode_cpus=0.25),
         scaling=ScalingConfig(num_workers=1, cpus_per_worker=0.25),
         optim=OptimConfig(lr=0.05, epochs=2, batch_size=8),
         teacher_optim=OptimConfig(lr=0.05, epochs=1, batch_size=8),
@@ -75,19 +77,23 @@ def students(root: Path) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def search(train_setup: TrainSetup, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def search(
+    train_setup: TrainSetup, tmp_path_factory: pytest.TempPathFactory, ray_cluster: None
+) -> dict:
+    """The search through the real CLI, interrupted with Ctrl-C after its first trial (a
+    process of its own), then resumed with the CLI called here, on the session's cluster."""
     root = tmp_path_factory.mktemp("tune")
     config = search_config(train_setup, root)
     first_output = interrupt_when(tune_cli(config), lambda: students(root), "trial")
     finished_before = students(root)
-    resumed = run_ok(tune_cli(config, "--resume"), timeout=600)
+    resumed = run_job_here(tune_job.main, ["--config", str(config), "--resume"])
     summary = root / "runs" / "tune" / "search" / "summary"
     return {
         "root": root,
         "config": config,
         "finished_before": finished_before,
         "first_output": first_output,
-        "output": resumed.stdout,
+        "output": resumed,
         "summary": summary,
         "trials": json.loads((summary / "trials.json").read_text()),
     }
