@@ -19,6 +19,7 @@ from orchestrator.formats.state import (
     state_from_data,
 )
 from orchestrator.train.checkpoints import resume_line
+from orchestrator.train.distributed import unwrap
 from orchestrator.train.history import EpochStats, after_epoch, history_at_start, report_metrics
 from orchestrator.train.midepoch import epoch_progress, inside_line, inside_metrics
 from orchestrator.train.schedule import checkpoint_due, lr_at, validation_due
@@ -157,3 +158,10 @@ def test_where_an_epoch_starts_and_what_a_checkpoint_inside_it_reports() -> None
         "[distill] resuming inside epoch 3, after its step 6 (3 of its images trained, "
         "skipped as they are read) with 2 worker(s) from /ckpt"
     )
+
+
+def test_unwrap_hands_back_a_plain_model_as_it_is() -> None:
+    """The student inside its DDP wrapper, or the model itself when it has none (one worker:
+    Ray's prepare_model does not wrap it). The wrapped case runs in every Ray run."""
+    model = torch.nn.Linear(2, 2)
+    assert unwrap(model) is model
