@@ -119,7 +119,6 @@ class CpuSampler:
 
 def synthetic_faces(count: int, *, size: int = 112, quality: int = 90) -> list[bytes]:
     """``count`` distinct synthetic faces (20 per identity) as JPEG."""
-    put_repo_on_path()
     from orchestrator.data.images import encode_jpeg  # the project: only where inputs are made
     from orchestrator.data.synthetic import iter_identity_images  # the project: as above
 

@@ -99,13 +99,16 @@ def rows_file(attempt: int, rank: int) -> str:
     return f"classifier-rows-attempt-{attempt:03d}-rank-{rank:03d}.json"
 
 
-def write_rows_audit(run_uri: str, record: RowsAudit, weight: np.ndarray) -> None:
-    """``audit/classifier-rows-attempt-A-rank-R.json``: ``record`` with ``sha256`` the digest
-    of ``weight`` (the rank's rows, float32), whatever ``record`` said."""
+def write_rows_audit(
+    run_uri: str, *, attempt: int, world_size: int, rank: int, start: int, weight: np.ndarray
+) -> None:
+    """``audit/classifier-rows-attempt-A-rank-R.json``: the rows ``[start, start + len(weight))``
+    of W that ``rank`` of ``world_size`` holds in ``attempt``, with the SHA-256 of ``weight``
+    (those rows, float32)."""
     digest = hashlib.sha256(np.ascontiguousarray(weight, dtype=np.float32).tobytes())
-    data = {**asdict(record), "sha256": digest.hexdigest()}
-    uri = storage.join(run_uri, AUDIT_DIR, rows_file(record.attempt, record.rank))
-    storage.write_text_atomic(uri, json.dumps(data))
+    record = RowsAudit(attempt, world_size, rank, start, len(weight), digest.hexdigest())
+    uri = storage.join(run_uri, AUDIT_DIR, rows_file(attempt, rank))
+    storage.write_text_atomic(uri, json.dumps(asdict(record)))
 
 
 def read_rows_audit(run_uri: str, attempt: int, rank: int) -> RowsAudit:

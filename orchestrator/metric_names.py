@@ -37,11 +37,7 @@ class Metric(enum.StrEnum):
 
 
 BENCHMARK_METRIC = "_acc"  # a .bin benchmark's metric: <name>_acc, its 10-fold accuracy
-
-
 IJB_SETS = ("IJBB", "IJBC")
-
-
 IJB_FAR_KEYS = ("1e-6", "1e-5", "1e-4", "1e-3", "1e-2", "1e-1")  # the FARs IJB reports
 
 

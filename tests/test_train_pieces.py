@@ -4,12 +4,16 @@ epoch, where an epoch starts after a resume, and the history's place in a checkp
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from orchestrator.audit import RowsAudit, read_rows_audit, write_rows_audit
 from orchestrator.data.consumed import EpochProgress
 from orchestrator.formats.best import BestRecord
 from orchestrator.formats.state import (
@@ -165,3 +169,11 @@ def test_unwrap_hands_back_a_plain_model_as_it_is() -> None:
     Ray's prepare_model does not wrap it). The wrapped case runs in every Ray run."""
     model = torch.nn.Linear(2, 2)
     assert unwrap(model) is model
+
+
+def test_the_rows_audit_records_the_rows_and_their_digest(tmp_path: Path) -> None:
+    weight = np.arange(12, dtype=np.float64).reshape(3, 4)
+    write_rows_audit(str(tmp_path), attempt=1, world_size=2, rank=1, start=5, weight=weight)
+    record = read_rows_audit(str(tmp_path), 1, 1)
+    digest = hashlib.sha256(weight.astype(np.float32).tobytes()).hexdigest()
+    assert record == RowsAudit(1, 2, 1, 5, 3, digest)

@@ -9,17 +9,9 @@ from orchestrator import storage
 from orchestrator.config import ExperimentConfig, Method
 
 SUMMARY_DIR = "summary"
-
-
 CROSS_MODEL = "cross_model_acc_10fold"  # teacher gallery, student probes
-
-
 CROSS_MODEL_RANK1 = "cross_model_rank1"  # the same search, rank-1 identification
-
-
 TEACHER_ROW = "teacher"  # the reference row of each table (the teacher, one evaluation)
-
-
 IMAGES_PER_S = "images_per_s"  # training rate, mean over the run's epochs
 
 

@@ -70,8 +70,6 @@ def started_by(starts: Sequence[int], epoch: int) -> int:
 
 
 FINAL_TEACHER = "final"  # multistep: teacher.backbone itself
-
-
 TEACHER_EPOCH_PREFIX = "epoch:"  # multistep: the snapshot jobs.train_teacher kept of epoch N
 
 

@@ -10,8 +10,6 @@ from orchestrator.formats.loading import ArtifactError, load_data
 from orchestrator.formats.state import TrainingState, state_bytes, state_from_data
 
 BEST_DIR = "best"
-
-
 BEST_RECORD = "best.json"
 
 

@@ -25,8 +25,6 @@ from orchestrator.formats.loading import (
 from orchestrator.formats.state import TrainingState
 
 STUDENT_FILE = "student.pt"
-
-
 STUDENT_KIND = "proxylesskd-student"
 
 

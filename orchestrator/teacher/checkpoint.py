@@ -21,8 +21,6 @@ from orchestrator.formats.loading import (
 )
 
 TEACHER_KIND = "proxylesskd-teacher"
-
-
 TEACHER_HEAD_KEY = "classifier.weight"  # the trained head in the training loss's state dict
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from orchestrator.audit import RowsAudit, write_rows_audit
+from orchestrator.audit import write_rows_audit
 from orchestrator.config import to_dict
 from orchestrator.data.consumed import EpochProgress
 from orchestrator.formats.best import write_best
@@ -64,10 +64,14 @@ def audit_rows(state: WorkerState) -> None:
         return
     weight = state.loss_fn.get_buffer("weight").detach().cpu().float().numpy()
     attempt = len(state.history.world_sizes) - 1
-    record = RowsAudit(
-        attempt, state.world_size, state.rank, shard.class_start, shard.local_classes, ""
+    write_rows_audit(
+        state.run_uri,
+        attempt=attempt,
+        world_size=state.world_size,
+        rank=state.rank,
+        start=shard.class_start,
+        weight=weight,
     )
-    write_rows_audit(state.run_uri, record, weight)
 
 
 def keep_if_best(state: WorkerState, epoch: int) -> None:

@@ -50,4 +50,9 @@ class WorkerState:
 
     @property
     def tag(self) -> str:
-        return f"[{self.spec.tag} {self.config.name}]"
+        return run_tag(self.spec, self.config)
+
+
+def run_tag(spec: TrainSpec, config: ExperimentConfig) -> str:
+    """The prefix of a worker's lines: its role and the run's config name."""
+    return f"[{spec.tag} {config.name}]"

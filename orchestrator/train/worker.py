@@ -54,7 +54,7 @@ from orchestrator.train.midepoch import (
 )
 from orchestrator.train.schedule import Schedule, checkpoint_due, validation_due
 from orchestrator.train.spec import TrainSpec
-from orchestrator.train.state import WorkerState
+from orchestrator.train.state import WorkerState, run_tag
 from orchestrator.train.validation import Validator
 
 
@@ -119,7 +119,7 @@ def set_up(spec: TrainSpec, config: ExperimentConfig) -> WorkerState:
         progress=None if previous is None else previous.progress,
         best=read_best(spec.best_uri) if spec.best_uri and rank == 0 else None,
         validator=(
-            Validator(spec.eval_uri, config, tag=f"[{spec.tag} {config.name}]")
+            Validator(spec.eval_uri, config, tag=run_tag(spec, config))
             if spec.eval_uri and rank == 0
             else None
         ),
