@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from orchestrator import storage
+from orchestrator.config.family import as_dict
 from orchestrator.data import format as fmt
 from orchestrator.formats.student import StudentExport
 
@@ -134,6 +135,7 @@ def model_card(
     return {
         "student": student_uri,
         "arch": export.arch.value,
+        "shape": None if export.shape is None else as_dict(export.shape),
         "emb_dim": export.emb_dim,
         "input": {
             "shape": ["batch", 3, export.image_size, export.image_size],
@@ -155,6 +157,7 @@ def card_markdown(card: dict[str, Any]) -> str:
     lines = [
         f"# Model card: {card['arch']} ({card['emb_dim']}-d embeddings)",
         "",
+        f"- family point: {card.get('shape')}",
         f"- exported from: `{card['student']}`",
         f"- input: {card['input']['shape']}, {card['input']['range']}",
         f"- training data: `{card['training_data']['uri']}`, label map "

@@ -37,6 +37,16 @@ class Metric(enum.StrEnum):
 
 
 BENCHMARK_METRIC = "_acc"  # a .bin benchmark's metric: <name>_acc, its 10-fold accuracy
+# What a student costs to run (orchestrator.cost measures them): names a search can optimise
+# (tune.objectives) or bound (tune.constraints).
+LATENCY_MS = "latency_ms"  # one image (batch 1), median of repeated runs
+SERVING_LATENCY_MS = "serving_latency_ms"  # one call of tune.latency.serving_batch images
+MACS = "macs"  # multiply-accumulates for one image
+PARAMS = "params"
+ONNX_MB = "onnx_mb"  # the ONNX export's size, MB (10^6 bytes)
+COST_METRICS = (LATENCY_MS, SERVING_LATENCY_MS, MACS, PARAMS, ONNX_MB)
+ARCHITECTURE_METRICS = (MACS, PARAMS)  # known from the architecture alone, before export
+
 IJB_SETS = ("IJBB", "IJBC")
 IJB_FAR_KEYS = ("1e-6", "1e-5", "1e-4", "1e-3", "1e-2", "1e-1")  # the FARs IJB reports
 

@@ -34,7 +34,8 @@ from orchestrator.config.data import DecodeAt
 from orchestrator.evaluation import evaluate_model, load_eval_set
 from orchestrator.formats.student import load_student
 from orchestrator.metric_names import Metric
-from orchestrator.tune import param_space, trial_resources
+from orchestrator.tune import trial_resources
+from orchestrator.tune_space import param_space
 from tests.conftest import REPO, TrainSetup, clean_env, interrupt_when, run_job_here
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]

@@ -39,12 +39,12 @@ from orchestrator.teacher.models import load_teacher_backbone
 from orchestrator.train.checks import check_run_inputs
 from orchestrator.train.launch import distill
 from orchestrator.tune import (
-    apply_params,
     check_trial_fits,
     cluster_resources,
     fit_trials,
     trial_resources,
 )
+from orchestrator.tune_space import apply_params
 
 
 def cell_config(base: Mapping[str, Any], method: str, seed: int) -> ExperimentConfig:

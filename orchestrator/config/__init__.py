@@ -10,7 +10,8 @@ Validation of single values and of combinations lives in each dataclass's
 ``__post_init__`` so that a config built in Python is checked exactly like one from YAML.
 
 The package's rooms: :mod:`~orchestrator.config.method` (the methods and their facts, a
-leaf), the sections (:mod:`~orchestrator.config.data`, :mod:`~orchestrator.config.models`,
+leaf), the sections (:mod:`~orchestrator.config.data`, :mod:`~orchestrator.config.models` with the student
+family of :mod:`~orchestrator.config.family`,
 :mod:`~orchestrator.config.loss`, :mod:`~orchestrator.config.training`), the sections one
 job each reads (:mod:`~orchestrator.config.jobs`), the experiment and its cross-section
 checks (:mod:`~orchestrator.config.experiment`) and loading with migration
@@ -22,9 +23,14 @@ from __future__ import annotations
 
 from orchestrator.config.data import DataConfig, DecodeAt, OnCorrupt, StorageConfig
 from orchestrator.config.experiment import ExperimentConfig, val_targets
+from orchestrator.config.family import NAMED_SHAPES, BackboneShape, Family, Head
 from orchestrator.config.jobs import (
     CompareConfig,
+    Constraint,
     FloatSearch,
+    Goal,
+    LatencyConfig,
+    Objective,
     RetrainConfig,
     SearchAlgorithm,
     SearchSpace,
@@ -84,18 +90,25 @@ __all__ = [
     "IJB_SETS",
     "MAX_SEED",
     "METHOD_LOSS_SETTINGS",
+    "NAMED_SHAPES",
     "RENAMED_KEYS",
     "TEACHER_EPOCH_PREFIX",
     "Arch",
+    "BackboneShape",
     "CckdConfig",
     "ChannelOrder",
     "ClassifierMode",
     "CompareConfig",
     "ConfigError",
+    "Constraint",
     "DataConfig",
     "DecodeAt",
     "ExperimentConfig",
+    "Family",
     "FloatSearch",
+    "Goal",
+    "Head",
+    "LatencyConfig",
     "LossConfig",
     "MarginConfig",
     "MarginType",
@@ -103,6 +116,7 @@ __all__ = [
     "Metric",
     "MultistepConfig",
     "MultistepStage",
+    "Objective",
     "OnCorrupt",
     "OptimConfig",
     "Precision",

@@ -20,7 +20,7 @@ from orchestrator.config.training import (
     uneven_world_size,
 )
 from orchestrator.config.values import is_single_component, seed_problem
-from orchestrator.metric_names import BENCHMARK_METRIC, Metric
+from orchestrator.metric_names import BENCHMARK_METRIC, COST_METRICS, Metric
 from orchestrator.typed_yaml import (
     require,
 )
@@ -122,14 +122,19 @@ class ExperimentConfig:
             "run.val_targets",
             f"two targets have one name: {list(self.run.val_targets)}",
         )
+        tune = self.tune
         for key, metric in (
-            ("tune.metric", self.tune.metric),
+            ("tune.metric", tune.metric),
             ("retrain.metric", self.retrain.metric),
             ("run.best_metric", self.run.best_metric),
+            *((f"tune.objectives[{i}].metric", o.metric) for i, o in enumerate(tune.objectives)),
+            *((f"tune.constraints[{i}].metric", c.metric) for i, c in enumerate(tune.constraints)),
         ):
             known = [m.value for m in Metric] + [f"{name}{BENCHMARK_METRIC}" for name in targets]
             if key == "retrain.metric":
                 known += self.retrain.ijb_metrics()
+            if key.startswith(("tune.objectives", "tune.constraints")):
+                known += list(COST_METRICS)
             require(
                 metric in known,
                 key,

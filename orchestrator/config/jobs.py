@@ -6,11 +6,12 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from orchestrator.config.family import Head
 from orchestrator.config.loss import MarginType
 from orchestrator.config.method import Method
 from orchestrator.config.models import Arch
 from orchestrator.config.values import seed_problem
-from orchestrator.metric_names import IJB_FAR_KEYS, IJB_SETS, Metric
+from orchestrator.metric_names import COST_METRICS, IJB_FAR_KEYS, IJB_SETS, Metric
 from orchestrator.typed_yaml import (
     require,
 )
@@ -59,7 +60,70 @@ class SyntheticConfig:
 class SearchAlgorithm(enum.StrEnum):
     RANDOM = "random"  # num_samples draws from the lists / ranges
     GRID = "grid"  # every combination of the lists, num_samples times
-    OPTUNA = "optuna"  # Optuna's TPE over the lists / ranges (needs `pip install optuna`)
+    OPTUNA = "optuna"  # Optuna's TPE, of one objective or several (a Pareto front)
+
+
+class Goal(enum.StrEnum):
+    MAX = "max"
+    MIN = "min"
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One number a search optimises: an accuracy (a Metric or ``<val target>_acc``,
+    measured after each epoch) or a cost (``latency_ms``, ``serving_latency_ms``, ``macs``,
+    ``params``, ``onnx_mb``: measured once per trial, before it trains)."""
+
+    metric: str
+    goal: Goal = Goal.MAX
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """A bound a trial must keep: ``metric <= at_most`` and/or ``metric >= at_least``. A
+    trial that breaks a bound on ``macs`` or ``params`` (known from the architecture) never
+    trains, nor does one that breaks a bound on a measured cost."""
+
+    metric: str
+    at_most: float | None = None
+    at_least: float | None = None
+
+    def __post_init__(self) -> None:
+        require(
+            self.at_most is not None or self.at_least is not None,
+            "at_most",
+            f"{self.metric}: give at_most and/or at_least",
+        )
+
+    def holds(self, value: float) -> bool:
+        return (self.at_most is None or value <= self.at_most) and (
+            self.at_least is None or value >= self.at_least
+        )
+
+    def describe(self) -> str:
+        parts = []
+        if self.at_least is not None:
+            parts.append(f"{self.metric} >= {self.at_least:g}")
+        if self.at_most is not None:
+            parts.append(f"{self.metric} <= {self.at_most:g}")
+        return " and ".join(parts)
+
+
+@dataclass(frozen=True)
+class LatencyConfig:
+    """How a trial's student is timed: its ONNX export under onnxruntime on the CPU,
+    ``warmup`` runs, then ``repeats`` timed runs, at batch 1 and at ``serving_batch``."""
+
+    threads: int = 1
+    serving_batch: int = 8
+    warmup: int = 5
+    repeats: int = 30
+
+    def __post_init__(self) -> None:
+        require(self.threads >= 1, "threads", f"must be >= 1, found {self.threads}")
+        require(self.serving_batch >= 1, "serving_batch", "must be >= 1")
+        require(self.warmup >= 0, "warmup", "must be >= 0")
+        require(self.repeats >= 10, "repeats", f"must be >= 10 (for p10/p90), found {self.repeats}")
 
 
 @dataclass(frozen=True)
@@ -96,6 +160,14 @@ class SearchSpace:
     # proxyless+l2: the embedding-KD weight
     l2_weight: tuple[float, ...] = field(default=(), metadata={"sets": "loss.l2_weight"})
     seed: tuple[int, ...] = field(default=(), metadata={"sets": "seed"})
+    # The student family (README "Searching the student"): a multiplier of the arch's
+    # channels, blocks per stage, MobileFaceNet's channels before the head, the head.
+    width: FloatSearch = field(
+        default_factory=FloatSearch, metadata={"sets": "student.width", "log": False}
+    )
+    depths: tuple[tuple[int, ...], ...] = field(default=(), metadata={"sets": "student.depths"})
+    feature_width: tuple[int, ...] = field(default=(), metadata={"sets": "student.feature_width"})
+    head: tuple[Head, ...] = field(default=(), metadata={"sets": "student.head"})
 
 
 @dataclass(frozen=True)
@@ -117,9 +189,18 @@ class TuneConfig:
     reduction_factor: float = 2.0
     max_concurrent_trials: int = 0  # 0: as many as the cluster's CPUs (and GPUs) hold
     storage_path: str = ""  # empty: <experiment storage_path>/tune
+    # Several objectives (accuracy and cost): a Pareto front (summary/pareto.*). Empty:
+    # the one objective ``metric``, maximised. ASHA stops trials on the first accuracy.
+    objectives: tuple[Objective, ...] = ()
+    constraints: tuple[Constraint, ...] = ()
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
+    # A custom node resource: each trial's driver (where its student is timed) runs on a
+    # node that has it, e.g. one of the device class being served. Empty: any node.
+    latency_target: str = ""
 
     def __post_init__(self) -> None:
         require(self.num_samples >= 1, "num_samples", f"must be >= 1, found {self.num_samples}")
+        self._check_objectives()
         problem = seed_problem(self.space.seed)
         require(problem is None, "space.seed", str(problem))
         for name in ("margin", "scale", "lr"):
@@ -132,6 +213,35 @@ class TuneConfig:
         require(self.grace_period >= 1, "grace_period", "must be >= 1")
         require(self.reduction_factor > 1, "reduction_factor", "must be > 1")
         require(self.max_concurrent_trials >= 0, "max_concurrent_trials", "must be >= 0")
+
+    def _check_objectives(self) -> None:
+        names = [o.metric for o in self.objectives]
+        require(len(set(names)) == len(names), "objectives", f"a metric is named twice: {names}")
+        require(
+            not self.objectives or any(n not in COST_METRICS for n in names),
+            "objectives",
+            f"{names} are all costs: name one accuracy too (ASHA stops trials on it)",
+        )
+        require(
+            all(o.goal is Goal.MAX for o in self.objectives if o.metric not in COST_METRICS),
+            "objectives",
+            "an accuracy is maximised (goal: max)",
+        )
+
+    def accuracy_metric(self) -> str:
+        """The accuracy the search ranks and ASHA stops trials on."""
+        return next(
+            (o.metric for o in self.objectives if o.metric not in COST_METRICS), self.metric
+        )
+
+    def goals(self) -> list[Objective]:
+        """What the search optimises: ``objectives``, or ``metric`` maximised."""
+        return list(self.objectives) or [Objective(self.metric, Goal.MAX)]
+
+    def measures_cost(self) -> bool:
+        """True when trials time their student (a cost is optimised or bounded)."""
+        named = [o.metric for o in self.objectives] + [c.metric for c in self.constraints]
+        return any(n in COST_METRICS for n in named)
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,9 @@ its input geometry."""
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from orchestrator.config.family import NAMED_SHAPES, BackboneShape, Head
 from orchestrator.typed_yaml import (
     require,
 )
@@ -25,13 +26,38 @@ class Arch(enum.StrEnum):
 
 @dataclass(frozen=True)
 class StudentConfig:
+    """The student: a named architecture, optionally moved within its family (README
+    "Searching the student"): ``width`` multiplies its channels, ``depths`` sets its blocks
+    per stage, ``feature_width`` its channels before the head (MobileFaceNet), ``head`` how
+    the last feature map becomes the embedding. Unset (None, []) keeps the named value."""
+
     arch: Arch = Arch.MOBILEFACENET
     emb_dim: int = 512
     dropout: float = 0.0
+    width: float | None = None
+    depths: tuple[int, ...] = ()
+    feature_width: int | None = None
+    head: Head | None = None
 
     def __post_init__(self) -> None:
         require(self.emb_dim > 0, "emb_dim", f"must be > 0, found {self.emb_dim}")
         require(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), found {self.dropout}")
+        self.shape()  # a combination the family cannot build is refused here
+
+    def shape(self) -> BackboneShape:
+        """The student's point of the family: its arch's, with the overrides applied."""
+        named = NAMED_SHAPES[self.arch.value]
+        return replace(
+            named,
+            width=named.width if self.width is None else self.width,
+            depths=self.depths or named.depths,
+            feature_width=named.feature_width if self.feature_width is None else self.feature_width,
+            head=self.head or named.head,
+        )
+
+    def is_named(self) -> bool:
+        """True when the student is exactly its named architecture."""
+        return self.shape() == NAMED_SHAPES[self.arch.value]
 
 
 class TeacherFormat(enum.StrEnum):

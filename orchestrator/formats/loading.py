@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from orchestrator.config import Arch
+from orchestrator.config import Arch, BackboneShape
 from orchestrator.models import build_backbone
 
 
@@ -79,16 +79,24 @@ def classifier_ref(value: Any) -> ClassifierRef | None:
 
 
 def model_from(
-    where: str, weights: dict[str, torch.Tensor], *, arch: Arch, emb_dim: int, image_size: int
+    where: str,
+    weights: dict[str, torch.Tensor],
+    *,
+    arch: Arch,
+    emb_dim: int,
+    image_size: int,
+    shape: BackboneShape | None = None,
 ) -> torch.nn.Module:
-    """The backbone ``arch`` with ``weights`` loaded, in eval mode; weights that do not fit
-    are an :class:`ArtifactError` naming ``where``."""
-    model = build_backbone(arch, emb_dim, input_size=image_size)
+    """The backbone ``arch`` (or ``shape``, its point of the family) with ``weights``
+    loaded, in eval mode; weights that do not fit are an :class:`ArtifactError` naming
+    ``where``."""
+    model = build_backbone(arch, emb_dim, input_size=image_size, shape=shape)
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:
         raise ArtifactError(
-            f"{where}: its weights do not fit arch {arch.value} emb_dim {emb_dim} "
+            f"{where}: its weights do not fit arch {arch.value}"
+            f"{'' if shape is None else ' (' + shape.label() + ')'} emb_dim {emb_dim} "
             f"({str(err).splitlines()[0]})"
         ) from None
     return model.eval()

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from orchestrator import storage
-from orchestrator.config import Arch
+from orchestrator.config import NAMED_SHAPES, Arch, BackboneShape
+from orchestrator.config.family import as_dict, shape_from_dict
 from orchestrator.formats.loading import (
     ArtifactError,
     ClassifierRef,
@@ -41,13 +42,21 @@ class StudentExport:
     epochs_done: tuple[int, ...]
     train_seconds: float
     throughput: tuple[tuple[float, float], ...] = ()  # per epoch: samples/s, input wait share
+    shape: BackboneShape | None = None  # None: the arch's named point of the family
 
     @classmethod
     def from_state(
-        cls, state: TrainingState, *, arch: Arch, emb_dim: int, image_size: int
+        cls,
+        state: TrainingState,
+        *,
+        arch: Arch,
+        emb_dim: int,
+        image_size: int,
+        shape: BackboneShape | None = None,
     ) -> StudentExport:
         return cls(
             arch=arch,
+            shape=shape,
             emb_dim=emb_dim,
             image_size=image_size,
             student=state.student,
@@ -74,6 +83,9 @@ def write_student_export(uri: str, export: StudentExport) -> None:
             "epochs_done": list(export.epochs_done),
             "train_seconds": export.train_seconds,
             "throughput": [list(t) for t in export.throughput],
+            # The point of the student family (absent in exports of before the family:
+            # the arch's named point).
+            "shape": as_dict(export.shape or NAMED_SHAPES[export.arch.value]),
         },
         buffer,
     )
@@ -97,6 +109,7 @@ def read_student_export(uri: str) -> StudentExport:
             epochs_done=tuple(data.get("epochs_done") or ()),
             train_seconds=float(data.get("train_seconds") or 0.0),
             throughput=tuple((float(r), float(w)) for r, w in data.get("throughput", [])),
+            shape=None if data.get("shape") is None else shape_from_dict(data["shape"], uri),
         )
     except (TypeError, ValueError) as err:
         raise ArtifactError(f"{uri}: malformed student export ({err})") from None
@@ -106,6 +119,11 @@ def load_student(uri: str) -> tuple[nn.Module, StudentExport]:
     """A student exported by jobs.distill (student.pt), in eval mode, and its metadata."""
     export = read_student_export(uri)
     model = model_from(
-        uri, export.student, arch=export.arch, emb_dim=export.emb_dim, image_size=export.image_size
+        uri,
+        export.student,
+        arch=export.arch,
+        emb_dim=export.emb_dim,
+        image_size=export.image_size,
+        shape=export.shape,
     )
     return model, export

@@ -47,17 +47,26 @@ class IBasicBlock(nn.Module):
 
 
 class EmbeddingHead(nn.Module):
-    """BN-Dropout-FC-BN: (B, C, h, w) feature map -> (B, emb_dim) embedding."""
+    """BN-Dropout-FC-BN: (B, C, h, w) feature map -> (B, emb_dim) embedding. With ``gdc``, a
+    global depthwise conv (and BN) turns the map into C numbers before the FC."""
 
-    def __init__(self, channels: int, spatial: int, emb_dim: int, dropout: float) -> None:
+    def __init__(
+        self, channels: int, spatial: int, emb_dim: int, dropout: float, gdc: bool = False
+    ) -> None:
         super().__init__()
         self.bn = nn.BatchNorm2d(channels, eps=1e-5)
+        self.gdc: nn.Module = nn.Identity()
+        if gdc:
+            self.gdc = nn.Sequential(
+                nn.Conv2d(channels, channels, spatial, groups=channels, bias=False),
+                nn.BatchNorm2d(channels, eps=1e-5),
+            )
         self.dropout = nn.Dropout(dropout)
-        self.fc = nn.Linear(channels * spatial * spatial, emb_dim)
+        self.fc = nn.Linear(channels * (1 if gdc else spatial * spatial), emb_dim)
         self.features = nn.BatchNorm1d(emb_dim, eps=1e-5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.dropout(self.bn(x))
+        x = self.dropout(self.gdc(self.bn(x)))
         return self.features(self.fc(torch.flatten(x, 1)))
 
 
@@ -69,6 +78,7 @@ class IResNet(nn.Module):
         emb_dim: int = 512,
         dropout: float = 0.0,
         input_size: int = 112,
+        gdc: bool = False,
     ) -> None:
         super().__init__()
         self.stem = nn.Sequential(
@@ -85,7 +95,7 @@ class IResNet(nn.Module):
             in_channels = channels
         self.stages = nn.Sequential(*stages)
         spatial = input_size // 2 ** len(depths)
-        self.head = EmbeddingHead(in_channels, spatial, emb_dim, dropout)
+        self.head = EmbeddingHead(in_channels, spatial, emb_dim, dropout, gdc=gdc)
         _init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

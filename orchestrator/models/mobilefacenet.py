@@ -7,6 +7,7 @@ global pooling, and a linear 1x1 projection to the embedding followed by BatchNo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -61,37 +62,54 @@ class MobileFaceNet(nn.Module):
     def __init__(
         self,
         emb_dim: int = 512,
-        width: int = 2,
+        width: float = 2.0,
         depths: Sequence[int] = (1, 4, 6, 2),
         dropout: float = 0.0,
         input_size: int = 112,
+        feature_width: int = 512,
+        gdc: bool = True,
     ) -> None:
-        """``depths``: blocks per stage at 56, 28, 14 and 7 pixels. The first stage is the
-        stem's one depthwise conv, as in insightface's mbf, so ``depths[0]`` must be 1; the
-        others count the stride-1 blocks after each stage's stride-2 block."""
+        """``width``: channels 64 x width in stages 1-2 and 128 x width in stages 3-4 (2 is
+        insightface's mbf). ``depths``: blocks per stage at 56, 28, 14 and 7 pixels. The
+        first stage is the stem's one depthwise conv, as in insightface's mbf, so
+        ``depths[0]`` must be 1; the others count the stride-1 blocks after each stage's
+        stride-2 block. ``feature_width``: the channels of the 1x1 conv before the head;
+        ``gdc``: a global depthwise conv head (else linear over the flattened map)."""
         super().__init__()
         if len(depths) != 4 or depths[0] != 1:
             raise ValueError(
                 f"depths must be 4 stage depths starting with 1 (the stem), found {tuple(depths)}"
             )
-        c64, c128 = 64 * width, 128 * width
+        c64, c128 = max(1, round(64 * width)), max(1, round(128 * width))
         layers: list[nn.Module] = [
             conv_bn(3, c64, kernel=3, stride=2),
-            conv_bn(c64, c64, kernel=3, groups=c64 // width),  # 56x56
+            # 64 groups (insightface's mbf at width 2: two channels a group), fewer when the
+            # channels do not divide into 64
+            conv_bn(c64, c64, kernel=3, groups=math.gcd(c64, 64)),  # 56x56
             DepthWise(c64, c64, hidden=c64, stride=2),  # 28x28
             *[DepthWise(c64, c64, hidden=c64, stride=1) for _ in range(depths[1])],
             DepthWise(c64, c128, hidden=c128, stride=2),  # 14x14
             *[DepthWise(c128, c128, hidden=c128, stride=1) for _ in range(depths[2])],
             DepthWise(c128, c128, hidden=2 * c128, stride=2),  # 7x7
             *[DepthWise(c128, c128, hidden=c128, stride=1) for _ in range(depths[3])],
-            conv_bn(c128, 512),
+            conv_bn(c128, feature_width),
         ]
         self.body = nn.Sequential(*layers)
         spatial = input_size // 16
         # Global depthwise conv: a learned spatial weighting instead of average pooling.
-        self.gdc = conv_bn(512, 512, kernel=spatial, groups=512, act=False, padding=0)
+        self.gdc: nn.Module = nn.Identity()
+        if gdc:
+            self.gdc = conv_bn(
+                feature_width,
+                feature_width,
+                kernel=spatial,
+                groups=feature_width,
+                act=False,
+                padding=0,
+            )
         self.dropout = nn.Dropout(dropout)
-        self.fc = nn.Linear(512, emb_dim, bias=False)
+        flat = feature_width if gdc else feature_width * spatial * spatial
+        self.fc = nn.Linear(flat, emb_dim, bias=False)
         self.features = nn.BatchNorm1d(emb_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -47,6 +47,7 @@ def build_student(spec: TrainSpec, config: ExperimentConfig, device: torch.devic
         spec.model.emb_dim,
         dropout=spec.model.dropout,
         input_size=config.data.image_size,
+        shape=spec.model.shape,
     ).to(device)
     if config.run.channels_last:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]

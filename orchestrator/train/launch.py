@@ -92,6 +92,7 @@ def distill_locked(
         arch=config.student.arch,
         emb_dim=config.student.emb_dim,
         image_size=config.data.image_size,
+        shape=config.student.shape(),
     )
     write_student_export(uri, export)
     export_best(config, name)
@@ -109,7 +110,12 @@ def student_spec(
     method = config.loss.method
     return TrainSpec(
         role=Role.STUDENT,
-        model=ModelSpec(config.student.arch, config.student.emb_dim, config.student.dropout),
+        model=ModelSpec(
+            config.student.arch,
+            config.student.emb_dim,
+            config.student.dropout,
+            shape=config.student.shape(),
+        ),
         loss=config.loss,
         optim=config.optim,
         num_classes=meta.num_classes,
@@ -133,6 +139,7 @@ def export_best(config: ExperimentConfig, name: str) -> None:
         arch=config.student.arch,
         emb_dim=config.student.emb_dim,
         image_size=config.data.image_size,
+        shape=config.student.shape(),
     )
     write_student_export(storage.join(where, STUDENT_FILE), export)
     print(

@@ -12,7 +12,14 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from orchestrator.classifier import ClassifierMeta
-from orchestrator.config import Arch, LossConfig, OptimConfig, TeacherConfig, started_by
+from orchestrator.config import (
+    Arch,
+    BackboneShape,
+    LossConfig,
+    OptimConfig,
+    TeacherConfig,
+    started_by,
+)
 from orchestrator.formats.loading import ClassifierRef
 
 
@@ -26,6 +33,7 @@ class ModelSpec:
     arch: Arch
     emb_dim: int
     dropout: float
+    shape: BackboneShape | None = None  # None: the arch's named point of the family
 
 
 @dataclass(frozen=True)

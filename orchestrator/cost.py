@@ -1,0 +1,113 @@
+"""What a student costs to run, measured: parameters and MACs from one forward pass, and
+the latency of its ONNX export under onnxruntime with the threads and batch sizes a config
+names (median and spread over repeated runs after a warm-up).
+
+The latency of a network does not depend on its weights, so a search times each trial's
+architecture once, before it trains, and the front's trained students again at the end.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from orchestrator.config import LatencyConfig
+from orchestrator.export import to_onnx
+from orchestrator.metric_names import LATENCY_MS, MACS, ONNX_MB, PARAMS, SERVING_LATENCY_MS
+from orchestrator.models import profile_model
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Wall time of one ``session.run`` over ``runs`` repeats, in milliseconds."""
+
+    batch: int
+    threads: int
+    runs: int
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+
+    @property
+    def spread(self) -> float:
+        """The stated noise of the median: the larger relative distance of p10 and p90 from
+        it (0.1: a tenth of the runs were 10% or more away on that side)."""
+        return max(self.p90_ms / self.median_ms - 1.0, 1.0 - self.p10_ms / self.median_ms)
+
+
+@dataclass(frozen=True)
+class StudentCost:
+    params: int
+    macs: int
+    onnx_bytes: int
+    latency: Latency  # batch 1
+    serving: Latency  # tune.latency.serving_batch
+
+    def metrics(self) -> dict[str, float]:
+        """The numbers by the names of :data:`COST_METRICS`."""
+        return {
+            LATENCY_MS: self.latency.median_ms,
+            SERVING_LATENCY_MS: self.serving.median_ms,
+            MACS: float(self.macs),
+            PARAMS: float(self.params),
+            ONNX_MB: self.onnx_bytes / 1e6,
+        }
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def time_onnx(graph: bytes, *, image_size: int, batch: int, latency: LatencyConfig) -> Latency:
+    """Run ``graph`` (input ``image``, (B, 3, S, S) float32) ``latency.warmup`` times, then
+    time ``latency.repeats`` runs, on the CPU with ``latency.threads`` threads."""
+    # onnxruntime: heavy, only for ONNX models
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = latency.threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    session = onnxruntime.InferenceSession(
+        graph, sess_options=options, providers=["CPUExecutionProvider"]
+    )
+    x = np.random.default_rng(0).standard_normal((batch, 3, image_size, image_size))
+    feed = {"image": x.astype(np.float32)}
+    for _ in range(latency.warmup):
+        session.run(None, feed)
+    times = []
+    for _ in range(latency.repeats):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append((time.perf_counter() - start) * 1000.0)
+    deciles = statistics.quantiles(times, n=10, method="inclusive")
+    return Latency(
+        batch=batch,
+        threads=latency.threads,
+        runs=latency.repeats,
+        median_ms=statistics.median(times),
+        p10_ms=deciles[0],
+        p90_ms=deciles[-1],
+    )
+
+
+def time_graph(graph: bytes, *, image_size: int, latency: LatencyConfig) -> tuple[Latency, Latency]:
+    """Batch 1 and the serving batch."""
+    one = time_onnx(graph, image_size=image_size, batch=1, latency=latency)
+    serving = time_onnx(graph, image_size=image_size, batch=latency.serving_batch, latency=latency)
+    return one, serving
+
+
+def measure_cost(
+    model: nn.Module, *, image_size: int, latency: LatencyConfig
+) -> tuple[StudentCost, bytes]:
+    """The student's cost and its ONNX export (the graph that was timed)."""
+    profile = profile_model(model, image_size)
+    graph = to_onnx(model.eval(), image_size)
+    one, serving = time_graph(graph, image_size=image_size, latency=latency)
+    cost = StudentCost(profile.params, profile.macs, len(graph), one, serving)
+    return cost, graph

@@ -1,0 +1,231 @@
+"""The Pareto front of a search with several objectives: the trials no other trial beats on
+every objective at once, and what a user deploys from it (``summary/pareto.md|csv|json|png``
+and, per front point, ``summary/front/<trial>.onnx`` and ``<trial>.yaml``).
+
+The front is taken over the trials that trained to the end and exported their student
+(a trial ASHA stopped was measured at an earlier epoch; a refused one never trained), from
+the numbers each trial reported. Each front student is then exported to ONNX and timed
+again, one after the other on the search's driver, so that the latencies in the table are
+of the files it points to, measured with nothing else of the search running.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from orchestrator import storage
+from orchestrator.config import Constraint, ExperimentConfig, Goal, Objective, from_dict
+from orchestrator.cost import Latency, time_graph
+from orchestrator.export import to_onnx
+from orchestrator.formats.student import load_student
+from orchestrator.metric_names import COST_METRICS, LATENCY_MS, validation_key
+from orchestrator.tables import csv_text, markdown_table, pyplot, save_figure
+from orchestrator.tune_summary import STUDENT_SHAPE, TrialRow, write_trial_config
+
+FRONT_DIR = "front"
+
+
+def objective_key(objective: Objective) -> str:
+    """Where a trial's report holds the objective: a cost by its name, an accuracy as its
+    validation key."""
+    if objective.metric in COST_METRICS:
+        return objective.metric
+    return validation_key(objective.metric)
+
+
+def objective_values(row: TrialRow, goals: list[Objective]) -> tuple[float, ...] | None:
+    """The row's number for each objective, or None when one is missing."""
+    values = [row.metrics.get(objective_key(o)) for o in goals]
+    if any(v is None for v in values):
+        return None
+    return tuple(float(v) for v in values)  # type: ignore[arg-type]
+
+
+def dominates(a: tuple[float, ...], b: tuple[float, ...], goals: list[Objective]) -> bool:
+    """``a`` at least as good as ``b`` on every objective and better on one."""
+    sign = [1.0 if o.goal is Goal.MAX else -1.0 for o in goals]
+    better_or_equal = all(s * x >= s * y for s, x, y in zip(sign, a, b, strict=True))
+    return better_or_equal and any(s * x > s * y for s, x, y in zip(sign, a, b, strict=True))
+
+
+def non_dominated(points: Sequence[tuple[float, ...]], goals: list[Objective]) -> list[int]:
+    """Indices of the points no other point dominates (ties all kept), in input order."""
+    return [
+        i
+        for i, p in enumerate(points)
+        if not any(dominates(q, p, goals) for j, q in enumerate(points) if j != i)
+    ]
+
+
+def keeps(row: TrialRow, constraints: tuple[Constraint, ...]) -> bool:
+    """True when every bound holds on the row's numbers (a bound on an accuracy can only be
+    judged after training; those on costs refused the trial before it)."""
+    for c in constraints:
+        value = row.metrics.get(objective_key(Objective(c.metric)))
+        if value is not None and not c.holds(float(value)):
+            return False
+    return True
+
+
+def front_rows(
+    rows: list[TrialRow], goals: list[Objective], constraints: tuple[Constraint, ...] = ()
+) -> list[TrialRow]:
+    """The front among the trials that completed (trained to the end, student exported)
+    within every constraint."""
+    candidates = [r for r in rows if r.status == "completed" and keeps(r, constraints)]
+    values = [objective_values(r, goals) for r in candidates]
+    measured = [(r, v) for r, v in zip(candidates, values, strict=True) if v is not None]
+    keep = non_dominated([v for _, v in measured], goals)
+    return [measured[i][0] for i in keep]
+
+
+@dataclass(frozen=True)
+class FrontPoint:
+    trial_id: str
+    shape: str  # the student's point of the family
+    accuracy: float  # the search's accuracy metric, as the trial reported it
+    latency: Latency  # batch 1, timed again from onnx below
+    serving: Latency  # tune.latency.serving_batch, likewise
+    macs: int
+    params: int
+    onnx_bytes: int
+    margin: dict[str, Any]  # type, m, scale
+    onnx: str  # the front student's ONNX export
+    config: str  # its config: python -m jobs.distill --config <it>
+    student: str  # its student.pt
+
+
+def write_front(config: ExperimentConfig, rows: list[TrialRow], out: str) -> list[FrontPoint]:
+    """The front's files under ``out`` (the search's summary directory)."""
+    goals = config.tune.goals()
+    front = front_rows(rows, goals, config.tune.constraints)
+    points = [front_point(config, row, out) for row in front]
+    points.sort(key=lambda p: p.latency.median_ms)
+    metric = validation_key(config.tune.accuracy_metric())
+    storage.write_text_atomic(storage.join(out, "pareto.md"), front_markdown(points, metric))
+    storage.write_text_atomic(storage.join(out, "pareto.csv"), front_csv(points))
+    storage.write_text_atomic(
+        storage.join(out, "pareto.json"),
+        json.dumps(
+            {"objectives": [asdict(g) for g in goals], "front": [asdict(p) for p in points]},
+            indent=2,
+        ),
+    )
+    front_plot(rows, points, metric=metric, uri=storage.join(out, "pareto.png"))
+    return points
+
+
+def front_point(config: ExperimentConfig, row: TrialRow, out: str) -> FrontPoint:
+    assert row.student is not None and row.metric is not None  # completed rows
+    model, export = load_student(row.student)
+    graph = to_onnx(model, export.image_size)
+    onnx_uri = storage.join(out, FRONT_DIR, f"{row.trial_id}.onnx")
+    storage.makedirs(storage.join(out, FRONT_DIR))
+    storage.write_bytes_atomic(onnx_uri, graph)
+    one, serving = time_graph(graph, image_size=export.image_size, latency=config.tune.latency)
+    yaml_uri = storage.join(out, FRONT_DIR, f"{row.trial_id}.yaml")
+    header = (
+        f"# Pareto front of search {config.name}: trial {row.trial_id}\n# student: {row.student}\n"
+    )
+    write_trial_config(config, row, yaml_uri, name=f"{config.name}-{row.trial_id}", header=header)
+    trained = from_dict(ExperimentConfig, export.config, row.student)
+    margin = trained.loss.margin
+    shape = export.shape or trained.student.shape()
+    return FrontPoint(
+        trial_id=row.trial_id,
+        shape=shape.label(),
+        accuracy=row.metric,
+        latency=one,
+        serving=serving,
+        macs=int(row.metrics["macs"]),
+        params=int(row.metrics["params"]),
+        onnx_bytes=len(graph),
+        margin={"type": margin.type.value, "m": margin.m, "scale": margin.scale},
+        onnx=onnx_uri,
+        config=yaml_uri,
+        student=row.student,
+    )
+
+
+def front_markdown(points: list[FrontPoint], metric: str) -> str:
+    header = [
+        "trial", "student", metric, "latency ms (p10-p90)", "serving ms", "MMACs",
+        "M params", "ONNX MB", "margin", "scale", "config",
+    ]  # fmt: skip
+    rows = [
+        [
+            p.trial_id,
+            p.shape,
+            f"{p.accuracy:.4f}",
+            f"{p.latency.median_ms:.3f} ({p.latency.p10_ms:.3f}-{p.latency.p90_ms:.3f})",
+            f"{p.serving.median_ms:.3f} (batch {p.serving.batch})",
+            f"{p.macs / 1e6:.1f}",
+            f"{p.params / 1e6:.3f}",
+            f"{p.onnx_bytes / 1e6:.2f}",
+            f"{p.margin['type']} {p.margin['m']:g}",
+            f"{p.margin['scale']:g}",
+            p.config,
+        ]
+        for p in points
+    ]
+    lines = markdown_table(header, rows)
+    note = (
+        f"\nLatency: onnxruntime on the CPU, {points[0].latency.threads if points else 1} "
+        "thread(s), the median of repeated runs after a warm-up, with p10-p90: the spread "
+        "of one run to the next on this machine.\n"
+    )
+    return "\n".join(lines) + "\n" + note
+
+
+def front_csv(points: list[FrontPoint]) -> str:
+    return csv_text(
+        ["trial_id", "student", "accuracy", "latency_ms", "latency_p10_ms", "latency_p90_ms",
+         "serving_latency_ms", "serving_batch", "macs", "params", "onnx_bytes",
+         "margin_type", "margin", "scale", "onnx", "config"],
+        (
+            [p.trial_id, p.shape, p.accuracy, p.latency.median_ms, p.latency.p10_ms,
+             p.latency.p90_ms, p.serving.median_ms, p.serving.batch, p.macs, p.params,
+             p.onnx_bytes, p.margin["type"], p.margin["m"], p.margin["scale"], p.onnx, p.config]
+            for p in points
+        ),
+    )  # fmt: skip
+
+
+def front_plot(rows: list[TrialRow], points: list[FrontPoint], *, metric: str, uri: str) -> None:
+    """Accuracy against latency (batch 1, as each trial measured it), one point a trial
+    labelled by its student; the front drawn through its points."""
+    fig, ax = pyplot().subplots(figsize=(8, 5))
+    on_front = {p.trial_id for p in points}
+    for r in rows:
+        latency, shape = r.metrics.get(LATENCY_MS), r.metrics.get(STUDENT_SHAPE, "")
+        if latency is None:
+            continue
+        y = r.metric if r.metric is not None else 0.0
+        style = "o" if r.trial_id in on_front else ("x" if r.status == "refused" else ".")
+        ax.plot([latency], [y], style, color="C1" if r.trial_id in on_front else "C0")
+        ax.annotate(f"{r.trial_id[-5:]} {shape}", (latency, y), fontsize=7, alpha=0.8)
+    front = sorted(
+        (rows_by_id(rows)[p.trial_id] for p in points), key=lambda r: r.metrics[LATENCY_MS]
+    )
+    if front:
+        ax.step(
+            [r.metrics[LATENCY_MS] for r in front],
+            [r.metric for r in front],
+            where="post",
+            color="C1",
+            label="Pareto front",
+        )
+        ax.legend()
+    ax.set_xlabel("latency, ms (batch 1, median)")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.set_title("Each trial (x: refused by a constraint, never trained)")
+    fig.tight_layout()
+    save_figure(fig, uri)
+
+
+def rows_by_id(rows: list[TrialRow]) -> dict[str, TrialRow]:
+    return {r.trial_id: r for r in rows}

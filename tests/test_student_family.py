@@ -1,0 +1,248 @@
+"""The student family (every named architecture one point of it), what a student costs,
+and the Pareto front's arithmetic. One process, no Ray."""
+
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+
+from orchestrator.config import (
+    NAMED_SHAPES,
+    Arch,
+    ConfigError,
+    Constraint,
+    Family,
+    Goal,
+    Head,
+    LatencyConfig,
+    Objective,
+    StudentConfig,
+    load_config,
+)
+from orchestrator.config.family import BackboneShape
+from orchestrator.cost import measure_cost
+from orchestrator.export import to_onnx
+from orchestrator.formats.student import (
+    STUDENT_KIND,
+    StudentExport,
+    load_student,
+    write_student_export,
+)
+from orchestrator.models import build_backbone, build_shape, profile_model
+from orchestrator.models.iresnet import STAGE_DEPTHS, IResNet
+from orchestrator.models.mobilefacenet import MobileFaceNet
+from orchestrator.pareto import dominates, front_rows, non_dominated
+from orchestrator.tune_summary import TrialRow
+
+pytestmark = pytest.mark.unit
+
+SIZE = 32  # small images keep every backbone cheap; the layout does not depend on it
+
+
+def as_built_before_the_family(arch: Arch, emb_dim: int) -> torch.nn.Module:
+    """Each named architecture as its class is documented (insightface's figures), built
+    without the family's table."""
+    match arch:
+        case Arch.MOBILEFACENET:
+            return MobileFaceNet(emb_dim, width=2, depths=(1, 4, 6, 2), input_size=SIZE)
+        case Arch.SMALL_MOBILEFACENET:
+            return MobileFaceNet(emb_dim, width=1, depths=(1, 4, 6, 2), input_size=SIZE)
+        case Arch.TINY_MOBILEFACENET:
+            return MobileFaceNet(emb_dim, width=1, depths=(1, 1, 1, 1), input_size=SIZE)
+        case Arch.TINY_IRESNET:
+            return IResNet((1, 1, 1, 1), (16, 32, 64, 128), emb_dim=emb_dim, input_size=SIZE)
+    return IResNet(STAGE_DEPTHS[arch.value], emb_dim=emb_dim, input_size=SIZE)
+
+
+@pytest.mark.parametrize("arch", list(Arch), ids=lambda a: a.value)
+def test_every_named_arch_is_its_family_point(arch: Arch) -> None:
+    torch.manual_seed(0)
+    reference = as_built_before_the_family(arch, 32).eval()
+    point = build_backbone(arch, 32, input_size=SIZE).eval()
+    ours, theirs = point.state_dict(), reference.state_dict()
+    assert [(k, v.shape) for k, v in ours.items()] == [(k, v.shape) for k, v in theirs.items()]
+    assert profile_model(point, SIZE) == profile_model(reference, SIZE)
+    point.load_state_dict(theirs)
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        assert torch.equal(point(x), reference(x))
+    assert StudentConfig(arch=arch).is_named()
+
+
+def random_points(count: int, seed: int) -> list[BackboneShape]:
+    rng = random.Random(seed)
+    points = []
+    for family in [Family.MOBILEFACENET, Family.IRESNET] * (count // 2):
+        first = 1 if family is Family.MOBILEFACENET else rng.randint(1, 2)
+        depths = (first, rng.randint(1, 2), rng.randint(1, 2), rng.randint(1, 2))
+        points.append(
+            BackboneShape(
+                family=family,
+                width=rng.choice([0.125, 0.25, 0.375, 0.5]),
+                depths=depths,
+                feature_width=rng.choice([64, 96]) if family is Family.MOBILEFACENET else 0,
+                head=rng.choice(list(Head)),
+            )
+        )
+    return points
+
+
+@pytest.mark.parametrize("shape", random_points(6, seed=3), ids=lambda s: s.label())
+def test_a_family_point_builds_runs_and_exports_with_onnx_parity(shape: BackboneShape) -> None:
+    model = build_shape(shape, 24, input_size=SIZE).eval()
+    x = torch.randn(3, 3, SIZE, SIZE)
+    with torch.no_grad():
+        want = model(x).numpy()
+    assert want.shape == (3, 24) and np.isfinite(want).all()
+    session = onnxruntime.InferenceSession(to_onnx(model, SIZE), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"image": x.numpy()})[0]
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_a_students_point_comes_from_its_arch_and_overrides() -> None:
+    config = StudentConfig(
+        arch=Arch.TINY_MOBILEFACENET, width=0.5, depths=(1, 2, 2, 1), head=Head.FC
+    )
+    shape = config.shape()
+    assert shape == BackboneShape(Family.MOBILEFACENET, 0.5, (1, 2, 2, 1), 512, Head.FC)
+    assert not config.is_named() and shape.channels() == (32, 64)
+    # The overrides reach the YAML config with the usual checks and key paths.
+    loaded = load_config(None, ["student.width=0.5", "student.depths=[1,2,2,1]"])
+    assert loaded.student.shape().depths == (1, 2, 2, 1)
+    bad = {
+        "student.depths=[2,2,2,2]": "student.depths: a MobileFaceNet's first stage",
+        "student.width=0.01": "student.width: 0.01 leaves 1 channels",
+        "student.feature_width=64 student.arch=iresnet18": "student.feature_width: an iResNet",
+        "student.head=pool": "student.head",
+    }
+    for overrides, message in bad.items():
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, overrides.split())
+
+
+def test_an_export_keeps_its_point_and_an_old_export_is_its_arch(tmp_path: Path) -> None:
+    shape = BackboneShape(Family.IRESNET, 0.125, (1, 2, 1, 1), 0, Head.GDC)
+    model = build_shape(shape, 16, input_size=SIZE).eval()
+    export = StudentExport(
+        arch=Arch.TINY_IRESNET,
+        emb_dim=16,
+        image_size=SIZE,
+        student=model.state_dict(),
+        classifier=None,
+        config={},
+        epochs_done=(0,),
+        train_seconds=1.0,
+        shape=shape,
+    )
+    write_student_export(str(tmp_path / "s.pt"), export)
+    loaded, back = load_student(str(tmp_path / "s.pt"))
+    assert back.shape == shape
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    # An export written before the family has no shape: its arch's named point.
+    named = build_backbone(Arch.TINY_IRESNET, 16, input_size=SIZE).eval()
+    old = {
+        "kind": STUDENT_KIND,
+        "version": 1,
+        "arch": "tiny_iresnet",
+        "emb_dim": 16,
+        "image_size": SIZE,
+        "student": named.state_dict(),
+        "classifier": None,
+        "config": {},
+        "epochs_done": [0],
+        "train_seconds": 1.0,
+    }
+    buffer = io.BytesIO()
+    torch.save(old, buffer)
+    (tmp_path / "old.pt").write_bytes(buffer.getvalue())
+    loaded, back = load_student(str(tmp_path / "old.pt"))
+    assert back.shape is None
+    with torch.no_grad():
+        assert torch.equal(loaded(x), named(x))
+
+
+def test_the_cost_of_a_student_is_its_profile_and_its_timed_export() -> None:
+    shape = NAMED_SHAPES["tiny_mobilefacenet"]
+    model = build_shape(shape, 16, input_size=SIZE)
+    latency = LatencyConfig(threads=1, serving_batch=4, warmup=2, repeats=12)
+    cost, graph = measure_cost(model, image_size=SIZE, latency=latency)
+    profile = profile_model(model, SIZE)
+    assert (cost.params, cost.macs, cost.onnx_bytes) == (profile.params, profile.macs, len(graph))
+    for timed, batch in ((cost.latency, 1), (cost.serving, 4)):
+        assert (timed.batch, timed.runs, timed.threads) == (batch, 12, 1)
+        assert 0 < timed.p10_ms <= timed.median_ms <= timed.p90_ms
+    metrics = cost.metrics()
+    assert metrics["macs"] == profile.macs and metrics["onnx_mb"] == len(graph) / 1e6
+    assert metrics["latency_ms"] == cost.latency.median_ms
+
+
+def test_objectives_and_constraints_are_checked() -> None:
+    config = load_config(
+        None,
+        [
+            "tune.objectives=[{metric: auc}, {metric: latency_ms, goal: min}]",
+            "tune.constraints=[{metric: macs, at_most: 1.0e6}]",
+        ],
+    )
+    assert config.tune.accuracy_metric() == "auc" and config.tune.measures_cost()
+    assert config.tune.constraints[0].describe() == "macs <= 1e+06"
+    within = Constraint("params", at_most=2e6, at_least=1e5)
+    assert within.holds(1e6) and not within.holds(3e6) and not within.holds(5e4)
+    for overrides, message in {
+        "tune.objectives=[{metric: latency_ms, goal: min}]": "are all costs",
+        "tune.objectives=[{metric: auc, goal: min}]": "an accuracy is maximised",
+        "tune.constraints=[{metric: latncy_ms, at_most: 3}]": r"tune\.constraints\[0\]\.metric",
+        "tune.constraints=[{metric: macs}]": "give at_most and/or at_least",
+    }.items():
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [overrides])
+
+
+def dense_front(values: np.ndarray, signs: np.ndarray) -> set[int]:
+    """The non-dominated rows, by a dominance matrix (an independent computation)."""
+    v = values * signs  # larger is better on every column
+    ge = (v[:, None, :] >= v[None, :, :]).all(axis=2)
+    gt = (v[:, None, :] > v[None, :, :]).any(axis=2)
+    dominated = (ge & gt).any(axis=0)  # some row i dominates row j
+    return {int(j) for j in np.flatnonzero(~dominated)}
+
+
+def test_the_front_is_the_non_dominated_set() -> None:
+    goals = [Objective("auc"), Objective("latency_ms", Goal.MIN)]
+    # By hand: (0.9, 5) and (0.8, 2) and (0.6, 1) trade off; (0.7, 3) loses to (0.8, 2);
+    # (0.9, 6) loses to (0.9, 5) on latency alone; the tie (0.8, 2) twice keeps both.
+    points = [(0.9, 5.0), (0.7, 3.0), (0.8, 2.0), (0.6, 1.0), (0.9, 6.0), (0.8, 2.0)]
+    assert non_dominated(points, goals) == [0, 2, 3, 5]
+    assert dominates((0.8, 2.0), (0.7, 3.0), goals) and not dominates((0.8, 2.0), (0.8, 2.0), goals)
+    rng = np.random.default_rng(0)
+    three = [Objective("auc"), Objective("latency_ms", Goal.MIN), Objective("macs", Goal.MIN)]
+    for _ in range(20):
+        values = rng.integers(0, 6, size=(25, 3)).astype(float)  # many ties
+        expected = dense_front(values, np.array([1.0, -1.0, -1.0]))
+        assert set(non_dominated([tuple(r) for r in values], three)) == expected
+
+
+def test_the_front_takes_completed_trials_within_their_constraints() -> None:
+    def row(trial: str, status: str, auc: float, latency: float) -> TrialRow:
+        metrics = {"val_auc": auc, "latency_ms": latency, "macs": 1e6}
+        return TrialRow(trial, status, 2, auc, {}, metrics, None, None)
+
+    rows = [
+        row("a", "completed", 0.9, 5.0),
+        row("b", "completed", 0.8, 2.0),
+        row("c", "stopped early", 0.95, 1.0),  # better on both, but never finished
+        row("d", "refused", 0.0, 0.5),
+        row("e", "completed", 0.7, 0.9),
+    ]
+    goals = [Objective("auc"), Objective("latency_ms", Goal.MIN)]
+    assert [r.trial_id for r in front_rows(rows, goals)] == ["a", "b", "e"]
+    bound = (Constraint("latency_ms", at_most=4.0),)
+    assert [r.trial_id for r in front_rows(rows, goals, bound)] == ["b", "e"]
