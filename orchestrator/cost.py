@@ -49,17 +49,44 @@ class StudentCost:
     serving: Latency  # tune.latency.serving_batch
 
     def metrics(self) -> dict[str, float]:
-        """The numbers by the names of :data:`COST_METRICS`."""
+        """The numbers by the names of :data:`COST_METRICS`, and the timings' spread."""
         return {
-            LATENCY_MS: self.latency.median_ms,
-            SERVING_LATENCY_MS: self.serving.median_ms,
             MACS: float(self.macs),
             PARAMS: float(self.params),
-            ONNX_MB: self.onnx_bytes / 1e6,
+            **timed_metrics(self.latency, self.serving, self.onnx_bytes),
         }
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def timed_metrics(one: Latency, serving: Latency, onnx_bytes: int) -> dict[str, float]:
+    """What an export's timing gives, by the names a search reports."""
+    return {
+        LATENCY_MS: one.median_ms,
+        "latency_p10_ms": one.p10_ms,
+        "latency_p90_ms": one.p90_ms,
+        SERVING_LATENCY_MS: serving.median_ms,
+        "serving_p10_ms": serving.p10_ms,
+        "serving_p90_ms": serving.p90_ms,
+        ONNX_MB: onnx_bytes / 1e6,
+    }
+
+
+def latency_from(
+    metrics: dict[str, Any], prefix: str, batch: int, latency: LatencyConfig
+) -> Latency:
+    """A :class:`Latency` back from :func:`timed_metrics`' numbers (``prefix``: ``latency``
+    or ``serving``)."""
+    median = metrics[LATENCY_MS if prefix == "latency" else SERVING_LATENCY_MS]
+    return Latency(
+        batch=batch,
+        threads=latency.threads,
+        runs=latency.repeats,
+        median_ms=float(median),
+        p10_ms=float(metrics[f"{prefix}_p10_ms"]),
+        p90_ms=float(metrics[f"{prefix}_p90_ms"]),
+    )
 
 
 def time_onnx(graph: bytes, *, image_size: int, batch: int, latency: LatencyConfig) -> Latency:

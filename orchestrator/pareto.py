@@ -4,26 +4,27 @@ and, per front point, ``summary/front/<trial>.onnx`` and ``<trial>.yaml``).
 
 The front is taken over the trials that trained to the end and exported their student
 (a trial ASHA stopped was measured at an earlier epoch; a refused one never trained), from
-the numbers each trial reported. Each front student is then exported to ONNX and timed
-again, one after the other on the search's driver, so that the latencies in the table are
-of the files it points to, measured with nothing else of the search running.
+the numbers each trial reported, except its timing: each completed trial's trained student
+is exported to ONNX and timed again at the end, one after the other on the search's
+driver, with nothing else of the search running (a trial timed its student while others
+trained beside it). The latencies in the tables are of the files the front points to.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from orchestrator import storage
 from orchestrator.config import Constraint, ExperimentConfig, Goal, Objective, from_dict
-from orchestrator.cost import Latency, time_graph
+from orchestrator.cost import Latency, latency_from, time_graph, timed_metrics
 from orchestrator.export import to_onnx
 from orchestrator.formats.student import load_student
 from orchestrator.metric_names import COST_METRICS, LATENCY_MS, validation_key
 from orchestrator.tables import csv_text, markdown_table, pyplot, save_figure
-from orchestrator.tune_summary import STUDENT_SHAPE, TrialRow, write_trial_config
+from orchestrator.tune_summary import IN_TRIAL, STUDENT_SHAPE, TrialRow, write_trial_config
 
 FRONT_DIR = "front"
 
@@ -118,14 +119,42 @@ def write_front(config: ExperimentConfig, rows: list[TrialRow], out: str) -> lis
     return points
 
 
+def retime_completed(config: ExperimentConfig, rows: list[TrialRow]) -> list[TrialRow]:
+    """Every completed trial's trained student exported and timed again, one after the
+    other on this driver, with nothing of the search running: a trial timed its student
+    while other trials trained beside it. The trial's own numbers stay as
+    ``<key>_in_trial``; the front and the tables use these."""
+    done = [r for r in rows if r.status == "completed" and r.student is not None]
+    if not done:
+        return rows
+    print(f"[tune] timing the {len(done)} trained student(s) again, one at a time", flush=True)
+    timed: dict[str, dict[str, float]] = {}
+    for row in done:
+        assert row.student is not None
+        model, export = load_student(row.student)
+        graph = to_onnx(model, export.image_size)
+        one, serving = time_graph(graph, image_size=export.image_size, latency=config.tune.latency)
+        timed[row.trial_id] = timed_metrics(one, serving, len(graph))
+    return [retimed(r, timed[r.trial_id]) if r.trial_id in timed else r for r in rows]
+
+
+def retimed(row: TrialRow, timing: dict[str, float]) -> TrialRow:
+    before = {f"{k}{IN_TRIAL}": row.metrics[k] for k in timing if k in row.metrics}
+    return replace(row, metrics={**row.metrics, **before, **timing})
+
+
 def front_point(config: ExperimentConfig, row: TrialRow, out: str) -> FrontPoint:
+    """One front point's files: its trained student's ONNX export (the graph that was
+    timed: the export is deterministic) and its config."""
     assert row.student is not None and row.metric is not None  # completed rows
     model, export = load_student(row.student)
     graph = to_onnx(model, export.image_size)
     onnx_uri = storage.join(out, FRONT_DIR, f"{row.trial_id}.onnx")
     storage.makedirs(storage.join(out, FRONT_DIR))
     storage.write_bytes_atomic(onnx_uri, graph)
-    one, serving = time_graph(graph, image_size=export.image_size, latency=config.tune.latency)
+    latency = config.tune.latency
+    one = latency_from(row.metrics, "latency", 1, latency)
+    serving = latency_from(row.metrics, "serving", latency.serving_batch, latency)
     yaml_uri = storage.join(out, FRONT_DIR, f"{row.trial_id}.yaml")
     header = (
         f"# Pareto front of search {config.name}: trial {row.trial_id}\n# student: {row.student}\n"

@@ -23,14 +23,7 @@ class CostVerdict:
 
     def metrics(self) -> dict[str, Any]:
         """What every report of the trial carries."""
-        return {
-            **self.cost.metrics(),
-            "latency_p10_ms": self.cost.latency.p10_ms,
-            "latency_p90_ms": self.cost.latency.p90_ms,
-            "serving_p10_ms": self.cost.serving.p10_ms,
-            "serving_p90_ms": self.cost.serving.p90_ms,
-            STUDENT_SHAPE: self.shape,
-        }
+        return {**self.cost.metrics(), STUDENT_SHAPE: self.shape}
 
     def refusal(self, config: ExperimentConfig) -> dict[str, Any]:
         """The one report of a refused trial: its cost, and 0 for each accuracy it never

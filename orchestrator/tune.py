@@ -33,7 +33,7 @@ from orchestrator.config import (
 from orchestrator.data.ray_input import configured_plan
 from orchestrator.errors import UsageError
 from orchestrator.metric_names import validation_key
-from orchestrator.pareto import objective_key, write_front
+from orchestrator.pareto import objective_key, retime_completed, write_front
 from orchestrator.runs import absolute_paths, ensure_ray, process_env
 from orchestrator.train.checks import check_run_inputs
 from orchestrator.train.launch import distill
@@ -174,6 +174,8 @@ def run_search(config: ExperimentConfig, resume: bool = False) -> SearchOutcome:
         what="search",
     )
     rows = [trial_row(grid[i], config) for i in range(len(grid))]
+    if config.tune.measures_cost():
+        rows = retime_completed(config, rows)
     outcome = summarize(config, rows, path)
     if not has_front(config):
         return outcome

@@ -21,6 +21,9 @@ SUMMARY_DIR = "summary"
 # trained, and the spread of its timing.
 REFUSED_BY = "refused_by"
 STUDENT_SHAPE = "student_shape"  # the trial's point of the student family, as a label
+# A completed trial's timing as the trial measured it, beside the timing of its trained
+# student again at the end of the search (orchestrator.pareto.retime_completed).
+IN_TRIAL = "_in_trial"
 COST_DETAIL = ("latency_p10_ms", "latency_p90_ms", "serving_p10_ms", "serving_p90_ms")
 
 
@@ -50,8 +53,8 @@ def kept_metric(key: str) -> bool:
     return (
         key.startswith("val_")
         or key in ("loss", "epoch", REFUSED_BY, STUDENT_SHAPE)
-        or key in COST_METRICS
-        or key in COST_DETAIL
+        or key.removesuffix(IN_TRIAL) in COST_METRICS
+        or key.removesuffix(IN_TRIAL) in COST_DETAIL
     )
 
 

@@ -25,7 +25,13 @@ CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
 def test_there_are_shipped_configs() -> None:
     names = {p.stem for p in CONFIGS}
-    assert names == {"demo", "orl_cosface", "student_search_demo", "tune_demo", "webface_r100_to_mbf"}
+    assert names == {
+        "demo",
+        "orl_cosface",
+        "student_search_demo",
+        "tune_demo",
+        "webface_r100_to_mbf",
+    }
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

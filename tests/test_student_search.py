@@ -111,6 +111,10 @@ def test_trials_over_the_mac_budget_never_train(search: dict[str, Any]) -> None:
         else:
             assert trial["status"] in ("completed", "stopped early")
             assert trial["epochs"] >= 1 and (run_dir / "run.json").exists()
+        # A completed trial's student was timed again at the end; the trial's own timing
+        # is kept beside it.
+        retimed = trial["status"] == "completed"
+        assert ("latency_ms_in_trial" in trial["metrics"]) == retimed
     assert refused >= 1, [t["params"] for t in search["trials"]]
     assert refused < len(search["trials"])
 
