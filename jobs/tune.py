@@ -13,6 +13,8 @@ Writes, under <tune.storage_path or storage_path/tune>/<name>/summary/: trials.m
 trials.csv, trials.json (every trial: config, metrics, status, the epoch where it stopped),
 best.yaml (accepted as is by `python -m jobs.distill --config`), and
 metric_vs_margin_scale.png. Prints the table, the best config's path and the best student.
+With costs among `tune.objectives` / `tune.constraints` (README "Searching the student"):
+also pareto.md, pareto.csv, pareto.json, pareto.png and front/<trial>.onnx|yaml.
 """
 
 from __future__ import annotations
@@ -37,15 +39,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     outcome = run_search(config, resume=args.resume)
     print(outcome.table)
     stopped = sum(r.status == "stopped early" for r in outcome.rows)
+    refused = sum(r.status == "refused" for r in outcome.rows)
     print(
-        f"{len(outcome.rows)} trials ({stopped} stopped early by ASHA); best {outcome.best.trial_id}: "
-        f"{validation_key(config.tune.metric)} {outcome.best.metric:.4f}"
+        f"{len(outcome.rows)} trials ({stopped} stopped early by ASHA"
+        + (f", {refused} refused by a constraint, never trained" if refused else "")
+        + f"); best {outcome.best.trial_id}: "
+        f"{validation_key(config.tune.accuracy_metric())} {outcome.best.metric:.4f}"
     )
     print(f"best config: {outcome.best_yaml}  (python -m jobs.distill --config <it>)")
     print(f"best student: {outcome.best.student}")
     print(
         f"summary: {outcome.summary}/trials.md, trials.csv, trials.json, metric_vs_margin_scale.png"
     )
+    for point in outcome.front:
+        print(
+            f"front: {point.trial_id} {point.shape}: {point.accuracy:.4f}, "
+            f"{point.latency.median_ms:.3f} ms, {point.macs / 1e6:.1f} MMACs -> {point.onnx}"
+        )
+    if outcome.front:
+        print(f"Pareto front: {outcome.summary}/pareto.md, pareto.csv, pareto.png, front/")
     return 0
 
 

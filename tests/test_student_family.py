@@ -22,6 +22,7 @@ from orchestrator.config import (
     Head,
     LatencyConfig,
     Objective,
+    SearchAlgorithm,
     StudentConfig,
     load_config,
 )
@@ -38,6 +39,7 @@ from orchestrator.models import build_backbone, build_shape, profile_model
 from orchestrator.models.iresnet import STAGE_DEPTHS, IResNet
 from orchestrator.models.mobilefacenet import MobileFaceNet
 from orchestrator.pareto import dominates, front_rows, non_dominated
+from orchestrator.tune import effective_search, search_algorithm
 from orchestrator.tune_summary import TrialRow
 
 pytestmark = pytest.mark.unit
@@ -201,6 +203,7 @@ def test_objectives_and_constraints_are_checked() -> None:
         "tune.objectives=[{metric: auc, goal: min}]": "an accuracy is maximised",
         "tune.constraints=[{metric: latncy_ms, at_most: 3}]": r"tune\.constraints\[0\]\.metric",
         "tune.constraints=[{metric: macs}]": "give at_most and/or at_least",
+        "tune.space.emb_dim=[64,128]": r"tune\.space\.emb_dim: method proxyless trains in",
     }.items():
         with pytest.raises(ConfigError, match=message):
             load_config(None, [overrides])
@@ -246,3 +249,16 @@ def test_the_front_takes_completed_trials_within_their_constraints() -> None:
     assert [r.trial_id for r in front_rows(rows, goals)] == ["a", "b", "e"]
     bound = (Constraint("latency_ms", at_most=4.0),)
     assert [r.trial_id for r in front_rows(rows, goals, bound)] == ["b", "e"]
+
+
+def test_several_objectives_make_optunas_search_and_a_grid_stays_a_grid() -> None:
+    objectives = "tune.objectives=[{metric: auc}, {metric: macs, goal: min}]"
+    config = load_config(None, [objectives, "seed=7"])
+    assert effective_search(config.tune) is SearchAlgorithm.OPTUNA  # from the default random
+    searcher = search_algorithm(config)
+    assert (searcher.metric, searcher.mode) == (["val_auc", "macs"], ["max", "min"])
+    grid = load_config(None, [objectives, "tune.search=grid"])
+    assert effective_search(grid.tune) is SearchAlgorithm.GRID and search_algorithm(grid) is None
+    one = load_config(None, ["tune.search=optuna", "tune.metric=auc"])
+    assert search_algorithm(one).metric == "val_auc"
+    assert search_algorithm(load_config(None, [])) is None  # random, one objective

@@ -75,6 +75,13 @@ class ExperimentConfig:
             f"method {self.loss.method.value} needs student.emb_dim == teacher.emb_dim, "
             f"found {self.student.emb_dim} and {self.teacher.emb_dim}",
         )
+        searched = [w for w in self.tune.space.emb_dim if w != self.teacher.emb_dim]
+        require(
+            not self.loss.method.needs_teacher_width or not searched,
+            "tune.space.emb_dim",
+            f"method {self.loss.method.value} trains in the teacher's {self.teacher.emb_dim}-d "
+            f"embedding space; {searched} cannot be searched with it",
+        )
         require(
             self.sharding.mode is not ClassifierMode.SHARDED or self.loss.method.shardable,
             "sharding.mode",

@@ -168,6 +168,9 @@ class SearchSpace:
     depths: tuple[tuple[int, ...], ...] = field(default=(), metadata={"sets": "student.depths"})
     feature_width: tuple[int, ...] = field(default=(), metadata={"sets": "student.feature_width"})
     head: tuple[Head, ...] = field(default=(), metadata={"sets": "student.head"})
+    # The embedding width: only for the methods whose student has a width of its own
+    # (scratch, logit; Method.needs_teacher_width).
+    emb_dim: tuple[int, ...] = field(default=(), metadata={"sets": "student.emb_dim"})
 
 
 @dataclass(frozen=True)
