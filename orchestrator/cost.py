@@ -1,6 +1,6 @@
 """What a student costs to run, measured: parameters and MACs from one forward pass, and
 the latency of its ONNX export under onnxruntime with the threads and batch sizes a config
-names (median and spread over repeated runs after a warm-up).
+names (the median of repeated runs after a warm-up, in several sessions, and its noise).
 
 The latency of a network does not depend on its weights, so a search times each trial's
 architecture once, before it trains, and the front's trained students again at the end.
@@ -24,20 +24,23 @@ from orchestrator.models import profile_model
 
 @dataclass(frozen=True)
 class Latency:
-    """Wall time of one ``session.run`` over ``runs`` repeats, in milliseconds."""
+    """Wall time of one ``session.run``, in milliseconds, over ``rounds`` sessions of
+    ``runs`` timed runs each: the median and p10/p90 of every run, and ``noise``, relative
+    to the median: the larger of the largest distance of one session's median from the
+    median of all (what changes from one session to the next: memory placement, the
+    machine's load) and half the p10-p90 width (what changes from one run to the next).
+    Measured on these 2-core machines: two measurements of one graph a second apart
+    differed by at most 0.44 of their two noises added (90 pairs); by the sessions' medians
+    alone, 2 pairs in 50 differed by more."""
 
     batch: int
     threads: int
-    runs: int
+    runs: int  # timed runs in each round
+    rounds: int
     median_ms: float
     p10_ms: float
     p90_ms: float
-
-    @property
-    def spread(self) -> float:
-        """The stated noise of the median: the larger relative distance of p10 and p90 from
-        it (0.1: a tenth of the runs were 10% or more away on that side)."""
-        return max(self.p90_ms / self.median_ms - 1.0, 1.0 - self.p10_ms / self.median_ms)
+    noise: float
 
 
 @dataclass(frozen=True)
@@ -66,9 +69,11 @@ def timed_metrics(one: Latency, serving: Latency, onnx_bytes: int) -> dict[str, 
         LATENCY_MS: one.median_ms,
         "latency_p10_ms": one.p10_ms,
         "latency_p90_ms": one.p90_ms,
+        "latency_noise": one.noise,
         SERVING_LATENCY_MS: serving.median_ms,
         "serving_p10_ms": serving.p10_ms,
         "serving_p90_ms": serving.p90_ms,
+        "serving_noise": serving.noise,
         ONNX_MB: onnx_bytes / 1e6,
     }
 
@@ -83,15 +88,40 @@ def latency_from(
         batch=batch,
         threads=latency.threads,
         runs=latency.repeats,
+        rounds=latency.rounds,
         median_ms=float(median),
         p10_ms=float(metrics[f"{prefix}_p10_ms"]),
         p90_ms=float(metrics[f"{prefix}_p90_ms"]),
+        noise=float(metrics[f"{prefix}_noise"]),
     )
 
 
 def time_onnx(graph: bytes, *, image_size: int, batch: int, latency: LatencyConfig) -> Latency:
-    """Run ``graph`` (input ``image``, (B, 3, S, S) float32) ``latency.warmup`` times, then
-    time ``latency.repeats`` runs, on the CPU with ``latency.threads`` threads."""
+    """Time ``graph`` (input ``image``, (B, 3, S, S) float32) on the CPU with
+    ``latency.threads`` threads: ``latency.rounds`` sessions, each run ``latency.warmup``
+    times untimed and then ``latency.repeats`` times timed."""
+    x = np.random.default_rng(0).standard_normal((batch, 3, image_size, image_size))
+    feed = {"image": x.astype(np.float32)}
+    rounds = [time_session(graph, feed, latency) for _ in range(latency.rounds)]
+    times = [t for one in rounds for t in one]
+    median = statistics.median(times)
+    deciles = statistics.quantiles(times, n=10, method="inclusive")
+    sessions = max(abs(statistics.median(one) / median - 1.0) for one in rounds)
+    noise = max(sessions, (deciles[-1] - deciles[0]) / (2.0 * median))
+    return Latency(
+        batch=batch,
+        threads=latency.threads,
+        runs=latency.repeats,
+        rounds=latency.rounds,
+        median_ms=median,
+        p10_ms=deciles[0],
+        p90_ms=deciles[-1],
+        noise=noise,
+    )
+
+
+def time_session(graph: bytes, feed: dict[str, np.ndarray], latency: LatencyConfig) -> list[float]:
+    """One round: a new onnxruntime session, its warm-up, its timed runs (ms)."""
     # onnxruntime: heavy, only for ONNX models
     import onnxruntime
 
@@ -102,8 +132,6 @@ def time_onnx(graph: bytes, *, image_size: int, batch: int, latency: LatencyConf
     session = onnxruntime.InferenceSession(
         graph, sess_options=options, providers=["CPUExecutionProvider"]
     )
-    x = np.random.default_rng(0).standard_normal((batch, 3, image_size, image_size))
-    feed = {"image": x.astype(np.float32)}
     for _ in range(latency.warmup):
         session.run(None, feed)
     times = []
@@ -111,15 +139,7 @@ def time_onnx(graph: bytes, *, image_size: int, batch: int, latency: LatencyConf
         start = time.perf_counter()
         session.run(None, feed)
         times.append((time.perf_counter() - start) * 1000.0)
-    deciles = statistics.quantiles(times, n=10, method="inclusive")
-    return Latency(
-        batch=batch,
-        threads=latency.threads,
-        runs=latency.repeats,
-        median_ms=statistics.median(times),
-        p10_ms=deciles[0],
-        p90_ms=deciles[-1],
-    )
+    return times
 
 
 def time_graph(graph: bytes, *, image_size: int, latency: LatencyConfig) -> tuple[Latency, Latency]:

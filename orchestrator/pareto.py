@@ -181,7 +181,7 @@ def front_point(config: ExperimentConfig, row: TrialRow, out: str) -> FrontPoint
 
 def front_markdown(points: list[FrontPoint], metric: str) -> str:
     header = [
-        "trial", "student", metric, "latency ms (p10-p90)", "serving ms", "MMACs",
+        "trial", "student", metric, "latency ms ± noise (p10-p90)", "serving ms", "MMACs",
         "M params", "ONNX MB", "margin", "scale", "config",
     ]  # fmt: skip
     rows = [
@@ -189,7 +189,8 @@ def front_markdown(points: list[FrontPoint], metric: str) -> str:
             p.trial_id,
             p.shape,
             f"{p.accuracy:.4f}",
-            f"{p.latency.median_ms:.3f} ({p.latency.p10_ms:.3f}-{p.latency.p90_ms:.3f})",
+            f"{p.latency.median_ms:.3f} ± {100 * p.latency.noise:.1f}% "
+            f"({p.latency.p10_ms:.3f}-{p.latency.p90_ms:.3f})",
             f"{p.serving.median_ms:.3f} (batch {p.serving.batch})",
             f"{p.macs / 1e6:.1f}",
             f"{p.params / 1e6:.3f}",
@@ -201,21 +202,27 @@ def front_markdown(points: list[FrontPoint], metric: str) -> str:
         for p in points
     ]
     lines = markdown_table(header, rows)
+    first = points[0].latency if points else None
     note = (
-        f"\nLatency: onnxruntime on the CPU, {points[0].latency.threads if points else 1} "
-        "thread(s), the median of repeated runs after a warm-up, with p10-p90: the spread "
-        "of one run to the next on this machine.\n"
+        ""
+        if first is None
+        else (
+            f"\nLatency: onnxruntime on the CPU, {first.threads} thread(s); {first.rounds} "
+            f"sessions of {first.runs} timed runs after a warm-up. The median of all runs, ± the "
+            "largest distance of one session's median from it (the noise a new measurement "
+            "is within, give or take its own), and p10-p90 of the runs.\n"
+        )
     )
     return "\n".join(lines) + "\n" + note
 
 
 def front_csv(points: list[FrontPoint]) -> str:
     return csv_text(
-        ["trial_id", "student", "accuracy", "latency_ms", "latency_p10_ms", "latency_p90_ms",
+        ["trial_id", "student", "accuracy", "latency_ms", "latency_noise", "latency_p10_ms", "latency_p90_ms",
          "serving_latency_ms", "serving_batch", "macs", "params", "onnx_bytes",
          "margin_type", "margin", "scale", "onnx", "config"],
         (
-            [p.trial_id, p.shape, p.accuracy, p.latency.median_ms, p.latency.p10_ms,
+            [p.trial_id, p.shape, p.accuracy, p.latency.median_ms, p.latency.noise, p.latency.p10_ms,
              p.latency.p90_ms, p.serving.median_ms, p.serving.batch, p.macs, p.params,
              p.onnx_bytes, p.margin["type"], p.margin["m"], p.margin["scale"], p.onnx, p.config]
             for p in points

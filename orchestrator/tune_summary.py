@@ -24,7 +24,14 @@ STUDENT_SHAPE = "student_shape"  # the trial's point of the student family, as a
 # A completed trial's timing as the trial measured it, beside the timing of its trained
 # student again at the end of the search (orchestrator.pareto.retime_completed).
 IN_TRIAL = "_in_trial"
-COST_DETAIL = ("latency_p10_ms", "latency_p90_ms", "serving_p10_ms", "serving_p90_ms")
+COST_DETAIL = (
+    "latency_p10_ms",
+    "latency_p90_ms",
+    "latency_noise",
+    "serving_p10_ms",
+    "serving_p90_ms",
+    "serving_noise",
+)
 
 
 @dataclass(frozen=True)

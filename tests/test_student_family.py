@@ -174,13 +174,13 @@ def test_an_export_keeps_its_point_and_an_old_export_is_its_arch(tmp_path: Path)
 def test_the_cost_of_a_student_is_its_profile_and_its_timed_export() -> None:
     shape = NAMED_SHAPES["tiny_mobilefacenet"]
     model = build_shape(shape, 16, input_size=SIZE)
-    latency = LatencyConfig(threads=1, serving_batch=4, warmup=2, repeats=12)
+    latency = LatencyConfig(threads=1, serving_batch=4, warmup=2, repeats=12, rounds=3)
     cost, graph = measure_cost(model, image_size=SIZE, latency=latency)
     profile = profile_model(model, SIZE)
     assert (cost.params, cost.macs, cost.onnx_bytes) == (profile.params, profile.macs, len(graph))
     for timed, batch in ((cost.latency, 1), (cost.serving, 4)):
-        assert (timed.batch, timed.runs, timed.threads) == (batch, 12, 1)
-        assert 0 < timed.p10_ms <= timed.median_ms <= timed.p90_ms
+        assert (timed.batch, timed.runs, timed.rounds, timed.threads) == (batch, 12, 3, 1)
+        assert 0 < timed.p10_ms <= timed.median_ms <= timed.p90_ms and timed.noise >= 0
     metrics = cost.metrics()
     assert metrics["macs"] == profile.macs and metrics["onnx_mb"] == len(graph) / 1e6
     assert metrics["latency_ms"] == cost.latency.median_ms

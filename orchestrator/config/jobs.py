@@ -111,19 +111,22 @@ class Constraint:
 
 @dataclass(frozen=True)
 class LatencyConfig:
-    """How a trial's student is timed: its ONNX export under onnxruntime on the CPU,
-    ``warmup`` runs, then ``repeats`` timed runs, at batch 1 and at ``serving_batch``."""
+    """How a trial's student is timed: its ONNX export under onnxruntime on the CPU, at
+    batch 1 and at ``serving_batch``, in ``rounds`` sessions of ``warmup`` untimed runs
+    and ``repeats`` timed ones (the sessions' medians give the stated noise)."""
 
     threads: int = 1
     serving_batch: int = 8
     warmup: int = 5
-    repeats: int = 30
+    repeats: int = 20
+    rounds: int = 5
 
     def __post_init__(self) -> None:
         require(self.threads >= 1, "threads", f"must be >= 1, found {self.threads}")
         require(self.serving_batch >= 1, "serving_batch", "must be >= 1")
         require(self.warmup >= 0, "warmup", "must be >= 0")
         require(self.repeats >= 10, "repeats", f"must be >= 10 (for p10/p90), found {self.repeats}")
+        require(self.rounds >= 2, "rounds", f"must be >= 2 (for the noise), found {self.rounds}")
 
 
 @dataclass(frozen=True)
