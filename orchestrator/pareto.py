@@ -208,9 +208,10 @@ def front_markdown(points: list[FrontPoint], metric: str) -> str:
         if first is None
         else (
             f"\nLatency: onnxruntime on the CPU, {first.threads} thread(s); {first.rounds} "
-            f"sessions of {first.runs} timed runs after a warm-up. The median of all runs, ± the "
-            "largest distance of one session's median from it (the noise a new measurement "
-            "is within, give or take its own), and p10-p90 of the runs.\n"
+            f"sessions of {first.runs} timed runs after a warm-up. The median of all runs ± "
+            "its noise: the larger of the largest distance of one session's median from it "
+            "and half the p10-p90 width (a new measurement agrees within the two noises "
+            "added), and p10-p90 of the runs.\n"
         )
     )
     return "\n".join(lines) + "\n" + note

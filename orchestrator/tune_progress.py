@@ -8,6 +8,8 @@ from typing import Any
 
 from ray.tune import Callback
 
+from orchestrator.tune_summary import REFUSED_BY
+
 
 class TrialProgress(Callback):
     """Prints ``[what] trial <id> ...`` lines on the driver (Tune calls its callbacks
@@ -29,6 +31,9 @@ class TrialProgress(Callback):
         self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any
     ) -> None:
         if "epoch" not in result:
+            return
+        if result.get(REFUSED_BY):  # a search's constraint, judged before training
+            self.line(trial, f"refused, never trained: {result[REFUSED_BY]}")
             return
         value = result.get(self.metric)
         shown = f"  {self.metric} {value:.4f}" if isinstance(value, int | float) else ""

@@ -90,6 +90,11 @@ def test_the_search_is_optunas_pareto_search(search: dict[str, Any]) -> None:
         in search["output"]
     )
     assert "keeping macs <= 3e+07" in search["output"]
+    refused = [t for t in search["trials"] if t["status"] == "refused"]
+    for trial in refused:  # the progress line says so, and no epoch line
+        line = f"trial {trial['trial_id']} refused, never trained: macs <= 3e+07"
+        assert line in search["output"]
+        assert f"trial {trial['trial_id']} epoch" not in search["output"]
     assert len(search["trials"]) == 4
 
 
