@@ -236,11 +236,16 @@ def front_plot(rows: list[TrialRow], points: list[FrontPoint], *, metric: str, u
     labelled by its student; the front drawn through its points."""
     fig, ax = pyplot().subplots(figsize=(8, 5))
     on_front = {p.trial_id for p in points}
+    measured = [r.metric for r in rows if r.metric is not None]
+    # Trials with no accuracy (refused, never trained) sit along the bottom edge.
+    low = min(measured, default=0.0) - 0.05 * (
+        max(measured, default=1.0) - min(measured, default=0.0) or 1.0
+    )
     for r in rows:
         latency, shape = r.metrics.get(LATENCY_MS), r.metrics.get(STUDENT_SHAPE, "")
         if latency is None:
             continue
-        y = r.metric if r.metric is not None else 0.0
+        y = r.metric if r.metric is not None else low
         style = "o" if r.trial_id in on_front else ("x" if r.status == "refused" else ".")
         ax.plot([latency], [y], style, color="C1" if r.trial_id in on_front else "C0")
         ax.annotate(f"{r.trial_id[-5:]} {shape}", (latency, y), fontsize=7, alpha=0.8)
@@ -259,7 +264,7 @@ def front_plot(rows: list[TrialRow], points: list[FrontPoint], *, metric: str, u
     ax.set_xlabel("latency, ms (batch 1, median)")
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
-    ax.set_title("Each trial (x: refused by a constraint, never trained)")
+    ax.set_title("Each trial (x, along the bottom: refused by a constraint, never trained)")
     fig.tight_layout()
     save_figure(fig, uri)
 
