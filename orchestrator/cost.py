@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,7 +18,7 @@ from torch import nn
 
 from orchestrator.config import LatencyConfig
 from orchestrator.export import to_onnx
-from orchestrator.metric_names import LATENCY_MS, MACS, ONNX_MB, PARAMS, SERVING_LATENCY_MS
+from orchestrator.metric_names import MACS, ONNX_MB, PARAMS, TIMING_SPREAD, TIMINGS
 from orchestrator.models import profile_model
 
 
@@ -59,31 +59,24 @@ class StudentCost:
             **timed_metrics(self.latency, self.serving, self.onnx_bytes),
         }
 
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 def timed_metrics(one: Latency, serving: Latency, onnx_bytes: int) -> dict[str, float]:
-    """What an export's timing gives, by the names a search reports."""
-    return {
-        LATENCY_MS: one.median_ms,
-        "latency_p10_ms": one.p10_ms,
-        "latency_p90_ms": one.p90_ms,
-        "latency_noise": one.noise,
-        SERVING_LATENCY_MS: serving.median_ms,
-        "serving_p10_ms": serving.p10_ms,
-        "serving_p90_ms": serving.p90_ms,
-        "serving_noise": serving.noise,
-        ONNX_MB: onnx_bytes / 1e6,
-    }
+    """What an export's timing gives, by the names a search reports (:data:`TIMINGS`,
+    :data:`TIMING_SPREAD`)."""
+    out = {ONNX_MB: onnx_bytes / 1e6}
+    for (timing, median), timed in zip(TIMINGS.items(), (one, serving), strict=True):
+        spread = (timed.p10_ms, timed.p90_ms, timed.noise)
+        out[median] = timed.median_ms
+        out |= {f"{timing}_{part}": v for part, v in zip(TIMING_SPREAD, spread, strict=True)}
+    return out
 
 
 def latency_from(
     metrics: dict[str, Any], prefix: str, batch: int, latency: LatencyConfig
 ) -> Latency:
-    """A :class:`Latency` back from :func:`timed_metrics`' numbers (``prefix``: ``latency``
-    or ``serving``)."""
-    median = metrics[LATENCY_MS if prefix == "latency" else SERVING_LATENCY_MS]
+    """A :class:`Latency` back from :func:`timed_metrics`' numbers (``prefix``: a key of
+    :data:`TIMINGS`)."""
+    median = metrics[TIMINGS[prefix]]
     return Latency(
         batch=batch,
         threads=latency.threads,

@@ -46,6 +46,11 @@ PARAMS = "params"
 ONNX_MB = "onnx_mb"  # the ONNX export's size, MB (10^6 bytes)
 COST_METRICS = (LATENCY_MS, SERVING_LATENCY_MS, MACS, PARAMS, ONNX_MB)
 ARCHITECTURE_METRICS = (MACS, PARAMS)  # known from the architecture alone, before export
+# Beside each timing's median (LATENCY_MS: "latency", SERVING_LATENCY_MS: "serving"), a
+# search reports its spread: <timing>_p10_ms, <timing>_p90_ms, <timing>_noise.
+TIMINGS = {"latency": LATENCY_MS, "serving": SERVING_LATENCY_MS}
+TIMING_SPREAD = ("p10_ms", "p90_ms", "noise")
+COST_DETAIL = tuple(f"{timing}_{part}" for timing in TIMINGS for part in TIMING_SPREAD)
 
 IJB_SETS = ("IJBB", "IJBC")
 IJB_FAR_KEYS = ("1e-6", "1e-5", "1e-4", "1e-3", "1e-2", "1e-1")  # the FARs IJB reports
@@ -55,3 +60,9 @@ def validation_key(metric: str) -> str:
     """The key of ``metric`` (a :class:`Metric` or ``<val target>_acc``) in a training
     run's per-epoch report."""
     return f"val_{metric}"
+
+
+def report_key(metric: str) -> str:
+    """Where a search trial's report holds ``metric``: a cost by its name, an accuracy as
+    its validation key."""
+    return metric if metric in COST_METRICS else validation_key(metric)

@@ -22,24 +22,16 @@ from orchestrator.config import Constraint, ExperimentConfig, Goal, Objective, f
 from orchestrator.cost import Latency, latency_from, time_graph, timed_metrics
 from orchestrator.export import to_onnx
 from orchestrator.formats.student import load_student
-from orchestrator.metric_names import COST_METRICS, LATENCY_MS, validation_key
+from orchestrator.metric_names import LATENCY_MS, report_key, validation_key
 from orchestrator.tables import csv_text, markdown_table, pyplot, save_figure
 from orchestrator.tune_summary import IN_TRIAL, STUDENT_SHAPE, TrialRow, write_trial_config
 
 FRONT_DIR = "front"
 
 
-def objective_key(objective: Objective) -> str:
-    """Where a trial's report holds the objective: a cost by its name, an accuracy as its
-    validation key."""
-    if objective.metric in COST_METRICS:
-        return objective.metric
-    return validation_key(objective.metric)
-
-
 def objective_values(row: TrialRow, goals: list[Objective]) -> tuple[float, ...] | None:
     """The row's number for each objective, or None when one is missing."""
-    values = [row.metrics.get(objective_key(o)) for o in goals]
+    values = [row.metrics.get(report_key(o.metric)) for o in goals]
     if any(v is None for v in values):
         return None
     return tuple(float(v) for v in values)  # type: ignore[arg-type]
@@ -65,7 +57,7 @@ def keeps(row: TrialRow, constraints: tuple[Constraint, ...]) -> bool:
     """True when every bound holds on the row's numbers (a bound on an accuracy can only be
     judged after training; those on costs refused the trial before it)."""
     for c in constraints:
-        value = row.metrics.get(objective_key(Objective(c.metric)))
+        value = row.metrics.get(report_key(c.metric))
         if value is not None and not c.holds(float(value)):
             return False
     return True

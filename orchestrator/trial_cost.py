@@ -10,7 +10,12 @@ from typing import Any
 
 from orchestrator.config import ExperimentConfig
 from orchestrator.cost import StudentCost, measure_cost
-from orchestrator.metric_names import ARCHITECTURE_METRICS, COST_METRICS, validation_key
+from orchestrator.metric_names import (
+    ARCHITECTURE_METRICS,
+    COST_METRICS,
+    report_key,
+    validation_key,
+)
 from orchestrator.models import build_shape
 from orchestrator.tune_summary import REFUSED_BY, STUDENT_SHAPE
 
@@ -29,9 +34,7 @@ class CostVerdict:
         """The one report of a refused trial: its cost, and 0 for each accuracy it never
         measured (the worst value: the sampler learns to leave that region)."""
         accuracies = {
-            validation_key(o.metric): 0.0
-            for o in config.tune.goals()
-            if o.metric not in COST_METRICS
+            report_key(o.metric): 0.0 for o in config.tune.goals() if o.metric not in COST_METRICS
         }
         accuracies[validation_key(config.tune.accuracy_metric())] = 0.0
         return {**self.metrics(), **accuracies, "epoch": -1, REFUSED_BY: "; ".join(self.broken)}

@@ -32,8 +32,8 @@ from orchestrator.config import (
 )
 from orchestrator.data.ray_input import configured_plan
 from orchestrator.errors import UsageError
-from orchestrator.metric_names import validation_key
-from orchestrator.pareto import objective_key, retime_completed, write_front
+from orchestrator.metric_names import report_key, validation_key
+from orchestrator.pareto import retime_completed, write_front
 from orchestrator.runs import absolute_paths, ensure_ray, process_env
 from orchestrator.train.checks import check_run_inputs
 from orchestrator.train.launch import distill
@@ -291,7 +291,7 @@ def search_algorithm(config: ExperimentConfig) -> Any:
     if len(goals) == 1:
         return OptunaSearch(metric=accuracy_key(config), mode="max", seed=config.seed)
     return OptunaSearch(
-        metric=[objective_key(o) for o in goals],
+        metric=[report_key(o.metric) for o in goals],
         mode=[o.goal.value for o in goals],
         seed=config.seed,
     )

@@ -11,27 +11,19 @@ from typing import Any
 
 from orchestrator import storage
 from orchestrator.config import ExperimentConfig, dump_yaml, to_dict
-from orchestrator.metric_names import COST_METRICS, validation_key
+from orchestrator.metric_names import COST_DETAIL, COST_METRICS, validation_key
 from orchestrator.runs import student_uri
 from orchestrator.tables import csv_text, markdown_table, pyplot, save_figure
 from orchestrator.tune_space import apply_params, plain
 
 SUMMARY_DIR = "summary"
 # What a trial's report carries beside the metrics: why a trial was refused before it
-# trained, and the spread of its timing.
+# trained.
 REFUSED_BY = "refused_by"
 STUDENT_SHAPE = "student_shape"  # the trial's point of the student family, as a label
 # A completed trial's timing as the trial measured it, beside the timing of its trained
 # student again at the end of the search (orchestrator.pareto.retime_completed).
 IN_TRIAL = "_in_trial"
-COST_DETAIL = (
-    "latency_p10_ms",
-    "latency_p90_ms",
-    "latency_noise",
-    "serving_p10_ms",
-    "serving_p90_ms",
-    "serving_noise",
-)
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from orchestrator.formats.student import (
     write_student_export,
 )
 from orchestrator.models import build_backbone, build_shape, profile_model
-from orchestrator.models.iresnet import STAGE_DEPTHS, IResNet
+from orchestrator.models.iresnet import IResNet
 from orchestrator.models.mobilefacenet import MobileFaceNet
 from orchestrator.pareto import dominates, front_rows, non_dominated
 from orchestrator.tune import effective_search, search_algorithm
@@ -45,6 +45,14 @@ from orchestrator.tune_summary import TrialRow
 pytestmark = pytest.mark.unit
 
 SIZE = 32  # small images keep every backbone cheap; the layout does not depend on it
+# insightface's model zoo: the stage depths of its iResNets
+INSIGHTFACE_DEPTHS = {
+    Arch.IRESNET18: (2, 2, 2, 2),
+    Arch.IRESNET34: (3, 4, 6, 3),
+    Arch.IRESNET50: (3, 4, 14, 3),
+    Arch.IRESNET100: (3, 13, 30, 3),
+    Arch.IRESNET200: (6, 26, 60, 6),
+}
 
 
 def as_built_before_the_family(arch: Arch, emb_dim: int) -> torch.nn.Module:
@@ -59,7 +67,7 @@ def as_built_before_the_family(arch: Arch, emb_dim: int) -> torch.nn.Module:
             return MobileFaceNet(emb_dim, width=1, depths=(1, 1, 1, 1), input_size=SIZE)
         case Arch.TINY_IRESNET:
             return IResNet((1, 1, 1, 1), (16, 32, 64, 128), emb_dim=emb_dim, input_size=SIZE)
-    return IResNet(STAGE_DEPTHS[arch.value], emb_dim=emb_dim, input_size=SIZE)
+    return IResNet(INSIGHTFACE_DEPTHS[arch], emb_dim=emb_dim, input_size=SIZE)
 
 
 @pytest.mark.parametrize("arch", list(Arch), ids=lambda a: a.value)

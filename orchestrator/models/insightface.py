@@ -29,8 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from orchestrator.config import Arch
-from orchestrator.models.iresnet import STAGE_DEPTHS
+from orchestrator.config import NAMED_SHAPES, Arch
 
 IRESNETS = (Arch.IRESNET18, Arch.IRESNET34, Arch.IRESNET50, Arch.IRESNET100, Arch.IRESNET200)
 MBF_DEPTHS = (1, 4, 6, 2)
@@ -87,7 +86,7 @@ def mobilefacenet_modules(depths: tuple[int, ...] = MBF_DEPTHS) -> dict[str, str
 
 def module_names(arch: Arch) -> dict[str, str]:
     if arch in IRESNETS:
-        return iresnet_modules(STAGE_DEPTHS[arch.value])
+        return iresnet_modules(NAMED_SHAPES[arch.value].depths)
     if arch is Arch.MOBILEFACENET:
         return mobilefacenet_modules()
     raise InsightfaceKeyError(
@@ -159,7 +158,8 @@ def _hint(state: Mapping[str, object], arch: Arch) -> str:
     depths = stage_depths(state)
     if not depths:
         return ""
-    for name, known in STAGE_DEPTHS.items():
+    for named in IRESNETS:
+        known, name = NAMED_SHAPES[named.value].depths, named.value
         if known == depths and name != arch.value:
             return f"; its layers look like {name} (stage depths {'-'.join(map(str, depths))})"
     return f"; its layers have stage depths {'-'.join(map(str, depths))}"

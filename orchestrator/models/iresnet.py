@@ -13,14 +13,6 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-STAGE_DEPTHS: dict[str, tuple[int, int, int, int]] = {
-    "iresnet18": (2, 2, 2, 2),
-    "iresnet34": (3, 4, 6, 3),
-    "iresnet50": (3, 4, 14, 3),
-    "iresnet100": (3, 13, 30, 3),
-    "iresnet200": (6, 26, 60, 6),
-}
-
 
 class IBasicBlock(nn.Module):
     """BN-conv3x3-BN-PReLU-conv3x3(stride)-BN with an identity or 1x1 projection shortcut."""
