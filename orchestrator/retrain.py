@@ -21,7 +21,6 @@ image count and the label-map fingerprint).
 from __future__ import annotations
 
 import enum
-import hashlib
 import json
 import math
 import time
@@ -86,9 +85,9 @@ def newest_snapshot(prefix: str) -> Snapshot | None:
     with storage.object_errors(prefix, "listing"):
         latest = max(found, key=lambda p: (fs.modified(p).timestamp(), p))
     uri = storage.join(prefix, latest.rstrip("/").split("/")[-2])
-    text = storage.read_bytes(storage.join(uri, fmt.META_FILE))
+    fingerprint = fmt.dataset_fingerprint(uri)
     fmt.read_meta(uri)  # complete and readable
-    return Snapshot(uri, "sha256:" + hashlib.sha256(text).hexdigest())
+    return Snapshot(uri, fingerprint)
 
 
 # The keys every registry record must have, with their types: a record that lacks one,

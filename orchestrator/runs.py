@@ -233,6 +233,9 @@ def best_uri(config: ExperimentConfig, name: str) -> str:
 # --- run identity and the run lock -----------------------------------------------------
 
 RUN_RECORD = "run.json"
+# Entries of run.json that later attempts of the run keep: its MLflow run
+# (orchestrator.tracking.runs), so that a resume continues it.
+KEPT_ACROSS_ATTEMPTS = ("mlflow",)
 LOCKS_DIR = ".locks"
 # Settings that do not change what is trained: where things live, how it is scheduled,
 # logged and checkpointed, how fast the input is decoded or throttled, the epoch count (a
@@ -242,6 +245,7 @@ LOCKS_DIR = ".locks"
 # checks its checksum.
 NOT_TRAINING = (
     "name", "storage_path", "storage", "synthetic", "tune", "retrain", "compare", "scaling",
+    "tracking",
     "run", "teacher.classifier",
     "optim.epochs", "teacher_optim.epochs", "data.decode_actors", "data.decode_cpus",
     "data.decode_batch", "data.decode", "data.decode_threads", "data.throttle_images_per_s",
@@ -265,7 +269,7 @@ def training_settings(config: ExperimentConfig, role: str) -> dict[str, Any]:
     """Every setting that changes what a run trains, by dotted key: not those of another
     job or of the other role, and not the loss settings of methods other than this run's
     (``Method.loss_settings``)."""
-    flat = _flatten(to_dict(config))
+    flat = flatten(to_dict(config))
     other = "optim" if role == "teacher" else "teacher_optim"
     unused = [f"loss.{k}" for k in METHOD_LOSS_SETTINGS if k not in method_settings(config, role)]
     return {
@@ -292,11 +296,11 @@ def ineffective_settings(config: ExperimentConfig, role: str) -> list[str]:
     ]
 
 
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in data.items():
         if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
+            out.update(flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
@@ -331,11 +335,13 @@ def claim_run(
     root = run_dir(config, name)
     uri = storage.join(root, RUN_RECORD)
     settings = training_settings(config, role)
+    kept: dict[str, Any] = {}
     if policy is RerunPolicy.FORCE_NEW and storage.exists(root):
         print(f"[run] {name}: --force-new: removing the old run at {root}", flush=True)
         storage.remove_tree(root)
     elif storage.exists(uri):
         recorded = json.loads(storage.read_text(uri))
+        kept = {k: recorded[k] for k in KEPT_ACROSS_ATTEMPTS if k in recorded}
         differs = recorded["fingerprint"] != fingerprint(settings)
         if differs and policy is RerunPolicy.REFUSE and not has_checkpoint(root):
             # It never saved a checkpoint: nothing was trained that the new settings could
@@ -349,6 +355,7 @@ def claim_run(
         "fingerprint": fingerprint(settings),
         "settings": settings,
         "code_version": code_version(),
+        **kept,
     }
     storage.makedirs(root)
     storage.write_text_atomic(uri, json.dumps(record, indent=2, sort_keys=True, default=str))

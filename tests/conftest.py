@@ -161,6 +161,7 @@ def make_train_setup(root: Path | str, data: SyntheticDatasets, emb_dim: int = 1
         ScalingConfig,
         StudentConfig,
         TeacherConfig,
+        TrackingConfig,
     )
     from orchestrator.data import format as fmt
     from orchestrator.models import build_backbone
@@ -211,6 +212,9 @@ def make_train_setup(root: Path | str, data: SyntheticDatasets, emb_dim: int = 1
         # lock_settle_s: the run lock's wait before it re-reads its claim, 0.2 s on this
         # local disk (test_run_lock and test_locks set their own).
         run=RunConfig(eval_every_epochs=0, log_every_s=5.0, shuffle_buffer=0, lock_settle_s=0.2),
+        # Tracking is tested against a real MLflow server in test_tracking.py; elsewhere
+        # each run would open its own SQLite database for nothing.
+        tracking=TrackingConfig(enabled=False),
     )
     return TrainSetup(base, weight)
 

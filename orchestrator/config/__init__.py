@@ -64,6 +64,7 @@ from orchestrator.config.models import (
     TeacherFormat,
     TeacherInputConfig,
 )
+from orchestrator.config.tracking import TrackingConfig, redact_uri
 from orchestrator.config.training import (
     ClassifierMode,
     OptimConfig,
@@ -132,6 +133,7 @@ __all__ = [
     "TeacherConfig",
     "TeacherFormat",
     "TeacherInputConfig",
+    "TrackingConfig",
     "TuneConfig",
     "dump_yaml",
     "from_dict",
@@ -140,6 +142,7 @@ __all__ = [
     "migrate",
     "migrate_overrides",
     "new_key",
+    "redact_uri",
     "seed_problem",
     "started_by",
     "to_dict",

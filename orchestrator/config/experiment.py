@@ -11,6 +11,7 @@ from orchestrator.config.jobs import CompareConfig, RetrainConfig, SyntheticConf
 from orchestrator.config.loss import LossConfig
 from orchestrator.config.method import Method
 from orchestrator.config.models import StudentConfig, TeacherConfig
+from orchestrator.config.tracking import TrackingConfig
 from orchestrator.config.training import (
     ClassifierMode,
     OptimConfig,
@@ -45,6 +46,7 @@ class ExperimentConfig:
     tune: TuneConfig = field(default_factory=TuneConfig)  # jobs.tune
     compare: CompareConfig = field(default_factory=CompareConfig)  # jobs.compare
     retrain: RetrainConfig = field(default_factory=RetrainConfig)  # jobs.retrain
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow
 
     def __post_init__(self) -> None:
         self._check_name_and_seed()

@@ -85,6 +85,12 @@ class DatasetMeta:
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 
+def dataset_fingerprint(uri: str) -> str:
+    """The dataset's identity: sha256 of its ``dataset.json`` (shard list, sizes, label map
+    fingerprint and source), as the retraining registry and the tracker record it."""
+    return "sha256:" + hashlib.sha256(storage.read_bytes(storage.join(uri, META_FILE))).hexdigest()
+
+
 def label_map_fingerprint(identities: Sequence[str]) -> str:
     """sha256 of the identity-to-label map, i.e. of identities.txt's exact bytes."""
     return "sha256:" + hashlib.sha256(identities_text(identities).encode("utf-8")).hexdigest()

@@ -19,6 +19,9 @@ STATE_FILE = "state.pt"
 # older checkpoints put them); everything else in it is provenance.
 TEACHER_BY_EPOCH = "teacher_by_epoch"
 RESUMED_AT_STEP = "resumed_at_step"
+# Per trained epoch: its figures as logged to the tracker (loss, lr, images/s, input
+# start-up and wait share, global step, and the validation metrics of an epoch validated).
+EPOCH_METRICS = "epoch_metrics"
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,9 @@ class RunHistory:
     teachers: tuple[str, ...] = ()
     # Per resume (as resumed_at): the steps of that epoch already done (0: at its start).
     resumed_steps: tuple[int, ...] = ()
+    # Per trained epoch whose figures were recorded (the last ones: older checkpoints
+    # recorded none): {"epoch": e, "step": global step, "loss": ..., "val_auc": ...}.
+    curves: tuple[dict[str, float], ...] = ()
 
     def measured_throughput(self) -> list[tuple[int, tuple[float, float]]]:
         """(epoch, (samples/s, input wait share)) of the epochs whose throughput was
@@ -54,6 +60,7 @@ class RunHistory:
                 **extra,
                 TEACHER_BY_EPOCH: list(self.teachers),
                 RESUMED_AT_STEP: list(self.resumed_steps),
+                EPOCH_METRICS: [dict(c) for c in self.curves],
             },
         }
 
@@ -70,6 +77,9 @@ class RunHistory:
             ),
             teachers=tuple(str(t) for t in extra.get(TEACHER_BY_EPOCH, ())),
             resumed_steps=tuple(int(s) for s in extra.get(RESUMED_AT_STEP, ())),
+            curves=tuple(
+                {str(k): float(v) for k, v in c.items()} for c in extra.get(EPOCH_METRICS, ())
+            ),
         )
 
 
@@ -139,7 +149,7 @@ def state_from_data(data: Any, where: str) -> TrainingState:
             extra={
                 key: value
                 for key, value in dict(data.get("extra", {})).items()
-                if key not in (TEACHER_BY_EPOCH, RESUMED_AT_STEP)
+                if key not in (TEACHER_BY_EPOCH, RESUMED_AT_STEP, EPOCH_METRICS)
             },
             progress=None
             if data.get("progress") is None

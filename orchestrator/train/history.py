@@ -28,16 +28,40 @@ def history_at_start(previous: TrainingState | None, world_size: int) -> RunHist
 
 
 def after_epoch(
-    history: RunHistory, epoch: int, stats: EpochStats, teacher: str | None = None
+    history: RunHistory, epoch: int, stats: EpochStats, teacher: str | None = None, *, step: int = 0
 ) -> RunHistory:
-    """``history`` with ``epoch`` trained (distilling from ``teacher``, if any)."""
+    """``history`` with ``epoch`` trained (distilling from ``teacher``, if any), ending at
+    the run's optimizer step ``step``."""
     return replace(
         history,
         epochs_done=(*history.epochs_done, epoch),
         train_seconds=history.train_seconds + stats.seconds,
         throughput=(*history.throughput, (stats.samples_per_s, stats.input_wait_share)),
         teachers=(*history.teachers, teacher or ""),
+        curves=(*history.curves, epoch_curve(epoch, stats, step=step)),
     )
+
+
+def epoch_curve(epoch: int, stats: EpochStats, *, step: int) -> dict[str, float]:
+    """The figures of one trained epoch that the tracker draws as curves."""
+    return {
+        "epoch": float(epoch),
+        "step": float(step),
+        "loss": stats.mean_loss,
+        "lr": stats.lr,
+        "samples_per_s": stats.samples_per_s,
+        "input_startup_s": stats.input_startup_s,
+        "input_wait_share": stats.input_wait_share,
+    }
+
+
+def with_validation(history: RunHistory, epoch: int, metrics: dict[str, float]) -> RunHistory:
+    """``history`` with the validation metrics measured after ``epoch`` added to that
+    epoch's figures (unchanged when ``epoch`` is not the last one recorded)."""
+    if not history.curves or history.curves[-1]["epoch"] != epoch:
+        return history
+    last = {**history.curves[-1], **{k: float(v) for k, v in metrics.items()}}
+    return replace(history, curves=(*history.curves[:-1], last))
 
 
 @dataclass(frozen=True)
@@ -108,6 +132,7 @@ def report_metrics(
     start_epoch: int,
     validation: dict[str, float],
     best_epoch: int | None,
+    validated: bool = False,
 ) -> dict[str, Any]:
     """What every rank reports after an epoch: the history so far, the epoch's own figures
     (when one was trained: not on the rerun of a finished run), the latest validation
@@ -124,6 +149,9 @@ def report_metrics(
         **validation,
         **({} if best_epoch is None else {"best_epoch": best_epoch}),
     }
+    if stats.global_batch and history.curves:
+        # The tracker's step for this epoch, and whether its validation is new.
+        metrics.update(global_step=int(history.curves[-1]["step"]), validated=validated)
     if stats.global_batch:
         metrics.update(loss=stats.mean_loss, samples_per_s=stats.samples_per_s, lr=stats.lr)
         metrics.update(

@@ -43,7 +43,8 @@ from orchestrator.train.spec import (
     Role,
     TrainSpec,
 )
-from orchestrator.train.trainer import RunOutcome, fit, trained_nothing
+from orchestrator.train.tracked import finish, tracked_fit
+from orchestrator.train.trainer import RunOutcome, trained_nothing
 
 
 def distill(
@@ -52,12 +53,14 @@ def distill(
     callbacks: Sequence[Any] = (),
     *,
     rerun: RerunPolicy = RerunPolicy.REFUSE,
+    tracking_parent: str | None = None,
 ) -> RunOutcome:
     """Train the student with ``config.loss.method``; export it to ``<storage>/<name>/student.pt``.
 
     The run holds its lock for the whole fit (a second live run of the name is refused),
     and a rerun of a name trained with other settings is refused unless ``rerun`` says
-    otherwise (:func:`orchestrator.runs.claim_run`)."""
+    otherwise (:func:`orchestrator.runs.claim_run`). ``tracking_parent``: the MLflow run of
+    the search or comparison this run is a trial of."""
     name = checked_run_name(name or config.name)
     config = absolute_paths(config)
     use_object_store_config(config)
@@ -71,7 +74,7 @@ def distill(
     preflight(config)  # every input and the cluster's size checked before a run exists
     with run_lock(config, name):
         claim_run(config, name, role=Role.STUDENT.value, policy=rerun)
-        return distill_locked(config, name, meta, cmeta, callbacks)
+        return distill_locked(config, name, meta, cmeta, callbacks, tracking_parent)
 
 
 def distill_locked(
@@ -80,12 +83,21 @@ def distill_locked(
     meta: fmt.DatasetMeta,
     cmeta: clf.ClassifierMeta | None,
     callbacks: Sequence[Any],
+    tracking_parent: str | None = None,
 ) -> RunOutcome:
     spec = student_spec(config, name, meta, cmeta)
-    outcome = fit(config, spec, name=name, callbacks=callbacks)
+    outcome, tracked = tracked_fit(
+        config,
+        spec,
+        name=name,
+        callbacks=callbacks,
+        classifier_checksum=None if cmeta is None else clf.checksum(cmeta),
+        parent=tracking_parent,
+    )
     uri = student_uri(config, name)
     if trained_nothing(outcome) and storage.exists(uri):
         print(f"[run] {name}: finished already, nothing trained; {uri} left as it is")
+        finish(config, name, outcome, tracked)
         return outcome
     export = StudentExport.from_state(
         outcome.state,
@@ -96,6 +108,7 @@ def distill_locked(
     )
     write_student_export(uri, export)
     export_best(config, name)
+    finish(config, name, outcome, tracked)
     return outcome
 
 

@@ -35,7 +35,8 @@ from orchestrator.train.spec import (
     TeacherSnapshots,
     TrainSpec,
 )
-from orchestrator.train.trainer import RunOutcome, fit, trained_nothing
+from orchestrator.train.tracked import finish, tracked_fit
+from orchestrator.train.trainer import RunOutcome, trained_nothing
 
 
 def train_teacher(config: ExperimentConfig, name: str | None = None) -> RunOutcome:
@@ -67,11 +68,13 @@ def train_teacher_locked(config: ExperimentConfig, name: str, meta: fmt.DatasetM
         best_uri=best_uri(config, name) if config.run.keep_best else None,
         snapshots=teacher_snapshots(config, meta),
     )
-    outcome = fit(config, spec, name=name)
+    outcome, tracked = tracked_fit(config, spec, name=name)
     if trained_nothing(outcome) and storage.exists(config.teacher.backbone):
         print(f"[run] {name}: finished already; {config.teacher.backbone} left as it is")
+        finish(config, name, outcome, tracked)
         return outcome
     export_teacher(config, outcome.state, meta)
+    finish(config, name, outcome, tracked)
     return outcome
 
 

@@ -191,6 +191,8 @@ def summary(outcome: RunOutcome) -> dict[str, Any]:
             {"epoch": epoch, "samples_per_s": round(rate, 1), "input_wait_share": round(wait, 3)}
             for epoch, (rate, wait) in history.measured_throughput()
         ],
+        # Each trained epoch's figures as the tracker logs them (exact, not rounded).
+        "epochs": [dict(curve) for curve in history.curves],
         **{
             k: (round(v, 4) if isinstance(v, float) and np.isfinite(v) else v)
             for k, v in outcome.metrics.items()

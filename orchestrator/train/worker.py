@@ -44,7 +44,13 @@ from orchestrator.train.epoch import (
     print_epoch_done,
     train_batch,
 )
-from orchestrator.train.history import EpochStats, after_epoch, history_at_start, report_metrics
+from orchestrator.train.history import (
+    EpochStats,
+    after_epoch,
+    history_at_start,
+    report_metrics,
+    with_validation,
+)
 from orchestrator.train.midepoch import (
     epoch_progress,
     inside_line,
@@ -81,7 +87,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             world_size=state.world_size,
         )
         stats = run_epoch(state, epoch)
-        state.history = after_epoch(state.history, epoch, stats, state.teacher_backbone)
+        state.history = after_epoch(
+            state.history,
+            epoch,
+            stats,
+            state.teacher_backbone,
+            step=(epoch + 1) * state.schedule.steps_per_epoch,
+        )
         if spec.snapshots is not None and state.rank == 0:
             save_snapshot(state, spec.snapshots, epoch)
         epochs, run = spec.optim.epochs, config.run
@@ -224,8 +236,11 @@ def checkpoint_inside(
 def report(state: WorkerState, stats: EpochStats, *, validate: bool, save: bool) -> None:
     """Every rank reports (it is a barrier); rank 0 validates when due and attaches the
     checkpoint when one is due. The latest validation metrics ride along every report."""
-    if validate and state.validator is not None:
+    validated = validate and state.validator is not None
+    if validated:
+        assert state.validator is not None
         state.validation = state.validator.metrics(unwrap(state.student))
+        state.history = with_validation(state.history, stats.epoch, state.validation)
         keep_if_best(state, stats.epoch)
     metrics = report_metrics(
         state.history,
@@ -233,6 +248,7 @@ def report(state: WorkerState, stats: EpochStats, *, validate: bool, save: bool)
         start_epoch=state.start_epoch,
         validation=state.validation,
         best_epoch=None if state.best is None else state.best.epoch,
+        validated=validated,
     )
     if stats.global_batch:
         metrics.update(memory_mb())

@@ -1,0 +1,167 @@
+"""Runs mirrored in MLflow, read back from a real ``mlflow server`` (SQLite, artifacts on
+the embedded S3 server) through ``MlflowClient``: params, per-epoch curves, artifacts, one
+MLflow run per training run across resumes, and a server that dies in the middle of a run."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator import storage
+from orchestrator.config import DataConfig, ExperimentConfig, TrackingConfig
+from orchestrator.objectstore import EmbeddedObjectStore
+from orchestrator.runs import RUN_RECORD, run_dir
+from orchestrator.tracking.runs import SUMMARY_FILE, config_params
+from orchestrator.train.launch import distill
+from tests.conftest import BUCKET, TrainSetup
+from tests.mlflow_server import MlflowServer
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(
+    tmp_path_factory: pytest.TempPathFactory, object_store: EmbeddedObjectStore
+) -> Iterator[MlflowServer]:
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"), object_store, BUCKET)
+    server.start()
+    yield server
+    server.stop()
+
+
+def client(server: MlflowServer) -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=server.uri)
+
+
+def tracked(
+    setup: TrainSetup, tmp_path: Path, server: MlflowServer, **run: Any
+) -> ExperimentConfig:
+    base = setup.base
+    return replace(
+        base,
+        storage_path=str(tmp_path / "runs"),
+        run=replace(base.run, **run),
+        tracking=TrackingConfig(uri=server.uri, experiment=f"test-{tmp_path.name}"),
+    )
+
+
+def summary_of(config: ExperimentConfig, name: str) -> dict[str, Any]:
+    return json.loads(storage.read_text(storage.join(run_dir(config, name), SUMMARY_FILE)))
+
+
+def mlflow_run_id(config: ExperimentConfig, name: str) -> str:
+    record = json.loads(storage.read_text(storage.join(run_dir(config, name), RUN_RECORD)))
+    return str(record["mlflow"]["run_id"])
+
+
+def curves(mlflow: Any, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in mlflow.get_metric_history(run_id, key))
+
+
+def expected_curve(summary: dict[str, Any], key: str) -> list[tuple[int, float]]:
+    return sorted((int(e["step"]), e[key]) for e in summary["epochs"] if key in e)
+
+
+def test_a_run_its_resume_and_their_curves_are_one_mlflow_run(
+    train_setup: TrainSetup, tmp_path: Path, mlflow_server: MlflowServer, ray_cluster: None
+) -> None:
+    config = tracked(train_setup, tmp_path, mlflow_server, eval_every_epochs=1)
+    config = replace(config, optim=replace(config.optim, epochs=1))
+    distill(config, "r")
+    first = mlflow_run_id(config, "r")
+    longer = replace(config, optim=replace(config.optim, epochs=2))
+    distill(longer, "r")  # extends the run: resumes after epoch 1
+    run_id = mlflow_run_id(longer, "r")
+    assert run_id == first
+
+    mlflow = client(mlflow_server)
+    experiment = mlflow.get_experiment_by_name(config.tracking.experiment)
+    runs = mlflow.search_runs([experiment.experiment_id])
+    assert [r.info.run_id for r in runs] == [run_id]  # one MLflow run for both attempts
+    run = mlflow.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    # Params: the first attempt's config; the resume's changed setting is tagged.
+    assert run.data.params == config_params(config)
+    assert run.data.tags["param_changed.optim.epochs"] == "2"
+    assert json.loads(run.data.tags["world_sizes"]) == [2, 2]
+    assert json.loads(run.data.tags["resumed_at_epoch"]) == [1]
+    assert run.data.tags["method"] == "proxyless"
+    assert run.data.tags["classifier_checksum"].startswith("sha256:")
+
+    summary = summary_of(longer, "r")
+    assert [e["epoch"] for e in summary["epochs"]] == [0.0, 1.0]
+    for key in ("loss", "lr", "samples_per_s", "input_wait_share", "val_auc"):
+        assert curves(mlflow, run_id, key) == expected_curve(summary, key), key
+        assert len(curves(mlflow, run_id, key)) == 2, key
+
+    stored = storage.read_bytes(storage.join(run_dir(longer, "r"), SUMMARY_FILE))
+    local = mlflow.download_artifacts(run_id, SUMMARY_FILE, str(tmp_path))
+    assert Path(local).read_bytes() == stored
+
+
+def test_a_server_that_dies_mid_run_costs_the_run_nothing_and_misses_no_epoch(
+    train_setup: TrainSetup, tmp_path: Path, mlflow_server: MlflowServer, ray_cluster: None
+) -> None:
+    config = tracked(train_setup, tmp_path, mlflow_server)
+    config = replace(
+        config,
+        optim=replace(config.optim, epochs=8),
+        # About 3 s an epoch: the outage spans several epochs.
+        data=replace(config.data, throttle_images_per_s=6.0),
+        tracking=replace(config.tracking, timeout_s=1.0),
+    )
+    mlflow = client(mlflow_server)
+    outage: dict[str, float] = {}
+
+    def kill_after_the_first_epoch() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                run_id = mlflow_run_id(config, "outage")
+                if mlflow.get_metric_history(run_id, "loss"):
+                    break
+            except (FileNotFoundError, KeyError, json.JSONDecodeError):
+                pass
+            time.sleep(0.2)
+        mlflow_server.stop()
+        outage["from"] = time.monotonic()
+        time.sleep(4.0)
+        mlflow_server.start()
+        outage["to"] = time.monotonic()
+
+    killer = threading.Thread(target=kill_after_the_first_epoch)
+    killer.start()
+    outcome = distill(config, "outage")
+    killer.join(timeout=120)
+    assert "to" in outage, "the server was never stopped"
+    assert list(outcome.state.history.epochs_done) == list(range(8))
+
+    run_id = mlflow_run_id(config, "outage")
+    summary = summary_of(config, "outage")
+    assert len(summary["epochs"]) == 8
+    for key in ("loss", "lr", "samples_per_s"):
+        # Every epoch once: those logged live, and those of the outage logged at the end.
+        assert curves(mlflow, run_id, key) == expected_curve(summary, key), key
+    assert mlflow.get_run(run_id).info.status == "FINISHED"
+
+
+def test_a_storage_path_on_object_storage_without_a_uri_tracks_nothing(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from orchestrator.tracking.client import target_of
+
+    config = ExperimentConfig(storage_path="s3://bucket/runs", data=DataConfig())
+    assert target_of(config) is None
+    assert "tracking.uri is empty" in capsys.readouterr().err
+    assert target_of(replace(config, tracking=TrackingConfig(enabled=False))) is None
+    local = replace(config, storage_path="/data/runs")
+    target = target_of(local)
+    assert target is not None and target.uri == "sqlite:////data/runs/mlflow.db"
+    assert target.experiment == config.name
