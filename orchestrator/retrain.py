@@ -40,6 +40,7 @@ from orchestrator.locks import LockHeldError, expiring_lock
 from orchestrator.metric_names import BENCHMARK_METRIC, Metric
 from orchestrator.runs import student_uri
 from orchestrator.storage import StorageError
+from orchestrator.tracking.registry import mirror_registry
 from orchestrator.train.launch import distill
 
 CHAMPION = "champion.json"
@@ -165,9 +166,31 @@ def run(config: ExperimentConfig) -> Decision:
         )
     try:
         with registry_lock(retrain.registry, retrain):
-            return decide(config, snapshot)
+            try:
+                return decide(config, snapshot)
+            finally:  # also after a refusal: MLflow shows what the registry holds
+                mirror(config)
     except LockHeldError as err:
         return Decision(Outcome.LOCKED, snapshot, {}, f"another run is in progress: {err}")
+
+
+def mirror(config: ExperimentConfig) -> None:
+    """MLflow's registered model made to agree with the registry (under its lock)."""
+    registry = config.retrain.registry
+    where = storage.join(registry, "candidates")
+    candidates = [
+        dict(json.loads(storage.read_text(storage.join(where, name))))
+        for name in sorted(storage.file_names(where))
+        if name.endswith(".json")
+    ]
+    decisions = {
+        h["fingerprint"]: h["decision"]
+        for h in history(registry)
+        if h["decision"] in ("promoted", "rejected")
+    }
+    mirror_registry(
+        config, candidates=candidates, decisions=decisions, champion=read_champion(registry)
+    )
 
 
 def decide(config: ExperimentConfig, snapshot: Snapshot) -> Decision:

@@ -34,7 +34,9 @@ from orchestrator.data.ray_input import configured_plan
 from orchestrator.errors import UsageError
 from orchestrator.metric_names import report_key, validation_key
 from orchestrator.pareto import retime_completed, write_front
-from orchestrator.runs import absolute_paths, ensure_ray, process_env
+from orchestrator.runs import absolute_paths, ensure_ray, process_env, run_dir
+from orchestrator.tracking.parents import close_parent, open_parent, parent_id, tag_run
+from orchestrator.tracking.runs import TrackedRun, end_failed, tracked_run_id
 from orchestrator.train.checks import check_run_inputs
 from orchestrator.train.launch import distill
 from orchestrator.trial_cost import judge_cost, with_cost
@@ -126,7 +128,8 @@ def run_trial(params: dict[str, Any], base: dict[str, Any]) -> None:
             ray.tune.report(verdict.refusal(config))
             return
         extra = verdict.metrics()
-    distill(config, name, callbacks=[with_cost(extra)])
+    parent = parent_id(search_path(config))
+    distill(config, name, callbacks=[with_cost(extra)], tracking_parent=parent)
 
 
 def search_path(config: ExperimentConfig) -> str:
@@ -164,22 +167,45 @@ def run_search(config: ExperimentConfig, resume: bool = False) -> SearchOutcome:
             max_concurrent_trials=plan.concurrent,
         )
 
-    grid = fit_trials(
-        run_trial,
-        config,
-        path=path,
-        space=param_space(config.tune),
-        tune_config=tune_config,
-        resume=resume,
-        what="search",
+    parent = open_parent(config, path, kind="search")
+    try:
+        grid = fit_trials(
+            run_trial,
+            config,
+            path=path,
+            space=param_space(config.tune),
+            tune_config=tune_config,
+            resume=resume,
+            what="search",
+        )
+        rows = [trial_row(grid[i], config) for i in range(len(grid))]
+        if config.tune.measures_cost():
+            rows = retime_completed(config, rows)
+        outcome = summarize(config, rows, path)
+        if has_front(config):
+            outcome = replace(outcome, front=tuple(write_front(config, rows, outcome.summary)))
+    except BaseException:
+        end_failed(parent)
+        raise
+    if parent is not None:
+        close_search(config, parent, outcome)
+    return outcome
+
+
+def close_search(config: ExperimentConfig, parent: TrackedRun, outcome: SearchOutcome) -> None:
+    """The parent run gets the summary's files, the best trial's metric, and the best
+    trial's own run is tagged."""
+    best = outcome.best
+    files = storage.file_names(outcome.summary)
+    close_parent(
+        parent,
+        metrics={f"best_{accuracy_key(config)}": best.metric or float("nan")},
+        artifacts={f"summary/{f}": storage.join(outcome.summary, f) for f in sorted(files)},
+        tags={"best_trial": best.trial_id, "trials": str(len(outcome.rows))},
     )
-    rows = [trial_row(grid[i], config) for i in range(len(grid))]
-    if config.tune.measures_cost():
-        rows = retime_completed(config, rows)
-    outcome = summarize(config, rows, path)
-    if not has_front(config):
-        return outcome
-    return replace(outcome, front=tuple(write_front(config, rows, outcome.summary)))
+    child = tracked_run_id(run_dir(config, f"{config.name}-{best.trial_id}"))
+    if child is not None:
+        tag_run(parent, child, {"best_trial": "true"})
 
 
 def has_front(config: ExperimentConfig) -> bool:

@@ -5,6 +5,7 @@ import subprocess
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from orchestrator.config import ExperimentConfig, SyntheticConfig
 from orchestrator.data.prepare import SyntheticDatasets, write_synthetic
 from orchestrator.objectstore import EmbeddedObjectStore
+from tests.mlflow_server import MlflowServer
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATASETS = REPO.parent / "shared" / "datasets"
@@ -87,6 +89,24 @@ def object_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedO
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(
+    tmp_path_factory: pytest.TempPathFactory, object_store: EmbeddedObjectStore
+) -> Iterator[MlflowServer]:
+    """A real ``mlflow server`` on loopback for the session (SQLite, artifacts on the
+    embedded S3 server); each test logs to an experiment or registered model of its own."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"), object_store, BUCKET)
+    server.start()
+    yield server
+    server.stop()
+
+
+def mlflow_client(server: MlflowServer) -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=server.uri)
 
 
 _RAY_STARTED_WITH: dict[str, str | None] = {}

@@ -11,13 +11,21 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
+from mlflow import MlflowClient
 
 from orchestrator import storage
 from orchestrator.benchmarks.suite import bin_from_eval_set, load_bin_benchmark
 from orchestrator.benchmarks.verification_bin import write_bin
-from orchestrator.config import ExperimentConfig, OptimConfig, RetrainConfig, SyntheticConfig
+from orchestrator.config import (
+    ExperimentConfig,
+    OptimConfig,
+    RetrainConfig,
+    SyntheticConfig,
+    TrackingConfig,
+)
 from orchestrator.data.prepare import SyntheticDatasets, write_synthetic
 from orchestrator.errors import MissingMetricError
 from orchestrator.evaluation import Flip, embed_images, pair_verification
@@ -27,6 +35,7 @@ from orchestrator.retrain import Outcome, candidate_config, newest_snapshot
 from orchestrator.runs import student_uri
 from orchestrator.train.launch import distill
 from tests.conftest import BUCKET, REPO, make_train_setup
+from tests.mlflow_server import MlflowServer
 from tests.test_benchmarks import independent_ijb, write_ijb_tree
 
 pytestmark = pytest.mark.usefixtures("ray_with_store")
@@ -55,19 +64,53 @@ def publish_snapshot(store: EmbeddedObjectStore, prefix: str, name: str, seed: i
 
 
 @pytest.fixture(scope="module")
-def base(tiny_synthetic: SyntheticDatasets) -> ExperimentConfig:
+def base(tiny_synthetic: SyntheticDatasets, mlflow_server: MlflowServer) -> ExperimentConfig:
     setup = make_train_setup(f"{ROOT}/teacher", tiny_synthetic)
     return replace(
         setup.base,
         storage_path=f"{ROOT}/runs",
         optim=OptimConfig(lr=0.05, epochs=1, batch_size=8),
         retrain=RetrainConfig(benchmark=tiny_synthetic.eval_uri, lock_settle_s=0.2),
+        # Every decision is mirrored in the MLflow registry (mirrored() checks it).
+        tracking=TrackingConfig(uri=mlflow_server.uri, experiment="retrain"),
     )
 
 
 def configured(base: ExperimentConfig, case: str, **retrain: object) -> ExperimentConfig:
     settings = {"snapshots": f"{ROOT}/{case}/snapshots", "registry": f"{ROOT}/{case}/registry"}
-    return replace(base, retrain=replace(base.retrain, **{**settings, **retrain}))  # type: ignore[arg-type]
+    tracking = replace(base.tracking, registered_model=f"retrain-{case}")
+    return replace(
+        base,
+        retrain=replace(base.retrain, **{**settings, **retrain}),  # type: ignore[arg-type]
+        tracking=tracking,
+    )
+
+
+def mirrored(config: ExperimentConfig) -> dict[str, Any]:
+    """Check that MLflow's registered model agrees with the registry: a version per
+    evaluated candidate (by fingerprint) with its final decision, and the champion alias on
+    the champion's version (no alias without a champion). Returns the versions by
+    fingerprint."""
+    mlflow = MlflowClient(tracking_uri=config.tracking.uri)
+    model = config.tracking.registered_model
+    versions = {v.tags["fingerprint"]: v for v in mlflow.search_model_versions(f"name='{model}'")}
+    registry = config.retrain.registry
+    names = storage.file_names(f"{registry}/candidates")
+    candidates = [json.loads(storage.read_text(f"{registry}/candidates/{n}")) for n in names]
+    pointer = f"{registry}/champion.json"
+    best = json.loads(storage.read_text(pointer)) if storage.exists(pointer) else None
+    expected = {c["fingerprint"] for c in candidates} | ({best["fingerprint"]} if best else set())
+    assert set(versions) == expected
+    for entry in history(config) if storage.exists(f"{registry}/history.jsonl") else []:
+        if entry["decision"] in ("promoted", "rejected"):
+            assert versions[entry["fingerprint"]].tags["decision"] == entry["decision"]
+    aliases = mlflow.get_registered_model(model).aliases if versions else {}
+    if best is None:
+        assert "champion" not in aliases
+    else:
+        assert aliases["champion"] == versions[best["fingerprint"]].version
+        assert versions[best["fingerprint"]].source == best["student"]
+    return versions
 
 
 def history(config: ExperimentConfig) -> list[dict]:
@@ -99,8 +142,10 @@ def test_promote_then_skip_without_retraining(
     assert snapshot is not None and snapshot.uri == uri
     student = student_uri(candidate_config(config, snapshot), f"retrain-{snapshot.short}")
     assert champion(config)["student"] == student and champion(config)["version"] == 1
+    assert len(mirrored(config)) == 1
     trained_at = object_store.client().modified(student.removeprefix("s3://"))
     assert run(config) is Outcome.SKIPPED
+    assert len(mirrored(config)) == 1
     assert object_store.client().modified(student.removeprefix("s3://")) == trained_at
     decisions = [h["decision"] for h in history(config)]
     assert decisions == ["promoted", "skipped"]
@@ -119,6 +164,7 @@ def test_reject_keeps_the_champion(
     strict = replace(config, retrain=replace(config.retrain, min_improvement=2.0))  # unreachable
     assert run(strict) is Outcome.REJECTED
     assert champion(config) == first
+    assert len(mirrored(config)) == 2  # the rejected one a version too, the alias unmoved
     last = history(config)[-1]
     assert last["decision"] == "rejected" and last["snapshot"].endswith("2026-02")
     assert last["champion_value"] is not None and "acc_10fold" in last["metrics"]
@@ -159,6 +205,7 @@ def test_crash_between_training_and_promotion_is_completed_once(
         json.dumps({"owner": "crashed:1", "expires_at": time.time() - 1}),
     )
     assert run(config) is Outcome.PROMOTED
+    assert len(mirrored(config)) == 1
     assert object_store.client().modified(student.removeprefix("s3://")) == trained_at
     # Killed again after the pointer moved, before the history line: the next run records
     # the promotion and promotes nothing twice.
@@ -168,6 +215,7 @@ def test_crash_between_training_and_promotion_is_completed_once(
     assert run(config) is Outcome.SKIPPED
     decisions = [h["decision"] for h in history(config)]
     assert decisions == ["promoted", "skipped"]
+    assert len(mirrored(config)) == 1
     champions = object_store.client().glob(
         f"{config.retrain.registry.removeprefix('s3://')}/champions/*.json"
     )

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -16,28 +15,11 @@ import pytest
 
 from orchestrator import storage
 from orchestrator.config import DataConfig, ExperimentConfig, TrackingConfig
-from orchestrator.objectstore import EmbeddedObjectStore
 from orchestrator.runs import RUN_RECORD, run_dir
 from orchestrator.tracking.runs import SUMMARY_FILE, config_params
 from orchestrator.train.launch import distill
-from tests.conftest import BUCKET, TrainSetup
+from tests.conftest import TrainSetup, mlflow_client
 from tests.mlflow_server import MlflowServer
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(
-    tmp_path_factory: pytest.TempPathFactory, object_store: EmbeddedObjectStore
-) -> Iterator[MlflowServer]:
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow"), object_store, BUCKET)
-    server.start()
-    yield server
-    server.stop()
-
-
-def client(server: MlflowServer) -> Any:
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=server.uri)
 
 
 def tracked(
@@ -81,7 +63,7 @@ def test_a_run_its_resume_and_their_curves_are_one_mlflow_run(
     run_id = mlflow_run_id(longer, "r")
     assert run_id == first
 
-    mlflow = client(mlflow_server)
+    mlflow = mlflow_client(mlflow_server)
     experiment = mlflow.get_experiment_by_name(config.tracking.experiment)
     runs = mlflow.search_runs([experiment.experiment_id])
     assert [r.info.run_id for r in runs] == [run_id]  # one MLflow run for both attempts
@@ -117,7 +99,7 @@ def test_a_server_that_dies_mid_run_costs_the_run_nothing_and_misses_no_epoch(
         data=replace(config.data, throttle_images_per_s=6.0),
         tracking=replace(config.tracking, timeout_s=1.0),
     )
-    mlflow = client(mlflow_server)
+    mlflow = mlflow_client(mlflow_server)
     outage: dict[str, float] = {}
 
     def kill_after_the_first_epoch() -> None:

@@ -36,6 +36,8 @@ from orchestrator.runs import (
     training_settings,
 )
 from orchestrator.teacher.models import load_teacher_backbone
+from orchestrator.tracking.parents import close_parent, numeric_leaves, open_parent, parent_id
+from orchestrator.tracking.runs import TrackedRun, end_failed
 from orchestrator.train.checks import check_run_inputs
 from orchestrator.train.launch import distill
 from orchestrator.tune import (
@@ -65,7 +67,9 @@ def run_cell(params: dict[str, Any], base: dict[str, Any]) -> None:
 
     method, seed = cell_of(params)
     config = cell_config(base, method, seed)
-    distill(config, run_name(config, config.loss.method, config.seed), [TuneReportCallback()])
+    name = run_name(config, config.loss.method, config.seed)
+    parent = parent_id(compare_path(config))
+    distill(config, name, [TuneReportCallback()], tracking_parent=parent)
 
 
 def cell_of(params: Mapping[str, Any]) -> tuple[str, int]:
@@ -125,9 +129,6 @@ def check_cells(config: ExperimentConfig) -> None:
 
 def run_compare(config: ExperimentConfig, resume: bool = False) -> Comparison:
     """Train (or, with ``resume``, finish training) the grid, then evaluate and summarise."""
-    # ray.tune: heavy (about a second to import), imported where it is used
-    from ray import tune as rt
-
     config = absolute_paths(config)
     check_cells(config)
     ensure_ray()
@@ -156,6 +157,38 @@ def run_compare(config: ExperimentConfig, resume: bool = False) -> Comparison:
         f"{len(todo)} to train",
         flush=True,
     )
+    parent = open_parent(config, path, kind="comparison")
+    try:
+        comparison = train_and_summarize(config, path, todo, concurrent, resume=resume)
+    except BaseException:
+        end_failed(parent)
+        raise
+    if parent is not None:
+        close_comparison(parent, comparison)
+    return comparison
+
+
+def close_comparison(parent: TrackedRun, comparison: Comparison) -> None:
+    """The parent run gets the summary's files, and every method's mean, spread and
+    interval to the baseline as metrics (``<column>/<method>/mean``, ...)."""
+    data = json.loads(storage.read_text(storage.join(comparison.summary, "comparison.json")))
+    files = sorted(storage.file_names(comparison.summary))
+    close_parent(
+        parent,
+        metrics=numeric_leaves(data["tables"]),
+        artifacts={f: storage.join(comparison.summary, f) for f in files},
+        tags={"baseline": str(data["baseline"])},
+    )
+
+
+def train_and_summarize(
+    config: ExperimentConfig, path: str, todo: list[str], concurrent: int, *, resume: bool
+) -> Comparison:
+    """Train the cells of ``todo`` (or finish a grid, with ``resume``), evaluate every cell
+    and write the summary."""
+    # ray.tune: heavy (about a second to import), imported where it is used
+    from ray import tune as rt
+
     grid_at = grid_path(path, resume=resume)
     if resume and grid_at is None:
         raise FileNotFoundError(f"--resume: no comparison to resume at {path}")

@@ -90,6 +90,15 @@ def open_run(
     return TrackedRun(target, run_id)
 
 
+def tracked_run_id(root: str) -> str | None:
+    """The MLflow run of the training run at ``root``, as its ``run.json`` records it."""
+    uri = storage.join(root, RUN_RECORD)
+    if not storage.exists(uri):
+        return None
+    found = json.loads(storage.read_text(uri)).get(RECORD_KEY, {}).get("run_id")
+    return None if found is None else str(found)
+
+
 def log_params(tracker: Tracker, run_id: str, config: ExperimentConfig) -> None:
     """The flattened config as the run's params; on a resume only the keys the run does not
     have yet (MLflow's params cannot change; run.json's fingerprint guards the rest)."""

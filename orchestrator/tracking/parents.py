@@ -1,0 +1,102 @@
+"""Searches and comparisons as parent MLflow runs: ``jobs.tune`` and ``jobs.compare`` open
+one parent each (its id kept in ``<search or comparison path>/mlflow_parent.json``, so a
+resumed search keeps it), every trial's training run is its child, and the parent closes
+with the summary's files as artifacts and its numbers as metrics."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from orchestrator import storage
+from orchestrator.config import ExperimentConfig
+from orchestrator.tracking.client import Tracker, target_of
+from orchestrator.tracking.runs import RECORD_KEY, TrackedRun, log_params, upload
+
+PARENT_RECORD = "mlflow_parent.json"
+KIND_TAG = "kind"  # search | comparison
+METRIC_KEY_JUNK = re.compile(r"[^\w\-. /]")  # what MLflow refuses in a metric's name
+
+
+def open_parent(config: ExperimentConfig, path: str, *, kind: str) -> TrackedRun | None:
+    """The parent run of the search or comparison at ``path``: the one recorded there when
+    the server still has it, else a new one."""
+    target = target_of(config)
+    if target is None:
+        return None
+    tracker = Tracker(target)
+    record_uri = storage.join(path, PARENT_RECORD)
+    known = parent_id(path)
+    if known and tracker.call("finding the parent run", lambda c: c.get_run(known)) is not None:
+        tracker.call("resuming the parent run", lambda c: c.update_run(known, status="RUNNING"))
+        print(f"[tracking] {kind} {config.name}: continuing MLflow run {known}", flush=True)
+        return TrackedRun(target, known)
+    experiment = tracker.experiment_id()
+    if experiment is None:
+        return None
+    tags = {KIND_TAG: kind, "storage_path": path}
+    made = tracker.call(
+        "creating the parent run",
+        lambda c: c.create_run(experiment, run_name=f"{config.name} ({kind})", tags=tags),
+    )
+    if made is None:
+        return None
+    run_id = str(made.info.run_id)
+    storage.makedirs(path)
+    record = {RECORD_KEY: {"run_id": run_id, "experiment": target.experiment, "uri": target.shown}}
+    storage.write_text_atomic(record_uri, json.dumps(record, indent=2))
+    log_params(tracker, run_id, config)
+    print(f"[tracking] {kind} {config.name}: MLflow run {run_id} at {target.shown}", flush=True)
+    return TrackedRun(target, run_id)
+
+
+def parent_id(path: str) -> str | None:
+    """The parent run recorded at ``path`` (what a trial's run names as its parent)."""
+    uri = storage.join(path, PARENT_RECORD)
+    if not storage.exists(uri):
+        return None
+    return str(json.loads(storage.read_text(uri))[RECORD_KEY]["run_id"])
+
+
+def numeric_leaves(data: Any, prefix: str = "") -> dict[str, float]:
+    """Every number in nested ``data`` by its path (``a/b/c``), in names MLflow takes."""
+    if isinstance(data, bool) or data is None:
+        return {}
+    if isinstance(data, int | float):
+        return {METRIC_KEY_JUNK.sub("_", prefix): float(data)}
+    if isinstance(data, Mapping):
+        out: dict[str, float] = {}
+        for key, value in data.items():
+            out.update(numeric_leaves(value, f"{prefix}/{key}" if prefix else str(key)))
+        return out
+    return {}
+
+
+def close_parent(
+    run: TrackedRun,
+    *,
+    metrics: Mapping[str, float],
+    artifacts: Mapping[str, str],
+    tags: Mapping[str, str] = {},
+) -> None:
+    """Log the summary's numbers, upload its files, set ``tags`` and end the parent."""
+    from mlflow.entities import Metric  # mlflow: heavy, loaded only when a job tracks
+
+    tracker, run_id = run.tracker(), run.run_id
+    entries = [Metric(k, v, 0, 0) for k, v in metrics.items() if v == v]  # NaN left out
+    for start in range(0, len(entries), 1000):
+        part = entries[start : start + 1000]
+        tracker.call("logging the summary", lambda c, p: c.log_batch(run_id, metrics=p), part)
+    for key, value in tags.items():
+        tracker.call(f"tagging {key}", lambda c, k, v: c.set_tag(run_id, k, v), key, value)
+    upload(tracker, run_id, artifacts, {})
+    tracker.call("ending the parent run", lambda c: c.set_terminated(run_id, status="FINISHED"))
+
+
+def tag_run(run: TrackedRun, run_id: str, tags: Mapping[str, str]) -> None:
+    """Set ``tags`` on another run of the same server (a parent marks its best child)."""
+    tracker = run.tracker()
+    for key, value in tags.items():
+        tracker.call(f"tagging {key}", lambda c, k, v: c.set_tag(run_id, k, v), key, value)
