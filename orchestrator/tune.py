@@ -35,7 +35,7 @@ from orchestrator.errors import UsageError
 from orchestrator.metric_names import report_key, validation_key
 from orchestrator.pareto import retime_completed, write_front
 from orchestrator.runs import absolute_paths, ensure_ray, process_env, run_dir
-from orchestrator.tracking.parents import close_parent, open_parent, parent_id, tag_run
+from orchestrator.tracking.parents import close_parent, end_run, open_parent, parent_id, tag_run
 from orchestrator.tracking.runs import TrackedRun, end_failed, tracked_run_id
 from orchestrator.train.checks import check_run_inputs
 from orchestrator.train.launch import distill
@@ -203,9 +203,14 @@ def close_search(config: ExperimentConfig, parent: TrackedRun, outcome: SearchOu
         artifacts={f"summary/{f}": storage.join(outcome.summary, f) for f in sorted(files)},
         tags={"best_trial": best.trial_id, "trials": str(len(outcome.rows))},
     )
-    child = tracked_run_id(run_dir(config, f"{config.name}-{best.trial_id}"))
-    if child is not None:
-        tag_run(parent, child, {"best_trial": "true"})
+    for row in outcome.rows:
+        child = tracked_run_id(run_dir(config, f"{config.name}-{row.trial_id}"))
+        if child is None:
+            continue
+        if row is best:
+            tag_run(parent, child, {"best_trial": "true"})
+        if row.status != "completed":  # stopped by the scheduler: its run never closed
+            end_run(parent, child, "KILLED")
 
 
 def has_front(config: ExperimentConfig) -> bool:

@@ -25,6 +25,7 @@ from orchestrator.config import (
     ScalingConfig,
     SearchAlgorithm,
     SearchSpace,
+    TrackingConfig,
     TuneConfig,
     dump_yaml,
     from_dict,
@@ -36,16 +37,25 @@ from orchestrator.formats.student import load_student
 from orchestrator.metric_names import Metric
 from orchestrator.tune import trial_resources
 from orchestrator.tune_space import param_space
-from tests.conftest import REPO, TrainSetup, clean_env, interrupt_when, run_job_here
+from tests.conftest import (
+    REPO,
+    TrainSetup,
+    clean_env,
+    interrupt_when,
+    mlflow_client,
+    run_job_here,
+)
+from tests.mlflow_server import MlflowServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 
-def search_config(setup: TrainSetup, root: Path) -> Path:
+def search_config(setup: TrainSetup, root: Path, tracking_uri: str = "") -> Path:
     base = setup.base
     config = replace(
         base,
         name="search",
+        tracking=TrackingConfig(enabled=bool(tracking_uri), uri=tracking_uri, experiment="tune"),
         storage_path=str(root / "runs"),
         data=replace(base.data, decode=DecodeAt.POOL, decode_actors=1, decode_cpus=0.25),
         scaling=ScalingConfig(num_workers=1, cpus_per_worker=0.25),
@@ -79,12 +89,16 @@ def students(root: Path) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def search(
-    train_setup: TrainSetup, tmp_path_factory: pytest.TempPathFactory, ray_cluster: None
+    train_setup: TrainSetup,
+    tmp_path_factory: pytest.TempPathFactory,
+    ray_cluster: None,
+    mlflow_server: MlflowServer,
 ) -> dict:
     """The search through the real CLI, interrupted with Ctrl-C after its first trial (a
-    process of its own), then resumed with the CLI called here, on the session's cluster."""
+    process of its own), then resumed with the CLI called here, on the session's cluster;
+    tracked on the session's MLflow server."""
     root = tmp_path_factory.mktemp("tune")
-    config = search_config(train_setup, root)
+    config = search_config(train_setup, root, mlflow_server.uri)
     first_output = interrupt_when(tune_cli(config), lambda: students(root), "trial")
     finished_before = students(root)
     resumed = run_job_here(tune_job.main, ["--config", str(config), "--resume"])
@@ -134,6 +148,35 @@ def test_search_table_best_yaml_and_plot(search: dict, train_setup: TrainSetup) 
     # ... and jobs.distill trains from it unchanged.
     assert distill_job.main(["--config", str(best_yaml)]) == 0
     assert (Path(loaded.storage_path) / "search-best" / "student.pt").exists()
+
+
+def test_the_search_is_one_parent_run_with_a_run_per_trial(
+    search: dict, mlflow_server: MlflowServer
+) -> None:
+    mlflow = mlflow_client(mlflow_server)
+    experiment = mlflow.get_experiment_by_name("tune").experiment_id
+    parents = mlflow.search_runs([experiment], "tags.kind = 'search'")
+    assert len(parents) == 1  # interrupted and resumed: still one
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    children = mlflow.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    trials = search["trials"]
+    # One child per trial, the interrupted one included once: every trial trained.
+    names = sorted(c.info.run_name for c in children)
+    assert names == sorted(f"search-{t['trial_id']}" for t in trials)
+    best = max((t for t in trials if t["status"] == "completed"), key=lambda t: t["metric"])
+    assert parent.data.tags["best_trial"] == best["trial_id"]
+    tagged = [c.info.run_name for c in children if c.data.tags.get("best_trial") == "true"]
+    status = {t["trial_id"]: t["status"] for t in trials}
+    for child in children:  # ASHA's stopped trials never return to close their runs
+        trial = child.info.run_name.removeprefix("search-")
+        assert child.info.status == ("FINISHED" if status[trial] == "completed" else "KILLED")
+    assert tagged == [f"search-{best['trial_id']}"]
+    assert parent.data.metrics["best_val_auc"] == pytest.approx(best["metric"], abs=1e-12)
+    local = mlflow.download_artifacts(
+        parent.info.run_id, "summary/trials.json", str(search["root"])
+    )
+    assert Path(local).read_bytes() == (search["summary"] / "trials.json").read_bytes()
 
 
 def checkpoint_times(run_dir: Path) -> list[datetime]:

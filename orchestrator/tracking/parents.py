@@ -100,3 +100,8 @@ def tag_run(run: TrackedRun, run_id: str, tags: Mapping[str, str]) -> None:
     tracker = run.tracker()
     for key, value in tags.items():
         tracker.call(f"tagging {key}", lambda c, k, v: c.set_tag(run_id, k, v), key, value)
+
+
+def end_run(run: TrackedRun, run_id: str, status: str) -> None:
+    """End another run of the same server (a trial the scheduler stopped) with ``status``."""
+    run.tracker().call("ending a trial's run", lambda c: c.set_terminated(run_id, status=status))
