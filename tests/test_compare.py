@@ -25,10 +25,12 @@ from orchestrator.config import (
     Method,
     OptimConfig,
     ScalingConfig,
+    TrackingConfig,
     dump_yaml,
     load_config,
 )
-from tests.conftest import TrainSetup, interrupt_when, run_job_here
+from tests.conftest import TrainSetup, interrupt_when, mlflow_client, run_job_here
+from tests.mlflow_server import MlflowServer
 
 
 def test_paired_interval_is_scipys_paired_t_interval() -> None:
@@ -123,10 +125,14 @@ def students(root: Path) -> set[str]:
 
 @pytest.fixture(scope="module")
 def comparison(
-    train_setup: TrainSetup, tmp_path_factory: pytest.TempPathFactory, ray_cluster: None
+    train_setup: TrainSetup,
+    tmp_path_factory: pytest.TempPathFactory,
+    ray_cluster: None,
+    mlflow_server: MlflowServer,
 ) -> dict:
     """1 method x 2 seeds, interrupted with Ctrl-C after its first run (the real CLI, a
-    process of its own) and resumed (the CLI called here, on the session's cluster)."""
+    process of its own) and resumed (the CLI called here, on the session's cluster);
+    tracked on the session's MLflow server."""
     root = tmp_path_factory.mktemp("compare")
     base = train_setup.base
     config = replace(
@@ -137,6 +143,7 @@ def comparison(
         scaling=ScalingConfig(num_workers=1, cpus_per_worker=0.25),
         optim=OptimConfig(lr=0.05, epochs=1, batch_size=8),
         compare=CompareConfig(methods=(Method.PROXYLESS,), seeds=(3, 4)),
+        tracking=TrackingConfig(uri=mlflow_server.uri, experiment="compare"),
     )
     path = root / "compare.yaml"
     path.write_text(dump_yaml(config))
@@ -270,6 +277,32 @@ def test_compare_cli_tables_intervals_and_plot(grown: dict) -> None:
     png = grown["png"]
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert "6/6 runs completed" in grown["output"]
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_the_comparison_is_one_parent_run_with_a_run_per_cell(
+    grown: dict, mlflow_server: MlflowServer, tmp_path: Path
+) -> None:
+    mlflow = mlflow_client(mlflow_server)
+    experiment = mlflow.get_experiment_by_name("compare").experiment_id
+    parents = mlflow.search_runs([experiment], "tags.kind = 'comparison'")
+    assert len(parents) == 1  # interrupted, resumed and grown: still one
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    children = mlflow.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(c.info.run_name for c in children) == sorted(
+        f"cmp-{m}-seed{s}" for m in ("proxyless", "cckd") for s in SEEDS
+    )
+    assert all(c.info.status == "FINISHED" for c in children)
+    summary = grown["summary"]
+    data = json.loads((summary / "comparison.json").read_text())
+    cckd = data["tables"]["auc"]["cckd"]
+    assert parent.data.metrics["auc/cckd/mean"] == cckd["mean"]
+    assert parent.data.metrics["auc/cckd/vs_baseline/low"] == cckd["vs_baseline"]["low"]
+    for name in ("comparison.json", "report.md", "comparison.png"):
+        local = mlflow.download_artifacts(parent.info.run_id, name, str(tmp_path))
+        assert Path(local).read_bytes() == (summary / name).read_bytes(), name
 
 
 def test_every_cell_config_is_checked_before_training(tmp_path: Path) -> None:
