@@ -14,12 +14,14 @@ from typing import Any
 import pytest
 
 from orchestrator import storage
-from orchestrator.config import DataConfig, ExperimentConfig, TrackingConfig
+from orchestrator.config import DataConfig, ExperimentConfig, TrackingConfig, redact_uri
 from orchestrator.runs import RUN_RECORD, run_dir
-from orchestrator.tracking.runs import SUMMARY_FILE, config_params
+from orchestrator.tracking.client import Target, Tracker
+from orchestrator.tracking.parents import numeric_leaves
+from orchestrator.tracking.runs import SUMMARY_FILE, TrackedRun, close_run, config_params
 from orchestrator.train.launch import distill
 from tests.conftest import TrainSetup, mlflow_client
-from tests.mlflow_server import MlflowServer
+from tests.mlflow_server import MlflowServer, free_port
 
 
 def tracked(
@@ -147,3 +149,51 @@ def test_a_storage_path_on_object_storage_without_a_uri_tracks_nothing(
     target = target_of(local)
     assert target is not None and target.uri == "sqlite:////data/runs/mlflow.db"
     assert target.experiment == config.name
+
+
+def test_tracking_settings_are_checked_and_a_uri_s_secrets_never_shown() -> None:
+    from orchestrator.config import ConfigError, from_dict
+
+    with pytest.raises(ConfigError, match=r"tracking\.uri: expected an MLflow tracking URI") as err:
+        from_dict(ExperimentConfig, {"tracking": {"uri": "ftp://alice:s3cret@host/x"}}, "c.yaml")
+    assert "s3cret" not in str(err.value) and "alice:***@host" in str(err.value)
+    with pytest.raises(ConfigError, match=r"tracking\.retries: must be in 1\.\.10"):
+        from_dict(ExperimentConfig, {"tracking": {"retries": 0}}, "c.yaml")
+    assert (
+        redact_uri("https://alice:s3cret@mlflow.internal:5000/api?token=abc&x=1")
+        == "https://alice:***@mlflow.internal:5000/api?token=***&x=1"
+    )
+    assert redact_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+
+
+def test_a_failing_backend_is_tried_a_bounded_number_of_times_and_said_once(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    target = Target(f"http://bob:pa55word@127.0.0.1:{free_port()}", "x", timeout_s=0.2, retries=3)
+    tracker = Tracker(target)
+    tries: list[int] = []
+
+    def failing(client: Any) -> str:
+        tries.append(1)
+        raise ConnectionError(f"cannot reach {target.uri}")
+
+    assert tracker.call("logging", failing) is None
+    assert len(tries) == 3
+    # A real client on a port where nothing listens: refused, never raised.
+    assert tracker.call("creating", lambda c: c.get_experiment_by_name("x")) is None
+    assert tracker.failures == 2
+    err = capsys.readouterr().err
+    assert err.count("warning: tracking:") == 1  # one line, however many failures
+    assert "pa55word" not in err and "bob:***@127.0.0.1" in err
+    run = TrackedRun(target, "0" * 32)
+    close_run(
+        run, name="r", curves=[{"epoch": 0.0, "step": 3.0, "loss": 1.0}], tags={}, artifacts={}
+    )
+    out = capsys.readouterr().out
+    assert "epoch figures not logged to MLflow run" in out and "steps: all" in out
+    assert "pa55word" not in out + capsys.readouterr().err
+
+
+def test_numbers_of_a_summary_become_metric_names_mlflow_takes() -> None:
+    data = {"acc": {"proxyless+l2": {"mean": 0.5, "n": 3, "significant": True, "why": "x"}}}
+    assert numeric_leaves(data) == {"acc/proxyless_l2/mean": 0.5, "acc/proxyless_l2/n": 3.0}

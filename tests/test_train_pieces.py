@@ -24,7 +24,13 @@ from orchestrator.formats.state import (
 )
 from orchestrator.train.checkpoints import resume_line
 from orchestrator.train.distributed import unwrap
-from orchestrator.train.history import EpochStats, after_epoch, history_at_start, report_metrics
+from orchestrator.train.history import (
+    EpochStats,
+    after_epoch,
+    history_at_start,
+    report_metrics,
+    with_validation,
+)
 from orchestrator.train.midepoch import epoch_progress, inside_line, inside_metrics
 from orchestrator.train.schedule import checkpoint_due, lr_at, validation_due
 from orchestrator.train.validation import NONFINITE_KEY, new_best
@@ -94,11 +100,16 @@ def test_the_history_keeps_its_place_in_the_checkpoint_file() -> None:
         throughput=((10.0, 0.25), (12.0, 0.5)),
         teachers=("t.pt", "t.pt"),
         resumed_steps=(0,),
+        curves=({"epoch": 0.0, "step": 4.0, "loss": 2.5}, {"epoch": 1.0, "step": 8.0, "loss": 2.0}),
     )
     state = _state(1, history)
     data = torch.load(io.BytesIO(state_bytes(state)), weights_only=True)
     assert data["epochs_done"] == [0, 1] and data["world_sizes"] == [2, 1]
-    assert data["extra"] == {"teacher_by_epoch": ["t.pt", "t.pt"], "resumed_at_step": [0]}
+    assert data["extra"] == {
+        "teacher_by_epoch": ["t.pt", "t.pt"],
+        "resumed_at_step": [0],
+        "epoch_metrics": [dict(c) for c in history.curves],
+    }
     back = state_from_data(data, "test")
     assert back.history == history and back.extra == {}
     older = {key: value for key, value in data.items() if key not in ("throughput", "extra")}
@@ -121,6 +132,32 @@ def test_report_metrics_of_a_trained_epoch_and_of_a_rerun() -> None:
     assert rerun["epochs_this_attempt"] == 0
     assert "loss" not in rerun and "best_epoch" not in rerun
     assert rerun["epochs_done"] == [0] and rerun["world_sizes"] == [2]
+
+
+def test_each_trained_epoch_records_its_curve_and_only_its_own_validation() -> None:
+    stats = _stats(0, 10.0)
+    history = after_epoch(history_at_start(None, 2), 0, stats, step=4)
+    assert history.curves == (
+        {
+            "epoch": 0.0,
+            "step": 4.0,
+            "loss": stats.mean_loss,
+            "lr": stats.lr,
+            "samples_per_s": stats.samples_per_s,
+            "input_startup_s": stats.input_startup_s,
+            "input_wait_share": stats.input_wait_share,
+        },
+    )
+    validated = with_validation(history, 0, {"val_auc": 0.75})
+    assert validated.curves[0]["val_auc"] == 0.75 and "val_auc" not in history.curves[0]
+    assert with_validation(validated, 1, {"val_auc": 0.5}) == validated  # not its epoch
+    second = after_epoch(validated, 1, _stats(1, 10.0), step=8)
+    assert [c["step"] for c in second.curves] == [4.0, 8.0] and "val_auc" not in second.curves[1]
+    metrics = report_metrics(
+        second, _stats(1, 10.0), start_epoch=0, validation={"val_auc": 0.75}, best_epoch=0
+    )
+    # The tracker's step, and the validation of an earlier epoch not claimed as this one's.
+    assert metrics["global_step"] == 8 and metrics["validated"] is False
 
 
 def test_new_best_beats_the_record_only_with_a_finite_higher_value() -> None:

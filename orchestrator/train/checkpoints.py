@@ -15,6 +15,7 @@ from orchestrator.formats.state import TrainingState, verify_same_classifier
 from orchestrator.shards import Shard
 from orchestrator.teacher.checkpoint import TeacherCheckpoint, save_teacher
 from orchestrator.train.distributed import unwrap
+from orchestrator.train.history import with_validation
 from orchestrator.train.spec import TeacherSnapshots, TrainSpec
 from orchestrator.train.state import WorkerState
 from orchestrator.train.validation import new_best
@@ -72,6 +73,15 @@ def audit_rows(state: WorkerState) -> None:
         start=shard.class_start,
         weight=weight,
     )
+
+
+def validate_epoch(state: WorkerState, epoch: int) -> None:
+    """Rank 0: measure the validation metrics after ``epoch``, record them with the
+    epoch's figures in the history, and keep the state when it is the best so far."""
+    assert state.validator is not None
+    state.validation = state.validator.metrics(unwrap(state.student))
+    state.history = with_validation(state.history, epoch, state.validation)
+    keep_if_best(state, epoch)
 
 
 def keep_if_best(state: WorkerState, epoch: int) -> None:

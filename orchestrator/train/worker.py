@@ -28,13 +28,13 @@ from orchestrator.runs import run_dir
 from orchestrator.train.builders import build_training, quiet_worker_logs, use_teacher_of
 from orchestrator.train.checkpoints import (
     audit_rows,
-    keep_if_best,
     restore,
     resume_line,
     save_snapshot,
     training_state,
+    validate_epoch,
 )
-from orchestrator.train.distributed import gather_ids, unwrap, wrap_student
+from orchestrator.train.distributed import gather_ids, wrap_student
 from orchestrator.train.epoch import (
     ProgressLine,
     check_finite,
@@ -44,13 +44,7 @@ from orchestrator.train.epoch import (
     print_epoch_done,
     train_batch,
 )
-from orchestrator.train.history import (
-    EpochStats,
-    after_epoch,
-    history_at_start,
-    report_metrics,
-    with_validation,
-)
+from orchestrator.train.history import EpochStats, after_epoch, history_at_start, report_metrics
 from orchestrator.train.midepoch import (
     epoch_progress,
     inside_line,
@@ -70,8 +64,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     state = set_up(spec, config)
     audit_rows(state)
     if state.start_epoch >= spec.optim.epochs:
-        # Rerun of a finished run: nothing to train; hand back its final checkpoint, with
-        # its validation metrics measured again (a resumed Tune trial needs them).
+        # A finished run rerun: its last checkpoint, validated again (a resumed trial needs it)
         assert state.previous is not None
         final = EpochStats(epoch=state.previous.epoch)
         report(state, final, validate=True, save=state.rank == 0)
@@ -87,13 +80,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             world_size=state.world_size,
         )
         stats = run_epoch(state, epoch)
-        state.history = after_epoch(
-            state.history,
-            epoch,
-            stats,
-            state.teacher_backbone,
-            step=(epoch + 1) * state.schedule.steps_per_epoch,
-        )
+        end = (epoch + 1) * state.schedule.steps_per_epoch  # the run's step after the epoch
+        state.history = after_epoch(state.history, epoch, stats, state.teacher_backbone, step=end)
         if spec.snapshots is not None and state.rank == 0:
             save_snapshot(state, spec.snapshots, epoch)
         epochs, run = spec.optim.epochs, config.run
@@ -238,10 +226,7 @@ def report(state: WorkerState, stats: EpochStats, *, validate: bool, save: bool)
     checkpoint when one is due. The latest validation metrics ride along every report."""
     validated = validate and state.validator is not None
     if validated:
-        assert state.validator is not None
-        state.validation = state.validator.metrics(unwrap(state.student))
-        state.history = with_validation(state.history, stats.epoch, state.validation)
-        keep_if_best(state, stats.epoch)
+        validate_epoch(state, stats.epoch)
     metrics = report_metrics(
         state.history,
         stats,
