@@ -7,6 +7,8 @@ On a cluster:
     ray job submit --working-dir . -- python -m jobs.export --student s3://bucket/runs/mbf/student.pt --out s3://bucket/models/mbf
 
 Writes student.torchscript.pt, student.onnx, model_card.json and model_card.md to --out.
+With --register NAME they also become a new version of the registered model NAME in MLflow
+(--tracking-uri, default $MLFLOW_TRACKING_URI), logged to the student's training run.
 Fails (exit 1) when an exported output differs from PyTorch by more than 1e-4 (absolute)
 or its cosine drops below 1 - 1e-6. The input is (batch, 3, H, W) RGB in [-1, 1].
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -29,6 +32,8 @@ from orchestrator.export import (
     to_torchscript,
 )
 from orchestrator.formats.student import load_student
+from orchestrator.tracking.client import Target
+from orchestrator.tracking.registry import register_export
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -39,7 +44,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output directory or object-store URI")
     parser.add_argument("--report", help="a report.json from jobs.evaluate, for the card's metrics")
     parser.add_argument("--name", default="", help="the student's name in --report")
+    parser.add_argument(
+        "--register", default="", metavar="MODEL", help="register the export in MLflow as MODEL"
+    )
+    parser.add_argument(
+        "--tracking-uri",
+        default=os.environ.get("MLFLOW_TRACKING_URI", ""),
+        help="the MLflow tracking URI for --register (default: $MLFLOW_TRACKING_URI)",
+    )
     args = parser.parse_args(argv)
+    if args.register and not args.tracking_uri:
+        raise UsageError("--register: needs --tracking-uri (or MLFLOW_TRACKING_URI)")
     if not storage.exists(args.student):
         raise FileNotFoundError(f"--student: {args.student} does not exist")
     model, export = load_student(args.student)
@@ -64,10 +79,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     storage.write_text_atomic(storage.join(args.out, "model_card.json"), json.dumps(card, indent=2))
     storage.write_text_atomic(storage.join(args.out, "model_card.md"), card_markdown(card))
     print(card_markdown(card))
-    print(
-        f"exported -> {args.out}: student.torchscript.pt, student.onnx, model_card.json, model_card.md"
-    )
+    print(f"exported -> {args.out}: {', '.join(EXPORTED)}")
+    if args.register:
+        register(args.register, args.tracking_uri, student=args.student, out=args.out)
     return 0
+
+
+EXPORTED = ("student.torchscript.pt", "student.onnx", "model_card.json", "model_card.md")
+
+
+def register(model: str, uri: str, *, student: str, out: str) -> None:
+    target = Target(uri=uri, experiment="exports", registered_model=model)
+    version = register_export(target, student=student, out=out, files=EXPORTED)
+    if version is not None:
+        print(f"registered -> {model} version {version} at {target.shown}")
 
 
 if __name__ == "__main__":

@@ -13,8 +13,10 @@ from typing import Any
 
 import pytest
 
+from jobs import export as export_job
 from orchestrator import storage
 from orchestrator.config import DataConfig, ExperimentConfig, TrackingConfig, redact_uri
+from orchestrator.data.prepare import SyntheticDatasets
 from orchestrator.runs import RUN_RECORD, run_dir
 from orchestrator.tracking.client import Target, Tracker
 from orchestrator.tracking.parents import numeric_leaves
@@ -22,6 +24,7 @@ from orchestrator.tracking.runs import SUMMARY_FILE, TrackedRun, close_run, conf
 from orchestrator.train.launch import distill
 from tests.conftest import TrainSetup, mlflow_client
 from tests.mlflow_server import MlflowServer, free_port
+from tests.test_export import write_student
 
 
 def tracked(
@@ -54,7 +57,11 @@ def expected_curve(summary: dict[str, Any], key: str) -> list[tuple[int, float]]
 
 
 def test_a_run_its_resume_and_their_curves_are_one_mlflow_run(
-    train_setup: TrainSetup, tmp_path: Path, mlflow_server: MlflowServer, ray_cluster: None
+    train_setup: TrainSetup,
+    tiny_synthetic: SyntheticDatasets,
+    tmp_path: Path,
+    mlflow_server: MlflowServer,
+    ray_cluster: None,
 ) -> None:
     config = tracked(train_setup, tmp_path, mlflow_server, eval_every_epochs=1)
     config = replace(config, optim=replace(config.optim, epochs=1))
@@ -88,6 +95,20 @@ def test_a_run_its_resume_and_their_curves_are_one_mlflow_run(
     stored = storage.read_bytes(storage.join(run_dir(longer, "r"), SUMMARY_FILE))
     local = mlflow.download_artifacts(run_id, SUMMARY_FILE, str(tmp_path))
     assert Path(local).read_bytes() == stored
+
+    # jobs.export --register: the exported files in the student's run, a model version.
+    out = tmp_path / "export"
+    student = storage.join(run_dir(longer, "r"), "student.pt")
+    # The briefly trained student's embeddings are ~1e4 in size, beyond jobs.export's
+    # absolute parity bound (a known limit of that check): a freshly made student of the
+    # same data takes its place in the run.
+    write_student(Path(student), tiny_synthetic)
+    argv = ["--student", student, "--out", str(out), "--register", "face-r"]
+    assert export_job.main([*argv, "--tracking-uri", mlflow_server.uri]) == 0
+    [version] = mlflow.search_model_versions("name='face-r'")
+    assert version.run_id == run_id and version.source == f"runs:/{run_id}/export"
+    onnx = mlflow.download_artifacts(run_id, "export/student.onnx", str(tmp_path / "back"))
+    assert Path(onnx).read_bytes() == (out / "student.onnx").read_bytes()
 
 
 def test_a_server_that_dies_mid_run_costs_the_run_nothing_and_misses_no_epoch(
@@ -179,11 +200,15 @@ def test_a_failing_backend_is_tried_a_bounded_number_of_times_and_said_once(
 
     assert tracker.call("logging", failing) is None
     assert len(tries) == 3
-    # A real client on a port where nothing listens: refused, never raised.
-    assert tracker.call("creating", lambda c: c.get_experiment_by_name("x")) is None
-    assert tracker.failures == 2
+    assert tracker.call("logging again", failing) is None  # resting: not tried at all
+    assert len(tries) == 3 and tracker.failures == 2
     err = capsys.readouterr().err
     assert err.count("warning: tracking:") == 1  # one line, however many failures
+    assert "pa55word" not in err and "bob:***@127.0.0.1" in err
+    # A real client on a port where nothing listens: refused, never raised.
+    fresh = Tracker(target)
+    assert fresh.call("creating", lambda c: c.get_experiment_by_name("x")) is None
+    err = capsys.readouterr().err
     assert "pa55word" not in err and "bob:***@127.0.0.1" in err
     run = TrackedRun(target, "0" * 32)
     close_run(

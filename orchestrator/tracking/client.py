@@ -26,6 +26,9 @@ DATABASE_FILE = "mlflow.db"
 HTTP_RETRIES_ENV = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
 HTTP_TIMEOUT_ENV = "MLFLOW_HTTP_REQUEST_TIMEOUT"
 _SAID: set[str] = set()
+# After a call failed every try, the tracker skips calls for this long (each skipped call
+# fails at once): an outage costs a run one bounded wait, not one per epoch.
+COOL_OFF_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,7 @@ class Tracker:
     def __init__(self, target: Target) -> None:
         self.target = target
         self.failures = 0
+        self.resting_until = 0.0  # time.monotonic() before which calls are skipped
         self._client: Any = None
 
     def client(self) -> Any:
@@ -114,7 +118,10 @@ class Tracker:
 
     def call(self, what: str, action: Callable[..., T], *args: Any) -> T | None:
         """``action(client, *args)``, tried ``target.retries`` times; None (and one warning line
-        per tracker) when every try failed."""
+        per tracker) when every try failed, and at once while resting after such a failure."""
+        if time.monotonic() < self.resting_until:
+            self.failures += 1
+            return None
         error: Exception | None = None
         for attempt in range(self.target.retries):
             try:
@@ -124,6 +131,7 @@ class Tracker:
                 if attempt + 1 < self.target.retries:
                     time.sleep(min(self.target.timeout_s, 0.5 * 2**attempt))
         self.failures += 1
+        self.resting_until = time.monotonic() + COOL_OFF_S
         if self.failures == 1:
             print(
                 f"warning: tracking: {what} failed at {self.target.shown} "
@@ -148,3 +156,17 @@ class Tracker:
             return str(client.create_experiment(self.target.experiment))
 
         return self.call(f"opening experiment {self.target.experiment!r}", find_or_create)
+
+
+def run_exists(client: Any, run_id: str) -> bool:
+    """Whether the server has ``run_id`` (a run deleted there is not an outage)."""
+    # mlflow: heavy, loaded only when a job tracks
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_run(run_id)
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+    return True

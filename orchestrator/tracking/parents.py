@@ -12,7 +12,7 @@ from typing import Any
 
 from orchestrator import storage
 from orchestrator.config import ExperimentConfig
-from orchestrator.tracking.client import Tracker, target_of
+from orchestrator.tracking.client import Tracker, run_exists, target_of
 from orchestrator.tracking.runs import RECORD_KEY, TrackedRun, log_params, upload
 
 PARENT_RECORD = "mlflow_parent.json"
@@ -29,7 +29,7 @@ def open_parent(config: ExperimentConfig, path: str, *, kind: str) -> TrackedRun
     tracker = Tracker(target)
     record_uri = storage.join(path, PARENT_RECORD)
     known = parent_id(path)
-    if known and tracker.call("finding the parent run", lambda c: c.get_run(known)) is not None:
+    if known and tracker.call("finding the parent run", run_exists, known):
         tracker.call("resuming the parent run", lambda c: c.update_run(known, status="RUNNING"))
         print(f"[tracking] {kind} {config.name}: continuing MLflow run {known}", flush=True)
         return TrackedRun(target, known)

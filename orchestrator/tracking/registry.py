@@ -20,6 +20,7 @@ from orchestrator.tracking.runs import tracked_run_id, upload
 CHAMPION_ALIAS = "champion"
 FINGERPRINT_TAG = "fingerprint"
 STUDENT_ARTIFACT = "student"  # the candidate's student.pt, logged to its run when local
+EXPORT_ARTIFACT = "export"  # jobs.export --register: the exported files, in the run
 
 
 def mirror_registry(
@@ -116,3 +117,35 @@ def point_champion(
         return True
 
     tracker.call("moving the champion alias", point)
+
+
+def register_export(target: Target, *, student: str, out: str, files: Sequence[str]) -> str | None:
+    """Register the export of ``student`` (``files`` under ``out``) as a new version of
+    ``target.registered_model``: the files are logged to the student's training run (or to
+    a run of their own when it has none) under ``export/``, and the version points there.
+    Returns the version, or None when the backend could not be reached (one warning)."""
+    tracker = Tracker(target)
+    run_id = tracked_run_id(student.rsplit("/", 1)[0])
+    if run_id is None:
+        experiment = tracker.experiment_id()
+        if experiment is None:
+            return None
+        made = tracker.call(
+            "creating the export's run",
+            lambda c: c.create_run(experiment, run_name="export", tags={"student": student}),
+        )
+        if made is None:
+            return None
+        run_id = str(made.info.run_id)
+    upload(tracker, run_id, {f"{EXPORT_ARTIFACT}/{f}": storage.join(out, f) for f in files}, {})
+    model = target.registered_model
+    if tracker.call("registering the model", lambda c: ensure_model(c, model)) is None:
+        return None
+    tags = {"student": student, "export": out}
+    made = tracker.call(
+        "registering a version",
+        lambda c: c.create_model_version(
+            model, f"runs:/{run_id}/{EXPORT_ARTIFACT}", run_id=run_id, tags=tags
+        ),
+    )
+    return None if made is None else str(made.version)

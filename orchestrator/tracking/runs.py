@@ -3,7 +3,7 @@
 The driver opens it (:func:`open_run`) and keeps its id in the run's ``run.json``, so a
 resumed run (mid-epoch, elastic, a resubmitted driver) continues the same MLflow run. The
 Ray Train controller logs rank 0's report after every epoch as it arrives
-(:class:`EpochLogger`, a background thread: an unreachable server never holds training).
+(:class:`EpochLogger`; an unreachable server costs it one bounded call, then a cool-off).
 When the fit returns, the driver closes the run (:func:`close_run`): every epoch's figures
 from the final checkpoint's history that the server does not have yet are logged then (an
 outage in the middle of a run leaves no gap once the server is back; what still cannot be
@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import tempfile
-import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -29,7 +27,7 @@ from orchestrator.config import ExperimentConfig, to_dict
 from orchestrator.data.format import dataset_fingerprint
 from orchestrator.formats.state import RunHistory
 from orchestrator.runs import RUN_RECORD, flatten, run_dir
-from orchestrator.tracking.client import Target, Tracker, target_of
+from orchestrator.tracking.client import Target, Tracker, run_exists, target_of
 
 RECORD_KEY = "mlflow"  # run.json: {"run_id": ..., "experiment": ..., "uri": (redacted)}
 PARENT_TAG = "mlflow.parentRunId"
@@ -68,7 +66,7 @@ def open_run(
     record_uri = storage.join(run_dir(config, name), RUN_RECORD)
     record = json.loads(storage.read_text(record_uri)) if storage.exists(record_uri) else {}
     known = record.get(RECORD_KEY, {}).get("run_id")
-    if known and tracker.call("finding the run", lambda c: c.get_run(known)) is not None:
+    if known and tracker.call("finding the run", run_exists, known):
         tracker.call("resuming the run", lambda c: c.update_run(known, status="RUNNING"))
         log_params(tracker, known, config)
         print(f"[tracking] {name}: continuing MLflow run {known} at {target.shown}", flush=True)
@@ -136,15 +134,17 @@ def curve_metrics(figures: Mapping[str, Any], *, validated: bool) -> dict[str, f
 
 class EpochLogger(UserCallback):
     """Runs in Ray Train's controller: after each epoch's report, rank 0's figures are
-    logged to ``run`` by a background thread (a slow or absent server never holds the
-    controller; what it misses, :func:`close_run` logs)."""
+    logged to ``run``. Synchronous, so that every live log is done when the fit returns
+    and :func:`close_run` never logs an epoch twice; a server that fails is left alone for
+    a while (:data:`~orchestrator.tracking.client.COOL_OFF_S`), so an outage costs the
+    controller one bounded call, and :func:`close_run` logs what it missed."""
 
     def __init__(self, run: TrackedRun) -> None:
         self.run = run
-        self._queue: queue.Queue[tuple[int, dict[str, float]]] | None = None
+        self._tracker: Tracker | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"run": self.run, "_queue": None}
+        return {"run": self.run, "_tracker": None}
 
     def after_report(
         self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any
@@ -152,25 +152,10 @@ class EpochLogger(UserCallback):
         first = metrics[0] if metrics else {}
         if "global_step" not in first:
             return  # a checkpoint inside an epoch, or the rerun of a finished run
+        if self._tracker is None:
+            self._tracker = self.run.tracker()
         figures = curve_metrics(first, validated=bool(first.get("validated")))
-        self.sender().put((int(first["global_step"]), figures))
-
-    def sender(self) -> queue.Queue[tuple[int, dict[str, float]]]:
-        if self._queue is None:
-            self._queue = queue.Queue()
-            tracker = self.run.tracker()
-            threading.Thread(
-                target=send_forever, args=(tracker, self.run.run_id, self._queue), daemon=True
-            ).start()
-        return self._queue
-
-
-def send_forever(
-    tracker: Tracker, run_id: str, inbox: queue.Queue[tuple[int, dict[str, float]]]
-) -> None:
-    while True:
-        step, figures = inbox.get()
-        log_metrics(tracker, run_id, [(step, figures)])
+        log_metrics(self._tracker, self.run.run_id, [(int(first["global_step"]), figures)])
 
 
 def log_metrics(
