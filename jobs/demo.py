@@ -44,6 +44,8 @@ from orchestrator.runs import (
     training_settings,
 )
 from orchestrator.teacher.models import load_teacher_backbone
+from orchestrator.tracking.client import target_of, ui_command
+from orchestrator.tracking.runs import attach
 from orchestrator.train.checks import check_inputs
 from orchestrator.train.launch import distill
 from orchestrator.train.spec import Role
@@ -151,6 +153,9 @@ def run_demo(config: ExperimentConfig, method_names: str) -> int:
     table = write_report(result, config.storage_path)
     for name in REPORT_FILES:
         record_made(config.storage_path, name)
+    report = {name: storage.join(config.storage_path, name) for name in REPORT_FILES}
+    for name in students:  # the report beside each student's curves in MLflow
+        attach(config, name, report)
     print(table)
     print(verdict(result.report))
     print(
@@ -161,6 +166,9 @@ def run_demo(config: ExperimentConfig, method_names: str) -> int:
     print(
         f"report: {config.storage_path}/report.json, report.md, roc.png  (total {format_seconds(time.monotonic() - started)})"
     )
+    target = target_of(absolute_paths(config))
+    if target is not None:
+        print(f"runs in MLflow ({target.shown}); open the UI with:\n  {ui_command(target)}")
     return 0
 
 

@@ -150,6 +150,16 @@ def test_ray_job_submit_distill(head_node: str, train_setup: TrainSetup, tmp_pat
     again = evaluate_model(student, load_eval_set(base["data"]["eval"]))
     assert summary["val_acc_10fold"] == pytest.approx(round(again["acc_10fold"], 4), abs=1e-9)
     assert summary["val_auc"] == pytest.approx(round(again["auc"], 4), abs=1e-9)
+    # Tracked by default in an SQLite database beside the runs, no server needed.
+    from mlflow import MlflowClient
+
+    mlflow = MlflowClient(tracking_uri=f"sqlite:///{storage / 'mlflow.db'}")
+    # The experiment: the config's name.
+    [run] = mlflow.search_runs([mlflow.get_experiment_by_name("submitted").experiment_id])
+    assert run.info.run_name == "submitted" and run.info.status == "FINISHED"
+    assert f"[tracking] submitted: MLflow run {run.info.run_id}" in logs
+    loss = [(m.step, m.value) for m in mlflow.get_metric_history(run.info.run_id, "loss")]
+    assert loss == [(int(e["step"]), e["loss"]) for e in summary["epochs"]]
 
     # The same job on a training set with a corrupt JPEG: one error line in the job's log,
     # and none of the tracebacks Ray's workers would echo (the setup hook the driver puts in

@@ -107,11 +107,13 @@ class Tracker:
         if self._client is None:
             os.environ.setdefault(HTTP_RETRIES_ENV, "0")
             os.environ.setdefault(HTTP_TIMEOUT_ENV, f"{self.target.timeout_s:g}")
-            # MLflow announces every database migration and artifact upload at INFO.
-            for name in ("mlflow", "alembic"):
-                logging.getLogger(name).setLevel(logging.WARNING)
             # mlflow: heavy (about 1.5 s to import), loaded only when a job tracks
             from mlflow import MlflowClient
+
+            # MLflow announces every database migration and artifact upload at INFO (its
+            # import sets its loggers up, hence after it).
+            for name in ("mlflow", "alembic"):
+                logging.getLogger(name).setLevel(logging.WARNING)
 
             self._client = MlflowClient(tracking_uri=self.target.uri)
         return self._client

@@ -260,6 +260,14 @@ def upload(
             )
 
 
+def attach(config: ExperimentConfig, name: str, artifacts: Mapping[str, str]) -> None:
+    """Upload ``artifacts`` (artifact path -> storage URI) to training run ``name``'s MLflow
+    run, when it has one (an evaluation report made after the run)."""
+    target, run_id = target_of(config), tracked_run_id(run_dir(config, name))
+    if target is not None and run_id is not None:
+        upload(Tracker(target), run_id, artifacts, {})
+
+
 def end_failed(run: TrackedRun | None) -> None:
     """Mark ``run`` failed (its fit raised)."""
     if run is not None:
