@@ -155,7 +155,9 @@ def test_ray_job_submit_distill(head_node: str, train_setup: TrainSetup, tmp_pat
 
     mlflow = MlflowClient(tracking_uri=f"sqlite:///{storage / 'mlflow.db'}")
     # The experiment: the config's name.
-    [run] = mlflow.search_runs([mlflow.get_experiment_by_name("submitted").experiment_id])
+    experiment = mlflow.get_experiment_by_name("submitted")
+    assert experiment is not None
+    [run] = mlflow.search_runs([experiment.experiment_id])
     assert run.info.run_name == "submitted" and run.info.status == "FINISHED"
     assert f"[tracking] submitted: MLflow run {run.info.run_id}" in logs
     loss = [(m.step, m.value) for m in mlflow.get_metric_history(run.info.run_id, "loss")]
