@@ -158,13 +158,20 @@ def test_a_server_that_dies_mid_run_costs_the_run_nothing_and_misses_no_epoch(
 
 
 def test_a_storage_path_on_object_storage_without_a_uri_tracks_nothing(
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from orchestrator.tracking.client import target_of
 
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     config = ExperimentConfig(storage_path="s3://bucket/runs", data=DataConfig())
     assert target_of(config) is None
-    assert "tracking.uri is empty" in capsys.readouterr().err
+    assert "tracking.uri and MLFLOW_TRACKING_URI are empty" in capsys.readouterr().err
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
+    from_env = target_of(config)
+    assert from_env is not None and from_env.uri == "http://mlflow.internal:5000"
+    given = replace(config, tracking=TrackingConfig(uri="https://other:443"))
+    assert getattr(target_of(given), "uri", None) == "https://other:443"  # the config wins
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert target_of(replace(config, tracking=TrackingConfig(enabled=False))) is None
     local = replace(config, storage_path="/data/runs")
     target = target_of(local)

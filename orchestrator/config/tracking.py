@@ -17,7 +17,8 @@ URI_SCHEME = re.compile(r"^([a-z][a-z0-9+.-]*)://")
 class TrackingConfig:
     """MLflow tracking.
 
-    ``uri`` empty: an SQLite database ``mlflow.db`` beside the runs when ``storage_path`` is
+    ``uri`` empty: ``$MLFLOW_TRACKING_URI`` when set, else an SQLite database ``mlflow.db``
+    beside the runs when ``storage_path`` is
     local (nothing to start), and no tracking at all when it is on object storage (one line
     says so: a database cannot live in a bucket). On a cluster, point ``uri`` at a tracking
     server (``http://mlflow.internal:5000``). ``experiment`` empty: the config's ``name``.

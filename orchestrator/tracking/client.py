@@ -21,6 +21,7 @@ from orchestrator.runs import storage_root
 
 T = TypeVar("T")
 DATABASE_FILE = "mlflow.db"
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"  # MLflow's own: used when tracking.uri is empty
 # MLflow's own HTTP retries: its defaults (7 retries with backoff, 120 s timeout) would
 # hold a run for minutes when the server is gone. Ours wrap each call instead.
 HTTP_RETRIES_ENV = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
@@ -49,18 +50,19 @@ class Target:
 
 
 def target_of(config: ExperimentConfig) -> Target | None:
-    """Where ``config``'s jobs log, or None: tracking off, or no URI given with the runs on
-    object storage (a database file cannot live in a bucket; one line says so)."""
+    """Where ``config``'s jobs log, or None: tracking off, or no URI given (``tracking.uri``
+    or ``$MLFLOW_TRACKING_URI``) with the runs on object storage (a database file cannot
+    live in a bucket; one line says so)."""
     tracking = config.tracking
     if not tracking.enabled:
         return None
-    uri = tracking.uri
+    uri = tracking.uri or os.environ.get(TRACKING_URI_ENV, "")
     if not uri:
         root = storage_root(config)
         if not storage.is_local(root):
             say_once(
                 f"[tracking] off: storage_path {root} is on object storage and tracking.uri "
-                "is empty (set tracking.uri to an MLflow server to log these runs)"
+                "and MLFLOW_TRACKING_URI are empty (set one to an MLflow server to log these runs)"
             )
             return None
         uri = local_database_uri(root)
@@ -84,7 +86,8 @@ def ui_command(target: Target) -> str:
     """The command that opens the MLflow UI on ``target`` (a database file is served by a
     local ``mlflow ui``; a server is opened in the browser)."""
     if target.uri.startswith("sqlite:"):
-        return f"mlflow ui --backend-store-uri {target.uri} --port 5000"
+        mlflow = os.path.join(os.path.dirname(sys.executable), "mlflow")
+        return f"{mlflow} ui --backend-store-uri {target.uri} --port 5000"
     return f"open {target.shown} in a browser"
 
 
