@@ -32,6 +32,7 @@ from orchestrator.config import (
     RunConfig,
     ScalingConfig,
     ShardingConfig,
+    TrackingConfig,
 )
 from orchestrator.typed_yaml import to_dict
 from tests.conftest import REPO, clean_env, dataset_image_ids, kill_test_setup
@@ -94,6 +95,8 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Scenario:
             keep_checkpoints=0,
             audit_ids=True,
         ),
+        # The default database beside the runs: each run one MLflow run across its restarts.
+        tracking=TrackingConfig(experiment="elastic"),
     )
     sharded = ShardingConfig(mode=ClassifierMode.SHARDED, chunk_size=4)
     runs = [
@@ -208,3 +211,21 @@ def test_the_sharded_classifier_is_re_split_for_each_world_size(scenario: Scenar
             rows = np.ascontiguousarray(weight[start : start + size])
             assert record.sha256 == hashlib.sha256(rows.tobytes()).hexdigest()
         assert sum(r.size for r in records) == classes
+
+
+def test_each_run_is_one_mlflow_run_with_each_epoch_logged_once(scenario: Scenario) -> None:
+    from mlflow import MlflowClient
+
+    mlflow = MlflowClient(tracking_uri=f"sqlite:///{scenario.base.storage_path}/mlflow.db")
+    experiment = mlflow.get_experiment_by_name("elastic")
+    assert experiment is not None
+    runs = {r.info.run_name: r for r in mlflow.search_runs([experiment.experiment_id])}
+    assert sorted(runs) == ["elastic", "elastic-sharded", "reference"]  # one each
+    for name, run in runs.items():
+        report = scenario.runs[name]
+        assert run.info.status == "FINISHED"
+        assert json.loads(run.data.tags["world_sizes"]) == report["world_sizes"]
+        summary = json.loads((Path(scenario.base.storage_path) / name / "summary.json").read_text())
+        loss = [(m.step, m.value) for m in mlflow.get_metric_history(run.info.run_id, "loss")]
+        assert sorted(loss) == [(int(e["step"]), e["loss"]) for e in summary["epochs"]]
+        assert len(loss) == EPOCHS, name  # restarts inside epochs logged no epoch twice

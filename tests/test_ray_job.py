@@ -187,7 +187,14 @@ def test_a_job_whose_driver_died_resumes_its_run_when_submitted_again(
     OOM kill does) after a checkpoint inside its first epoch; the job fails. The same
     command submitted again resumes that run by its name, inside the epoch, and the audit
     holds every image of every epoch exactly once."""
-    from orchestrator.config import DecodeAt, OptimConfig, RunConfig, ScalingConfig, dump_yaml
+    from orchestrator.config import (
+        DecodeAt,
+        OptimConfig,
+        RunConfig,
+        ScalingConfig,
+        TrackingConfig,
+        dump_yaml,
+    )
     from tests.conftest import dataset_image_ids, kill_test_setup, registered_inside
 
     setup = kill_test_setup(tmp_path)
@@ -200,6 +207,7 @@ def test_a_job_whose_driver_died_resumes_its_run_when_submitted_again(
         scaling=ScalingConfig(num_workers=2, cpus_per_worker=0.5),
         run=RunConfig(eval_every_epochs=0, shuffle_buffer=0, checkpoint_every_steps=4,
                       keep_checkpoints=0, audit_ids=True),
+        tracking=TrackingConfig(),  # the default: SQLite beside the runs
     )  # fmt: skip
     path = tmp_path / "resubmitted.yaml"
     path.write_text(dump_yaml(config))
@@ -239,6 +247,17 @@ def test_a_job_whose_driver_died_resumes_its_run_when_submitted_again(
         [line for line in logs.splitlines() if line.startswith('{"name": "resubmitted"')][-1]
     )
     assert summary["epochs_done"] == [0, 1] and summary["resumed_at"] == [0], summary
+    # The resubmitted driver continued the killed driver's MLflow run: one run, each epoch
+    # logged once.
+    from mlflow import MlflowClient
+
+    mlflow = MlflowClient(tracking_uri=f"sqlite:///{config.storage_path}/mlflow.db")
+    experiment = mlflow.get_experiment_by_name("resubmitted")
+    assert experiment is not None
+    [run] = mlflow.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED" and json.loads(run.data.tags["resumed_at_epoch"]) == [0]
+    loss = [(m.step, m.value) for m in mlflow.get_metric_history(run.info.run_id, "loss")]
+    assert loss == [(int(e["step"]), e["loss"]) for e in summary["epochs"]] and len(loss) == 2
     all_ids = dataset_image_ids(config.data.train)
     for epoch in (0, 1):
         trained = [
