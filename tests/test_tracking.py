@@ -74,6 +74,7 @@ def test_a_run_its_resume_and_their_curves_are_one_mlflow_run(
 
     mlflow = mlflow_client(mlflow_server)
     experiment = mlflow.get_experiment_by_name(config.tracking.experiment)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     runs = mlflow.search_runs([experiment.experiment_id])
     assert [r.info.run_id for r in runs] == [run_id]  # one MLflow run for both attempts
     run = mlflow.get_run(run_id)

@@ -21,7 +21,11 @@ from orchestrator.runs import storage_root
 
 T = TypeVar("T")
 DATABASE_FILE = "mlflow.db"
-TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"  # MLflow's own: used when tracking.uri is empty
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = (
+    "mlflow.experimentKind",
+    "custom_model_development",
+)  # MLflow's own: used when tracking.uri is empty
 # MLflow's own HTTP retries: its defaults (7 retries with backoff, 120 s timeout) would
 # hold a run for minutes when the server is gone. Ours wrap each call instead.
 HTTP_RETRIES_ENV = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
@@ -158,7 +162,9 @@ class Tracker:
             found = client.get_experiment_by_name(self.target.experiment)
             if found is not None:
                 return str(found.experiment_id)
-            return str(client.create_experiment(self.target.experiment))
+            # The UI opens it as model training (MLflow 3 opens an untagged one as GenAI).
+            tags = {EXPERIMENT_KIND_TAG: MODEL_TRAINING}
+            return str(client.create_experiment(self.target.experiment, tags=tags))
 
         return self.call(f"opening experiment {self.target.experiment!r}", find_or_create)
 
