@@ -159,6 +159,11 @@ def test_ray_job_submit_distill(head_node: str, train_setup: TrainSetup, tmp_pat
     assert experiment is not None
     [run] = mlflow.search_runs([experiment.experiment_id])
     assert run.info.run_name == "submitted" and run.info.status == "FINISHED"
+    # Its artifacts beside the database, not in the job's working directory.
+    stored = storage / "mlartifacts" / run.info.run_id / "artifacts"
+    assert run.info.artifact_uri == f"file://{stored}"
+    summary_file = storage / "submitted" / "summary.json"
+    assert (stored / "summary.json").read_bytes() == summary_file.read_bytes()
     assert f"[tracking] submitted: MLflow run {run.info.run_id}" in logs
     loss = [(m.step, m.value) for m in mlflow.get_metric_history(run.info.run_id, "loss")]
     assert loss == [(int(e["step"]), e["loss"]) for e in summary["epochs"]]

@@ -177,6 +177,8 @@ def test_a_storage_path_on_object_storage_without_a_uri_tracks_nothing(
     local = replace(config, storage_path="/data/runs")
     target = target_of(local)
     assert target is not None and target.uri == "sqlite:////data/runs/mlflow.db"
+    assert target.artifact_root == "file:///data/runs/mlartifacts"  # not ./mlruns
+    assert Target("http://mlflow.internal:5000", "e").artifact_root is None
     assert target.experiment == config.name
 
 

@@ -21,6 +21,8 @@ from orchestrator.runs import storage_root
 
 T = TypeVar("T")
 DATABASE_FILE = "mlflow.db"
+ARTIFACTS_DIR = "mlartifacts"  # beside an SQLite database: its experiments' artifacts
+SQLITE_PREFIX = "sqlite:///"  # + an absolute path: sqlite:////data/runs/mlflow.db
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = (
     "mlflow.experimentKind",
@@ -51,6 +53,16 @@ class Target:
     def shown(self) -> str:
         """The URI as it may be printed."""
         return redact_uri(self.uri)
+
+    @property
+    def artifact_root(self) -> str | None:
+        """Where a new experiment keeps its artifacts: beside an SQLite database
+        (``<its folder>/mlartifacts``; MLflow's default would be ``./mlruns`` in whatever
+        directory the job runs in); a server decides for itself (None)."""
+        if not self.uri.startswith(SQLITE_PREFIX):
+            return None
+        database = self.uri.removeprefix(SQLITE_PREFIX)
+        return f"file://{os.path.join(os.path.dirname(database), ARTIFACTS_DIR)}"
 
 
 def target_of(config: ExperimentConfig) -> Target | None:
@@ -83,7 +95,7 @@ def target_of(config: ExperimentConfig) -> Target | None:
 def local_database_uri(root: str) -> str:
     """The embedded default: ``sqlite:///<storage_path>/mlflow.db`` (absolute)."""
     path = os.path.abspath(root.removeprefix("file://"))
-    return f"sqlite:///{os.path.join(path, DATABASE_FILE)}"
+    return f"{SQLITE_PREFIX}{os.path.join(path, DATABASE_FILE)}"
 
 
 def ui_command(target: Target) -> str:
@@ -164,7 +176,11 @@ class Tracker:
                 return str(found.experiment_id)
             # The UI opens it as model training (MLflow 3 opens an untagged one as GenAI).
             tags = {EXPERIMENT_KIND_TAG: MODEL_TRAINING}
-            return str(client.create_experiment(self.target.experiment, tags=tags))
+            return str(
+                client.create_experiment(
+                    self.target.experiment, artifact_location=self.target.artifact_root, tags=tags
+                )
+            )
 
         return self.call(f"opening experiment {self.target.experiment!r}", find_or_create)
 

@@ -13,7 +13,7 @@ from typing import Any
 from orchestrator import storage
 from orchestrator.config import ExperimentConfig
 from orchestrator.tracking.client import Tracker, run_exists, target_of
-from orchestrator.tracking.runs import RECORD_KEY, TrackedRun, log_params, upload
+from orchestrator.tracking.runs import RECORD_KEY, TrackedRun, new_run, upload
 
 PARENT_RECORD = "mlflow_parent.json"
 KIND_TAG = "kind"  # search | comparison
@@ -33,23 +33,10 @@ def open_parent(config: ExperimentConfig, path: str, *, kind: str) -> TrackedRun
         tracker.call("resuming the parent run", lambda c: c.update_run(known, status="RUNNING"))
         print(f"[tracking] {kind} {config.name}: continuing MLflow run {known}", flush=True)
         return TrackedRun(target, known)
-    experiment = tracker.experiment_id()
-    if experiment is None:
-        return None
-    tags = {KIND_TAG: kind, "storage_path": path}
-    made = tracker.call(
-        "creating the parent run",
-        lambda c: c.create_run(experiment, run_name=f"{config.name} ({kind})", tags=tags),
-    )
-    if made is None:
-        return None
-    run_id = str(made.info.run_id)
     storage.makedirs(path)
-    record = {RECORD_KEY: {"run_id": run_id, "experiment": target.experiment, "uri": target.shown}}
-    storage.write_text_atomic(record_uri, json.dumps(record, indent=2))
-    log_params(tracker, run_id, config)
-    print(f"[tracking] {kind} {config.name}: MLflow run {run_id} at {target.shown}", flush=True)
-    return TrackedRun(target, run_id)
+    tags = {KIND_TAG: kind, "storage_path": path}
+    run_name = f"{config.name} ({kind})"
+    return new_run(tracker, config, run_name=run_name, tags=tags, record_uri=record_uri)
 
 
 def parent_id(path: str) -> str | None:

@@ -63,28 +63,41 @@ def open_run(
     if target is None:
         return None
     tracker = Tracker(target)
-    record_uri = storage.join(run_dir(config, name), RUN_RECORD)
-    record = json.loads(storage.read_text(record_uri)) if storage.exists(record_uri) else {}
-    known = record.get(RECORD_KEY, {}).get("run_id")
+    known = tracked_run_id(run_dir(config, name))
     if known and tracker.call("finding the run", run_exists, known):
         tracker.call("resuming the run", lambda c: c.update_run(known, status="RUNNING"))
         log_params(tracker, known, config)
         print(f"[tracking] {name}: continuing MLflow run {known} at {target.shown}", flush=True)
         return TrackedRun(target, known)
+    all_tags = {**tags, **({PARENT_TAG: parent} if parent else {})}
+    record_uri = storage.join(run_dir(config, name), RUN_RECORD)
+    return new_run(tracker, config, run_name=name, tags=all_tags, record_uri=record_uri)
+
+
+def new_run(
+    tracker: Tracker,
+    config: ExperimentConfig,
+    *,
+    run_name: str,
+    tags: Mapping[str, str],
+    record_uri: str,
+) -> TrackedRun | None:
+    """A new MLflow run with ``config`` as its params, its id recorded in the JSON file at
+    ``record_uri`` (beside what that file holds already) so that a resume finds it."""
     experiment = tracker.experiment_id()
     if experiment is None:
         return None
-    all_tags = {**tags, **({PARENT_TAG: parent} if parent else {})}
     made = tracker.call(
-        "creating the run", lambda c: c.create_run(experiment, run_name=name, tags=all_tags)
+        "creating the run", lambda c: c.create_run(experiment, run_name=run_name, tags=tags)
     )
     if made is None:
         return None
-    run_id = str(made.info.run_id)
+    run_id, target = str(made.info.run_id), tracker.target
+    record = json.loads(storage.read_text(record_uri)) if storage.exists(record_uri) else {}
     record[RECORD_KEY] = {"run_id": run_id, "experiment": target.experiment, "uri": target.shown}
     storage.write_text_atomic(record_uri, json.dumps(record, indent=2, sort_keys=True))
     log_params(tracker, run_id, config)
-    print(f"[tracking] {name}: MLflow run {run_id} at {target.shown}", flush=True)
+    print(f"[tracking] {run_name}: MLflow run {run_id} at {target.shown}", flush=True)
     return TrackedRun(target, run_id)
 
 
