@@ -6,18 +6,19 @@ credentials in the URI hidden) and the call returns ``None``; the caller carries
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from orchestrator import storage
 from orchestrator.config import ExperimentConfig
 from orchestrator.config.tracking import redact_uri
-from orchestrator.runs import storage_root
+from orchestrator.runs import process_env, storage_root
 
 T = TypeVar("T")
 DATABASE_FILE = "mlflow.db"
@@ -124,8 +125,6 @@ class Tracker:
 
     def client(self) -> Any:
         if self._client is None:
-            os.environ.setdefault(HTTP_RETRIES_ENV, "0")
-            os.environ.setdefault(HTTP_TIMEOUT_ENV, f"{self.target.timeout_s:g}")
             # mlflow: heavy (about 1.5 s to import), loaded only when a job tracks
             from mlflow import MlflowClient
 
@@ -146,7 +145,8 @@ class Tracker:
         error: Exception | None = None
         for attempt in range(self.target.retries):
             try:
-                return action(self.client(), *args)
+                with self.bounded():
+                    return action(self.client(), *args)
             except Exception as err:  # any backend failure: the work goes on without it
                 error = err
                 if attempt + 1 < self.target.retries:
@@ -161,6 +161,16 @@ class Tracker:
                 flush=True,
             )
         return None
+
+    @contextlib.contextmanager
+    def bounded(self) -> Iterator[None]:
+        """MLflow's HTTP bounds for our own calls only (a user's settings of them win): set
+        for the process, they bounded every other MLflow client in it too (seen in a test
+        whose own reads timed out after 1 s)."""
+        retries = os.environ.get(HTTP_RETRIES_ENV, "0")
+        timeout = os.environ.get(HTTP_TIMEOUT_ENV, f"{self.target.timeout_s:g}")
+        with process_env(HTTP_RETRIES_ENV, retries), process_env(HTTP_TIMEOUT_ENV, timeout):
+            yield
 
     def problem(self, error: Exception | None) -> str:
         text = str(error).strip().splitlines()[0] if error is not None and str(error) else ""
