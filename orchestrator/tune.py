@@ -209,8 +209,9 @@ def close_search(config: ExperimentConfig, parent: TrackedRun, outcome: SearchOu
             continue
         if row is best:
             tag_run(parent, child, {"best_trial": "true"})
-        if row.status != "completed":  # stopped by the scheduler: its run never closed
-            end_run(parent, child, "KILLED")
+        # A trial stopped by the scheduler never closed its run; one interrupted between its
+        # last report and its close (Ctrl-C) is not run again by --resume.
+        end_run(parent, child, "FINISHED" if row.status == "completed" else "KILLED")
 
 
 def has_front(config: ExperimentConfig) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -72,7 +73,10 @@ def close_parent(
     from mlflow.entities import Metric  # mlflow: heavy, loaded only when a job tracks
 
     tracker, run_id = run.tracker(), run.run_id
-    entries = [Metric(k, v, 0, 0) for k, v in metrics.items() if v == v]  # NaN left out
+    # Stamped now: the latest close of a resumed search is what the run shows (at equal
+    # step and time MLflow would show the largest value ever logged).
+    now = int(time.time() * 1000)
+    entries = [Metric(k, v, now, 0) for k, v in metrics.items() if v == v]  # NaN left out
     for start in range(0, len(entries), 1000):
         part = entries[start : start + 1000]
         tracker.call("logging the summary", lambda c, p: c.log_batch(run_id, metrics=p), part)
