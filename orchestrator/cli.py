@@ -59,11 +59,9 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
     """
     try:
         return main(argv)
-    except KeyboardInterrupt:
-        print(
-            "interrupted: runs keep their last checkpoint; the same command resumes them",
-            file=sys.stderr,
-        )
+    except KeyboardInterrupt as err:
+        said = str(err) or "runs keep their last checkpoint; the same command resumes them"
+        print(f"interrupted: {said}", file=sys.stderr)
         return 130
     except Exception as err:
         cause = input_error(err)

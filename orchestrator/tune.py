@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
+import threading
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -184,8 +186,8 @@ def run_search(config: ExperimentConfig, resume: bool = False) -> SearchOutcome:
         outcome = summarize(config, rows, path)
         if has_front(config):
             outcome = replace(outcome, front=tuple(write_front(config, rows, outcome.summary)))
-    except BaseException:
-        end_failed(parent)
+    except BaseException as err:
+        end_failed(parent, err)
         raise
     if parent is not None:
         close_search(config, parent, outcome)
@@ -289,7 +291,39 @@ def fit_trials(
             ),
         )
     with classic_tune_output():
-        return tuner.fit()
+        return fit_unless_interrupted(tuner, f"the {what} at {path}")
+
+
+TUNE_SIGINT_ENV = "TUNE_DISABLE_SIGINT_HANDLER"  # Tune's documented switch for its handler
+
+
+class SearchInterrupted(KeyboardInterrupt):
+    """Ctrl-C reached Tune during a fit: Tune stopped the trials, saved its state, and
+    returned as if the fit had ended."""
+
+
+def fit_unless_interrupted(tuner: Any, what: str) -> Any:
+    """``tuner.fit()``, raising :class:`SearchInterrupted` where Tune caught Ctrl-C: it
+    returns its partial grid then, and its running trials read as ended, so a summary of it
+    would call them stopped. Tune's handler puts back the one it found when it catches the
+    signal, and is left in place when it does not: whichever is in place after the fit
+    tells, and the one we found is put back either way."""
+    watching = threading.current_thread() is threading.main_thread() and not int(
+        os.environ.get(TUNE_SIGINT_ENV, "0") or 0
+    )
+    found = signal.getsignal(signal.SIGINT)
+    try:
+        grid = tuner.fit()
+    finally:
+        caught = watching and signal.getsignal(signal.SIGINT) is found
+        if watching:
+            signal.signal(signal.SIGINT, found)
+    if caught:
+        raise SearchInterrupted(
+            f"{what} stopped; Tune kept its state and the finished trials: the same "
+            "command with --resume continues it"
+        )
+    return grid
 
 
 NEW_OUTPUT_ENV = "RAY_AIR_NEW_OUTPUT"

@@ -109,6 +109,16 @@ def mlflow_client(server: MlflowServer) -> Any:
     return MlflowClient(tracking_uri=server.uri)
 
 
+def parent_statuses(server: MlflowServer, experiment: str, kind: str) -> list[str]:
+    """The statuses of the parent runs (``tags.kind``: search or comparison) in
+    ``experiment`` on ``server``."""
+    mlflow = mlflow_client(server)
+    found = mlflow.get_experiment_by_name(experiment)
+    assert found is not None, f"no MLflow experiment {experiment!r}"
+    runs = mlflow.search_runs([found.experiment_id], f"tags.kind = '{kind}'")
+    return [r.info.status for r in runs]
+
+
 _RAY_STARTED_WITH: dict[str, str | None] = {}
 
 

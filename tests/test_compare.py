@@ -29,7 +29,13 @@ from orchestrator.config import (
     dump_yaml,
     load_config,
 )
-from tests.conftest import TrainSetup, interrupt_when, mlflow_client, run_job_here
+from tests.conftest import (
+    TrainSetup,
+    interrupt_when,
+    mlflow_client,
+    parent_statuses,
+    run_job_here,
+)
 from tests.mlflow_server import MlflowServer
 
 
@@ -147,12 +153,18 @@ def comparison(
     )
     path = root / "compare.yaml"
     path.write_text(dump_yaml(config))
-    interrupt_when(compare_cli(path), lambda: students(root), "run")
+    first_output = interrupt_when(compare_cli(path), lambda: students(root), "run")
+    interrupted = {
+        "summarized": (root / "runs" / "compare" / "cmp" / "summary").exists(),
+        "parents": parent_statuses(mlflow_server, "compare", "comparison"),
+        "output": first_output,
+    }
     resumed = run_job_here(compare_job.main, ["--config", str(path), "--resume"])
     finished = students(root)
     return {
         "root": root,
         "path": path,
+        "interrupted": interrupted,
         "output": resumed,
         "mtimes": {p: Path(p).stat().st_mtime_ns for p in finished},
     }
@@ -179,6 +191,20 @@ def grown(comparison: dict) -> dict:
         "report": (summary / "report.md").read_text(),
         "png": (summary / "comparison.png").read_bytes(),
     }
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_an_interrupted_comparison_summarizes_nothing_and_says_how_to_resume(
+    comparison: dict,
+) -> None:
+    # Tune returns from Ctrl-C as if done: a summary then would list the running cell as
+    # missing and close the parent run as finished. (Both cells may train at once and end
+    # together: the signal can also land after the fit, in the evaluation.)
+    interrupted = comparison["interrupted"]
+    assert interrupted["summarized"] is False and interrupted["parents"] == ["KILLED"]
+    output = interrupted["output"]
+    assert "\ninterrupted: " in output and "Traceback" not in output
 
 
 @pytest.mark.slow

@@ -107,3 +107,15 @@ def test_ctrl_c_is_one_line_and_exit_130(capsys: pytest.CaptureFixture[str]) -> 
     assert cli.run(interrupted, []) == 130
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("interrupted:") and "resumes" in lines[0]
+
+
+def test_an_interrupted_search_says_its_own_way_back(capsys: pytest.CaptureFixture[str]) -> None:
+    from orchestrator import cli
+    from orchestrator.tune import SearchInterrupted
+
+    def interrupted(argv: object) -> int:
+        raise SearchInterrupted("the search at /x stopped; pass --resume")
+
+    assert cli.run(interrupted, []) == 130
+    said = capsys.readouterr().err.strip().splitlines()
+    assert said == ["interrupted: the search at /x stopped; pass --resume"]

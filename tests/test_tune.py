@@ -43,6 +43,7 @@ from tests.conftest import (
     clean_env,
     interrupt_when,
     mlflow_client,
+    parent_statuses,
     run_job_here,
 )
 from tests.mlflow_server import MlflowServer
@@ -101,17 +102,32 @@ def search(
     config = search_config(train_setup, root, mlflow_server.uri)
     first_output = interrupt_when(tune_cli(config), lambda: students(root), "trial")
     finished_before = students(root)
-    resumed = run_job_here(tune_job.main, ["--config", str(config), "--resume"])
     summary = root / "runs" / "tune" / "search" / "summary"
+    interrupted = {
+        "summarized": summary.exists(),
+        "parents": parent_statuses(mlflow_server, "tune", "search"),
+    }
+    resumed = run_job_here(tune_job.main, ["--config", str(config), "--resume"])
     return {
         "root": root,
         "config": config,
         "finished_before": finished_before,
         "first_output": first_output,
+        "interrupted": interrupted,
         "output": resumed,
         "summary": summary,
         "trials": json.loads((summary / "trials.json").read_text()),
     }
+
+
+def test_an_interrupted_search_summarizes_nothing_and_says_how_to_resume(search: dict) -> None:
+    # Tune returns from Ctrl-C as if done, its running trial read as ended: a summary then
+    # would call that trial stopped and crown the one finished trial (seen: two runs tagged
+    # best after the resume).
+    assert search["interrupted"] == {"summarized": False, "parents": ["KILLED"]}
+    first = search["first_output"]
+    assert "interrupted: the search at " in first and "with --resume continues it" in first
+    assert "best config:" not in first and "Traceback" not in first
 
 
 def test_search_table_best_yaml_and_plot(search: dict, train_setup: TrainSetup) -> None:

@@ -160,8 +160,8 @@ def run_compare(config: ExperimentConfig, resume: bool = False) -> Comparison:
     parent = open_parent(config, path, kind="comparison")
     try:
         comparison = train_and_summarize(config, path, todo, concurrent, resume=resume)
-    except BaseException:
-        end_failed(parent)
+    except BaseException as err:
+        end_failed(parent, err)
         raise
     if parent is not None:
         close_comparison(parent, comparison)

@@ -281,10 +281,13 @@ def attach(config: ExperimentConfig, name: str, artifacts: Mapping[str, str]) ->
         upload(Tracker(target), run_id, artifacts, {})
 
 
-def end_failed(run: TrackedRun | None) -> None:
-    """Mark ``run`` failed (its fit raised)."""
-    if run is not None:
-        run.tracker().call("ending the run", lambda c: c.set_terminated(run.run_id, "FAILED"))
+def end_failed(run: TrackedRun | None, err: BaseException) -> None:
+    """End ``run`` whose work raised ``err``: KILLED for Ctrl-C (it can be resumed), else
+    FAILED."""
+    if run is None:
+        return
+    status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+    run.tracker().call("ending the run", lambda c: c.set_terminated(run.run_id, status))
 
 
 SUMMARY_FILE = "summary.json"

@@ -41,8 +41,8 @@ def tracked_fit(
     logger = [] if tracked is None else [EpochLogger(tracked)]
     try:
         return fit(config, spec, name=name, callbacks=[*callbacks, *logger]), tracked
-    except BaseException:
-        end_failed(tracked)
+    except BaseException as err:
+        end_failed(tracked, err)
         raise
 
 
