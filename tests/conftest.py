@@ -160,14 +160,20 @@ def ray_with_store(object_store: EmbeddedObjectStore, ray_cluster: None) -> Iter
 # test that uses a Ray cluster fixture is `ray`, and everything else is `unit`.
 TIERS = ("unit", "dist", "ray", "e2e")
 RAY_FIXTURES = {"ray_cluster", "ray_with_store"}
+SERVER_FIXTURES = {"mlflow_server", "object_store"}  # server processes of their own
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if any(item.get_closest_marker(tier) for tier in TIERS):
             continue
-        uses_ray = RAY_FIXTURES & set(getattr(item, "fixturenames", ()))
-        item.add_marker(pytest.mark.ray if uses_ray else pytest.mark.unit)
+        used = set(getattr(item, "fixturenames", ()))
+        if RAY_FIXTURES & used:
+            item.add_marker(pytest.mark.ray)
+        elif SERVER_FIXTURES & used:
+            item.add_marker(pytest.mark.e2e)
+        else:
+            item.add_marker(pytest.mark.unit)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from orchestrator.config import DataConfig, ExperimentConfig, TrackingConfig, re
 from orchestrator.data.prepare import SyntheticDatasets
 from orchestrator.runs import RUN_RECORD, run_dir
 from orchestrator.tracking.client import Target, Tracker
-from orchestrator.tracking.parents import numeric_leaves
+from orchestrator.tracking.parents import close_parent, end_run, numeric_leaves, tag_run
 from orchestrator.tracking.runs import SUMMARY_FILE, TrackedRun, close_run, config_params
 from orchestrator.train.launch import distill
 from tests.conftest import TrainSetup, mlflow_client
@@ -242,3 +242,34 @@ def test_a_failing_backend_is_tried_a_bounded_number_of_times_and_said_once(
 def test_numbers_of_a_summary_become_metric_names_mlflow_takes() -> None:
     data = {"acc": {"proxyless+l2": {"mean": 0.5, "n": 3, "significant": True, "why": "x"}}}
     assert numeric_leaves(data) == {"acc/proxyless_l2/mean": 0.5, "acc/proxyless_l2/n": 3.0}
+
+
+def test_a_parent_closes_with_its_numbers_tags_and_leaves_ended_children_as_they_were(
+    mlflow_server: MlflowServer, tmp_path: Path
+) -> None:
+    mlflow = mlflow_client(mlflow_server)
+    experiment = mlflow.create_experiment(f"parents-{tmp_path.name}")
+    parent, running, ended = (mlflow.create_run(experiment).info.run_id for _ in range(3))
+    mlflow.set_terminated(ended, status="FINISHED", end_time=1_000)
+    run = TrackedRun(Target(mlflow_server.uri, f"parents-{tmp_path.name}"), parent)
+    summary = tmp_path / "trials.json"
+    summary.write_text("[1]")
+    many = {f"t{i:03d}": str(i) for i in range(150)}  # more than one call holds
+    close_parent(
+        run,
+        metrics={"best": 0.75, "none": float("nan")},
+        artifacts={"summary/trials.json": str(summary)},
+        tags=many,
+    )
+    tag_run(run, running, {"best_trial": "true"})
+    end_run(run, running, "KILLED")
+    end_run(run, ended, "KILLED")
+    closed = mlflow.get_run(parent)
+    assert closed.info.status == "FINISHED" and closed.data.metrics == {"best": 0.75}
+    assert {k: v for k, v in closed.data.tags.items() if k in many} == many
+    local = mlflow.download_artifacts(parent, "summary/trials.json", str(tmp_path / "dl"))
+    assert Path(local).read_text() == "[1]"
+    child = mlflow.get_run(running)
+    assert child.info.status == "KILLED" and child.data.tags["best_trial"] == "true"
+    finished = mlflow.get_run(ended).info  # an ended run keeps its status and end time
+    assert (finished.status, finished.end_time) == ("FINISHED", 1_000)

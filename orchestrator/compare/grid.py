@@ -36,8 +36,14 @@ from orchestrator.runs import (
     training_settings,
 )
 from orchestrator.teacher.models import load_teacher_backbone
-from orchestrator.tracking.parents import close_parent, numeric_leaves, open_parent, parent_id
-from orchestrator.tracking.runs import TrackedRun, end_failed
+from orchestrator.tracking.parents import (
+    close_parent,
+    end_run,
+    numeric_leaves,
+    open_parent,
+    parent_id,
+)
+from orchestrator.tracking.runs import TrackedRun, end_failed, tracked_run_id
 from orchestrator.train.checks import check_run_inputs
 from orchestrator.train.launch import distill
 from orchestrator.tune import (
@@ -164,13 +170,15 @@ def run_compare(config: ExperimentConfig, resume: bool = False) -> Comparison:
         end_failed(parent, err)
         raise
     if parent is not None:
-        close_comparison(parent, comparison)
+        close_comparison(config, parent, comparison)
     return comparison
 
 
-def close_comparison(parent: TrackedRun, comparison: Comparison) -> None:
+def close_comparison(config: ExperimentConfig, parent: TrackedRun, comparison: Comparison) -> None:
     """The parent run gets the summary's files, and every method's mean, spread and
-    interval to the baseline as metrics (``<column>/<method>/mean``, ...)."""
+    interval to the baseline as metrics (``<column>/<method>/mean``, ...); a completed
+    cell's run still open (interrupted between its last report and its close, and not run
+    again by --resume) is ended."""
     data = json.loads(storage.read_text(storage.join(comparison.summary, "comparison.json")))
     files = sorted(storage.file_names(comparison.summary))
     close_parent(
@@ -179,6 +187,10 @@ def close_comparison(parent: TrackedRun, comparison: Comparison) -> None:
         artifacts={f: storage.join(comparison.summary, f) for f in files},
         tags={"baseline": str(data["baseline"])},
     )
+    for cell in comparison.cells:
+        child = tracked_run_id(run_dir(config, cell.run))
+        if child is not None and cell.status == "completed":
+            end_run(parent, child, "FINISHED")
 
 
 def train_and_summarize(

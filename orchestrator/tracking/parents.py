@@ -7,14 +7,20 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections.abc import Mapping
 from typing import Any
 
 from orchestrator import storage
 from orchestrator.config import ExperimentConfig
 from orchestrator.tracking.client import Tracker, run_exists, target_of
-from orchestrator.tracking.runs import RECORD_KEY, TrackedRun, new_run, upload
+from orchestrator.tracking.runs import (
+    RECORD_KEY,
+    TrackedRun,
+    log_metrics,
+    new_run,
+    set_tags,
+    upload,
+)
 
 PARENT_RECORD = "mlflow_parent.json"
 KIND_TAG = "kind"  # search | comparison
@@ -70,29 +76,27 @@ def close_parent(
     tags: Mapping[str, str] = {},
 ) -> None:
     """Log the summary's numbers, upload its files, set ``tags`` and end the parent."""
-    from mlflow.entities import Metric  # mlflow: heavy, loaded only when a job tracks
-
     tracker, run_id = run.tracker(), run.run_id
-    # Stamped now: the latest close of a resumed search is what the run shows (at equal
-    # step and time MLflow would show the largest value ever logged).
-    now = int(time.time() * 1000)
-    entries = [Metric(k, v, now, 0) for k, v in metrics.items() if v == v]  # NaN left out
-    for start in range(0, len(entries), 1000):
-        part = entries[start : start + 1000]
-        tracker.call("logging the summary", lambda c, p: c.log_batch(run_id, metrics=p), part)
-    for key, value in tags.items():
-        tracker.call(f"tagging {key}", lambda c, k, v: c.set_tag(run_id, k, v), key, value)
+    # Stamped now: the latest close of a resumed search is what the run shows.
+    log_metrics(tracker, run_id, [(0, {k: v for k, v in metrics.items() if v == v})])  # no NaN
+    set_tags(tracker, run_id, tags)
     upload(tracker, run_id, artifacts, {})
     tracker.call("ending the parent run", lambda c: c.set_terminated(run_id, status="FINISHED"))
 
 
 def tag_run(run: TrackedRun, run_id: str, tags: Mapping[str, str]) -> None:
     """Set ``tags`` on another run of the same server (a parent marks its best child)."""
-    tracker = run.tracker()
-    for key, value in tags.items():
-        tracker.call(f"tagging {key}", lambda c, k, v: c.set_tag(run_id, k, v), key, value)
+    set_tags(run.tracker(), run_id, tags)
 
 
 def end_run(run: TrackedRun, run_id: str, status: str) -> None:
-    """End another run of the same server (a trial the scheduler stopped) with ``status``."""
-    run.tracker().call("ending a trial's run", lambda c: c.set_terminated(run_id, status=status))
+    """End another run of the same server with ``status`` if it is still running (a trial
+    the scheduler stopped, or one interrupted between its last report and its close); an
+    ended run keeps its end time."""
+
+    def end(client: Any) -> bool:
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, status=status)
+        return True
+
+    run.tracker().call("ending a trial's run", end)

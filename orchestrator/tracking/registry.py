@@ -43,6 +43,7 @@ def mirror_registry(
     if found is None:
         return
     versions = {v.tags.get(FINGERPRINT_TAG): str(v.version) for v in found}
+    have = {v.tags.get(FINGERPRINT_TAG): dict(v.tags) for v in found}  # set only what differs
     # The champion too: it may predate tracking, or its candidate record may be gone.
     records = {str(c["fingerprint"]): c for c in (*candidates, *([champion] if champion else []))}
     for candidate in records.values():
@@ -56,7 +57,8 @@ def mirror_registry(
         if fingerprint in decisions:
             tags["decision"] = decisions[fingerprint]
         version = versions[fingerprint]
-        for key, value in tags.items():
+        known = have.get(fingerprint, {})
+        for key, value in {k: v for k, v in tags.items() if known.get(k) != v}.items():
             tracker.call(
                 f"tagging version {version}",
                 lambda c, n, k, v: c.set_model_version_tag(model, n, k, v),

@@ -38,6 +38,7 @@ CURVE_KEYS = ("loss", "lr", "samples_per_s", "input_startup_s", "input_wait_shar
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param's value
 PARAMS_PER_CALL = 100  # and on the params of one log_batch
 METRICS_PER_CALL = 1000
+TAGS_PER_CALL = 100  # MLflow's limit on the tags of one log_batch
 
 
 @dataclass(frozen=True)
@@ -119,10 +120,9 @@ def log_params(tracker: Tracker, run_id: str, config: ExperimentConfig) -> None:
     have: dict[str, str] = {} if run is None else dict(run.data.params)
     wanted = {key: value[:MAX_PARAM_CHARS] for key, value in config_params(config).items()}
     params = [Param(key, value) for key, value in wanted.items() if key not in have]
-    for key in sorted(k for k in wanted.keys() & have.keys() if wanted[k] != have[k]):
-        # A run resumed with other settings (more epochs, --resume-anyway): the new value.
-        tag = f"{CHANGED_TAG}{key}"
-        tracker.call(f"tagging {tag}", lambda c, k, v: c.set_tag(run_id, k, v), tag, wanted[key])
+    # A run resumed with other settings (more epochs, --resume-anyway): the new values.
+    changed = sorted(k for k in wanted.keys() & have.keys() if wanted[k] != have[k])
+    set_tags(tracker, run_id, {f"{CHANGED_TAG}{key}": wanted[key] for key in changed})
     for start in range(0, len(params), PARAMS_PER_CALL):
         chunk = params[start : start + PARAMS_PER_CALL]
         tracker.call("logging params", lambda c, part: c.log_batch(run_id, params=part), chunk)
@@ -174,7 +174,8 @@ class EpochLogger(UserCallback):
 def log_metrics(
     tracker: Tracker, run_id: str, epochs: Iterable[tuple[int, Mapping[str, float]]]
 ) -> bool:
-    """Log each (step, figures) pair; whether every call went through."""
+    """Log each (step, figures) pair, stamped now (at equal step and time MLflow shows the
+    largest value ever logged; a later time wins); whether every call went through."""
     from mlflow.entities import Metric  # mlflow: heavy, loaded only when a job tracks
 
     now = int(time.time() * 1000)
@@ -189,6 +190,16 @@ def log_metrics(
         )
         ok = ok and done is not None
     return ok
+
+
+def set_tags(tracker: Tracker, run_id: str, tags: Mapping[str, str]) -> None:
+    """Set ``tags`` on the run, in as few calls as MLflow takes."""
+    from mlflow.entities import RunTag  # mlflow: heavy, loaded only when a job tracks
+
+    entries = [RunTag(key, value) for key, value in tags.items()]
+    for start in range(0, len(entries), TAGS_PER_CALL):
+        chunk = entries[start : start + TAGS_PER_CALL]
+        tracker.call("setting tags", lambda c, part: c.log_batch(run_id, tags=part), chunk)
 
 
 def logged_steps(tracker: Tracker, run_id: str, key: str) -> set[int] | None:
@@ -244,8 +255,7 @@ def close_run(
             f"(steps: {lost}); the run summary (summary.json) holds them",
             flush=True,
         )
-    for key, value in tags.items():
-        tracker.call(f"tagging {key}", lambda c, k, v: c.set_tag(run_id, k, v), key, value)
+    set_tags(tracker, run_id, tags)
     upload(tracker, run_id, artifacts, texts)
     tracker.call("ending the run", lambda c: c.set_terminated(run_id, status=status))
 
