@@ -51,7 +51,13 @@ def worker(rank: int, rendezvous: str, out: str) -> None:
         loss_of(y).backward()
     grads = {k: p.grad.clone() for k, p in net.module.named_parameters() if p.grad is not None}
     torch.save({"out": y.detach(), "state": net.module.state_dict(), "grads": grads}, out)
+    # DDP and the graph of the last step freed while the group lives, as a Ray Train
+    # worker's are when its loop returns: freed after destroy_process_group, they hung the
+    # process at the function's return (2 runs in 9, both ranks past the destroy).
+    del net, y
+    dist.barrier()  # no rank tears gloo down while a peer is still exchanging
     dist.destroy_process_group()
+    os._exit(0)  # no interpreter teardown race with gloo's threads (see test_sharded_gloo)
 
 
 def test_group_batchnorm_at_two_workers_equals_one_process_on_the_whole_batch(
