@@ -308,10 +308,12 @@ def fit_unless_interrupted(tuner: Any, what: str) -> Any:
     would call them stopped. Tune's handler puts back the one it found when it catches the
     signal, and is left in place when it does not: whichever is in place after the fit
     tells, and the one we found is put back either way."""
-    watching = threading.current_thread() is threading.main_thread() and not int(
-        os.environ.get(TUNE_SIGINT_ENV, "0") or 0
+    found = signal.getsignal(signal.SIGINT)  # None: set outside Python, cannot be put back
+    watching = (
+        found is not None
+        and threading.current_thread() is threading.main_thread()
+        and not int(os.environ.get(TUNE_SIGINT_ENV, "0") or 0)
     )
-    found = signal.getsignal(signal.SIGINT)
     try:
         grid = tuner.fit()
     finally:
