@@ -211,9 +211,15 @@ def close_search(config: ExperimentConfig, parent: TrackedRun, outcome: SearchOu
             continue
         if row is best:
             tag_run(parent, child, {"best_trial": "true"})
-        # A trial stopped by the scheduler never closed its run; one interrupted between its
-        # last report and its close (Ctrl-C) is not run again by --resume.
-        end_run(parent, child, "FINISHED" if row.status == "completed" else "KILLED")
+        # A trial stopped by the scheduler never closed its run, or saw the stop as its fit
+        # failing (FAILED: seen once in a full suite); one interrupted between its last
+        # report and its close (Ctrl-C) is not run again by --resume.
+        if row.status == "completed":
+            end_run(parent, child, "FINISHED")
+        elif row.status == "error":
+            end_run(parent, child, "FAILED")
+        else:
+            end_run(parent, child, "KILLED", over=("RUNNING", "FAILED"))
 
 
 def has_front(config: ExperimentConfig) -> bool:

@@ -249,8 +249,9 @@ def test_a_parent_closes_with_its_numbers_tags_and_leaves_ended_children_as_they
 ) -> None:
     mlflow = mlflow_client(mlflow_server)
     experiment = mlflow.create_experiment(f"parents-{tmp_path.name}")
-    parent, running, ended = (mlflow.create_run(experiment).info.run_id for _ in range(3))
+    parent, running, ended, stopped = (mlflow.create_run(experiment).info.run_id for _ in range(4))
     mlflow.set_terminated(ended, status="FINISHED", end_time=1_000)
+    mlflow.set_terminated(stopped, status="FAILED", end_time=2_000)  # a stop seen as a failure
     run = TrackedRun(Target(mlflow_server.uri, f"parents-{tmp_path.name}"), parent)
     summary = tmp_path / "trials.json"
     summary.write_text("[1]")
@@ -264,6 +265,7 @@ def test_a_parent_closes_with_its_numbers_tags_and_leaves_ended_children_as_they
     tag_run(run, running, {"best_trial": "true"})
     end_run(run, running, "KILLED")
     end_run(run, ended, "KILLED")
+    end_run(run, stopped, "KILLED", over=("RUNNING", "FAILED"))
     closed = mlflow.get_run(parent)
     assert closed.info.status == "FINISHED" and closed.data.metrics == {"best": 0.75}
     assert {k: v for k, v in closed.data.tags.items() if k in many} == many
@@ -273,3 +275,4 @@ def test_a_parent_closes_with_its_numbers_tags_and_leaves_ended_children_as_they
     assert child.info.status == "KILLED" and child.data.tags["best_trial"] == "true"
     finished = mlflow.get_run(ended).info  # an ended run keeps its status and end time
     assert (finished.status, finished.end_time) == ("FINISHED", 1_000)
+    assert mlflow.get_run(stopped).info.status == "KILLED"

@@ -89,13 +89,15 @@ def tag_run(run: TrackedRun, run_id: str, tags: Mapping[str, str]) -> None:
     set_tags(run.tracker(), run_id, tags)
 
 
-def end_run(run: TrackedRun, run_id: str, status: str) -> None:
-    """End another run of the same server with ``status`` if it is still running (a trial
-    the scheduler stopped, or one interrupted between its last report and its close); an
-    ended run keeps its end time."""
+def end_run(
+    run: TrackedRun, run_id: str, status: str, *, over: tuple[str, ...] = ("RUNNING",)
+) -> None:
+    """End another run of the same server with ``status`` where its status is one of
+    ``over`` (a trial the scheduler stopped, or one interrupted between its last report and
+    its close, is still RUNNING); any other run keeps its status and end time."""
 
     def end(client: Any) -> bool:
-        if client.get_run(run_id).info.status == "RUNNING":
+        if client.get_run(run_id).info.status in over:
             client.set_terminated(run_id, status=status)
         return True
 
