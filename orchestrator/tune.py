@@ -37,7 +37,7 @@ from orchestrator.errors import UsageError
 from orchestrator.metric_names import report_key, validation_key
 from orchestrator.pareto import retime_completed, write_front
 from orchestrator.runs import absolute_paths, ensure_ray, process_env, run_dir
-from orchestrator.tracking.parents import close_parent, end_run, open_parent, parent_id, tag_run
+from orchestrator.tracking.parents import close_parent, end_trial, open_parent, parent_id, tag_run
 from orchestrator.tracking.runs import TrackedRun, end_failed, tracked_run_id
 from orchestrator.train.checks import check_run_inputs
 from orchestrator.train.launch import distill
@@ -206,20 +206,10 @@ def close_search(config: ExperimentConfig, parent: TrackedRun, outcome: SearchOu
         tags={"best_trial": best.trial_id, "trials": str(len(outcome.rows))},
     )
     for row in outcome.rows:
-        child = tracked_run_id(run_dir(config, f"{config.name}-{row.trial_id}"))
-        if child is None:
-            continue
-        if row is best:
+        root = run_dir(config, f"{config.name}-{row.trial_id}")
+        if row is best and (child := tracked_run_id(root)) is not None:
             tag_run(parent, child, {"best_trial": "true"})
-        # A trial stopped by the scheduler never closed its run, or saw the stop as its fit
-        # failing (FAILED: seen once in a full suite); one interrupted between its last
-        # report and its close (Ctrl-C) is not run again by --resume.
-        if row.status == "completed":
-            end_run(parent, child, "FINISHED")
-        elif row.status == "error":
-            end_run(parent, child, "FAILED")
-        else:
-            end_run(parent, child, "KILLED", over=("RUNNING", "FAILED"))
+        end_trial(parent, root, row.status)
 
 
 def has_front(config: ExperimentConfig) -> bool:

@@ -38,12 +38,12 @@ from orchestrator.runs import (
 from orchestrator.teacher.models import load_teacher_backbone
 from orchestrator.tracking.parents import (
     close_parent,
-    end_run,
+    end_trial,
     numeric_leaves,
     open_parent,
     parent_id,
 )
-from orchestrator.tracking.runs import TrackedRun, end_failed, tracked_run_id
+from orchestrator.tracking.runs import TrackedRun, end_failed
 from orchestrator.train.checks import check_run_inputs
 from orchestrator.train.launch import distill
 from orchestrator.tune import (
@@ -176,9 +176,8 @@ def run_compare(config: ExperimentConfig, resume: bool = False) -> Comparison:
 
 def close_comparison(config: ExperimentConfig, parent: TrackedRun, comparison: Comparison) -> None:
     """The parent run gets the summary's files, and every method's mean, spread and
-    interval to the baseline as metrics (``<column>/<method>/mean``, ...); a completed
-    cell's run still open (interrupted between its last report and its close, and not run
-    again by --resume) is ended."""
+    interval to the baseline as metrics (``<column>/<method>/mean``, ...); every cell's
+    run still open is ended by its outcome (:func:`end_trial`)."""
     data = json.loads(storage.read_text(storage.join(comparison.summary, "comparison.json")))
     files = sorted(storage.file_names(comparison.summary))
     close_parent(
@@ -188,9 +187,7 @@ def close_comparison(config: ExperimentConfig, parent: TrackedRun, comparison: C
         tags={"baseline": str(data["baseline"])},
     )
     for cell in comparison.cells:
-        child = tracked_run_id(run_dir(config, cell.run))
-        if child is not None and cell.status == "completed":
-            end_run(parent, child, "FINISHED")
+        end_trial(parent, run_dir(config, cell.run), cell.status)
 
 
 def train_and_summarize(

@@ -19,6 +19,7 @@ from orchestrator.tracking.runs import (
     log_metrics,
     new_run,
     set_tags,
+    tracked_run_id,
     upload,
 )
 
@@ -102,3 +103,20 @@ def end_run(
         return True
 
     run.tracker().call("ending a trial's run", end)
+
+
+def end_trial(parent: TrackedRun, root: str, outcome: str) -> None:
+    """End the run of the trial or cell whose training run is at ``root``, by its
+    ``outcome`` in the summary: completed FINISHED, error FAILED, anything else (stopped by
+    the scheduler) KILLED, also over the FAILED of a fit that saw the stop as a failure. A
+    trial stopped by the scheduler never closes its run, nor does one interrupted between
+    its last report and its close (Ctrl-C) that --resume does not run again."""
+    child = tracked_run_id(root)
+    if child is None:
+        return
+    if outcome == "completed":
+        end_run(parent, child, "FINISHED")
+    elif outcome == "error":
+        end_run(parent, child, "FAILED")
+    else:
+        end_run(parent, child, "KILLED", over=("RUNNING", "FAILED"))
