@@ -47,24 +47,6 @@ def error_logs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         os.environ[ERROR_LOG_DIR_ENV] = saved
 
 
-# Ray Train's controller polls its workers every 2 s (its default): a run's end, a worker's
-# exit and a failure are noticed up to 2 s late, several times per run. The tests' clusters
-# (and the CLI subprocesses, which inherit this process's environment) poll every 0.25 s.
-TRAIN_POLL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
-
-
-@pytest.fixture(scope="session", autouse=True)
-def train_poll() -> Iterator[None]:
-    saved = {key: os.environ.get(key) for key in TRAIN_POLL_ENV}
-    os.environ.update(TRAIN_POLL_ENV)
-    yield
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-
-
 @pytest.fixture(scope="session")
 def tiny_synthetic(tmp_path_factory: pytest.TempPathFactory) -> SyntheticDatasets:
     return write_synthetic(tiny_synthetic_config(tmp_path_factory.mktemp("synthetic")))
@@ -159,15 +141,27 @@ def ray_with_store(object_store: EmbeddedObjectStore, ray_cluster: None) -> Iter
 # Test tiers (make test-fast runs the first): a module or test may mark itself; otherwise a
 # test that uses a Ray cluster fixture is `ray`, and everything else is `unit`.
 TIERS = ("unit", "dist", "ray", "e2e")
-# Ray Train's controller polls its workers every 2 s by default, so a fit's end is seen up
-# to two polls late: about 4 s of each of the suite's tiny fits (21 s -> 17 s measured on
-# the 2-core machine). Every cluster of the session inherits it: the session's own, the
-# CLIs', `ray start --head`'s.
-TRAIN_POLL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+# Ray settings for every cluster of the session (its own, the CLIs', `ray start --head`'s,
+# the multi-node scenario's: they inherit this process's environment), each for the time
+# the suite's ~50 tiny fits spend waiting on Ray rather than training:
+SUITE_RAY_ENV = {
+    # Ray Train's controller polls its workers every 2 s by default, so a fit's end is seen
+    # up to two polls late: about 4 s of each tiny fit (21 s -> 17 s measured).
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    # Each fit creates about ten actors (Train's controller, placement-group cleaner, sync
+    # actor, workers, dataset manager, split coordinator...), each in a new worker process
+    # when no idle one waits. The raylet prestarts workers and keeps up to 12 idle ones
+    # (default: as many as CPUs, the rest killed after 1 s idle), so an actor often finds a
+    # process already up. test_retrain.py + test_baselines_ray.py on the 2-core machine,
+    # two runs each way, alternated: 216 and 219 s without, 197 and 195 s with.
+    "RAY_enable_worker_prestart": "1",
+    "RAY_num_workers_soft_limit": "12",
+    "RAY_idle_worker_killing_time_threshold_ms": "600000",
+}
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    for key, value in TRAIN_POLL_ENV.items():
+    for key, value in SUITE_RAY_ENV.items():
         os.environ.setdefault(key, value)
 
 
@@ -186,6 +180,91 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.e2e)
         else:
             item.add_marker(pytest.mark.unit)
+    # The tests of a scenario started in the background (see `background`) run last: the
+    # scenario has the whole session to finish beside the other tests.
+    items.sort(key=lambda item: background_module(item) is not None)
+
+
+# A test module may define ``start_in_background(root) -> handle with stop()``: a scenario
+# in a process of its own that takes minutes and mostly waits (tests/test_elastic.py: its
+# runs are throttled). It starts when the session starts, runs beside the other tests, and
+# the module's tests (run last) read what it left.
+BACKGROUND_HOOK = "start_in_background"
+
+
+def background_module(item: pytest.Item) -> Any:
+    module = getattr(item, "module", None)
+    return module if hasattr(module, BACKGROUND_HOOK) else None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def background(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Any]]:
+    """The handles of the selected modules' background scenarios, by module name."""
+    modules = {m.__name__: m for m in map(background_module, request.session.items) if m}
+    started: dict[str, Any] = {}
+    try:
+        for name, module in modules.items():
+            root = tmp_path_factory.mktemp(name.rsplit(".", 1)[-1])
+            started[name] = getattr(module, BACKGROUND_HOOK)(root)
+        yield started
+    finally:
+        for handle in started.values():
+            handle.stop()
+
+
+@dataclass(frozen=True)
+class Background:
+    """A command in a process group of its own, its output in ``log``."""
+
+    process: subprocess.Popen[bytes]
+    log: Path
+    started: float  # time.monotonic()
+
+    @classmethod
+    def start(cls, command: list[str], log: Path) -> Background:
+        import time
+
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                command,
+                cwd=REPO,
+                env=clean_env(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return cls(process, log, time.monotonic())
+
+    def wait(self, within_s: float) -> int:
+        """Its exit code, once it exits; stopped, and an AssertionError, if it has not
+        within ``within_s`` of its start."""
+        import time
+
+        try:
+            return self.process.wait(timeout=max(1.0, self.started + within_s - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise AssertionError(
+                f"not done {within_s:g}s after it started: {self.tail()}"
+            ) from None
+
+    def tail(self, chars: int = 6000) -> str:
+        return self.log.read_text(errors="replace")[-chars:]
+
+    def stop(self) -> None:
+        """Ctrl-C to its group (a Ray cluster it started shuts down), then SIGKILL."""
+        import signal
+
+        if self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGINT)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
 
 
 @dataclass(frozen=True)
