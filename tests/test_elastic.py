@@ -1,18 +1,19 @@
 """Elastic training on a cluster of several nodes (Ray's ``ray.cluster_utils.Cluster``: a
 head and two worker nodes on this machine, each its own raylet and object store).
 
-One scenario (tests/multinode.py, in a process of its own, started with the test session and
-run beside the other tests) runs three students one after the other on that cluster: an
-uninterrupted reference at two workers, then an elastic run (``scaling.num_workers: [1,
-2]``, a checkpoint every 4 steps) whose second worker node is killed after a checkpoint
-inside the first epoch and added back once the run has trained without it, then the same
-with the sharded classifier. The tests read its report and the runs' audit files.
+One scenario (tests/multinode.py, in a process of its own) runs three students one after
+the other on that cluster: an uninterrupted reference at two workers, then an elastic run
+(``scaling.num_workers: [1, 2]``, a checkpoint every 4 steps) whose second worker node is
+killed after a checkpoint inside the first epoch and added back once the run has trained
+without it, then the same with the sharded classifier. The tests read its report and the
+runs' audit files.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,7 +35,7 @@ from orchestrator.config import (
     TrackingConfig,
 )
 from orchestrator.typed_yaml import to_dict
-from tests.conftest import Background, dataset_image_ids, kill_test_setup
+from tests.conftest import REPO, clean_env, dataset_image_ids, kill_test_setup
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -56,21 +57,9 @@ class Scenario:
     runs: dict[str, dict[str, Any]]  # the report of each run, by name
 
 
-@dataclass(frozen=True)
-class Running:
-    """The scenario's process, started when the test session starts (tests/conftest.py:
-    ``background``): its runs take minutes, mostly waiting on the throttled input, and run
-    beside the rest of the suite; these tests run last and read what it left."""
-
-    base: ExperimentConfig
-    report: Path
-    process: Background
-
-    def stop(self) -> None:
-        self.process.stop()
-
-
-def start_in_background(root: Path) -> Running:
+@pytest.fixture(scope="module")
+def scenario(tmp_path_factory: pytest.TempPathFactory) -> Scenario:
+    root = tmp_path_factory.mktemp("elastic")
     # 200 images, 25 steps of 8; shards of 13 and 12 rows; 200 held-out pairs.
     setup = kill_test_setup(root, identities=25, pairs_per_fold=20)
     base = replace(
@@ -81,17 +70,15 @@ def start_in_background(root: Path) -> Running:
         # and to grow back before they end. The node is added back at the first checkpoint
         # of the attempt without it, when the run has about 536 images left (2.7 epochs);
         # from there to the first checkpoint at two workers took 17.7, 20.2 and 31.5 s in
-        # three runs alone on the machine (Ray registers the node, sees its resources,
-        # decides the resize, restarts the workers). At 30 images/s (18 s left) the sharded
-        # run once ended first, at 60 more often. The scenario runs beside the rest of the
-        # suite, which slows those restarts: at 6 images/s (89 s left) the growth has 2.8
-        # times the longest it was seen to need alone. The reference, never interrupted,
-        # reads at 60.
+        # three runs (Ray registers the node, sees its resources, decides the resize,
+        # restarts the workers). At 30 images/s (18 s left) the sharded run once ended
+        # first, at 60 more often; at 10 (54 s left) the growth has 1.7 times the longest
+        # it was seen to need. The reference, never interrupted, reads at 60.
         data=replace(
             setup.base.data,
             decode=DecodeAt.WORKER,
             decode_cpus=0.25,
-            throttle_images_per_s=6.0,
+            throttle_images_per_s=10.0,
         ),
         optim=OptimConfig(lr=0.05, epochs=EPOCHS, batch_size=8),
         scaling=ScalingConfig(
@@ -129,19 +116,19 @@ def start_in_background(root: Path) -> Running:
     report = root / "report.json"
     spec = root / "scenario.json"
     spec.write_text(json.dumps({"runs": runs, "report": str(report)}))
-    command = [sys.executable, "-m", "tests.multinode", str(spec)]
-    return Running(base, report, Background.start(command, root / "multinode.log"))
-
-
-@pytest.fixture(scope="module")
-def scenario(background: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Scenario:
-    running = background.get(__name__) or start_in_background(tmp_path_factory.mktemp("elastic"))
-    code = running.process.wait(within_s=1500)
-    assert running.report.exists(), running.process.tail()
-    reports = {r["name"]: r for r in json.loads(running.report.read_text())}
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.multinode", str(spec)],
+        cwd=REPO,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
+    assert report.exists(), done.stdout[-4000:] + done.stderr[-4000:]
+    reports = {r["name"]: r for r in json.loads(report.read_text())}
     failed = {name: r["errors"] for name, r in reports.items() if r["errors"]}
-    assert code == 0 and not failed, (failed, running.process.tail())
-    return Scenario(running.base, reports)
+    assert done.returncode == 0 and not failed, (failed, done.stderr[-4000:])
+    return Scenario(base, reports)
 
 
 def epoch_audit(base: ExperimentConfig, name: str, epoch: int) -> list[str]:
