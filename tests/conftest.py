@@ -268,6 +268,34 @@ def train_setup(
     return make_train_setup(tmp_path_factory.mktemp("teacher"), tiny_synthetic)
 
 
+def assert_baseline_trained(
+    config: ExperimentConfig, outcome: Any, classifier_shape: tuple[int, ...]
+) -> None:
+    """A baseline's finished run (``outcome``: a RunOutcome): a margin classifier of its
+    own in the loss state, the teacher's W unused, and every convolution and linear weight
+    of the student moved from its seeded start (an lr of 0, or a loss without gradient,
+    would leave them where they were)."""
+    import torch
+
+    from orchestrator.models import build_backbone
+
+    (own,) = [k for k in outcome.state.loss if k.endswith("classifier.weight")]
+    assert tuple(outcome.state.loss[own].shape) == tuple(classifier_shape)
+    assert outcome.state.classifier is None, "a baseline does not use the teacher's W"
+    # BatchNorm biases are left out: one that a later BatchNorm re-centres gets a zero
+    # gradient (measured: gdc.1.bias moved 8e-9).
+    torch.manual_seed(config.seed)
+    start = build_backbone(config.student.arch, config.student.emb_dim).state_dict()
+    moved = {
+        k: float((v - start[k]).abs().max())
+        for k, v in outcome.state.student.items()
+        if v.is_floating_point() and v.dim() >= 2
+    }
+    assert len(moved) > 10, sorted(moved)
+    assert min(moved.values()) > 1e-5, sorted(moved.items(), key=lambda kv: kv[1])[:3]
+    assert np.isfinite(outcome.metrics["loss"])
+
+
 def clean_env() -> dict[str, str]:
     """The environment of a CLI subprocess that starts its own private Ray cluster."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}

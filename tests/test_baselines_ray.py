@@ -1,16 +1,20 @@
-"""The multistep baseline through Ray Train: a teacher that keeps an intermediate snapshot,
-and a student that distils from it, then from the final teacher. (cckd trains through Ray
-in tests/test_compare.py's grid.)"""
+"""The teacher job and the multistep baseline through Ray Train: a teacher that exports its
+backbone and classifier and keeps an intermediate snapshot, and a student that distils from
+the snapshot, then from the final teacher. (cckd trains through Ray in tests/test_compare.py's
+grid.)"""
 
 from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from orchestrator import classifier as clf
 from orchestrator.config import Method, MultistepConfig, MultistepStage, OptimConfig
+from orchestrator.data import format as fmt
 from orchestrator.teacher.checkpoint import load_teacher
 from orchestrator.teacher.classifiers import snapshot_uri
 from orchestrator.train.launch import distill
@@ -20,7 +24,7 @@ from tests.conftest import TrainSetup
 pytestmark = [pytest.mark.usefixtures("ray_cluster"), pytest.mark.slow]
 
 
-def test_multistep_distils_from_the_teachers_snapshot_then_the_final_teacher(
+def test_a_teacher_exports_its_classifier_and_multistep_distils_from_its_snapshot_then_it(
     train_setup: TrainSetup, tmp_path: Path
 ) -> None:
     base = train_setup.base
@@ -37,7 +41,20 @@ def test_multistep_distils_from_the_teachers_snapshot_then_the_final_teacher(
         teacher=teacher_cfg,
         teacher_optim=OptimConfig(lr=0.05, epochs=2, batch_size=8),
     )
-    train_teacher(config, "ms-teacher")
+    outcome = train_teacher(config, "ms-teacher")
+    # The exported classifier is the trained head, L2-normalised row by row (stored as fp16).
+    meta = fmt.read_meta(config.data.train)
+    cmeta = clf.read_meta(teacher_cfg.classifier)
+    clf.validate(
+        cmeta,
+        "exported",
+        num_classes=meta.num_classes,
+        emb_dim=16,
+        label_map_fingerprint=meta.label_map_fingerprint,
+    )
+    head = outcome.state.loss["classifier.weight"].numpy()
+    expected = head / np.linalg.norm(head, axis=1, keepdims=True)
+    np.testing.assert_allclose(clf.load_full(teacher_cfg.classifier, cmeta), expected, atol=2e-3)
     snapshot = snapshot_uri(teacher_cfg.backbone, 1)
     kept, final = load_teacher(snapshot), load_teacher(teacher_cfg.backbone)
     # The snapshot is the teacher after its first epoch: a real checkpoint, not the final.

@@ -1,12 +1,18 @@
 """Elastic training on a cluster of several nodes (Ray's ``ray.cluster_utils.Cluster``: a
 head and two worker nodes on this machine, each its own raylet and object store).
 
-One scenario (tests/multinode.py, in a process of its own) runs three students one after
+One scenario (tests/multinode.py, in a process of its own) runs two students one after
 the other on that cluster: an uninterrupted reference at two workers, then an elastic run
-(``scaling.num_workers: [1, 2]``, a checkpoint every 4 steps) whose second worker node is
-killed after a checkpoint inside the first epoch and added back once the run has trained
-without it, then the same with the sharded classifier. The tests read its report and the
-runs' audit files.
+with the sharded classifier (``scaling.num_workers: [1, 2]``, a checkpoint every 4 steps)
+whose second worker node is killed after a checkpoint inside the first epoch and added
+back once the run has trained without it. The tests read its report and the runs' audit
+files.
+
+The sharded run is the one that loses a node because it exercises everything the
+replicated one did (restore inside an epoch, the input's skip list, the audit, the
+resize) and re-splits the classifier for each world size besides. A replicated classifier
+restarted after a lost worker is tested on one node (tests/test_train_ray.py); the
+scenario once ran it here too, for 105 s more of a suite bound by its two cores.
 """
 
 from __future__ import annotations
@@ -110,7 +116,6 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Scenario:
                 )
             )
         },
-        {"config": to_dict(base), "kill": True},
         {"config": to_dict(replace(base, name="elastic-sharded", sharding=sharded)), "kill": True},
     ]
     report = root / "report.json"
@@ -182,19 +187,16 @@ def test_the_reference_run_trains_every_image_once_at_two_workers(scenario: Scen
 
 
 def test_a_lost_node_loses_no_image_and_the_run_grows_back(scenario: Scenario) -> None:
-    report = scenario.runs["elastic"]
+    report = scenario.runs["elastic-sharded"]
     assert_lost_and_regrown(report)
-    assert_every_image_once(scenario, "elastic")
-    assert_in_line_with_reference(scenario, "elastic")
+    assert_every_image_once(scenario, "elastic-sharded")
+    assert_in_line_with_reference(scenario, "elastic-sharded")
 
 
 def test_the_sharded_classifier_is_re_split_for_each_world_size(scenario: Scenario) -> None:
     """Each attempt's ranks hold rows [start, start + size) of the shard formula for that
     attempt's world size, with the values of those rows of the stored classifier."""
     report = scenario.runs["elastic-sharded"]
-    assert_lost_and_regrown(report)
-    assert_every_image_once(scenario, "elastic-sharded")
-    assert_in_line_with_reference(scenario, "elastic-sharded")
 
     uri = scenario.base.teacher.classifier
     weight = clf.load_full(uri, clf.read_meta(uri)).astype(np.float32)
@@ -220,7 +222,7 @@ def test_each_run_is_one_mlflow_run_with_each_epoch_logged_once(scenario: Scenar
     experiment = mlflow.get_experiment_by_name("elastic")
     assert experiment is not None
     runs = {r.info.run_name: r for r in mlflow.search_runs([experiment.experiment_id])}
-    assert sorted(runs) == ["elastic", "elastic-sharded", "reference"]  # one each
+    assert sorted(runs) == ["elastic-sharded", "reference"]  # one each
     for name, run in runs.items():
         report = scenario.runs[name]
         assert run.info.status == "FINISHED"

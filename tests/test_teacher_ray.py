@@ -32,7 +32,7 @@ from orchestrator.teacher.classifiers import classifier_from_mean_embeddings
 from orchestrator.teacher.mean_embedding import MeanEmbeddingPlan, build_on_ray
 from orchestrator.teacher.models import load_teacher_backbone
 from orchestrator.train.launch import distill
-from tests.conftest import TrainSetup
+from tests.conftest import TrainSetup, assert_baseline_trained
 from tests.test_teacher_formats import IRESNET18, Normalizing, as_float32, insightface_iresnet
 
 pytest.importorskip("onnxruntime")
@@ -116,17 +116,16 @@ def test_an_onnx_teacher_trains_l2_and_its_centroids_train_proxyless(
     one_epoch = replace(base.optim, epochs=1)
     onnx = replace(base.teacher, backbone=onnx_teacher, format=TeacherFormat.ONNX)
 
-    l2 = distill(
-        replace(
-            base,
-            name="onnx-l2",
-            teacher=onnx,
-            loss=replace(base.loss, method=Method.L2),
-            optim=one_epoch,
-        )
+    l2_config = replace(
+        base,
+        name="onnx-l2",
+        teacher=onnx,
+        loss=replace(base.loss, method=Method.L2),
+        optim=one_epoch,
     )
+    l2 = distill(l2_config)
     assert l2.state.history.epochs_done == (0,) and l2.state.history.world_sizes == (2,)
-    assert np.isfinite(l2.metrics["loss"])
+    assert_baseline_trained(l2_config, l2, train_setup.classifier_weight.shape)
 
     # Evaluation and cross-model evaluation with the ONNX teacher: the numbers of the
     # PyTorch checkpoint it was exported from.

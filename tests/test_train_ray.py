@@ -28,12 +28,11 @@ from orchestrator.config import (
     OptimConfig,
     RunConfig,
     ScalingConfig,
-    SyntheticConfig,
     dump_yaml,
 )
 from orchestrator.config.experiment import ExperimentConfig
 from orchestrator.data import format as fmt
-from orchestrator.data.prepare import SyntheticDatasets, write_synthetic
+from orchestrator.data.prepare import SyntheticDatasets
 from orchestrator.evaluation import (
     Flip,
     embed_images,
@@ -48,13 +47,12 @@ from orchestrator.metric_names import Metric
 from orchestrator.models import build_backbone
 from orchestrator.runs import student_uri
 from orchestrator.train.launch import distill
-from orchestrator.train.teacher_job import train_teacher
 from orchestrator.train.trainer import RunOutcome, summary
 from tests.conftest import (
     TrainSetup,
+    assert_baseline_trained,
     dataset_image_ids,
     kill_test_setup,
-    make_train_setup,
     registered_inside,
 )
 from tests.test_safe_loading import crafted
@@ -84,6 +82,42 @@ def reference(train_setup: TrainSetup) -> Reference:
         ),
     )
     return Reference(config, distill(config))
+
+
+@dataclass(frozen=True)
+class OneEpoch:
+    config: ExperimentConfig
+    outcome: RunOutcome
+    multiple_instances: tuple[int, int]  # log lines naming several clusters: before, after
+
+
+@pytest.fixture(scope="module")
+def one_epoch(train_setup: TrainSetup) -> OneEpoch:
+    """One finished one-epoch run, trained while a second Ray instance (``ray start
+    --head``) runs on the host; tests resume it only in ways that are refused."""
+    import ray
+
+    from tests.test_ray_job import running_head
+
+    node = ray._private.worker._global_node
+    assert node is not None
+    session = Path(node.get_session_dir_path())
+    before = multiple_instances_lines(session)
+    config = replace(
+        train_setup.base, name="one-epoch", optim=replace(train_setup.base.optim, epochs=1)
+    )
+    with running_head():
+        outcome = distill(config)
+    return OneEpoch(config, outcome, (before, multiple_instances_lines(session)))
+
+
+def multiple_instances_lines(session: Path) -> int:
+    """Lines of the session's logs where a Ray process found more than one cluster."""
+    return sum(
+        path.read_text(errors="replace").count("Found multiple active Ray instances")
+        for path in (session / "logs").rglob("*")
+        if path.is_file()
+    )
 
 
 def test_proxyless_run_keeps_the_classifier_out_of_everything_it_saves(
@@ -142,9 +176,10 @@ def test_resume_by_name_and_with_fewer_workers(train_setup: TrainSetup) -> None:
         assert third.metrics[key] == pytest.approx(second.metrics[key], abs=1e-12), key
 
 
-def test_resume_refuses_a_different_classifier(train_setup: TrainSetup, tmp_path: Path) -> None:
-    config = replace(train_setup.base, name="swap", optim=replace(train_setup.base.optim, epochs=1))
-    distill(config)
+def test_resume_refuses_a_different_classifier(
+    train_setup: TrainSetup, one_epoch: OneEpoch, tmp_path: Path
+) -> None:
+    config = one_epoch.config
     other = tmp_path / "other"
     meta = fmt.read_meta(config.data.train)
     clf.write_classifier(
@@ -180,32 +215,16 @@ def test_classifier_that_does_not_match_the_dataset_fails_before_training(
     assert not (Path(config.storage_path) / "bad").exists(), "no run was started"
 
 
-@pytest.mark.parametrize("method", [Method.L2, Method.SCRATCH])
-def test_baselines_train(train_setup: TrainSetup, method: Method) -> None:
+def test_a_baseline_from_scratch_trains_its_own_classifier(train_setup: TrainSetup) -> None:
+    """``scratch``: a margin classifier of its own, W unused. (``l2`` is asserted the same
+    way in tests/test_teacher_ray.py, where it trains against an ONNX teacher.)"""
     config = replace(
         train_setup.base,
-        name=f"m-{method.value}",
-        loss=replace(train_setup.base.loss, method=method),
+        name="m-scratch",
+        loss=replace(train_setup.base.loss, method=Method.SCRATCH),
         optim=replace(train_setup.base.optim, epochs=1),
     )
-    outcome = distill(config)
-    (own,) = [k for k in outcome.state.loss if k.endswith("classifier.weight")]
-    assert tuple(outcome.state.loss[own].shape) == train_setup.classifier_weight.shape
-    assert outcome.state.classifier is None, "a baseline does not use the teacher's W"
-    # It trained: every convolution and linear weight of the student moved from its seeded
-    # start (an lr of 0, or a loss without gradient, would leave them where they were).
-    # BatchNorm biases are left out: one that a later BatchNorm re-centres gets a zero
-    # gradient (measured: gdc.1.bias moved 8e-9).
-    torch.manual_seed(config.seed)
-    start = build_backbone(config.student.arch, config.student.emb_dim).state_dict()
-    moved = {
-        k: float((v - start[k]).abs().max())
-        for k, v in outcome.state.student.items()
-        if v.is_floating_point() and v.dim() >= 2
-    }
-    assert len(moved) > 10, sorted(moved)
-    assert min(moved.values()) > 1e-5, sorted(moved.items(), key=lambda kv: kv[1])[:3]
-    assert np.isfinite(outcome.metrics["loss"])
+    assert_baseline_trained(config, distill(config), train_setup.classifier_weight.shape)
 
 
 def test_logit_kd_student_has_its_own_width(train_setup: TrainSetup) -> None:
@@ -224,32 +243,6 @@ def test_logit_kd_student_has_its_own_width(train_setup: TrainSetup) -> None:
     assert outcome.state.extra["classifier_layout"] == "dense"
     model, export = load_student(student_uri(config, "logit-narrow"))
     assert export.emb_dim == 8 and model(torch.zeros(1, 3, 112, 112)).shape == (1, 8)
-
-
-def test_teacher_training_exports_backbone_and_classifier(
-    train_setup: TrainSetup, tmp_path: Path
-) -> None:
-    teacher = replace(
-        train_setup.base.teacher,
-        classifier=str(tmp_path / "cls"),
-        backbone=str(tmp_path / "teacher.pt"),
-    )
-    config = replace(train_setup.base, name="teacher", teacher=teacher)
-    outcome = train_teacher(config)
-    meta = fmt.read_meta(config.data.train)
-    cmeta = clf.read_meta(teacher.classifier)
-    clf.validate(
-        cmeta,
-        "exported",
-        num_classes=meta.num_classes,
-        emb_dim=16,
-        label_map_fingerprint=meta.label_map_fingerprint,
-    )
-    head = outcome.state.loss["classifier.weight"].numpy()
-    expected = head / np.linalg.norm(head, axis=1, keepdims=True)
-    np.testing.assert_allclose(
-        clf.load_full(teacher.classifier, cmeta), expected, atol=2e-3
-    )  # stored as fp16
 
 
 @pytest.fixture(scope="module")
@@ -390,24 +383,29 @@ def test_a_worker_killed_inside_an_epoch_loses_no_image_and_repeats_none(
     assert not (run_dir / "input" / "skip.json").exists()  # cleared after the epoch
 
 
-def test_sharded_classifier_layout_in_a_real_run(train_setup: TrainSetup) -> None:
+def test_sharded_classifier_layout_in_a_real_run(reference: Reference) -> None:
     from orchestrator.config import ClassifierMode, ShardingConfig
 
-    base = replace(train_setup.base, optim=replace(train_setup.base.optim, epochs=1))
+    config = reference.config
     sharded = distill(
         replace(
-            base, name="sharded", sharding=ShardingConfig(mode=ClassifierMode.SHARDED, chunk_size=2)
+            config,
+            name="sharded",
+            optim=replace(config.optim, epochs=1),
+            sharding=ShardingConfig(mode=ClassifierMode.SHARDED, chunk_size=2),
         )
     )
     assert sharded.state.extra["classifier_layout"] == "sharded"
     # Nothing of W in the loss state: only the negative-sampling call counter.
     assert list(sharded.state.loss) == ["calls"] and np.isfinite(sharded.metrics["loss"])
     # auto: 6 x 16 floats is far below auto_min_bytes, so the same config replicates W.
-    dense = distill(replace(base, name="auto-dense"))
+    dense = reference.outcome
     assert dense.state.extra["classifier_layout"] == "dense"
-    # The same student, W, seed and batches, but not the same quantity: rank 0 reports the
-    # sharded loss over the global batch and the dense loss over its own half of it.
-    assert sharded.metrics["loss"] == pytest.approx(dense.metrics["loss"], rel=0.2)
+    # The same student, W, seed and batches in the first epoch, but not the same quantity:
+    # rank 0 reports the sharded loss over the global batch and the dense loss over its own
+    # half of it.
+    dense_first_epoch = dense.state.history.curves[0]["loss"]
+    assert sharded.metrics["loss"] == pytest.approx(dense_first_epoch, rel=0.2)
 
 
 def test_dense_classifier_is_a_view_of_the_object_store_copy() -> None:
@@ -450,7 +448,7 @@ def test_dense_classifier_is_a_view_of_the_object_store_copy() -> None:
     assert not writeable and same_memory and params == 0
 
 
-def test_a_run_keeps_its_last_checkpoints_and_its_best_epoch(tmp_path: Path) -> None:
+def test_a_run_keeps_its_last_checkpoints_and_its_best_epoch(train_setup: TrainSetup) -> None:
     """Retention over five epochs: run.keep_checkpoints keeps the last two, best/ holds the
     best validated epoch (validated only after the last one here) and its student is the
     final one. Learning itself is proven where it can fail: tests/test_learning.py (held-in
@@ -458,23 +456,11 @@ def test_a_run_keeps_its_last_checkpoints_and_its_best_epoch(tmp_path: Path) -> 
     held-out identities, against an lr = 0 control) and tests/test_reproducible.py (the
     Ray loop replays to the same weights). The AUC comparison this test once made, against
     a random teacher on 200 pairs, could not fail (see the 2026-12-05 note)."""
-    data = write_synthetic(
-        SyntheticConfig(
-            out=str(tmp_path / "synthetic"),
-            num_identities=40,
-            eval_identities=20,
-            images_per_identity=8,
-            pairs_per_fold=20,
-            seed=5,
-            shard_bytes=200_000,
-        )
-    )
-    setup = make_train_setup(tmp_path / "teacher", data, emb_dim=64)
     config = replace(
-        setup.base,
+        train_setup.base,
         name="learns",
-        optim=OptimConfig(lr=0.1, epochs=5, batch_size=32),
-        run=RunConfig(eval_every_epochs=0, log_every_s=30.0, keep_checkpoints=2),
+        optim=replace(train_setup.base.optim, epochs=5),
+        run=replace(train_setup.base.run, eval_every_epochs=0, keep_checkpoints=2),
     )
     distill(config)
     # Five epochs, a checkpoint after each; run.keep_checkpoints keeps the last two, and
@@ -483,7 +469,7 @@ def test_a_run_keeps_its_last_checkpoints_and_its_best_epoch(tmp_path: Path) -> 
     assert sorted(load_state(str(k)).epoch for k in kept) == [3, 4], kept
     record = read_best(str(Path(config.storage_path) / "learns" / "best"))
     assert record is not None and record.epoch == 4
-    eval_set = load_eval_set(data.eval_uri)
+    eval_set = load_eval_set(config.data.eval)
     student, _ = load_student(student_uri(config, "learns"))
     assert record.value == pytest.approx(evaluate_model(student, eval_set)["acc_10fold"], abs=1e-6)
     best = read_student_export(str(Path(config.storage_path) / "learns" / "best" / "student.pt"))
@@ -660,25 +646,31 @@ def test_val_targets_are_validated_each_epoch_and_can_pick_the_best(
     assert record.epoch == best and record.value == pytest.approx(scores[best], abs=1e-9)
 
 
-def test_a_slowed_input_shows_in_the_input_wait_share(train_setup: TrainSetup) -> None:
-    """Two one-epoch runs, one with its input held to 8 images/s: the share of the epoch
-    (after its first batch) spent waiting for input is higher there, and the per-epoch
-    figures reach the summary, the checkpoint and student.pt."""
+def test_a_slowed_input_shows_in_the_input_wait_share(
+    train_setup: TrainSetup, reference: Reference
+) -> None:
+    """A one-epoch run with its input held to 8 images/s against the reference run, whose
+    input is not held: the share of the epoch (after its first batch) spent waiting for
+    input is higher there, and the per-epoch figures reach the summary, the checkpoint and
+    student.pt."""
+    starved = replace(
+        train_setup.base,
+        name="wait-starved",
+        data=replace(train_setup.base.data, throttle_images_per_s=8.0),
+        optim=replace(train_setup.base.optim, epochs=1),
+    )
     shares = {}
-    for name, throttle in (("fed", 0.0), ("starved", 8.0)):
-        config = replace(
-            train_setup.base,
-            name=f"wait-{name}",
-            data=replace(train_setup.base.data, throttle_images_per_s=throttle),
-            optim=replace(train_setup.base.optim, epochs=1),
-        )
-        outcome = distill(config)
+    for name, config, outcome in (
+        ("fed", reference.config, reference.outcome),
+        ("starved", starved, distill(starved)),
+    ):
         shares[name] = outcome.metrics["input_wait_share"]
-        ((rate, wait),) = outcome.state.history.throughput
+        assert len(outcome.state.history.throughput) == config.optim.epochs
+        rate, wait = outcome.state.history.throughput[-1]
         assert wait == shares[name] and rate == outcome.metrics["samples_per_s"]
-        export = read_student_export(student_uri(config, f"wait-{name}"))
+        export = read_student_export(student_uri(config, config.name))
         assert export.throughput == outcome.state.history.throughput
-        assert summary(outcome)["throughput"][0]["input_wait_share"] == round(wait, 3)
+        assert summary(outcome)["throughput"][-1]["input_wait_share"] == round(wait, 3)
     assert shares["starved"] > shares["fed"], shares
     assert shares["starved"] > 0.5, shares  # held 0.5 s per 2-image batch, steps of ~ms
 
@@ -746,32 +738,11 @@ def test_the_dense_classifier_is_one_shared_copy_per_node() -> None:
         ray.kill(holder)
 
 
-def multiple_instances_lines(session: Path) -> int:
-    """Lines of the session's logs where a Ray process found more than one cluster."""
-    return sum(
-        path.read_text(errors="replace").count("Found multiple active Ray instances")
-        for path in (session / "logs").rglob("*")
-        if path.is_file()
-    )
-
-
-def test_another_ray_on_the_host_does_not_disturb_a_run(train_setup: TrainSetup) -> None:
+def test_another_ray_on_the_host_does_not_disturb_a_run(one_epoch: OneEpoch) -> None:
     """A second Ray instance (ray start --head) beside the private cluster: Ray Train's
     PlacementGroupCleaner looks the cluster up through the State API every second, and
     found "multiple active Ray instances" (a 27-line traceback per run) until the private
     cluster's workers were given its address (orchestrator.ray_hook)."""
-    import ray
-
-    from tests.test_ray_job import running_head
-
-    node = ray._private.worker._global_node
-    assert node is not None
-    session = Path(node.get_session_dir_path())
-    before = multiple_instances_lines(session)
-    config = replace(
-        train_setup.base, name="beside-another-ray", optim=replace(train_setup.base.optim, epochs=1)
-    )
-    with running_head():
-        outcome = distill(config)
-    assert outcome.state.history.epochs_done == (0,)
-    assert multiple_instances_lines(session) == before
+    assert one_epoch.outcome.state.history.epochs_done == (0,)
+    before, after = one_epoch.multiple_instances
+    assert after == before

@@ -4,7 +4,6 @@ interrupted with Ctrl-C after the first trial finished, then resumed with --resu
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from dataclasses import replace
 from datetime import datetime
@@ -38,9 +37,7 @@ from orchestrator.metric_names import Metric
 from orchestrator.tune import trial_resources
 from orchestrator.tune_space import param_space
 from tests.conftest import (
-    REPO,
     TrainSetup,
-    clean_env,
     interrupt_when,
     mlflow_client,
     parent_statuses,
@@ -253,25 +250,25 @@ def test_search_space_and_resources() -> None:
 
 
 def test_a_trial_larger_than_the_local_cluster_is_refused_at_once(
-    train_setup: TrainSetup, tmp_path: Path
+    train_setup: TrainSetup,
+    tmp_path: Path,
+    ray_cluster: None,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Measured before the check: such a trial started its workers and then waited 30
-    minutes for decode actors that could never be scheduled."""
+    minutes for decode actors that could never be scheduled. (The CLI called here, on the
+    session's 2-CPU cluster: the search above is this job's subprocess test.)"""
     import os
+
+    from orchestrator import cli
 
     config = search_config(train_setup, tmp_path)
     too_big = str((os.cpu_count() or 1) + 1)
-    result = subprocess.run(
-        tune_cli(config, "--set", f"scaling.cpus_per_worker={too_big}"),
-        cwd=REPO,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "one trial of the search needs" in result.stderr
-    assert "lower scaling.cpus_per_worker" in result.stderr
+    argv = ["--config", str(config), "--set", f"scaling.cpus_per_worker={too_big}"]
+    assert cli.run(tune_job.main, argv) == 2
+    err = capsys.readouterr().err
+    assert "one trial of the search needs" in err, err[-2000:]
+    assert "lower scaling.cpus_per_worker" in err
     assert not (tmp_path / "runs" / "tune").exists()  # nothing started, nothing to resume
 
 
