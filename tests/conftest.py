@@ -101,22 +101,21 @@ def parent_statuses(server: MlflowServer, experiment: str, kind: str) -> list[st
     return [r.info.status for r in runs]
 
 
-_RAY_STARTED_WITH: dict[str, str | None] = {}
-
-
 def _start_ray() -> None:
     """The jobs' own private cluster (token auth), sized like the CI machine."""
     from orchestrator.runs import start_private_cluster
 
     os.environ.pop("RAY_ADDRESS", None)
     start_private_cluster(num_cpus=2, log_to_driver=False)
-    _RAY_STARTED_WITH["endpoint"] = os.environ.get("AWS_ENDPOINT_URL")
 
 
 @pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[None]:
-    """One local Ray cluster for the whole session (2 CPUs, like the CI machine). It needs
-    no object store: tests that stream from S3 ask for :func:`ray_with_store`."""
+def ray_cluster(object_store: EmbeddedObjectStore) -> Iterator[None]:
+    """One local Ray cluster for the whole session (2 CPUs, like the CI machine), started
+    after the session's S3 server: Ray's processes take their environment when the
+    cluster starts, so its workers inherit the store's ``AWS_*`` variables, like on a
+    cloud node. (Started before the store, the cluster had to be restarted once for the
+    tests that stream from S3.)"""
     import ray
 
     if not ray.is_initialized():
@@ -126,16 +125,8 @@ def ray_cluster() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def ray_with_store(object_store: EmbeddedObjectStore, ray_cluster: None) -> Iterator[None]:
-    """The session's Ray cluster with workers that inherit the store's ``AWS_*``
-    environment, like on a cloud node. Ray's processes take their environment when the
-    cluster starts, so a cluster started before the store is restarted once."""
-    import ray
-
-    if _RAY_STARTED_WITH.get("endpoint") != object_store.endpoint.env()["AWS_ENDPOINT_URL"]:
-        ray.shutdown()
-        _start_ray()
-    yield
+def ray_with_store(ray_cluster: None) -> None:
+    """The session's Ray cluster, named by the tests that stream from the S3 server."""
 
 
 # Test tiers (make test-fast runs the first): a module or test may mark itself; otherwise a

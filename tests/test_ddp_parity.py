@@ -59,9 +59,24 @@ def optimizer_for(student: torch.nn.Module, loss_fn: torch.nn.Module) -> torch.o
     )
 
 
-def worker(rank: int, method: Method, rendezvous: str, out: str) -> None:
+def worker(rank: int, methods: list[Method], rendezvous: str, out: str) -> None:
+    """Each method in turn on one process group (spawned once for all of them): rank 0
+    saves the trained state of each under ``out.<method>``."""
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
+    for method in methods:
+        trained = train_two_workers(rank, method)
+        if rank == 0:
+            torch.save(trained, f"{out}.{method.value}")
+    dist.barrier()  # no rank tears gloo down while a peer is still exchanging
+    dist.destroy_process_group()
+    # The results are on disk. Skip interpreter teardown: gloo's threads occasionally meet
+    # C++ static destructors there ("terminate called without an active exception",
+    # SIGABRT after all work is done), which would fail an otherwise finished run.
+    os._exit(0)
+
+
+def train_two_workers(rank: int, method: Method) -> dict[str, dict[str, torch.Tensor]]:
     student, loss_fn, images, labels, teacher_emb = make_setup(method)
     ddp = DDP(student)
     optimizer = optimizer_for(student, loss_fn)
@@ -76,14 +91,7 @@ def worker(rank: int, method: Method, rendezvous: str, out: str) -> None:
             teacher_embeddings=teacher_emb[step][mine],
             lr=lr_at(step, total_steps=STEPS, warmup_steps=1, base_lr=0.1),
         )
-    if rank == 0:
-        torch.save({"student": student.state_dict(), "loss": loss_fn.state_dict()}, out)
-    dist.barrier()  # no rank tears gloo down while a peer is still exchanging
-    dist.destroy_process_group()
-    # The results are on disk. Skip interpreter teardown: gloo's threads occasionally meet
-    # C++ static destructors there ("terminate called without an active exception",
-    # SIGABRT after all work is done), which would fail an otherwise finished run.
-    os._exit(0)
+    return {"student": student.state_dict(), "loss": loss_fn.state_dict()}
 
 
 def reference(method: Method) -> dict[str, dict[str, torch.Tensor]]:
@@ -103,12 +111,22 @@ def reference(method: Method) -> dict[str, dict[str, torch.Tensor]]:
     return {"student": student.state_dict(), "loss": loss_fn.state_dict()}
 
 
-@pytest.mark.parametrize("method", [Method.PROXYLESS, Method.SCRATCH, Method.L2])
-def test_two_worker_ddp_equals_single_process(method: Method, tmp_path: Path) -> None:
-    out = str(tmp_path / "ddp.pt")
+METHODS = [Method.PROXYLESS, Method.SCRATCH, Method.L2]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where rank 0 saved each method's state, from one spawn of two ranks for all three
+    (a spawn costs seconds, the steps milliseconds)."""
+    root = tmp_path_factory.mktemp("ddp")
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(worker, args=(method, str(tmp_path / "rendezvous"), out), nprocs=WORLD, join=True)
-    ddp = torch.load(out, weights_only=True)
+    mp.spawn(worker, args=(METHODS, str(root / "rendezvous"), str(root / "ddp.pt")), nprocs=WORLD)
+    return root
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_two_worker_ddp_equals_single_process(method: Method, trained: Path) -> None:
+    ddp = torch.load(trained / f"ddp.pt.{method.value}", weights_only=True)
     ref = reference(method)
     initial_model = make_setup(method)[0]
     initial = initial_model.state_dict()

@@ -107,13 +107,20 @@ def running_head() -> Iterator[Head]:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def test_ray_job_submit_distill(head_node: str, train_setup: TrainSetup, tmp_path: Path) -> None:
+def test_a_submitted_job_with_a_corrupt_image_fails_with_one_error_line(
+    head_node: str, train_setup: TrainSetup, tmp_path: Path
+) -> None:
+    """`ray job submit` of jobs.distill (configs/demo.yaml and --set, as a user runs it) on
+    a training set with a corrupt JPEG: one error line in the job's log, and none of the
+    tracebacks Ray's workers would echo (the setup hook the driver puts in the job's
+    runtime_env drops them on the cluster's workers too). A submitted job that succeeds is
+    the resubmission below."""
     base = to_dict(train_setup.base)
-    storage = tmp_path / "runs"
+    broken = corrupt_copy(train_setup_data(train_setup), tmp_path / "corrupt")
     overrides = {
-        "name": "submitted",
-        "storage_path": str(storage),
-        "data.train": base["data"]["train"],
+        "name": "corrupt",
+        "storage_path": str(tmp_path / "runs"),
+        "data.train": broken,
         "data.eval": base["data"]["eval"],
         "student.arch": "tiny_mobilefacenet",
         "student.emb_dim": 16,
@@ -122,61 +129,13 @@ def test_ray_job_submit_distill(head_node: str, train_setup: TrainSetup, tmp_pat
         "teacher.backbone": base["teacher"]["backbone"],
         "optim.epochs": 1,
         "optim.batch_size": 8,
-        "optim.lr": 0.02,  # 4 images per worker batch: demo.yaml's 0.1 is tuned for 64
         "run.eval_every_epochs": 0,
     }
     sets = [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
-    env = cluster_env()
-    submit = subprocess.run(
-        [RAY, "job", "submit", "--address", head_node, "--submission-id", "distill-test", "--working-dir", ".",
-         "--", "python", "-m", "jobs.distill", "--config", "configs/demo.yaml", *sets],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    status = JobSubmissionClient(head_node).get_job_status("distill-test")
-    assert status == JobStatus.SUCCEEDED, submit.stdout[-3000:] + submit.stderr[-3000:]
-    logs = subprocess.run(
-        [RAY, "job", "logs", "--address", head_node, "distill-test"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    ).stdout
-    summary = json.loads(
-        [line for line in logs.splitlines() if line.startswith('{"name": "submitted"')][-1]
-    )
-    assert summary["epochs_done"] == [0]
-    # The validation numbers the job reported are those of the student it exported.
-    student, _ = load_student(str(storage / "submitted" / "student.pt"))
-    again = evaluate_model(student, load_eval_set(base["data"]["eval"]))
-    assert summary["val_acc_10fold"] == pytest.approx(round(again["acc_10fold"], 4), abs=1e-9)
-    assert summary["val_auc"] == pytest.approx(round(again["auc"], 4), abs=1e-9)
-    # Tracked by default in an SQLite database beside the runs, no server needed.
-    from mlflow import MlflowClient
-
-    mlflow = MlflowClient(tracking_uri=f"sqlite:///{storage / 'mlflow.db'}")
-    # The experiment: the config's name.
-    experiment = mlflow.get_experiment_by_name("submitted")
-    assert experiment is not None
-    [run] = mlflow.search_runs([experiment.experiment_id])
-    assert run.info.run_name == "submitted" and run.info.status == "FINISHED"
-    # Its artifacts beside the database, not in the job's working directory.
-    stored = storage / "mlartifacts" / run.info.run_id / "artifacts"
-    assert run.info.artifact_uri == f"file://{stored}"
-    summary_file = storage / "submitted" / "summary.json"
-    assert (stored / "summary.json").read_bytes() == summary_file.read_bytes()
-    assert f"[tracking] submitted: MLflow run {run.info.run_id}" in logs
-    loss = [(m.step, m.value) for m in mlflow.get_metric_history(run.info.run_id, "loss")]
-    assert loss == [(int(e["step"]), e["loss"]) for e in summary["epochs"]]
-
-    # The same job on a training set with a corrupt JPEG: one error line in the job's log,
-    # and none of the tracebacks Ray's workers would echo (the setup hook the driver puts in
-    # the job's runtime_env drops them on the cluster's workers too).
-    broken = corrupt_copy(train_setup_data(train_setup), tmp_path / "corrupt")
-    failing = [*sets, "--set", f"data.train={broken}", "--set", "name=corrupt"]
     subprocess.run(
         [RAY, "job", "submit", "--address", head_node, "--submission-id", "corrupt-test", "--working-dir", ".",
-         "--", "python", "-m", "jobs.distill", "--config", "configs/demo.yaml", *failing],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+         "--", "python", "-m", "jobs.distill", "--config", "configs/demo.yaml", *sets],
+        cwd=REPO, env=cluster_env(), capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert JobSubmissionClient(head_node).get_job_status("corrupt-test") == JobStatus.FAILED
     logs = JobSubmissionClient(head_node).get_job_logs("corrupt-test")
@@ -190,8 +149,10 @@ def test_a_job_whose_driver_died_resumes_its_run_when_submitted_again(
 ) -> None:
     """The driver of a `ray job submit` run is killed (SIGKILL, as a lost head process or an
     OOM kill does) after a checkpoint inside its first epoch; the job fails. The same
-    command submitted again resumes that run by its name, inside the epoch, and the audit
-    holds every image of every epoch exactly once."""
+    command submitted again (`ray job submit`, as a user runs it) resumes that run by its
+    name, inside the epoch, and the audit holds every image of every epoch exactly once.
+    The job reports the validation numbers of the student it exported and is tracked in
+    an SQLite database beside the runs, no server needed."""
     from orchestrator.config import (
         DecodeAt,
         OptimConfig,
@@ -252,6 +213,13 @@ def test_a_job_whose_driver_died_resumes_its_run_when_submitted_again(
         [line for line in logs.splitlines() if line.startswith('{"name": "resubmitted"')][-1]
     )
     assert summary["epochs_done"] == [0, 1] and summary["resumed_at"] == [0], summary
+    # The validation numbers the job reported are those of the student it exported.
+    student, _ = load_student(str(run_dir / "student.pt"))
+    again_measured = evaluate_model(student, load_eval_set(config.data.eval))
+    assert summary["val_acc_10fold"] == pytest.approx(
+        round(again_measured["acc_10fold"], 4), abs=1e-9
+    )
+    assert summary["val_auc"] == pytest.approx(round(again_measured["auc"], 4), abs=1e-9)
     # The resubmitted driver continued the killed driver's MLflow run: one run, each epoch
     # logged once.
     from mlflow import MlflowClient
@@ -261,6 +229,12 @@ def test_a_job_whose_driver_died_resumes_its_run_when_submitted_again(
     assert experiment is not None
     [run] = mlflow.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED" and json.loads(run.data.tags["resumed_at_epoch"]) == [0]
+    assert run.info.run_name == "resubmitted"
+    # Its artifacts beside the database, not in the job's working directory.
+    stored = Path(config.storage_path) / "mlartifacts" / run.info.run_id / "artifacts"
+    assert run.info.artifact_uri == f"file://{stored}"
+    assert (stored / "summary.json").read_bytes() == (run_dir / "summary.json").read_bytes()
+    assert f"[tracking] resubmitted: MLflow run {run.info.run_id}" in logs
     loss = [(m.step, m.value) for m in mlflow.get_metric_history(run.info.run_id, "loss")]
     assert loss == [(int(e["step"]), e["loss"]) for e in summary["epochs"]] and len(loss) == 2
     all_ids = dataset_image_ids(config.data.train)

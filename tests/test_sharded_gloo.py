@@ -10,6 +10,7 @@ exactly the same function (BatchNorm would normalise per rank, see test_ddp_pari
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -49,10 +50,23 @@ def setup(
 
 
 def worker(
-    rank: int, world: int, margin_name: str, rendezvous: str, out: str, bad_label: bool
+    rank: int, world: int, margin_names: list[str], rendezvous: str, out: str, bad_label: bool
 ) -> None:
+    """Each margin in turn on one process group (spawned once per world size): a fresh
+    student and DDP wrap, one forward and backward; the results by margin name."""
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     torch.set_num_threads(1)
+    results = {name: one_step(rank, world, name, bad_label) for name in margin_names}
+    torch.save(results, f"{out}.{rank}")
+    dist.barrier()  # no rank tears gloo down while a peer is still exchanging
+    dist.destroy_process_group()
+    # The results are on disk. Skip interpreter teardown: gloo's threads occasionally meet
+    # C++ static destructors there ("terminate called without an active exception",
+    # SIGABRT after all work is done), which would fail an otherwise finished run.
+    os._exit(0)
+
+
+def one_step(rank: int, world: int, margin_name: str, bad_label: bool) -> dict[str, object]:
     student, weight, x, labels = setup(world, bad_label)
     shard = Shard.for_rank(NUM_CLASSES, world, rank)
     rows = weight[shard.class_start : shard.class_start + shard.local_classes]
@@ -75,13 +89,7 @@ def worker(
         result["ddp_buffers"] = sum(b.numel() for b in model.buffers())
     except LabelRangeError as err:
         result["error"] = str(err)
-    torch.save(result, f"{out}.{rank}")
-    dist.barrier()  # no rank tears gloo down while a peer is still exchanging
-    dist.destroy_process_group()
-    # The results are on disk. Skip interpreter teardown: gloo's threads occasionally meet
-    # C++ static destructors there ("terminate called without an active exception",
-    # SIGABRT after all work is done), which would fail an otherwise finished run.
-    os._exit(0)
+    return result
 
 
 def dense_reference(world: int, margin_name: str) -> tuple[float, list[torch.Tensor]]:
@@ -98,29 +106,46 @@ def dense_reference(world: int, margin_name: str) -> tuple[float, list[torch.Ten
 
 
 def run(
-    world: int, margin_name: str, tmp_path: Path, bad_label: bool = False
-) -> list[dict[str, object]]:
+    world: int, margin_names: list[str], tmp_path: Path, bad_label: bool = False
+) -> list[dict[str, dict[str, object]]]:
+    """One spawn of ``world`` ranks; each rank's results by margin name."""
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     out = str(tmp_path / "rank")
     mp.spawn(
         worker,
-        args=(world, margin_name, str(tmp_path / "rendezvous"), out, bad_label),
+        args=(world, margin_names, str(tmp_path / "rendezvous"), out, bad_label),
         nprocs=world,
         join=True,
     )
     return [torch.load(f"{out}.{r}", weights_only=False) for r in range(world)]
 
 
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], list[dict]]:
+    """The ranks' results at a world size, every margin, from one spawn per world size
+    (kept for the module: a spawn costs seconds, the steps milliseconds)."""
+    cache: dict[int, list[dict]] = {}
+
+    def at(world: int) -> list[dict]:
+        if world not in cache:
+            cache[world] = run(world, list(MARGINS), tmp_path_factory.mktemp(f"world{world}"))
+        return cache[world]
+
+    return at
+
+
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 @pytest.mark.parametrize("margin_name", list(MARGINS))
-def test_sharded_training_equals_dense(world: int, margin_name: str, tmp_path: Path) -> None:
-    results = run(world, margin_name, tmp_path)
+def test_sharded_training_equals_dense(
+    world: int, margin_name: str, spawned: Callable[[int], list[dict]]
+) -> None:
+    results = [by_margin[margin_name] for by_margin in spawned(world)]
     ref_loss, ref_grads = dense_reference(world, margin_name)
     if world > 1:
         assert results[-1]["owned_targets"] == 0, "the last rank owns none of the targets"
     for rank, result in enumerate(results):
         assert result["loss"] == pytest.approx(ref_loss, rel=1e-5), f"rank {rank}"
-        for got, ref in zip(result["grads"], ref_grads, strict=True):  # type: ignore[call-overload]
+        for got, ref in zip(result["grads"], ref_grads, strict=True):
             error = float((got - ref).norm() / ref.norm())
             assert error <= 1e-5, f"rank {rank}: relative gradient error {error:.2e}"
         # DDP holds the student only: its parameters, no classifier rows.
@@ -129,6 +154,6 @@ def test_sharded_training_equals_dense(world: int, margin_name: str, tmp_path: P
 
 
 def test_out_of_range_label_errors_on_every_rank_without_hanging(tmp_path: Path) -> None:
-    results = run(3, "arcface", tmp_path, bad_label=True)
+    results = [by_margin["arcface"] for by_margin in run(3, ["arcface"], tmp_path, True)]
     for result in results:
         assert "label 27" in str(result.get("error")) and "num_classes=23" in str(result["error"])
