@@ -152,15 +152,23 @@ def test_private_cluster_sockets_are_loopback_or_ray_servers_that_need_the_token
             ip,
             port,
         )
-    # Off loopback, Ray's servers refuse a client without this cluster's token.
-    for mode in ("disabled", "token"):
-        env = env_without_ray_address(RAY_AUTH_MODE=mode, RAY_AUTH_TOKEN="0" * 64)
-        result = subprocess.run(
-            [sys.executable, "-c", INTRUDER, cluster.address], cwd=REPO, env=env,
-            capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-        assert "REFUSED" in result.stdout and "CONNECTED" not in result.stdout, result.stdout
-        assert "Authentication token is missing or incorrect" in result.stderr
+    # Off loopback, Ray's servers refuse a client without this cluster's token. Both
+    # clients at once: each retries for about 20 s before it gives up, mostly waiting.
+    intruders = [
+        subprocess.Popen(
+            [sys.executable, "-c", INTRUDER, cluster.address],
+            cwd=REPO,
+            text=True,
+            env=env_without_ray_address(RAY_AUTH_MODE=mode, RAY_AUTH_TOKEN="0" * 64),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for mode in ("disabled", "token")
+    ]
+    for intruder in intruders:
+        stdout, stderr = intruder.communicate(timeout=120)
+        assert "REFUSED" in stdout and "CONNECTED" not in stdout, stdout
+        assert "Authentication token is missing or incorrect" in stderr
 
 
 def test_a_job_never_attaches_to_a_discovered_cluster(
