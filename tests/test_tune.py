@@ -1,4 +1,4 @@
-"""Ray Tune search through the real CLI: a tiny grid (6 trials, 2 at a time, ASHA),
+"""Ray Tune search through the real CLI: a tiny grid (4 trials, 2 at a time, ASHA),
 interrupted with Ctrl-C after the first trial finished, then resumed with --resume."""
 
 from __future__ import annotations
@@ -64,7 +64,11 @@ def search_config(setup: TrainSetup, root: Path, tracking_uri: str = "") -> Path
             metric=Metric.AUC,  # finer than 10-fold accuracy on 40 pairs: fewer ties for ASHA
             space=SearchSpace(
                 margin_type=(MarginType.ARCFACE, MarginType.COSFACE),
-                seed=(1, 2, 3),
+                # Runs are reproducible, so each trial's validation AUC is too: at epoch 1
+                # seed 1 scores 0.5625 (arcface) and 0.6575 (cosface), seed 2 0.3475 and
+                # 0.43. Seed 2's trials start when a seed 1 trial has finished, and ASHA
+                # (reduction factor 2) stops each below the median at that milestone.
+                seed=(1, 2),
                 scale=FloatSearch(values=(16.0,)),
             ),
             num_samples=1,
@@ -129,7 +133,7 @@ def test_an_interrupted_search_summarizes_nothing_and_says_how_to_resume(search:
 
 def test_search_table_best_yaml_and_plot(search: dict, train_setup: TrainSetup) -> None:
     trials = search["trials"]
-    assert len(trials) == 6  # 2 margin types x 3 seeds
+    assert len(trials) == 4  # 2 margin types x 2 seeds
     statuses = [t["status"] for t in trials]
     assert "stopped early" in statuses, statuses  # by ASHA, at epoch 1 or 2
     assert statuses.count("completed") >= 1 and "error" not in statuses
@@ -144,11 +148,11 @@ def test_search_table_best_yaml_and_plot(search: dict, train_setup: TrainSetup) 
             student, _ = load_student(t["student"])
             assert t["metric"] == pytest.approx(evaluate_model(student, eval_set)["auc"], abs=1e-9)
     combos = {(t["params"]["loss.margin.type"], t["params"]["seed"]) for t in trials}
-    assert combos == {(m, s) for m in ("arcface", "cosface") for s in (1, 2, 3)}
+    assert combos == {(m, s) for m in ("arcface", "cosface") for s in (1, 2)}
     best = max((t for t in trials if t["status"] == "completed"), key=lambda t: t["metric"])
     table = (search["summary"] / "trials.md").read_text()
     assert f"{best['trial_id']} (best)" in table
-    assert (search["summary"] / "trials.csv").read_text().count("\n") == 7
+    assert (search["summary"] / "trials.csv").read_text().count("\n") == 5
     png = (search["summary"] / "metric_vs_margin_scale.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     # The best config is the base config with the best trial's values, loadable as is...
