@@ -234,7 +234,9 @@ def test_a_job_whose_driver_died_resumes_its_run_when_submitted_again(
     stored = Path(config.storage_path) / "mlartifacts" / run.info.run_id / "artifacts"
     assert run.info.artifact_uri == f"file://{stored}"
     assert (stored / "summary.json").read_bytes() == (run_dir / "summary.json").read_bytes()
-    assert f"[tracking] resubmitted: MLflow run {run.info.run_id}" in logs
+    # The first job opened the MLflow run and said so; the second continued it.
+    assert f"[tracking] resubmitted: MLflow run {run.info.run_id}" in client.get_job_logs("first")
+    assert f"[tracking] resubmitted: continuing MLflow run {run.info.run_id}" in logs
     loss = [(m.step, m.value) for m in mlflow.get_metric_history(run.info.run_id, "loss")]
     assert loss == [(int(e["step"]), e["loss"]) for e in summary["epochs"]] and len(loss) == 2
     all_ids = dataset_image_ids(config.data.train)
