@@ -244,3 +244,5 @@ def test_snapshot_epochs_past_the_teachers_last_are_refused() -> None:
     meta = DatasetMeta.__new__(DatasetMeta)
     with pytest.raises(UsageError, match=r"epochs \[12\] are past the teacher's last"):
         teacher_snapshots(config, meta)
+    # None asked for (the default): the teacher keeps no snapshot.
+    assert teacher_snapshots(load_config(None, []), meta) is None
