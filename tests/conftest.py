@@ -124,11 +124,6 @@ def ray_cluster(object_store: EmbeddedObjectStore) -> Iterator[None]:
     ray.shutdown()
 
 
-@pytest.fixture(scope="session")
-def ray_with_store(ray_cluster: None) -> None:
-    """The session's Ray cluster, named by the tests that stream from the S3 server."""
-
-
 # Test tiers (make test-fast runs the first): a module or test may mark itself; otherwise a
 # test that uses a Ray cluster fixture is `ray`, and everything else is `unit`.
 TIERS = ("unit", "dist", "ray", "e2e")
@@ -156,7 +151,7 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ.setdefault(key, value)
 
 
-RAY_FIXTURES = {"ray_cluster", "ray_with_store"}
+RAY_FIXTURES = {"ray_cluster"}
 SERVER_FIXTURES = {"mlflow_server", "object_store"}  # server processes of their own
 
 

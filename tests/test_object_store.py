@@ -29,7 +29,7 @@ from orchestrator.runs import student_uri
 from orchestrator.train.launch import distill
 from tests.conftest import BUCKET, REPO, make_train_setup
 
-pytestmark = pytest.mark.usefixtures("ray_with_store")
+pytestmark = pytest.mark.usefixtures("ray_cluster")  # its workers read the S3 server
 
 IDENTITIES, PER_IDENTITY = 6, 4
 

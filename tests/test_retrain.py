@@ -38,7 +38,7 @@ from tests.conftest import BUCKET, REPO, make_train_setup
 from tests.mlflow_server import MlflowServer
 from tests.test_benchmarks import independent_ijb, write_ijb_tree
 
-pytestmark = pytest.mark.usefixtures("ray_with_store")
+pytestmark = pytest.mark.usefixtures("ray_cluster")  # its workers read the S3 server
 ROOT = f"s3://{BUCKET}/retrain"
 
 

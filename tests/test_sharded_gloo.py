@@ -10,7 +10,6 @@ exactly the same function (BatchNorm would normalise per rank, see test_ddp_pari
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -117,35 +116,31 @@ def run(
         nprocs=world,
         join=True,
     )
-    return [torch.load(f"{out}.{r}", weights_only=False) for r in range(world)]
+    return [torch.load(f"{out}.{r}", weights_only=True) for r in range(world)]
 
 
-@pytest.fixture(scope="module")
-def spawned(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], list[dict]]:
-    """The ranks' results at a world size, every margin, from one spawn per world size
-    (kept for the module: a spawn costs seconds, the steps milliseconds)."""
-    cache: dict[int, list[dict]] = {}
-
-    def at(world: int) -> list[dict]:
-        if world not in cache:
-            cache[world] = run(world, list(MARGINS), tmp_path_factory.mktemp(f"world{world}"))
-        return cache[world]
-
-    return at
+@pytest.fixture(scope="module", params=[1, 2, 3, 4], ids=lambda world: f"world{world}")
+def ranks(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[int, list[dict[str, dict[str, object]]]]:
+    """A world size and its ranks' results for every margin, from one spawn per world size
+    (a spawn costs seconds, the steps milliseconds)."""
+    world = request.param
+    return world, run(world, list(MARGINS), tmp_path_factory.mktemp(f"world{world}"))
 
 
-@pytest.mark.parametrize("world", [1, 2, 3, 4])
 @pytest.mark.parametrize("margin_name", list(MARGINS))
 def test_sharded_training_equals_dense(
-    world: int, margin_name: str, spawned: Callable[[int], list[dict]]
+    margin_name: str, ranks: tuple[int, list[dict[str, dict[str, object]]]]
 ) -> None:
-    results = [by_margin[margin_name] for by_margin in spawned(world)]
+    world, by_rank = ranks
+    results = [by_margin[margin_name] for by_margin in by_rank]
     ref_loss, ref_grads = dense_reference(world, margin_name)
     if world > 1:
         assert results[-1]["owned_targets"] == 0, "the last rank owns none of the targets"
     for rank, result in enumerate(results):
         assert result["loss"] == pytest.approx(ref_loss, rel=1e-5), f"rank {rank}"
-        for got, ref in zip(result["grads"], ref_grads, strict=True):
+        for got, ref in zip(result["grads"], ref_grads, strict=True):  # type: ignore[call-overload]
             error = float((got - ref).norm() / ref.norm())
             assert error <= 1e-5, f"rank {rank}: relative gradient error {error:.2e}"
         # DDP holds the student only: its parameters, no classifier rows.
