@@ -65,16 +65,19 @@ def trial_row(result: Any, config: ExperimentConfig) -> TrialRow:
     # restored, so it is not the epoch.
     epochs = int(metrics["epoch"]) + 1 if "epoch" in metrics else 0
     metric = metrics.get(validation_key(config.tune.accuracy_metric()))
-    # A trial is complete when its run returned and exported the student. ASHA may stop a
-    # trial at any milestone, the last epoch included (then it trained every epoch but
-    # ranked below the cutoff, and was stopped before its export).
+    # A trial is complete when Tune has the report of its last epoch and its run exported
+    # the student. ASHA may stop a trial at any milestone, the last epoch included (then it
+    # trained every epoch but ranked below the cutoff, and was stopped before its export).
+    # Tune stops a trial after its decision: a run of short epochs can meanwhile finish and
+    # export (seen: stopped at epoch 1 of 2, exported 5 s later). Its row would pair an
+    # early epoch's metric with the last epoch's student, so it counts as stopped.
     exported = student_uri(config, f"{config.name}-{trial_id}")
     student: str | None = None
     if result.error is not None:
         status = "error"
     elif metrics.get(REFUSED_BY):
         status, metric = "refused", None  # never trained: its reported accuracy is a stand-in
-    elif storage.exists(exported):
+    elif epochs == config.optim.epochs and storage.exists(exported):  # epochs: not searched
         status, student = "completed", exported
     else:
         status = "stopped early"

@@ -290,3 +290,36 @@ def test_trial_fit_check(monkeypatch: pytest.MonkeyPatch) -> None:
     # On a cluster of the user's own the autoscaler may still add nodes: no refusal.
     monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
     check_trial_fits(TrialResources(cpus=64.0, gpus=8.0, concurrent=1), (2.0, 0.0), "trial")
+
+
+@pytest.mark.unit  # pure: no subprocess, no Ray (module mark notwithstanding)
+def test_a_trial_is_complete_with_its_last_epoch_reported_and_its_student(tmp_path: Path) -> None:
+    """Tune's record of a trial (a real ``ray.tune.Result``) and the run's export decide its
+    status. Tune stops a trial some time after ASHA decides: a run of short epochs can
+    finish and export meanwhile; Tune then holds only the early epoch's report, and the
+    trial counts as stopped (seen in the search above: stopped after epoch 1 of 2, the
+    student written 5 s later)."""
+    from ray.tune import Result
+
+    from orchestrator.runs import student_uri
+    from orchestrator.tune_summary import trial_row
+
+    fields = {"name": "s", "storage_path": str(tmp_path), "optim": {"epochs": 2}}
+    config = from_dict(ExperimentConfig, fields, "test")
+
+    def row(trial: str, last_epoch: int, exported: bool, error: Exception | None = None) -> tuple:
+        if exported:
+            student = Path(student_uri(config, f"s-{trial}"))
+            student.parent.mkdir(parents=True)
+            student.write_bytes(b"a student")
+        metrics = {"trial_id": trial, "epoch": last_epoch, "val_acc_10fold": 0.5 + last_epoch}
+        result = Result(metrics=metrics, checkpoint=None, error=error, path=str(tmp_path / trial))
+        got = trial_row(result, config)
+        return got.status, got.epochs, got.metric, got.student
+
+    done = student_uri(config, "s-t1")
+    assert row("t1", 1, exported=True) == ("completed", 2, 1.5, done)
+    assert row("t2", 0, exported=True) == ("stopped early", 1, 0.5, None)  # the race
+    assert row("t3", 1, exported=False) == ("stopped early", 2, 1.5, None)  # stopped at the end
+    assert row("t4", 0, exported=False) == ("stopped early", 1, 0.5, None)
+    assert row("t5", 1, exported=True, error=RuntimeError("boom"))[0] == "error"
