@@ -1,6 +1,7 @@
 """What the bench scripts share: putting the checkout on ``sys.path``, the memory and CPU
-figures read from ``/proc``, the synthetic faces they feed, and the typed target record
-each script judges its ratios with (printed as a list and carried in its JSON line).
+figures read from ``/proc`` (per process and for the whole machine), the synthetic faces
+they feed, and the typed target record each script judges its ratios with (printed as a
+list and carried in its JSON line).
 
 Standard library only at import time: ``gpu_check.py`` runs on a GPU box that may have
 nothing but torch.
@@ -69,6 +70,15 @@ def process_cpu() -> dict[int, tuple[str, float]]:
             continue
         out[int(entry)] = (command, (int(fields[11]) + int(fields[12])) / tick)
     return out
+
+
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine has spent not idle (all cores, all processes) since boot,
+    from /proc/stat."""
+    with open("/proc/stat") as handle:
+        fields = [int(x) for x in handle.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 class CpuSampler:
