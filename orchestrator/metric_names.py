@@ -50,7 +50,17 @@ ARCHITECTURE_METRICS = (MACS, PARAMS)  # known from the architecture alone, befo
 # search reports its spread: <timing>_p10_ms, <timing>_p90_ms, <timing>_noise.
 TIMINGS = {"latency": LATENCY_MS, "serving": SERVING_LATENCY_MS}
 TIMING_SPREAD = ("p10_ms", "p90_ms", "noise")
+# A student timed again at the end of a search is also timed beside a reference network
+# (orchestrator.cost.Relative): <timing>_vs_ref, its time over the reference's, and
+# <timing>_vs_ref_p10, _p90, _noise.
+RELATIVE_SPREAD = ("p10", "p90", "noise")
 COST_DETAIL = tuple(f"{timing}_{part}" for timing in TIMINGS for part in TIMING_SPREAD)
+
+
+def relative_key(timing: str) -> str:
+    """Where a report holds a timing's (a key of :data:`TIMINGS`) ratio to the reference."""
+    return f"{timing}_vs_ref"
+
 
 IJB_SETS = ("IJBB", "IJBC")
 IJB_FAR_KEYS = ("1e-6", "1e-5", "1e-4", "1e-3", "1e-2", "1e-1")  # the FARs IJB reports

@@ -7,7 +7,9 @@ The front is taken over the trials that trained to the end and exported their st
 the numbers each trial reported, except its timing: each completed trial's trained student
 is exported to ONNX and timed again at the end, one after the other on the search's
 driver, with nothing else of the search running (a trial timed its student while others
-trained beside it). The latencies in the tables are of the files the front points to.
+trained beside it), and beside a reference network, run for run: its time over the
+reference's repeats on a shared machine, where its milliseconds drift. The latencies in
+the tables are of the files the front points to.
 """
 
 from __future__ import annotations
@@ -19,7 +21,16 @@ from typing import Any
 
 from orchestrator import storage
 from orchestrator.config import Constraint, ExperimentConfig, Goal, Objective, from_dict
-from orchestrator.cost import Latency, latency_from, time_graph, timed_metrics
+from orchestrator.cost import (
+    REFERENCE,
+    Latency,
+    Relative,
+    latency_from,
+    reference_graph,
+    relative_from,
+    time_beside,
+    timed_metrics,
+)
 from orchestrator.export import to_onnx
 from orchestrator.formats.student import load_student
 from orchestrator.metric_names import LATENCY_MS, report_key, validation_key
@@ -82,6 +93,7 @@ class FrontPoint:
     accuracy: float  # the search's accuracy metric, as the trial reported it
     latency: Latency  # batch 1, timed again from onnx below
     serving: Latency  # tune.latency.serving_batch, likewise
+    vs_reference: Relative | None  # batch 1's time over the reference network's
     macs: int
     params: int
     onnx_bytes: int
@@ -113,20 +125,32 @@ def write_front(config: ExperimentConfig, rows: list[TrialRow], out: str) -> lis
 
 def retime_completed(config: ExperimentConfig, rows: list[TrialRow]) -> list[TrialRow]:
     """Every completed trial's trained student exported and timed again, one after the
-    other on this driver, with nothing of the search running: a trial timed its student
-    while other trials trained beside it. The trial's own numbers stay as
+    other on this driver, with nothing of the search running (a trial timed its student
+    while other trials trained beside it), each run beside one of the reference network
+    (:class:`orchestrator.cost.Relative`). The trial's own numbers stay as
     ``<key>_in_trial``; the front and the tables use these."""
     done = [r for r in rows if r.status == "completed" and r.student is not None]
     if not done:
         return rows
-    print(f"[tune] timing the {len(done)} trained student(s) again, one at a time", flush=True)
+    print(
+        f"[tune] timing the {len(done)} trained student(s) again, one at a time, each beside "
+        f"the reference network ({REFERENCE})",
+        flush=True,
+    )
+    latency = config.tune.latency
+    references: dict[int, bytes] = {}
     timed: dict[str, dict[str, float]] = {}
     for row in done:
         assert row.student is not None
         model, export = load_student(row.student)
-        graph = to_onnx(model, export.image_size)
-        one, serving = time_graph(graph, image_size=export.image_size, latency=config.tune.latency)
-        timed[row.trial_id] = timed_metrics(one, serving, len(graph))
+        size = export.image_size
+        graph = to_onnx(model, size)
+        reference = references.setdefault(size, reference_graph(size))
+        one, one_vs = time_beside(graph, reference, image_size=size, batch=1, latency=latency)
+        serving, serving_vs = time_beside(
+            graph, reference, image_size=size, batch=latency.serving_batch, latency=latency
+        )
+        timed[row.trial_id] = timed_metrics(one, serving, len(graph), (one_vs, serving_vs))
     return [retimed(r, timed[r.trial_id]) if r.trial_id in timed else r for r in rows]
 
 
@@ -147,6 +171,7 @@ def front_point(config: ExperimentConfig, row: TrialRow, out: str) -> FrontPoint
     latency = config.tune.latency
     one = latency_from(row.metrics, "latency", 1, latency)
     serving = latency_from(row.metrics, "serving", latency.serving_batch, latency)
+    vs_reference = relative_from(row.metrics, "latency", 1)
     yaml_uri = storage.join(out, FRONT_DIR, f"{row.trial_id}.yaml")
     header = (
         f"# Pareto front of search {config.name}: trial {row.trial_id}\n# student: {row.student}\n"
@@ -161,6 +186,7 @@ def front_point(config: ExperimentConfig, row: TrialRow, out: str) -> FrontPoint
         accuracy=row.metric,
         latency=one,
         serving=serving,
+        vs_reference=vs_reference,
         macs=int(row.metrics["macs"]),
         params=int(row.metrics["params"]),
         onnx_bytes=len(graph),
@@ -173,8 +199,8 @@ def front_point(config: ExperimentConfig, row: TrialRow, out: str) -> FrontPoint
 
 def front_markdown(points: list[FrontPoint], metric: str) -> str:
     header = [
-        "trial", "student", metric, "latency ms ± noise (p10-p90)", "serving ms", "MMACs",
-        "M params", "ONNX MB", "margin", "scale", "config",
+        "trial", "student", metric, "latency ms ± noise (p10-p90)", f"x {REFERENCE} ± noise",
+        "serving ms", "MMACs", "M params", "ONNX MB", "margin", "scale", "config",
     ]  # fmt: skip
     rows = [
         [
@@ -183,6 +209,7 @@ def front_markdown(points: list[FrontPoint], metric: str) -> str:
             f"{p.accuracy:.4f}",
             f"{p.latency.median_ms:.3f} ± {100 * p.latency.noise:.1f}% "
             f"({p.latency.p10_ms:.3f}-{p.latency.p90_ms:.3f})",
+            relative_cell(p.vs_reference),
             f"{p.serving.median_ms:.3f} (batch {p.serving.batch})",
             f"{p.macs / 1e6:.1f}",
             f"{p.params / 1e6:.3f}",
@@ -202,25 +229,38 @@ def front_markdown(points: list[FrontPoint], metric: str) -> str:
             f"\nLatency: onnxruntime on the CPU, {first.threads} thread(s); {first.rounds} "
             f"sessions of {first.runs} timed runs after a warm-up. The median of all runs ± "
             "its noise: the larger of the largest distance of one session's median from it "
-            "and half the p10-p90 width (a new measurement agrees within the two noises "
-            "added), and p10-p90 of the runs.\n"
+            "and half the p10-p90 width; and p10-p90 of the runs. The milliseconds are what "
+            "the student cost on this machine at that time: on a shared machine a core's "
+            "speed drifts, and a measurement at another time can differ by more than the two "
+            f"noises. `x {REFERENCE}`: each timed run was followed by one of that network "
+            "(512-d, same input) in a session of its own, and this is the median of the "
+            "pairs' ratios ± its noise, measured the same way: a new measurement of the ratio "
+            "agrees within the two noises added.\n"
         )
     )
     return "\n".join(lines) + "\n" + note
 
 
+def relative_cell(ratio: Relative | None) -> str:
+    return "-" if ratio is None else f"{ratio.median:.3f} ± {100 * ratio.noise:.1f}%"
+
+
 def front_csv(points: list[FrontPoint]) -> str:
     return csv_text(
         ["trial_id", "student", "accuracy", "latency_ms", "latency_noise", "latency_p10_ms", "latency_p90_ms",
-         "serving_latency_ms", "serving_batch", "macs", "params", "onnx_bytes",
+         "latency_vs_ref", "latency_vs_ref_noise", "serving_latency_ms", "serving_batch", "macs", "params", "onnx_bytes",
          "margin_type", "margin", "scale", "onnx", "config"],
         (
             [p.trial_id, p.shape, p.accuracy, p.latency.median_ms, p.latency.noise, p.latency.p10_ms,
-             p.latency.p90_ms, p.serving.median_ms, p.serving.batch, p.macs, p.params,
+             p.latency.p90_ms, *relative_fields(p.vs_reference), p.serving.median_ms, p.serving.batch, p.macs, p.params,
              p.onnx_bytes, p.margin["type"], p.margin["m"], p.margin["scale"], p.onnx, p.config]
             for p in points
         ),
     )  # fmt: skip
+
+
+def relative_fields(ratio: Relative | None) -> tuple[float | str, float | str]:
+    return ("", "") if ratio is None else (ratio.median, ratio.noise)
 
 
 def front_plot(rows: list[TrialRow], points: list[FrontPoint], *, metric: str, uri: str) -> None:

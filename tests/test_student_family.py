@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,18 @@ from orchestrator.config import (
     load_config,
 )
 from orchestrator.config.family import BackboneShape
-from orchestrator.cost import measure_cost
+from orchestrator.cost import (
+    REFERENCE,
+    Latency,
+    Relative,
+    latency_from,
+    measure_cost,
+    reference_graph,
+    relative_from,
+    spread,
+    time_beside,
+    timed_metrics,
+)
 from orchestrator.export import to_onnx
 from orchestrator.formats.student import (
     STUDENT_KIND,
@@ -192,6 +204,58 @@ def test_the_cost_of_a_student_is_its_profile_and_its_timed_export() -> None:
     metrics = cost.metrics()
     assert metrics["macs"] == profile.macs and metrics["onnx_mb"] == len(graph) / 1e6
     assert metrics["latency_ms"] == cost.latency.median_ms
+
+
+def test_the_spread_of_timed_rounds_by_hand() -> None:
+    # Values 1 2 2 3 4 4 6 8: median 3.5; p10 and p90 (inclusive, 7 gaps) at 0.7 and 6.3:
+    # 1.7 and 6.6. Round medians 2.5 and 5: 0.286 and 0.429 from 3.5; half the p10-p90
+    # width, 4.9 / 7 = 0.7, is the larger.
+    median, p10, p90, noise = spread([[1, 2, 3, 4], [2, 4, 6, 8]])
+    assert (median, p10, p90) == pytest.approx((3.5, 1.7, 6.6)) and noise == pytest.approx(0.7)
+    # One round of three at twice the others': its median is 1.0 from the median (1), more
+    # than half the p10-p90 width (1 to 2: 0.5).
+    assert spread([[1, 1, 1], [1, 1, 1], [2, 2, 2]]) == pytest.approx((1.0, 1.0, 2.0, 1.0))
+
+
+def test_a_student_timed_beside_the_reference_network() -> None:
+    reference = reference_graph(SIZE)
+    assert reference == reference_graph(SIZE)  # the same file every time
+    session = onnxruntime.InferenceSession(reference, providers=["CPUExecutionProvider"])
+    out = session.run(None, {"image": np.zeros((2, 3, SIZE, SIZE), np.float32)})[0]
+    assert out.shape == (2, 512)
+    named = build_shape(NAMED_SHAPES[REFERENCE], 512, input_size=SIZE)
+    assert len(reference) == len(to_onnx(named, SIZE))  # the named network, other weights
+    # A quarter of its width: a tenth of its MACs (6.0 M against 60.4 M).
+    small = build_shape(replace(NAMED_SHAPES[REFERENCE], width=0.25), 16, input_size=SIZE)
+    assert profile_model(small, SIZE).macs * 10 < profile_model(named, SIZE).macs
+    student = to_onnx(small, SIZE)
+    latency = LatencyConfig(threads=1, serving_batch=4, warmup=1, repeats=10, rounds=2)
+    one, ratio = time_beside(student, reference, image_size=SIZE, batch=4, latency=latency)
+    assert (one.batch, one.runs, one.rounds, one.threads) == (4, 10, 2, 1)
+    assert 0 < one.p10_ms <= one.median_ms <= one.p90_ms and one.noise >= 0
+    assert ratio.batch == 4 and 0 < ratio.p10 <= ratio.median <= ratio.p90 and ratio.noise >= 0
+    # The ratio is the graph's time over the reference's (measured: 0.25 and 3.9; a
+    # factor of two from either bound, beyond what a pair's noise can reach).
+    assert ratio.median < 0.5
+    _, reverse = time_beside(reference, student, image_size=SIZE, batch=1, latency=latency)
+    assert reverse.median > 2.0
+
+
+def test_timings_and_ratios_go_into_a_report_and_come_back() -> None:
+    latency = LatencyConfig(threads=2, serving_batch=4, warmup=1, repeats=10, rounds=3)
+    one = Latency(1, 2, 10, 3, median_ms=2.0, p10_ms=1.5, p90_ms=3.0, noise=0.25)
+    serving = Latency(4, 2, 10, 3, median_ms=7.0, p10_ms=6.0, p90_ms=9.0, noise=0.2)
+    ratios = (Relative(1, 0.4, 0.35, 0.5, 0.1), Relative(4, 0.5, 0.45, 0.6, 0.12))
+    metrics = timed_metrics(one, serving, 2_000_000, ratios)
+    assert metrics["latency_ms"] == 2.0 and metrics["serving_latency_ms"] == 7.0
+    assert metrics["onnx_mb"] == 2.0
+    assert metrics["latency_vs_ref"] == 0.4 and metrics["serving_vs_ref_noise"] == 0.12
+    assert latency_from(metrics, "latency", 1, latency) == one
+    assert latency_from(metrics, "serving", 4, latency) == serving
+    assert relative_from(metrics, "latency", 1) == ratios[0]
+    assert relative_from(metrics, "serving", 4) == ratios[1]
+    # A trial's own timing has no ratio: nothing comes back.
+    assert relative_from(timed_metrics(one, serving, 2_000_000), "latency", 1) is None
 
 
 def test_objectives_and_constraints_are_checked() -> None:

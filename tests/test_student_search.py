@@ -31,7 +31,7 @@ from orchestrator.config import (
     load_config,
     to_dict,
 )
-from orchestrator.cost import time_onnx
+from orchestrator.cost import reference_graph, time_beside
 from orchestrator.export import MIN_COSINE, compare
 from orchestrator.formats.student import load_student
 from orchestrator.models import build_shape, profile_model
@@ -157,16 +157,21 @@ def test_each_front_point_is_an_exported_student_timed_again(search: dict[str, A
         # Relative: these briefly trained students' embeddings reach 1e7 in magnitude.
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
         assert compare("onnx", 3, got, want).min_cosine >= MIN_COSINE
-        # Its latency measured here again: the two medians agree within the noise each
-        # measurement states (the report's, and this one's own).
-        reported = point["latency"]
-        again = time_onnx(graph, image_size=112, batch=1, latency=LATENCY)
+        # Its latency measured here again, beside the reference network as the search
+        # did: the two ratios agree within the noise each measurement states (the report's,
+        # and this one's own). The milliseconds are printed, not compared: on a shared
+        # machine they drift with its load (bench/latency_repeat.py).
+        reported, ratio = point["latency"], point["vs_reference"]
+        again, again_ratio = time_beside(
+            graph, reference_graph(112), image_size=112, batch=1, latency=LATENCY
+        )
         print(
-            f"{point['trial_id']}: {reported['median_ms']:.4f} ms ± {reported['noise']:.3f} "
-            f"reported, {again.median_ms:.4f} ms ± {again.noise:.3f} again"
+            f"{point['trial_id']}: x {ratio['median']:.4f} ± {ratio['noise']:.3f} reported, "
+            f"x {again_ratio.median:.4f} ± {again_ratio.noise:.3f} again; "
+            f"{reported['median_ms']:.4f} ms reported, {again.median_ms:.4f} ms again"
         )
         assert reported["rounds"] == LATENCY.rounds and reported["runs"] == LATENCY.repeats
-        assert abs(again.median_ms / reported["median_ms"] - 1) <= reported["noise"] + again.noise
+        assert abs(again_ratio.median / ratio["median"] - 1) <= ratio["noise"] + again_ratio.noise
         # Its config trains that student with jobs.distill as is.
         loaded = load_config(Path(point["config"]))
         assert export.shape is not None
