@@ -24,6 +24,7 @@ import sys
 from collections.abc import Sequence
 
 from orchestrator import cli
+from orchestrator.cost import REFERENCE
 from orchestrator.metric_names import validation_key
 from orchestrator.tune import run_search
 
@@ -52,9 +53,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"summary: {outcome.summary}/trials.md, trials.csv, trials.json, metric_vs_margin_scale.png"
     )
     for point in outcome.front:
+        ratio = point.vs_reference
+        beside = "" if ratio is None else f" (x {ratio.median:.3f} {REFERENCE})"
         print(
             f"front: {point.trial_id} {point.shape}: {point.accuracy:.4f}, "
-            f"{point.latency.median_ms:.3f} ms, {point.macs / 1e6:.1f} MMACs -> {point.onnx}"
+            f"{point.latency.median_ms:.3f} ms{beside}, {point.macs / 1e6:.1f} MMACs "
+            f"-> {point.onnx}"
         )
     if outcome.front:
         print(f"Pareto front: {outcome.summary}/pareto.md, pareto.csv, pareto.png, front/")

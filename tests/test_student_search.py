@@ -171,6 +171,9 @@ def test_each_front_point_is_an_exported_student_timed_again(search: dict[str, A
             f"{reported['median_ms']:.4f} ms reported, {again.median_ms:.4f} ms again"
         )
         assert reported["rounds"] == LATENCY.rounds and reported["runs"] == LATENCY.repeats
+        line = f"{reported['median_ms']:.3f} ms (x {ratio['median']:.3f} tiny_mobilefacenet)"
+        assert f"front: {point['trial_id']} {point['shape']}: " in search["output"]
+        assert line in search["output"]
         assert abs(again_ratio.median / ratio["median"] - 1) <= ratio["noise"] + again_ratio.noise
         # Its config trains that student with jobs.distill as is.
         loaded = load_config(Path(point["config"]))
