@@ -145,7 +145,9 @@ def retime_completed(config: ExperimentConfig, rows: list[TrialRow]) -> list[Tri
         model, export = load_student(row.student)
         size = export.image_size
         graph = to_onnx(model, size)
-        reference = references.setdefault(size, reference_graph(size))
+        if size not in references:  # one export of the reference per input size
+            references[size] = reference_graph(size)
+        reference = references[size]
         one, one_vs = time_beside(graph, reference, image_size=size, batch=1, latency=latency)
         serving, serving_vs = time_beside(
             graph, reference, image_size=size, batch=latency.serving_batch, latency=latency
