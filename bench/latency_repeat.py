@@ -30,6 +30,7 @@ from orchestrator.config.family import NAMED_SHAPES
 from orchestrator.cost import REFERENCE, reference_graph, time_beside
 from orchestrator.export import to_onnx
 from orchestrator.models import build_shape
+from orchestrator.typed_yaml import FieldError
 
 SIZE = 112
 
@@ -46,7 +47,10 @@ def main() -> None:
     parser.add_argument("--width", type=float, default=0.5, help="of tiny_mobilefacenet")
     args = parser.parse_args()
     latency = LatencyConfig()  # the defaults a search times with
-    shape = replace(NAMED_SHAPES["tiny_mobilefacenet"], width=args.width)
+    try:
+        shape = replace(NAMED_SHAPES["tiny_mobilefacenet"], width=args.width)
+    except FieldError as err:
+        parser.error(f"--width: {err.message}")
     torch.manual_seed(0)
     graph = to_onnx(build_shape(shape, 512, input_size=SIZE), SIZE)
     reference = reference_graph(SIZE)
